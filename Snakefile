@@ -1,0 +1,246 @@
+# stellar-laplace: spectra -> labels with Laplace error bars and input Jacobians.
+# Rules are thin: each shells out to `python -m pipeline.<step>`; no TensorFlow here.
+# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures (DESIGN section 1).
+import json
+import shlex
+
+import yaml
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+report: "docs/report/workflow.rst"
+
+
+OUT = "results"
+SPLITS = ["train", "valid", "test"]
+INPUTS = {item["name"]: item for item in config["predict"]["inputs"]}
+PREDICT_NAMES = list(dict.fromkeys(config["predict"]["splits"] + list(INPUTS)))
+JACOBIAN_NAMES = list(dict.fromkeys(config["jacobian"]["splits"] + list(INPUTS)))
+SHARDS = range(config["jacobian"]["shards"])
+with open(workflow.source_path("docs/report/captions.yaml")) as _fh:
+    CAPTIONS = yaml.safe_load(_fh)
+FIGURES = list(CAPTIONS)
+FIGURE_FORMATS = config["figures"]["formats"]
+TABLE_FORMATS = ["fits", "parquet", "csv"]
+
+
+def step_config(*sections):
+    """The validated config sections a step reads, as a shell-quoted JSON argument.
+
+    Passing only these sections means Snakemake reruns a step when its own settings change.
+    """
+    keys = ("seed", "deterministic", "data") + sections
+    return shlex.quote(json.dumps({k: config[k] for k in dict.fromkeys(keys)}))
+
+
+def spectra_input(wildcards):
+    """Spectra file of a split or of a user input named in predict.inputs."""
+    if wildcards.name in INPUTS:
+        return INPUTS[wildcards.name]["path"]
+    return f"{OUT}/data/{wildcards.name}.fits"
+
+
+def spectra_format(wildcards):
+    return INPUTS[wildcards.name].get("format", "fits") if wildcards.name in INPUTS else "fits"
+
+
+wildcard_constraints:
+    name="[A-Za-z0-9_.-]+",
+    i=r"\d+",
+    fig="|".join(FIGURES),
+
+
+rule all:
+    input:
+        expand(f"{OUT}/predictions/{{name}}.{{ext}}", name=PREDICT_NAMES, ext=TABLE_FORMATS),
+        expand(
+            f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits", name=JACOBIAN_NAMES, i=SHARDS
+        ),
+        expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=TABLE_FORMATS),
+        f"{OUT}/tables/calibration.csv",
+        f"{OUT}/tables/metrics.json",
+        expand(f"{OUT}/figures/{{fig}}.{{ext}}", fig=FIGURES, ext=FIGURE_FORMATS),
+    default_target: True
+
+
+rule data:
+    output:
+        expand(f"{OUT}/data/{{split}}.fits", split=SPLITS),
+    params:
+        config=step_config(),
+    log:
+        f"{OUT}/logs/data.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m pipeline.data --config-json {params.config} --outdir {OUT}/data "
+        "> {log} 2>&1"
+
+
+rule train:
+    input:
+        train=f"{OUT}/data/train.fits",
+        valid=f"{OUT}/data/valid.fits",
+    output:
+        model=f"{OUT}/model/model.keras",
+        scaler=f"{OUT}/model/scaler.json",
+        history=f"{OUT}/model/history.csv",
+    params:
+        config=step_config("model", "train"),
+    log:
+        f"{OUT}/logs/train.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=config["gpus"],
+    shell:
+        "python -m pipeline.train --config-json {params.config} --train {input.train} "
+        "--valid {input.valid} --outdir {OUT}/model > {log} 2>&1"
+
+
+rule laplace:
+    input:
+        model=rules.train.output.model,
+        scaler=rules.train.output.scaler,
+        train=f"{OUT}/data/train.fits",
+        valid=f"{OUT}/data/valid.fits",
+    output:
+        posterior=f"{OUT}/laplace/posterior.npz",
+    params:
+        config=step_config("laplace"),
+    log:
+        f"{OUT}/logs/laplace.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=config["gpus"],
+    shell:
+        "python -m pipeline.laplace --config-json {params.config} "
+        "--model {OUT}/model --train {input.train} --valid {input.valid} "
+        "--out {output.posterior} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        spectra=spectra_input,
+        model=rules.train.output.model,
+        scaler=rules.train.output.scaler,
+        posterior=rules.laplace.output.posterior,
+    output:
+        expand(f"{OUT}/predictions/{{{{name}}}}.{{ext}}", ext=TABLE_FORMATS),
+    params:
+        config=step_config("predict"),
+        format=spectra_format,
+    log:
+        f"{OUT}/logs/predict/{{name}}.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+    shell:
+        "python -m pipeline.predict --config-json {params.config} --model {OUT}/model "
+        "--posterior {input.posterior} --format {params.format} --name {wildcards.name} "
+        "--out {OUT}/predictions {input.spectra} > {log} 2>&1"
+
+
+rule jacobian:
+    input:
+        spectra=spectra_input,
+        model=rules.train.output.model,
+        scaler=rules.train.output.scaler,
+    output:
+        f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits",
+    params:
+        config=step_config("jacobian"),
+        format=spectra_format,
+        shards=config["jacobian"]["shards"],
+    log:
+        f"{OUT}/logs/jacobian/{{name}}-{{i}}.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        gpu=config["gpus"],
+    shell:
+        "python -m pipeline.jacobian --config-json {params.config} --model {OUT}/model "
+        "--format {params.format} --shard {wildcards.i} --shards {params.shards} "
+        "--out {output} {input.spectra} > {log} 2>&1"
+
+
+rule tables:
+    input:
+        predictions=expand(
+            f"{OUT}/predictions/{{name}}.fits", name=config["predict"]["splits"]
+        ),
+        jacobians=expand(
+            f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits",
+            name=config["jacobian"]["splits"][-1],
+            i=SHARDS,
+        ),
+        history=rules.train.output.history,
+    output:
+        summary=report(
+            expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["csv"]),
+            caption="docs/report/jacobian_summary.rst",
+            category="Tables",
+        ),
+        summary_other=expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["fits", "parquet"]),
+        calibration=report(
+            f"{OUT}/tables/calibration.csv",
+            caption="docs/report/calibration_table.rst",
+            category="Tables",
+        ),
+        metrics=report(
+            f"{OUT}/tables/metrics.json",
+            caption="docs/report/metrics.rst",
+            category="Tables",
+        ),
+    params:
+        config=step_config("predict", "jacobian"),
+    log:
+        f"{OUT}/logs/tables.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m pipeline.tables --config-json {params.config} "
+        "--predictions {input.predictions} --jacobians {input.jacobians} "
+        "--outdir {OUT}/tables > {log} 2>&1"
+
+
+rule figure:
+    input:
+        data=expand(f"{OUT}/data/{{split}}.fits", split=SPLITS),
+        history=rules.train.output.history,
+        posterior=rules.laplace.output.posterior,
+        predictions=rules.tables.input.predictions,
+        jacobians=rules.tables.input.jacobians,
+        summary=f"{OUT}/tables/jacobian_summary.fits",
+        calibration=rules.tables.output.calibration,
+    output:
+        report(
+            f"{OUT}/figures/{{fig}}.{FIGURE_FORMATS[0]}",
+            caption="docs/report/figure.rst",
+            category="Figures",
+            labels={"figure": "{fig}"},
+        ),
+        expand(f"{OUT}/figures/{{{{fig}}}}.{{ext}}", ext=FIGURE_FORMATS[1:]),
+    params:
+        config=step_config("predict", "jacobian", "figures"),
+        caption=lambda w: CAPTIONS[w.fig],
+    log:
+        f"{OUT}/logs/figures/{{fig}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m pipeline.figures --config-json {params.config} --figure {wildcards.fig} "
+        "--results {OUT} --outdir {OUT}/figures > {log} 2>&1"

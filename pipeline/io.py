@@ -1,0 +1,258 @@
+"""Canonical dataset FITS (DESIGN section 3): read, validate, write; atomic writes; provenance.
+
+A file holds N spectra on one wavelength grid of P pixels:
+
+    FLUX      float32 (N, P)  continuum-normalized flux
+    FLUX_ERR  float32 (N, P)  1-sigma; non-finite or <= 0 marks a bad pixel
+    WAVE      float64 (P,)    vacuum wavelength, BUNIT = 'Angstrom'
+    LABELS    BinTable        STAR_ID, TEFF [K], LOGG [log10 cgs], FE_H [dex], extras carried
+    MASK      int32 (N, P)    optional, nonzero = bad pixel
+
+Bad pixels are never used silently: on reading, their flux is set to the continuum value 1 and
+their error to ``bad_pixel_err`` (config ``data.bad_pixel_err``), and they are counted in
+``Spectra.meta['N_BADPIX']``. P always comes from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+import pipeline
+from pipeline import LABELS
+from pipeline.exceptions import DataError, OutputError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_HDUS = ("FLUX", "FLUX_ERR", "WAVE", "LABELS")
+DEFAULT_BAD_PIXEL_ERR = 1.0e3
+
+
+@dataclass
+class Spectra:
+    """N spectra on one wavelength grid, with their labels (any of which may be absent)."""
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    wave: np.ndarray
+    labels: Table
+    mask: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_stars(self) -> int:
+        return self.flux.shape[0]
+
+    @property
+    def n_pixels(self) -> int:
+        return self.flux.shape[1]
+
+    @property
+    def star_id(self) -> np.ndarray:
+        return np.asarray(self.labels["STAR_ID"]).astype(str)
+
+    @property
+    def has_labels(self) -> bool:
+        return all(name in self.labels.colnames for name in LABELS)
+
+    def label_array(self) -> np.ndarray:
+        """Labels as float64 (N, 3) in the order of ``pipeline.LABELS``; NaN where absent."""
+        out = np.full((self.n_stars, len(LABELS)), np.nan)
+        for j, name in enumerate(LABELS):
+            if name in self.labels.colnames:
+                out[:, j] = np.asarray(self.labels[name], dtype=np.float64)
+        return out
+
+    def subset(self, index) -> Spectra:
+        """A new Spectra holding rows ``index`` (integer array or boolean mask)."""
+        index = np.asarray(index)
+        return Spectra(
+            flux=self.flux[index], flux_err=self.flux_err[index], wave=self.wave,
+            labels=self.labels[index],
+            mask=None if self.mask is None else self.mask[index], meta=dict(self.meta),
+        )
+
+
+# ----------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    A killed or failing writer leaves no file that looks complete: the temporary file is
+    removed on error and never has the final name.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to '{path.parent}': {exc.strerror}; choose a writable output "
+            "directory or free disk space"
+        ) from None
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(
+            f"writing '{path}' failed: {exc.strerror or exc}; check free disk space and "
+            "permissions"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------- provenance
+def git_commit() -> str:
+    """The git commit of the checkout the package runs from, or 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(pipeline.__file__).parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(config: dict | None = None, *, device: str | None = None,
+               timestamp: bool = True, **extra) -> dict[str, str]:
+    """Provenance cards for every output: package version, config hash, git commit, seed,
+    TensorFlow version (only if already imported: reading it must not import TF), device.
+
+    Keys are at most 8 characters so they are valid FITS keywords. Set ``timestamp=False``
+    for byte-identical reruns of outputs that are compared in tests.
+    """
+    import sys
+
+    from pipeline.config import config_hash
+
+    cards = {
+        "PKGVERS": pipeline.__version__,
+        "GITCOMM": git_commit(),
+        "PYVERS": platform.python_version(),
+    }
+    if config is not None:
+        cards["CFGHASH"] = config_hash(config)
+        cards["SEED"] = str(config.get("seed", ""))
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        cards["TFVERS"] = tf.__version__
+    if device is not None:
+        cards["DEVICE"] = device
+    if timestamp:
+        cards["DATE"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    cards.update({k.upper()[:8]: str(v) for k, v in extra.items()})
+    return cards
+
+
+# --------------------------------------------------------------------------------- reading
+def _open_fits(path: Path) -> fits.HDUList:
+    if not path.is_file():
+        raise DataError(f"'{path}': file does not exist")
+    try:
+        hdul = fits.open(path, memmap=False)
+        hdul.verify("exception")
+        for hdu in hdul:  # force reading now: a truncated file fails here, with its name
+            _ = hdu.data
+    except Exception as exc:  # astropy raises OSError, ValueError, VerifyError...
+        raise DataError(
+            f"'{path}': not a readable FITS file ({type(exc).__name__}: {exc}); "
+            "re-create or re-download it"
+        ) from None
+    return hdul
+
+
+def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_ERR,
+                 require_labels: bool = False, nan_labels: str = "drop") -> Spectra:
+    """Read and validate a canonical dataset FITS (see module docstring).
+
+    Args:
+        path: the file.
+        bad_pixel_err: error given to bad pixels (flux set to 1).
+        require_labels: fail if TEFF, LOGG or FE_H is missing (training data).
+        nan_labels: with ``require_labels``, 'drop' rows with a NaN label (logged count) or
+            'fail' naming the first such row.
+
+    Raises:
+        DataError: naming the file, HDU, column or row and what would fix it.
+    """
+    from pipeline import validation
+
+    path = Path(path)
+    with _open_fits(path) as hdul:
+        validation.check_hdus(path, hdul, REQUIRED_HDUS)
+        flux = np.array(hdul["FLUX"].data, dtype=np.float32)
+        flux_err = np.array(hdul["FLUX_ERR"].data, dtype=np.float32)
+        wave = np.array(hdul["WAVE"].data, dtype=np.float64)
+        labels = Table(hdul["LABELS"].data)
+        mask = np.array(hdul["MASK"].data, dtype=np.int32) if "MASK" in hdul else None
+        header = dict(hdul[0].header)
+    spectra = Spectra(flux, flux_err, wave, labels, mask,
+                      meta={k: v for k, v in header.items() if k not in ("COMMENT", "HISTORY")})
+    return validation.validate_spectra(
+        path, spectra, bad_pixel_err=bad_pixel_err, require_labels=require_labels,
+        nan_labels=nan_labels,
+    )
+
+
+# --------------------------------------------------------------------------------- writing
+def write_spectra(path: str | Path, spectra: Spectra, header: dict | None = None) -> None:
+    """Write ``spectra`` as canonical FITS, atomically, with ``header`` cards in the primary."""
+    primary = fits.PrimaryHDU()
+    for key, value in (header or {}).items():
+        primary.header[key] = value
+    primary.header["NSTARS"] = (spectra.n_stars, "number of spectra")
+    primary.header["NPIX"] = (spectra.n_pixels, "number of pixels")
+    flux = fits.ImageHDU(np.asarray(spectra.flux, np.float32), name="FLUX")
+    flux.header["BUNIT"] = ("", "continuum-normalized flux")
+    flux_err = fits.ImageHDU(np.asarray(spectra.flux_err, np.float32), name="FLUX_ERR")
+    flux_err.header["BUNIT"] = ("", "1-sigma error of normalized flux")
+    wave = fits.ImageHDU(np.asarray(spectra.wave, np.float64), name="WAVE")
+    wave.header["BUNIT"] = "Angstrom"
+    wave.header["COMMENT"] = "vacuum wavelength"
+    labels = fits.table_to_hdu(label_table_with_units(spectra.labels))
+    labels.name = "LABELS"
+    hdus = [primary, flux, flux_err, wave, labels]
+    if spectra.mask is not None:
+        hdus.append(fits.ImageHDU(np.asarray(spectra.mask, np.int32), name="MASK"))
+    with atomic_path(path) as tmp:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+
+
+def label_table_with_units(labels: Table) -> Table:
+    """Copy of ``labels`` with astropy units on TEFF (K) and LOGG; FE_H gets a description.
+
+    'dex' is not a FITS unit, so [Fe/H] carries its unit in the column description.
+    """
+    import astropy.units as u
+
+    table = Table(labels, copy=True)
+    for name in table.colnames:
+        base = name[:-4] if name.endswith("_ERR") else name
+        if base == "TEFF":
+            table[name].unit = u.K
+        elif base == "LOGG":
+            table[name].description = "log10 of surface gravity in cm s-2"
+        elif base == "FE_H":
+            table[name].description = "[Fe/H] in dex"
+    return table
+
+
+def label_columns(labels: Table) -> list[str]:
+    """The label columns in ``pipeline.LABELS`` order that ``labels`` has."""
+    return [name for name in LABELS if name in labels.colnames]

@@ -1,0 +1,44 @@
+"""Configuration: defaults filled from the schema, typos and bad values rejected by key."""
+
+import pytest
+
+from pipeline.config import config_hash, load_config, validate
+from pipeline.exceptions import ConfigError
+from tests.conftest import REPO
+
+
+def test_defaults_filled_recursively():
+    cfg = validate({})
+    assert cfg["train"]["learning_rate"] == pytest.approx(8e-4)
+    assert cfg["model"]["hidden"] == [2048, 1024, 512, 256, 128, 32]
+    assert cfg["train"]["early_stopping"]["enabled"] is True
+    assert cfg["laplace"]["last_layers"] == 2
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml", "paper.yaml"])
+def test_shipped_configs_validate(name):
+    path = REPO / "config" / name
+    if not path.exists():
+        pytest.skip(f"{name} not shipped yet")
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("laplace.curvature=fisher", "laplace.curvature"),
+        ("train.batch_size=-3", "train.batch_size"),
+        ("train.epochs=ten", "train.epochs"),
+        ("laplace.lastlayers=2", "laplace"),
+        ("data.source=hdf5", "data.source"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "config" / "quick.yaml", overrides=[override])
+
+
+def test_hash_is_stable_and_sensitive():
+    a = validate({"seed": 1})
+    assert config_hash(a) == config_hash(validate({"seed": 1}))
+    assert config_hash(a) != config_hash(validate({"seed": 2}))
