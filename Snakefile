@@ -2,6 +2,7 @@
 # Rules are thin: each shells out to `python -m pipeline.<step>`; no TensorFlow here.
 # DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures (DESIGN section 1).
 import json
+import os
 import shlex
 
 import yaml
@@ -31,6 +32,7 @@ with open(workflow.source_path("docs/report/captions.yaml")) as _fh:
 FIGURES = list(CAPTIONS)
 FIGURE_FORMATS = config["figures"]["formats"]
 TABLE_FORMATS = ["fits", "parquet", "csv"]
+ENV = "config/envs/pipeline.yaml"
 
 
 def step_config(*sections):
@@ -50,7 +52,11 @@ def spectra_input(wildcards):
 
 
 def spectra_format(wildcards):
-    return INPUTS[wildcards.name].get("format", "fits") if wildcards.name in INPUTS else "fits"
+    return (
+        INPUTS[wildcards.name].get("format", "fits")
+        if wildcards.name in INPUTS
+        else "fits"
+    )
 
 
 wildcard_constraints:
@@ -60,8 +66,13 @@ wildcard_constraints:
 
 
 rule all:
+    default_target: True
     input:
-        expand(f"{OUT}/predictions/{{name}}.{{ext}}", name=PREDICT_NAMES, ext=TABLE_FORMATS),
+        expand(
+            f"{OUT}/predictions/{{name}}.{{ext}}",
+            name=PREDICT_NAMES,
+            ext=TABLE_FORMATS,
+        ),
         expand(
             f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits", name=JACOBIAN_NAMES, i=SHARDS
         ),
@@ -69,21 +80,23 @@ rule all:
         f"{OUT}/tables/calibration.csv",
         f"{OUT}/tables/metrics.json",
         expand(f"{OUT}/figures/{{fig}}.{{ext}}", fig=FIGURES, ext=FIGURE_FORMATS),
-    default_target: True
 
 
 rule data:
     output:
         expand(f"{OUT}/data/{{split}}.fits", split=SPLITS),
-    params:
-        config=step_config(),
     log:
         f"{OUT}/logs/data.log",
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=4000,
+    params:
+        config=step_config(),
+        outdir=lambda w, output: os.path.dirname(output[0]),
     shell:
-        "python -m pipeline.data --config-json {params.config} --outdir {OUT}/data "
+        "python -m pipeline.data --config-json {params.config} --outdir {params.outdir} "
         "> {log} 2>&1"
 
 
@@ -95,17 +108,21 @@ rule train:
         model=f"{OUT}/model/model.keras",
         scaler=f"{OUT}/model/scaler.json",
         history=f"{OUT}/model/history.csv",
-    params:
-        config=step_config("model", "train"),
+        wave=f"{OUT}/model/wave.npy",
     log:
         f"{OUT}/logs/train.log",
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=8000,
         gpu=config["gpus"],
+    params:
+        config=step_config("model", "train"),
+        outdir=lambda w, output: os.path.dirname(output.model),
     shell:
         "python -m pipeline.train --config-json {params.config} --train {input.train} "
-        "--valid {input.valid} --outdir {OUT}/model > {log} 2>&1"
+        "--valid {input.valid} --outdir {params.outdir} > {log} 2>&1"
 
 
 rule laplace:
@@ -116,17 +133,20 @@ rule laplace:
         valid=f"{OUT}/data/valid.fits",
     output:
         posterior=f"{OUT}/laplace/posterior.npz",
-    params:
-        config=step_config("laplace"),
     log:
         f"{OUT}/logs/laplace.log",
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=8000,
         gpu=config["gpus"],
+    params:
+        config=step_config("laplace"),
+        model=lambda w, input: os.path.dirname(input.model),
     shell:
         "python -m pipeline.laplace --config-json {params.config} "
-        "--model {OUT}/model --train {input.train} --valid {input.valid} "
+        "--model {params.model} --train {input.train} --valid {input.valid} "
         "--out {output.posterior} > {log} 2>&1"
 
 
@@ -138,18 +158,22 @@ rule predict:
         posterior=rules.laplace.output.posterior,
     output:
         expand(f"{OUT}/predictions/{{{{name}}}}.{{ext}}", ext=TABLE_FORMATS),
-    params:
-        config=step_config("predict"),
-        format=spectra_format,
     log:
         f"{OUT}/logs/predict/{{name}}.log",
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=6000,
+    params:
+        config=step_config("predict"),
+        model=lambda w, input: os.path.dirname(input.model),
+        outdir=lambda w, output: os.path.dirname(output[0]),
+        format=spectra_format,
     shell:
-        "python -m pipeline.predict --config-json {params.config} --model {OUT}/model "
+        "python -m pipeline.predict --config-json {params.config} --model {params.model} "
         "--posterior {input.posterior} --format {params.format} --name {wildcards.name} "
-        "--out {OUT}/predictions {input.spectra} > {log} 2>&1"
+        "--out {params.outdir} {input.spectra} > {log} 2>&1"
 
 
 rule jacobian:
@@ -159,18 +183,21 @@ rule jacobian:
         scaler=rules.train.output.scaler,
     output:
         f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits",
-    params:
-        config=step_config("jacobian"),
-        format=spectra_format,
-        shards=config["jacobian"]["shards"],
     log:
         f"{OUT}/logs/jacobian/{{name}}-{{i}}.log",
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=4000,
         gpu=config["gpus"],
+    params:
+        config=step_config("jacobian"),
+        model=lambda w, input: os.path.dirname(input.model),
+        format=spectra_format,
+        shards=config["jacobian"]["shards"],
     shell:
-        "python -m pipeline.jacobian --config-json {params.config} --model {OUT}/model "
+        "python -m pipeline.jacobian --config-json {params.config} --model {params.model} "
         "--format {params.format} --shard {wildcards.i} --shards {params.shards} "
         "--out {output} {input.spectra} > {log} 2>&1"
 
@@ -192,7 +219,9 @@ rule tables:
             caption="docs/report/jacobian_summary.rst",
             category="Tables",
         ),
-        summary_other=expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["fits", "parquet"]),
+        summary_other=expand(
+            f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["fits", "parquet"]
+        ),
         calibration=report(
             f"{OUT}/tables/calibration.csv",
             caption="docs/report/calibration_table.rst",
@@ -203,17 +232,20 @@ rule tables:
             caption="docs/report/metrics.rst",
             category="Tables",
         ),
-    params:
-        config=step_config("predict", "jacobian"),
     log:
         f"{OUT}/logs/tables.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
+    params:
+        config=step_config("predict", "jacobian"),
+        outdir=lambda w, output: os.path.dirname(output.calibration),
     shell:
         "python -m pipeline.tables --config-json {params.config} "
         "--predictions {input.predictions} --jacobians {input.jacobians} "
-        "--outdir {OUT}/tables > {log} 2>&1"
+        "--outdir {params.outdir} > {log} 2>&1"
 
 
 rule figure:
@@ -233,14 +265,18 @@ rule figure:
             labels={"figure": "{fig}"},
         ),
         expand(f"{OUT}/figures/{{{{fig}}}}.{{ext}}", ext=FIGURE_FORMATS[1:]),
-    params:
-        config=step_config("predict", "jacobian", "figures"),
-        caption=lambda w: CAPTIONS[w.fig],
     log:
         f"{OUT}/logs/figures/{{fig}}.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
+    params:
+        config=step_config("predict", "jacobian", "figures"),
+        caption=lambda w: CAPTIONS[w.fig],
+        results=lambda w, input: os.path.dirname(os.path.dirname(input.history)),
+        outdir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "python -m pipeline.figures --config-json {params.config} --figure {wildcards.fig} "
-        "--results {OUT} --outdir {OUT}/figures > {log} 2>&1"
+        "--results {params.results} --outdir {params.outdir} > {log} 2>&1"
