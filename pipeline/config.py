@@ -2,8 +2,8 @@
 
 The single source of truth is ``config/schema.yaml`` (JSON schema, draft 2020-12). Validation
 fills defaults recursively and rejects unknown keys, so every value the code reads is declared
-and documented in the schema. The schema is also shipped inside the package so that
-``python -m pipeline.<step>`` works outside a checkout.
+and documented in the schema. The package is used from its checkout (``pip install -e .``), as
+the Snakefile and the schema live there.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,16 @@ import yaml
 
 from pipeline.exceptions import ConfigError
 
-REPO_SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
-
-
-def schema_path() -> Path:
-    """Path of the JSON schema: the checkout's config/schema.yaml, else the packaged copy."""
-    if REPO_SCHEMA.is_file():
-        return REPO_SCHEMA
-    return Path(str(resources.files("pipeline") / "schema.yaml"))
+SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 
 def load_schema() -> dict:
-    with open(schema_path()) as fh:
+    if not SCHEMA.is_file():
+        raise ConfigError(
+            f"schema '{SCHEMA}' not found: install the package from its checkout "
+            "with pip install -e ."
+        )
+    with open(SCHEMA) as fh:
         return yaml.safe_load(fh)
 
 

@@ -1,0 +1,83 @@
+"""Run every benchmark and print one table of ratios measured in this run.
+
+    python -m benchmarks            # the full set (about 10-15 minutes on 2 cores)
+    python -m benchmarks --quick    # smaller sizes, a smoke test
+    python -m benchmarks --only jacobian --markdown benchmarks/RESULTS.md
+
+Each module ``benchmarks/bench_*.py`` exposes ``run(quick: bool) -> list[dict]`` with rows
+``{"benchmark", "value", "baseline", "ratio", "target", "unit", "ok"}``. Absolute times depend
+on the machine; the ratios against the naive baseline measured in the same run are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HERE = Path(__file__).resolve().parent
+
+
+def discover() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    gpu = "no GPU"
+    try:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            gpu = f"{len(gpus)} GPU ({tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')})"
+    except ImportError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {cpus} cores, {gpu}, Python {platform.python_version()}"
+
+
+def fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "" if x is None else str(x)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["benchmark", "value", "baseline", "unit", "ratio", "target", "ok"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--only", action="append", default=[], help="run modules matching this")
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(HERE.parent))
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for name in discover():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        module = importlib.import_module(f"benchmarks.{name}")
+        rows += module.run(quick=args.quick)
+    text = table(rows)
+    print(text)
+    elapsed = time.perf_counter() - t0
+    if args.markdown:
+        Path(args.markdown).write_text(
+            f"# Benchmark results\n\nMachine: {machine()}\n\nCommand: `python -m benchmarks"
+            f"{' --quick' if args.quick else ''}`, total {elapsed:.0f} s, "
+            f"{time.strftime('%Y-%m-%d')}.\n\n{text}\n"
+        )
+    return 0 if all(r.get("ok", True) is not False for r in rows) else 1
