@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import pkgutil
+import platform
 import sys
 import time
 from pathlib import Path
@@ -36,10 +36,12 @@ def machine() -> str:
 
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
-            gpu = f"{len(gpus)} GPU ({tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')})"
+            details = tf.config.experimental.get_device_details(gpus[0])
+            gpu = f"{len(gpus)} GPU ({details.get('device_name', 'GPU')})"
     except ImportError:
         pass
-    return f"{platform.processor() or platform.machine()}, {cpus} cores, {gpu}, Python {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {cpus} cores, {gpu}, Python {platform.python_version()}"
 
 
 def fmt(x) -> str:
