@@ -9,12 +9,15 @@ import yaml
 
 from snakemake.utils import min_version, validate
 
+from pipeline.config import coerce_types
+
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
 
+coerce_types(config)  # `--config section='{key: 5}'` delivers nested values as strings
 validate(config, "config/schema.yaml")
 
 

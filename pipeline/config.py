@@ -79,6 +79,41 @@ def validate(config: Mapping[str, Any]) -> dict:
     return cfg
 
 
+def coerce_types(config: dict, schema: dict | None = None) -> dict:
+    """Convert string values to the number or boolean their schema entry declares, in place.
+
+    ``snakemake --config section='{key: 5}'`` delivers nested values as strings; parsing them
+    as YAML scalars where the schema expects a number, integer or boolean makes such overrides
+    behave like the same value written in config.yaml. Other values are left for validation.
+    """
+    schema = load_schema() if schema is None else schema
+    props = schema.get("properties", {})
+    for key, value in config.items():
+        sub = props.get(key)
+        if sub is None:
+            continue
+        types = sub.get("type")
+        types = [types] if isinstance(types, str) else (types or [])
+        if isinstance(value, dict):
+            coerce_types(value, sub)
+        elif isinstance(value, list) and isinstance(sub.get("items"), dict):
+            item_types = sub["items"].get("type")
+            if item_types in ("number", "integer", "boolean"):
+                config[key] = [_scalar(v) for v in value]
+        elif isinstance(value, str) and {"number", "integer", "boolean", "null"} & set(types):
+            config[key] = _scalar(value)
+    return config
+
+
+def _scalar(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value`` (value in YAML syntax) into a key path and a value."""
     if "=" not in text:

@@ -42,3 +42,14 @@ def test_hash_is_stable_and_sensitive():
     a = validate({"seed": 1})
     assert config_hash(a) == config_hash(validate({"seed": 1}))
     assert config_hash(a) != config_hash(validate({"seed": 2}))
+
+
+def test_string_overrides_coerced_to_schema_types():
+    from pipeline.config import coerce_types
+
+    cfg = coerce_types({"jacobian": {"shards": "5"}, "train": {"learning_rate": "1e-3"},
+                        "data": {"synthetic": {"teff_range": ["4000", "6000"]}}})
+    cfg = validate(cfg)
+    assert cfg["jacobian"]["shards"] == 5
+    assert cfg["train"]["learning_rate"] == pytest.approx(1e-3)
+    assert cfg["data"]["synthetic"]["teff_range"] == [4000, 6000]
