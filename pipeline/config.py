@@ -109,9 +109,15 @@ def _scalar(value):
     if not isinstance(value, str):
         return value
     try:
-        return yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
+    if isinstance(parsed, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
