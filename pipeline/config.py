@@ -167,7 +167,7 @@ def load_config(
             cfg.update(json.loads(json_text))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config-json is not valid JSON: {exc}") from None
-    return validate(apply_overrides(cfg, overrides))
+    return validate(coerce_types(apply_overrides(cfg, overrides)))
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
