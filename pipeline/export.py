@@ -1,0 +1,169 @@
+"""Catalog and table writers: FITS (units + provenance header), Parquet (schema metadata), CSV.
+
+The prediction catalog (DESIGN section 4, docs/outputs.md) has one row per star:
+
+    STAR_ID
+    L, L_ERR, L_ERR_MODEL, L_ERR_NOISE, L_ERR_SCATTER     for L in TEFF, LOGG, FE_H
+    TEFF_LOGG_CORR, TEFF_FE_H_CORR, LOGG_FE_H_CORR          correlations of the total covariance
+    L_TRUE                                                   when the input had labels
+    SNR                                                      when the input had it
+    FLAG                                                     bit field (FLAG_BITS)
+
+'dex' is not a FITS unit, so columns in dex or log10(cm s-2) carry their unit in the column
+description (the TTYPE comment in FITS) instead of a unit astropy would warn about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from itertools import combinations
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from pipeline import LABELS
+from pipeline.error_budget import correlations
+from pipeline.io import atomic_path
+
+TABLE_FORMATS = ("fits", "parquet", "csv")
+
+FLAG_BITS = {
+    0: "OOD: prediction outside the training label range by more than predict.ood_sigma "
+       "training standard deviations",
+    1: "BADPIX: more than predict.flag_bad_pixel_fraction of the pixels are bad",
+    2: "RESAMPLED: the input was interpolated onto the model's wavelength grid",
+    3: "NONFINITE: the prediction or its covariance is not finite",
+}
+FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE = (1 << bit for bit in FLAG_BITS)
+
+_BUDGET_SUFFIX = {"model": "_ERR_MODEL", "noise": "_ERR_NOISE", "scatter": "_ERR_SCATTER"}
+_DESCRIPTION = {
+    "": "predicted {label}",
+    "_ERR": "total 1-sigma error of {label}",
+    "_ERR_MODEL": "model (Laplace, epistemic) 1-sigma error of {label}",
+    "_ERR_NOISE": "flux noise propagated through the input Jacobian, 1-sigma, {label}",
+    "_ERR_SCATTER": "fitted scatter (aleatoric) 1-sigma of {label}",
+    "_TRUE": "true (input) {label}",
+}
+
+
+def label_unit(label: str) -> tuple[u.UnitBase | None, str]:
+    """(astropy unit or None, unit text for the description) of a label."""
+    if label == "TEFF":
+        return u.K, "K"
+    if label == "LOGG":
+        return None, "log10(cm s-2)"
+    return None, "dex"
+
+
+def set_label_column(table: Table, name: str, label: str, values: np.ndarray,
+                     kind: str) -> None:
+    """Add float64 column ``name`` with the unit (or unit text) of ``label``."""
+    unit, unit_text = label_unit(label)
+    table[name] = np.asarray(values, np.float64)
+    table[name].description = _DESCRIPTION[kind].format(label=label) + f" [{unit_text}]"
+    if unit is not None:
+        table[name].unit = unit
+
+
+def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
+                  snr=None) -> Table:
+    """The prediction catalog (see module docstring) from an ``error_budget`` result.
+
+    Parameters
+    ----------
+    star_id : (N,) identifiers.
+    budget : dict from ``pipeline.error_budget.error_budget`` (physical units).
+    flags : (N,) int FLAG bit field.
+    true_labels : optional (N, 3) input labels (NaN where unknown).
+    snr : optional (N,) signal-to-noise ratio.
+    """
+    table = Table()
+    table["STAR_ID"] = np.asarray(star_id).astype(str)
+    table["STAR_ID"].description = "star identifier (from the input)"
+    scatter = np.broadcast_to(budget["scatter"], budget["total"].shape)
+    for j, label in enumerate(LABELS):
+        set_label_column(table, label, label, budget["prediction"][:, j], "")
+        set_label_column(table, f"{label}_ERR", label, np.sqrt(budget["total"][:, j, j]), "_ERR")
+        for part, suffix in _BUDGET_SUFFIX.items():
+            cov = scatter if part == "scatter" else budget[part]
+            set_label_column(table, label + suffix, label, np.sqrt(cov[:, j, j]), suffix)
+    corr = correlations(budget["total"])
+    for i, j in combinations(range(len(LABELS)), 2):
+        name = f"{LABELS[i]}_{LABELS[j]}_CORR"
+        table[name] = corr[:, i, j]
+        table[name].description = f"correlation of {LABELS[i]} and {LABELS[j]} errors (total)"
+    if true_labels is not None:
+        for j, label in enumerate(LABELS):
+            set_label_column(table, f"{label}_TRUE", label, true_labels[:, j], "_TRUE")
+    if snr is not None:
+        table["SNR"] = np.asarray(snr, np.float64)
+        table["SNR"].description = "signal-to-noise ratio per pixel (from the input)"
+    table["FLAG"] = np.asarray(flags, np.int32)
+    table["FLAG"].description = "bit field: " + "; ".join(
+        f"bit {bit} {text.split(':')[0]}" for bit, text in FLAG_BITS.items())
+    return table
+
+
+# ------------------------------------------------------------------------------- writers
+def fits_hdulist(table: Table, header: dict, extname: str) -> fits.HDUList:
+    """Primary HDU with ``header`` cards + a BinTable whose TTYPE comments hold descriptions."""
+    primary = fits.PrimaryHDU()
+    for key, value in header.items():
+        primary.header[key] = value
+    hdu = fits.table_to_hdu(table)
+    hdu.name = extname
+    for i, name in enumerate(table.colnames, start=1):
+        description = table[name].description
+        if description:
+            hdu.header.comments[f"TTYPE{i}"] = description[:68]
+    for key, value in header.items():
+        hdu.header[key] = value
+    return fits.HDUList([primary, hdu])
+
+
+def write_parquet(table: Table, path: Path, header: dict) -> None:
+    """Parquet with provenance, units and descriptions in the schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = table.to_pandas(index=False)
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = dict(arrow.schema.metadata or {})
+    meta[b"provenance"] = json.dumps(header).encode()
+    meta[b"units"] = json.dumps(
+        {c: str(table[c].unit) for c in table.colnames if table[c].unit is not None}).encode()
+    meta[b"descriptions"] = json.dumps(
+        {c: table[c].description for c in table.colnames if table[c].description}).encode()
+    pq.write_table(arrow.replace_schema_metadata(meta), path)
+
+
+def write_csv(table: Table, path: Path) -> None:
+    table.to_pandas(index=False).to_csv(path, index=False, float_format="%.10g")
+
+
+def write_table(table: Table, stem: str | Path, header: dict, *,
+                formats=TABLE_FORMATS, extname: str = "CATALOG") -> list[Path]:
+    """Write ``table`` as ``stem.{fits,parquet,csv}``, all atomically.
+
+    Every file is first written under a temporary name; the final names appear only after all
+    formats were written, so a failure leaves none of them looking complete.
+    """
+    stem = Path(stem)
+    paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
+    with contextlib.ExitStack() as stack:
+        for fmt, path in zip(formats, paths, strict=True):
+            tmp = stack.enter_context(atomic_path(path))
+            if fmt == "fits":
+                fits_hdulist(table, header, extname).writeto(tmp, overwrite=True)
+            elif fmt == "parquet":
+                write_parquet(table, tmp, header)
+            elif fmt == "csv":
+                write_csv(table, tmp)
+            else:
+                raise ValueError(f"unknown table format '{fmt}'; valid: {TABLE_FORMATS}")
+    return paths
