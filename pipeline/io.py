@@ -16,6 +16,7 @@ their error to ``bad_pixel_err`` (config ``data.bad_pixel_err``), and they are c
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import platform
@@ -37,7 +38,8 @@ from pipeline.exceptions import DataError, OutputError
 log = logging.getLogger(__name__)
 
 REQUIRED_HDUS = ("FLUX", "FLUX_ERR", "WAVE", "LABELS")
-DEFAULT_BAD_PIXEL_ERR = 1.0e3
+DEFAULT_BAD_PIXEL_ERR = 1.0e3  # schema defaults of data.bad_pixel_err and
+DEFAULT_MAX_BAD_FRACTION = 0.5  # data.max_bad_pixel_fraction, for library callers
 
 
 @dataclass
@@ -177,8 +179,28 @@ def _open_fits(path: Path) -> fits.HDUList:
     return hdul
 
 
+def read_options(config: dict) -> dict:
+    """Keyword arguments of :func:`read_spectra` from a config (full, or its ``data`` section)."""
+    data = config.get("data", config)
+    return {"bad_pixel_err": data["bad_pixel_err"], "nan_labels": data["nan_labels"],
+            "max_bad_pixel_fraction": data["max_bad_pixel_fraction"]}
+
+
+def _image(hdul, path: Path, name: str, dtype) -> np.ndarray:
+    data = hdul[name].data
+    if data is None or np.size(data) == 0:
+        raise DataError(f"'{path}': HDU '{name}' is empty (the file holds no spectra); "
+                        "write at least one spectrum")
+    try:
+        return np.array(data, dtype=dtype)
+    except (TypeError, ValueError):
+        raise DataError(f"'{path}': HDU '{name}' is not numeric ({data.dtype}); write it "
+                        f"as {np.dtype(dtype).name}") from None
+
+
 def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_ERR,
-                 require_labels: bool = False, nan_labels: str = "drop") -> Spectra:
+                 require_labels: bool = False, nan_labels: str = "drop",
+                 max_bad_pixel_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> Spectra:
     """Read and validate a canonical dataset FITS (see module docstring).
 
     Args:
@@ -187,37 +209,51 @@ def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_E
         require_labels: fail if TEFF, LOGG or FE_H is missing (training data).
         nan_labels: with ``require_labels``, 'drop' rows with a NaN label (logged count) or
             'fail' naming the first such row.
+        max_bad_pixel_fraction: a spectrum with a larger bad-pixel fraction is an error
+            (config ``data.max_bad_pixel_fraction``); so is one entirely bad or all zeros.
 
     Raises:
-        DataError: naming the file, HDU, column or row and what would fix it.
+        DataError: naming the file, HDU, column or row and what would fix it
+            (see :mod:`pipeline.validation` for the list of checks).
     """
     from pipeline import validation
 
     path = Path(path)
     with _open_fits(path) as hdul:
         validation.check_hdus(path, hdul, REQUIRED_HDUS)
-        flux = np.array(hdul["FLUX"].data, dtype=np.float32)
-        flux_err = np.array(hdul["FLUX_ERR"].data, dtype=np.float32)
-        wave = np.array(hdul["WAVE"].data, dtype=np.float64)
+        flux = _image(hdul, path, "FLUX", np.float32)
+        flux_err = _image(hdul, path, "FLUX_ERR", np.float32)
+        wave = _image(hdul, path, "WAVE", np.float64)
+        if hdul["LABELS"].data is None:
+            raise DataError(f"'{path}': HDU 'LABELS' is empty; it needs one row per spectrum "
+                            "with at least a STAR_ID column")
         labels = Table(hdul["LABELS"].data)
-        mask = np.array(hdul["MASK"].data, dtype=np.int32) if "MASK" in hdul else None
+        mask = _image(hdul, path, "MASK", np.int32) if "MASK" in hdul else None
         header = dict(hdul[0].header)
     spectra = Spectra(flux, flux_err, wave, labels, mask,
                       meta={k: v for k, v in header.items() if k not in ("COMMENT", "HISTORY")})
     return validation.validate_spectra(
         path, spectra, bad_pixel_err=bad_pixel_err, require_labels=require_labels,
-        nan_labels=nan_labels,
+        nan_labels=nan_labels, max_bad_pixel_fraction=max_bad_pixel_fraction,
     )
 
 
 # --------------------------------------------------------------------------------- writing
-def write_spectra(path: str | Path, spectra: Spectra, header: dict | None = None) -> None:
-    """Write ``spectra`` as canonical FITS, atomically, with ``header`` cards in the primary."""
+def _primary(header: dict | None, n_stars: int, n_pixels: int) -> fits.PrimaryHDU:
     primary = fits.PrimaryHDU()
     for key, value in (header or {}).items():
         primary.header[key] = value
-    primary.header["NSTARS"] = (spectra.n_stars, "number of spectra")
-    primary.header["NPIX"] = (spectra.n_pixels, "number of pixels")
+    primary.header["NSTARS"] = (n_stars, "number of spectra")
+    primary.header["NPIX"] = (n_pixels, "number of pixels")
+    return primary
+
+
+def write_spectra(path: str | Path, spectra: Spectra, header: dict | None = None) -> None:
+    """Write ``spectra`` as canonical FITS, atomically, with ``header`` cards in the primary.
+
+    For more spectra than fit in memory use :class:`SpectraWriter`.
+    """
+    primary = _primary(header, spectra.n_stars, spectra.n_pixels)
     flux = fits.ImageHDU(np.asarray(spectra.flux, np.float32), name="FLUX")
     flux.header["BUNIT"] = ("", "continuum-normalized flux")
     flux_err = fits.ImageHDU(np.asarray(spectra.flux_err, np.float32), name="FLUX_ERR")
@@ -232,6 +268,96 @@ def write_spectra(path: str | Path, spectra: Spectra, header: dict | None = None
         hdus.append(fits.ImageHDU(np.asarray(spectra.mask, np.int32), name="MASK"))
     with atomic_path(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
+
+
+class SpectraWriter:
+    """Write a canonical FITS chunk by chunk with flat memory, atomically.
+
+    The file layout is fixed up front from the number of stars, the grid and the labels: the
+    primary header, then FLUX, FLUX_ERR (and MASK) whose data blocks are filled through
+    big-endian memory maps, then WAVE and LABELS. The file gets its final name only when every
+    row was written and the writer closed without error. Header cards listed in ``reserve``
+    (default ``NBADPIX``) may be set after the rows with :meth:`set_card`.
+
+    Example::
+
+        with SpectraWriter(path, wave, labels, header) as out:
+            for start, chunk in chunks:
+                out.write(start, chunk.flux, chunk.flux_err)
+            out.set_card("NBADPIX", n_bad)
+    """
+
+    def __init__(self, path, wave, labels: Table, header: dict | None = None,
+                 with_mask: bool = False, reserve=("NBADPIX",)):
+        self.path, self.wave, self.labels = Path(path), np.asarray(wave, np.float64), labels
+        self.n_stars, self.n_pixels = len(labels), self.wave.size
+        self.primary = _primary(header, self.n_stars, self.n_pixels)
+        for key in reserve:
+            self.primary.header[key] = 0
+        self.images = [("FLUX", ">f4"), ("FLUX_ERR", ">f4")] + ([("MASK", ">i4")] * with_mask)
+        self.rows_written = np.zeros(self.n_stars, bool)
+
+    def _layout(self, fh) -> dict:
+        """Write headers and reserve the image data blocks; return their byte offsets."""
+        fh.write(self.primary.header.tostring().encode("ascii"))
+        offsets = {}
+        for name, dtype in self.images:
+            hdu = fits.ImageHDU(np.zeros((1, self.n_pixels), np.dtype(dtype).newbyteorder("=")),
+                                name=name)
+            hdu.header["NAXIS2"] = self.n_stars
+            fh.write(hdu.header.tostring().encode("ascii"))
+            offsets[name] = fh.tell()
+            nbytes = self.n_stars * self.n_pixels * 4
+            fh.seek(offsets[name] + nbytes + (-nbytes) % 2880)
+        fh.truncate()
+        tail = fits.ImageHDU(self.wave, name="WAVE")
+        tail.header["BUNIT"] = "Angstrom"
+        tail.header["COMMENT"] = "vacuum wavelength"
+        table = fits.table_to_hdu(label_table_with_units(self.labels))
+        table.name = "LABELS"
+        buffer = io.BytesIO()
+        fits.HDUList([fits.PrimaryHDU(), tail, table]).writeto(buffer)
+        fh.write(buffer.getvalue()[len(fits.PrimaryHDU().header.tostring()):])
+        return offsets
+
+    def __enter__(self) -> SpectraWriter:
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        with open(self._tmp, "r+b") as fh:
+            offsets = self._layout(fh)
+        self.maps = {name: np.memmap(self._tmp, dtype=dtype, mode="r+", offset=offsets[name],
+                                     shape=(self.n_stars, self.n_pixels))
+                     for name, dtype in self.images}
+        return self
+
+    def write(self, start: int, flux, flux_err, mask=None) -> None:
+        """Write rows ``start : start + len(flux)`` (arrays (n, P))."""
+        stop = start + len(flux)
+        self.maps["FLUX"][start:stop] = flux
+        self.maps["FLUX_ERR"][start:stop] = flux_err
+        if "MASK" in self.maps:
+            self.maps["MASK"][start:stop] = 0 if mask is None else mask
+        self.rows_written[start:stop] = True
+
+    def set_card(self, key: str, value) -> None:
+        """Set a card reserved at construction (its header block keeps its size)."""
+        if key not in self.primary.header:
+            raise KeyError(f"card {key} was not reserved")
+        self.primary.header[key] = value
+
+    def __exit__(self, exc_type, exc, tb):
+        for array in self.maps.values():
+            array.flush()
+        self.maps.clear()
+        if exc_type is None and not self.rows_written.all():
+            missing = int(np.flatnonzero(~self.rows_written)[0])
+            error = RuntimeError(f"'{self.path}': row {missing} was never written")
+            self._atomic.__exit__(RuntimeError, error, None)  # removes the temporary file
+            raise error
+        if exc_type is None:
+            with open(self._tmp, "r+b") as fh:
+                fh.write(self.primary.header.tostring().encode("ascii"))
+        return self._atomic.__exit__(exc_type, exc, tb)
 
 
 def label_table_with_units(labels: Table) -> Table:

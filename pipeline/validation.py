@@ -1,7 +1,19 @@
-"""Validation of canonical dataset FITS contents (DESIGN section 3).
+"""Validation of canonical dataset FITS contents (DESIGN section 3) and grid matching.
 
-Each check raises :class:`DataError` naming the file, HDU, column or row and what would fix it.
-Bad pixels are replaced (flux 1, error ``bad_pixel_err``) and counted, never used silently.
+Each check raises :class:`DataError` naming the file, HDU, column or row and what would fix it:
+
+* a missing HDU or column; an empty HDU;
+* FLUX, FLUX_ERR, WAVE, LABELS (and MASK) sizes that disagree;
+* a non-finite or non-increasing WAVE (first offending pixel named);
+* duplicate STAR_IDs (first duplicate and its rows named);
+* a spectrum that is entirely bad (NaN/inf flux or error <= 0), all zeros, or whose bad-pixel
+  fraction exceeds ``max_bad_pixel_fraction`` (config ``data.max_bad_pixel_fraction``);
+* NaN labels in training data (dropped with a logged count, or an error: ``data.nan_labels``);
+* labels without variance in a training set (:func:`check_label_variance`).
+
+Bad pixels (non-finite flux, non-finite or non-positive error, nonzero MASK) are replaced
+(flux 1, error ``bad_pixel_err``) and counted in ``meta['N_BADPIX']``, never used silently.
+:func:`match_grid` maps spectra onto a model's wavelength grid or raises GridMismatchError.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LABELS
-from pipeline.exceptions import DataError
+from pipeline.exceptions import DataError, GridMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -27,38 +39,90 @@ def check_hdus(path: Path, hdul, required) -> None:
             )
 
 
-def validate_spectra(path, spectra, *, bad_pixel_err, require_labels, nan_labels):
-    """Check shapes, grid, labels; flag bad pixels. Returns the cleaned Spectra."""
-    n, p = spectra.flux.shape if spectra.flux.ndim == 2 else (None, None)
+def validate_spectra(path, spectra, *, bad_pixel_err, require_labels, nan_labels,
+                     max_bad_pixel_fraction=0.5):
+    """Check shapes, grid, ids, labels; flag bad pixels. Returns the cleaned Spectra."""
+    check_shapes(path, spectra)
+    check_wave(path, spectra.wave)
+    check_star_ids(path, spectra.labels)
+    spectra = flag_bad_pixels(path, spectra, bad_pixel_err, max_bad_pixel_fraction)
+    if require_labels:
+        spectra = check_labels(path, spectra, nan_labels)
+    return spectra
+
+
+def check_shapes(path, spectra) -> None:
     if spectra.flux.ndim != 2:
         raise DataError(f"'{path}': HDU 'FLUX' must be a 2-D image (N, P), got shape "
                         f"{spectra.flux.shape}")
+    n, p = spectra.flux.shape
+    if n == 0 or p == 0:
+        raise DataError(f"'{path}': HDU 'FLUX' is empty (shape {spectra.flux.shape})")
     if spectra.flux_err.shape != spectra.flux.shape:
         raise DataError(f"'{path}': HDU 'FLUX_ERR' has shape {spectra.flux_err.shape} but "
                         f"'FLUX' has {spectra.flux.shape}; they must match")
     if spectra.wave.shape != (p,):
         raise DataError(f"'{path}': HDU 'WAVE' has shape {spectra.wave.shape}, expected ({p},)"
                         " to match the pixels of 'FLUX'")
+    if spectra.mask is not None and spectra.mask.shape != spectra.flux.shape:
+        raise DataError(f"'{path}': HDU 'MASK' has shape {spectra.mask.shape} but 'FLUX' has "
+                        f"{spectra.flux.shape}; they must match")
     if len(spectra.labels) != n:
         raise DataError(f"'{path}': HDU 'LABELS' has {len(spectra.labels)} rows but 'FLUX' "
                         f"has {n} spectra; they must match row by row")
-    if "STAR_ID" not in spectra.labels.colnames:
-        raise DataError(f"'{path}': HDU 'LABELS' lacks column 'STAR_ID'")
-    if not np.all(np.isfinite(spectra.wave)) or np.any(np.diff(spectra.wave) <= 0):
-        raise DataError(f"'{path}': HDU 'WAVE' must be finite and strictly increasing")
-    spectra = flag_bad_pixels(path, spectra, bad_pixel_err)
-    if require_labels:
-        spectra = check_labels(path, spectra, nan_labels)
-    return spectra
 
 
-def flag_bad_pixels(path, spectra, bad_pixel_err):
-    bad = ~np.isfinite(spectra.flux_err) | (spectra.flux_err <= 0) | ~np.isfinite(spectra.flux)
+def check_wave(path, wave) -> None:
+    bad = np.flatnonzero(~np.isfinite(wave))
+    if bad.size:
+        raise DataError(f"'{path}': HDU 'WAVE' pixel {bad[0]} is {wave[bad[0]]}; wavelengths "
+                        "must be finite")
+    step = np.flatnonzero(np.diff(wave) <= 0)
+    if step.size:
+        i = step[0]
+        raise DataError(f"'{path}': HDU 'WAVE' is not strictly increasing at pixel {i + 1} "
+                        f"({wave[i]} -> {wave[i + 1]}); sort the pixels by wavelength")
+
+
+def check_star_ids(path, labels) -> None:
+    if "STAR_ID" not in labels.colnames:
+        raise DataError(f"'{path}': HDU 'LABELS' lacks column 'STAR_ID' (one identifier per "
+                        "spectrum)")
+    ids = np.char.strip(np.asarray(labels["STAR_ID"]).astype(str))
+    unique, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if np.any(counts > 1):
+        dup = unique[np.argmax(counts > 1)]
+        rows = np.flatnonzero(ids == dup)[:5].tolist()
+        raise DataError(f"'{path}': HDU 'LABELS' column 'STAR_ID' value '{dup}' occurs "
+                        f"{counts.max()} times (rows {rows}); STAR_IDs must be unique")
+
+
+def flag_bad_pixels(path, spectra, bad_pixel_err, max_bad_pixel_fraction=0.5):
+    """Replace bad pixels by flux 1, error ``bad_pixel_err``; reject hopeless spectra."""
+    finite = np.isfinite(spectra.flux)
+    bad = ~np.isfinite(spectra.flux_err) | ~(spectra.flux_err > 0) | ~finite
     if spectra.mask is not None:
         bad |= spectra.mask != 0
+    checks = (
+        (~finite.any(axis=1), "is entirely NaN or infinite"),
+        (np.all(np.where(finite, spectra.flux, 0) == 0, axis=1), "is all zeros"),
+        (bad.mean(axis=1) > max_bad_pixel_fraction,
+         f"has more than a fraction {max_bad_pixel_fraction} of bad pixels (non-finite flux, "
+         "error <= 0 or masked; config data.max_bad_pixel_fraction)"),
+    )
+    for rows, what in checks:
+        if rows.any():
+            row = int(np.flatnonzero(rows)[0])
+            raise DataError(f"'{path}': HDU 'FLUX' row {row} (STAR_ID "
+                            f"'{spectra.star_id[row]}') {what}; remove the spectrum "
+                            f"({int(rows.sum())} such rows)")
+    n_bad = int(bad.sum())
+    if n_bad:
+        log.info("%s: %d bad pixels (%.3g%%) set to flux 1, error %g", path, n_bad,
+                 100.0 * n_bad / bad.size, bad_pixel_err)
     spectra.flux[bad] = 1.0
     spectra.flux_err[bad] = bad_pixel_err
-    spectra.meta["N_BADPIX"] = int(bad.sum())
+    spectra.meta["N_BADPIX"] = n_bad
     return spectra
 
 
@@ -69,10 +133,86 @@ def check_labels(path, spectra, nan_labels):
     y = spectra.label_array()
     bad = ~np.all(np.isfinite(y), axis=1)
     if bad.any():
+        row = int(np.flatnonzero(bad)[0])
         if nan_labels == "fail":
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"'{path}': HDU 'LABELS' row {row} has a NaN label; remove the row "
-                            "or set data.nan_labels: drop")
-        log.warning("%s: dropping %d stars with NaN labels", path, bad.sum())
+            raise DataError(f"'{path}': HDU 'LABELS' row {row} has a NaN label "
+                            f"({int(bad.sum())} such rows); remove the rows or set "
+                            "data.nan_labels: drop")
+        log.warning("%s: dropping %d stars with NaN labels (first: row %d)", path, bad.sum(), row)
         spectra = spectra.subset(~bad)
+        if spectra.n_stars == 0:
+            raise DataError(f"'{path}': every star has a NaN label; no training data left")
     return spectra
+
+
+def check_label_variance(spectra, path="training set") -> None:
+    """Raise DataError if a training set has < 2 stars or a label without variance."""
+    y = spectra.label_array()
+    if y.shape[0] < 2:
+        raise DataError(f"'{path}': {y.shape[0]} star(s); training needs at least 2")
+    for j, name in enumerate(LABELS):
+        if not np.nanstd(y[:, j]) > 0:
+            raise DataError(f"'{path}': HDU 'LABELS' column '{name}' has zero variance (every "
+                            f"star has {y[0, j]}); a network cannot learn it: use stars that "
+                            "span the label or drop the label")
+
+
+# -------------------------------------------------------------------------- grid matching
+def _describe(wave) -> str:
+    return f"{wave.size} pixels, {wave[0]:.3f}-{wave[-1]:.3f} A"
+
+
+def match_grid(spectra, wave_model, path="spectra", bad_pixel_err=None, rtol=1e-9):
+    """``spectra`` on the model grid ``wave_model`` (P_model,).
+
+    * the same grid (size and values to ``rtol``): returned unchanged;
+    * every model pixel is a pixel of the input (e.g. a full apStar grid onto the 7213-pixel
+      chip grid): sliced exactly;
+    * the input range covers the model range: flux, errors and mask linearly interpolated
+      in wavelength; a model pixel falling in a gap of the input grid (a step wider than 1.5
+      times the median) or next to a bad input pixel (error >= ``bad_pixel_err``) is bad
+      (flux 1, error ``bad_pixel_err``, by default that of :func:`pipeline.io.read_spectra`);
+      ``meta['RESAMPLD'] = True``.
+
+    Raises:
+        GridMismatchError: the input does not cover the model grid; names both grids.
+    """
+    from pipeline.io import DEFAULT_BAD_PIXEL_ERR, Spectra
+
+    wave_in, wave_model = np.asarray(spectra.wave, np.float64), np.asarray(wave_model, float)
+    if wave_in.size == wave_model.size and np.allclose(wave_in, wave_model, rtol=rtol, atol=0):
+        return spectra
+    tol = rtol * wave_model
+    if wave_in[0] > wave_model[0] + tol[0] or wave_in[-1] < wave_model[-1] - tol[-1]:
+        raise GridMismatchError(
+            f"'{path}': its wavelength grid ({_describe(wave_in)}) does not cover the model "
+            f"grid ({_describe(wave_model)}); supply spectra spanning the model grid or "
+            "retrain the model on this grid")
+    hi = np.clip(np.searchsorted(wave_in, wave_model), 1, wave_in.size - 1)
+    lo = hi - 1
+    exact = np.where(np.abs(wave_in[hi] - wave_model) <= tol, hi,
+                     np.where(np.abs(wave_in[lo] - wave_model) <= tol, lo, -1))
+    meta = dict(spectra.meta)
+    if np.all(exact >= 0):
+        mask = None if spectra.mask is None else spectra.mask[:, exact]
+        return Spectra(spectra.flux[:, exact], spectra.flux_err[:, exact], wave_model,
+                       spectra.labels, mask, meta)
+    bad_err = DEFAULT_BAD_PIXEL_ERR if bad_pixel_err is None else bad_pixel_err
+    t = ((wave_model - wave_in[lo]) / (wave_in[hi] - wave_in[lo])).clip(0, 1)
+
+    def interp(a):
+        return (a[:, lo] * (1 - t) + a[:, hi] * t).astype(a.dtype)
+
+    flux, flux_err = interp(spectra.flux), interp(spectra.flux_err)
+    step = np.diff(np.log(wave_in))
+    gap = (np.log(wave_in[hi]) - np.log(wave_in[lo])) > 1.5 * np.median(step)
+    bad = gap[None, :] | (spectra.flux_err[:, lo] >= bad_err) | (spectra.flux_err[:, hi] >= bad_err)
+    mask = None
+    if spectra.mask is not None:
+        mask = spectra.mask[:, lo] | spectra.mask[:, hi]
+        bad |= mask != 0
+    flux[bad], flux_err[bad] = 1.0, bad_err
+    meta.update(RESAMPLD=True, N_BADPIX=int(bad.sum()))
+    log.info("%s: resampled from %s onto %s (%d bad pixels)", path, _describe(wave_in),
+             _describe(wave_model), int(bad.sum()))
+    return Spectra(flux, flux_err, wave_model, spectra.labels, mask, meta)
