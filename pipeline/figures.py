@@ -1,0 +1,71 @@
+"""Paper figures: ``python -m pipeline.figures --figure NAME --results DIR --outdir DIR``.
+
+Writes ``OUTDIR/NAME.<fmt>`` for every format in config ``figures.formats`` (at
+``figures.dpi``), atomically: all formats are rendered to temporary files and renamed only when
+every one succeeded. The figure names are the keys of docs/report/captions.yaml, which the
+Snakefile reads to make one job per figure; each name maps to one plotting function below.
+Inputs are the result files of the other steps (see :mod:`pipeline.plots.inputs`); a missing
+or malformed one is a DataError naming the file, and no output is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pipeline import cli
+from pipeline.exceptions import ConfigError
+from pipeline.io import provenance
+from pipeline.plots import accuracy, calibration, jacobians, spectra, training
+from pipeline.plots.inputs import ResultsTree
+from pipeline.plots.style import rc_params, save_figure
+
+log = logging.getLogger(__name__)
+
+FIGURES: dict[str, Callable] = {
+    "spectra_examples": spectra.plot_spectra_examples,
+    "training_curves": training.plot_training_curves,
+    "laplace_diagnostics": training.plot_laplace_diagnostics,
+    "pred_vs_true": accuracy.plot_pred_vs_true,
+    "residuals_vs_snr": accuracy.plot_residuals_vs_snr,
+    "calibration": calibration.plot_calibration,
+    "error_budget": accuracy.plot_error_budget,
+    "jacobian_mean": jacobians.plot_jacobian_mean,
+    "jacobian_map": jacobians.plot_jacobian_map,
+}
+
+
+def build_parser():
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--figure", required=True, help="figure name: " + ", ".join(FIGURES))
+    parser.add_argument("--results", default="results", help="results directory (inputs)")
+    parser.add_argument("--outdir", default="results/figures", help="output directory")
+    return parser
+
+
+def make_figure(name: str, results: ResultsTree, config: dict, outdir) -> list:
+    """Draw figure ``name`` from ``results`` and write it in every configured format."""
+    import matplotlib.pyplot as plt
+
+    if name not in FIGURES:
+        raise ConfigError(f"--figure '{name}' is unknown (valid choices: {', '.join(FIGURES)})")
+    cfg = dict(config["figures"], seed=config["seed"], source=config["data"]["source"],
+               bad_pixel_err=config["data"]["bad_pixel_err"])
+    with plt.rc_context(rc_params(cfg)):
+        fig = FIGURES[name](results, cfg)
+        paths = save_figure(fig, outdir, name, cfg, provenance(config, figure=name))
+    log.info("wrote %s", ", ".join(map(str, paths)))
+    return paths
+
+
+def run(args, config: dict) -> None:
+    results = ResultsTree.from_config(args.results, config)
+    make_figure(args.figure, results, config, args.outdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Input-Jacobian figures: ``jacobian_mean`` and ``jacobian_map``.
+
+The input Jacobian D = d label / d flux (3, P) per star is in physical label units per unit of
+normalized flux (K for Teff, dex for log g and [Fe/H]). ``jacobian_mean`` draws the per-pixel
+mean over the stars with its 16-84th percentile band from the summary table and names the
+strongest features; ``jacobian_map`` draws D of a Teff-ordered subset of stars pixel by pixel,
+reading the shards one at a time and only the selected rows of each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import LABELS
+from pipeline.exceptions import DataError
+from pipeline.plots.inputs import ResultsTree, read_jacobian_rows, shard_star_ids
+from pipeline.plots.lines import name_features, strongest_features
+from pipeline.plots.style import (
+    DIVERGING,
+    LABEL_COLOR,
+    LABEL_NAME,
+    LABEL_UNIT,
+    WAVE_AXIS,
+    break_gaps,
+    new_figure,
+)
+
+
+def derivative_label(lab: str) -> str:
+    return rf"$\partial$ {LABEL_NAME[lab]} / $\partial f$ [{LABEL_UNIT[lab]}]"
+
+
+def plot_jacobian_mean(results: ResultsTree, cfg: dict):
+    """Mean d label / d flux per pixel (line), 16-84% over stars (band), features named."""
+    table = results.jacobian_summary()
+    wave = np.asarray(table["WAVE"], np.float64)
+    fig, axes = new_figure(cfg, 3, 1, 0.8 * cfg["width"], sharex=True)
+    for ax, lab in zip(axes[:, 0], LABELS, strict=True):
+        mean, p16, p84 = (np.asarray(table[f"{lab}_{s}"], np.float64)
+                          for s in ("MEAN", "P16", "P84"))
+        w, m, lo, hi = break_gaps(wave, mean, p16, p84)
+        ax.fill_between(w, lo, hi, color=LABEL_COLOR[lab], alpha=0.3, lw=0,
+                        label="16-84% of stars")
+        ax.plot(w, m, color=LABEL_COLOR[lab], lw=0.6, label="mean")
+        ax.axhline(0.0, color="0.3", lw=0.4)
+        _mark_features(ax, wave, mean, cfg)
+        ax.set_ylabel(derivative_label(lab))
+    axes[0, 0].legend(loc="lower left", ncols=2, fontsize="x-small")
+    axes[-1, 0].set_xlabel(WAVE_AXIS)
+    return fig
+
+
+def _mark_features(ax, wave: np.ndarray, mean: np.ndarray, cfg: dict) -> None:
+    """Mark the strongest |mean| pixels and name them after a known line when one is near."""
+    picks = strongest_features(wave, mean, cfg["jacobian_features"], cfg["feature_separation"])
+    if picks.size == 0:
+        return
+    names = name_features(wave[picks], cfg["line_tolerance"])
+    ax.plot(wave[picks], mean[picks], "o", mfc="none", mec="black", ms=4, mew=0.6)
+    for w, m, name in zip(wave[picks], mean[picks], names, strict=True):
+        up = m >= 0
+        ax.annotate(name, (w, m), xytext=(0, 5 if up else -5), textcoords="offset points",
+                    ha="center", va="bottom" if up else "top", rotation=90,
+                    fontsize="x-small")
+    ax.margins(y=0.3)
+
+
+def select_map_stars(results: ResultsTree, shards: list, n_stars: int):
+    """Star ids to draw, evenly spaced in Teff rank, with their Teff, sorted by Teff.
+
+    Teff comes from the dataset split the Jacobians were computed on (the true label); stars
+    of the shards that are missing from it are an error naming both files.
+    """
+    ids = np.concatenate([shard_star_ids(path) for path in shards])
+    labels = results.data_labels(results.jacobian_split, ("STAR_ID", "TEFF"))
+    data_ids = np.asarray(labels["STAR_ID"]).astype(str)
+    order = np.argsort(data_ids)
+    pos = np.clip(np.searchsorted(data_ids[order], ids), 0, max(order.size - 1, 0))
+    found = data_ids[order][pos] == ids if order.size else np.zeros(ids.size, bool)
+    if not np.all(found):
+        raise DataError(
+            f"star '{ids[~found][0]}' of '{shards[0].parent}' is not in "
+            f"'{results.data_path(results.jacobian_split)}'; re-run the 'jacobian' step"
+        )
+    teff = np.asarray(labels["TEFF"], np.float64)[order][pos]
+    by_teff = np.argsort(teff, kind="stable")
+    ranks = np.unique(np.round(np.linspace(0, ids.size - 1, min(n_stars, ids.size)))).astype(int)
+    chosen = by_teff[ranks]
+    return ids[chosen], teff[chosen]
+
+
+def load_map(results: ResultsTree, n_stars: int):
+    """(wave (P,), Jacobians float32 (k, 3, P) sorted by Teff, Teff (k,))."""
+    shards = results.jacobian_shards()
+    ids, teff = select_map_stars(results, shards, n_stars)
+    blocks, block_ids, wave = [], [], None
+    for path in shards:  # one shard in memory at a time, only its selected rows
+        sid, w, jac = read_jacobian_rows(path, lambda s: np.flatnonzero(np.isin(s, ids)))
+        if wave is not None and (w.shape != wave.shape or not np.allclose(w, wave)):
+            raise DataError(f"'{path}': WAVE differs from that of '{shards[0]}'")
+        wave = w
+        blocks.append(jac)
+        block_ids.append(sid)
+    jac, got = np.concatenate(blocks), np.concatenate(block_ids)
+    alpha = np.argsort(ids)  # ids are in ascending Teff: put the rows read back in that order
+    order = np.argsort(alpha[np.searchsorted(ids[alpha], got)])
+    return wave, jac[order], teff
+
+
+def plot_jacobian_map(results: ResultsTree, cfg: dict):
+    """One panel per label: stars (rows, ordered by Teff) by wavelength, diverging colours
+    symmetric about zero with limits at a high percentile of |D| (robust to a few spikes)."""
+    wave, jac, teff = load_map(results, cfg["jacobian_map_stars"])
+    rows = np.arange(teff.size)
+    fig, axes = new_figure(cfg, 3, 1, 0.9 * cfg["width"], sharex=True)
+    for j, (ax, lab) in enumerate(zip(axes[:, 0], LABELS, strict=True)):
+        image = jac[:, j, :].astype(np.float64)
+        finite = np.abs(image[np.isfinite(image)])
+        limit = float(np.percentile(finite, cfg["jacobian_map_percentile"])) if finite.size else 1
+        limit = limit if limit > 0 else 1.0
+        x, img = _gap_columns(wave, image)
+        mesh = ax.pcolormesh(x, rows, img, cmap=DIVERGING, vmin=-limit, vmax=limit,
+                             shading="nearest", rasterized=True)
+        fig.colorbar(mesh, ax=ax, label=derivative_label(lab), pad=0.01, extend="both")
+        ticks = np.unique(np.round(np.linspace(0, rows.size - 1, 5)).astype(int))
+        ax.set_yticks(ticks, [f"{teff[t]:.0f}" for t in ticks])
+        ax.set_ylabel(r"star $T_\mathrm{eff}$ [K]")
+        ax.minorticks_off()
+    axes[-1, 0].set_xlabel(WAVE_AXIS)
+    return fig
+
+
+def _gap_columns(wave: np.ndarray, image: np.ndarray):
+    """Insert a NaN column centred in each chip gap so the gap shows blank, not smeared."""
+    w, img = break_gaps(wave, image)
+    gap = np.flatnonzero(np.isnan(w))
+    w[gap] = 0.5 * (w[gap - 1] + w[gap + 1])
+    return w, img

@@ -1,0 +1,119 @@
+"""The one figure style of the paper: fonts, colours, axis names, saving.
+
+Colours are the Okabe-Ito palette (distinguishable with every common colour-vision deficiency);
+sequential maps are viridis/cividis and the diverging map is ColorBrewer RdBu, all
+colourblind-safe. Figures are written atomically in every configured format: all temporary
+files are rendered first and only then renamed, so a failure leaves no output at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are made in batch jobs: never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline import LABELS  # noqa: E402
+from pipeline.io import atomic_path  # noqa: E402
+
+OKABE_ITO = {
+    "black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9",
+    "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
+    "vermillion": "#D55E00", "purple": "#CC79A7",
+}
+CYCLE = [OKABE_ITO[k] for k in ("blue", "orange", "green", "vermillion", "purple",
+                                "sky_blue", "yellow", "black")]
+SEQUENTIAL = "viridis"
+DIVERGING = "RdBu_r"
+
+LABEL_NAME = {"TEFF": r"$T_\mathrm{eff}$", "LOGG": r"$\log g$", "FE_H": "[Fe/H]"}
+LABEL_UNIT = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex"}
+LABEL_COLOR = dict(zip(LABELS, (OKABE_ITO["vermillion"], OKABE_ITO["blue"],
+                                OKABE_ITO["green"]), strict=True))
+WAVE_AXIS = r"wavelength [$\mathrm{\AA}$]"
+SNR_AXIS = "S/N"
+
+
+def axis_label(label: str, prefix: str = "", suffix: str = "") -> str:
+    """Axis text with unit, e.g. ``axis_label('TEFF', 'predicted ')`` -> 'predicted Teff [K]'."""
+    return f"{prefix}{LABEL_NAME[label]}{suffix} [{LABEL_UNIT[label]}]"
+
+
+def rc_params(cfg: dict) -> dict:
+    """Matplotlib settings of every figure (``cfg`` is the ``figures`` config section)."""
+    size = cfg["font_size"]
+    return {
+        "font.size": size, "axes.titlesize": size, "axes.labelsize": size,
+        "xtick.labelsize": size - 1, "ytick.labelsize": size - 1,
+        "legend.fontsize": size - 1, "legend.frameon": False,
+        "axes.prop_cycle": matplotlib.cycler(color=CYCLE),
+        "axes.linewidth": 0.7, "lines.linewidth": 1.0, "lines.markersize": 3,
+        "xtick.direction": "in", "ytick.direction": "in",
+        "xtick.top": True, "ytick.right": True,
+        "xtick.minor.visible": True, "ytick.minor.visible": True,
+        "image.cmap": SEQUENTIAL, "figure.dpi": cfg["dpi"], "savefig.dpi": cfg["dpi"],
+        "savefig.bbox": "tight", "savefig.pad_inches": 0.03,
+        "pdf.fonttype": 42,  # TrueType in PDFs so journals can edit the text
+        "mathtext.default": "regular",
+    }
+
+
+def new_figure(cfg: dict, nrows: int, ncols: int, height: float, **kwargs):
+    """``plt.subplots`` at the configured width; ``height`` in inches."""
+    return plt.subplots(nrows, ncols, figsize=(cfg["width"], height), squeeze=False,
+                        layout="constrained", **kwargs)
+
+
+def note(ax, text: str) -> None:
+    """Mark a panel whose input is unavailable, saying which input it needs."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", wrap=True,
+            fontsize="small", color=OKABE_ITO["vermillion"])
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def chip_gaps(wave: np.ndarray, factor: float = 5.0) -> np.ndarray:
+    """Indices i where a detector gap lies between pixel i and i + 1.
+
+    On a log-linear grid the step in log wavelength is constant; a step more than ``factor``
+    times the median marks a gap (the three APOGEE chips).
+    """
+    step = np.diff(np.log(np.asarray(wave, dtype=np.float64)))
+    return np.flatnonzero(step > factor * np.median(step))
+
+
+def break_gaps(wave: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Insert NaN after each chip gap (along the last axis) so lines do not bridge gaps."""
+    gaps = chip_gaps(wave) + 1
+    out = [np.insert(np.asarray(wave, np.float64), gaps, np.nan)]
+    out += [np.insert(np.asarray(a, np.float64), gaps, np.nan, axis=-1) for a in arrays]
+    return tuple(out)
+
+
+def metadata(fmt: str, name: str, prov: dict[str, str]) -> dict[str, str]:
+    """Provenance as the metadata each backend accepts (PNG: any key; PDF/SVG: fixed keys)."""
+    text = "; ".join(f"{k}={v}" for k, v in prov.items())
+    if fmt == "png":
+        return {"Title": name, **prov}
+    if fmt == "pdf":
+        return {"Title": name, "Subject": text, "Creator": "stellar-laplace"}
+    return {"Title": name, "Description": text}
+
+
+def save_figure(fig, outdir: str | Path, name: str, cfg: dict, prov: dict[str, str]) -> list[Path]:
+    """Write ``outdir/name.<fmt>`` for every configured format, all or none, and close ``fig``."""
+    paths = [Path(outdir) / f"{name}.{fmt}" for fmt in cfg["formats"]]
+    try:
+        with contextlib.ExitStack() as stack:
+            for path in paths:
+                tmp = stack.enter_context(atomic_path(path))
+                fmt = path.suffix[1:]
+                fig.savefig(tmp, format=fmt, dpi=cfg["dpi"], metadata=metadata(fmt, name, prov))
+    finally:
+        plt.close(fig)
+    return paths

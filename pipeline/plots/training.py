@@ -1,0 +1,92 @@
+"""Training and Laplace-posterior diagnostics: ``training_curves``, ``laplace_diagnostics``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.plots.inputs import ResultsTree
+from pipeline.plots.style import OKABE_ITO, new_figure, note
+
+
+def plot_training_curves(results: ResultsTree, cfg: dict):
+    """Loss and validation loss per epoch on a log axis; the best epoch (min val_loss) marked."""
+    history = results.history()
+    epoch = np.asarray(history["epoch"], np.float64)
+    loss = np.asarray(history["loss"], np.float64)
+    val_loss = np.asarray(history["val_loss"], np.float64)
+    # Keras counts epochs from 0 in its logs; the paper counts from 1.
+    if epoch.min() == 0:
+        epoch = epoch + 1
+    best = int(np.nanargmin(val_loss))
+
+    fig, axes = new_figure(cfg, 1, 1, 0.45 * cfg["width"])
+    ax = axes[0, 0]
+    ax.plot(epoch, loss, "-o", color=OKABE_ITO["blue"], label="training")
+    ax.plot(epoch, val_loss, "-s", color=OKABE_ITO["orange"], label="validation")
+    ax.plot(epoch[best], val_loss[best], "*", ms=12, color=OKABE_ITO["vermillion"], zorder=5,
+            label=f"best epoch {epoch[best]:.0f} (val. loss {val_loss[best]:.3g})")
+    ax.axvline(epoch[best], color=OKABE_ITO["vermillion"], lw=0.7, ls=":")
+    positive = np.concatenate([loss, val_loss])
+    if np.all(positive[np.isfinite(positive)] > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (MSE, standardized labels)")
+    ax.legend()
+    return fig
+
+
+def plot_laplace_diagnostics(results: ResultsTree, cfg: dict):
+    """Curvature eigenvalue spectrum and log evidence against the prior precision."""
+    post = results.posterior()
+    fig, axes = new_figure(cfg, 1, 2, 0.42 * cfg["width"])
+    _eigenvalue_panel(axes[0, 0], post)
+    _evidence_panel(axes[0, 1], post)
+    return fig
+
+
+def _eigenvalue_panel(ax, post: dict) -> None:
+    """Eigenvalues of the curvature G sorted descending; non-positive ones counted, not drawn."""
+    if "curvature_eigenvalues" not in post:
+        note(ax, "posterior.npz has no 'curvature_eigenvalues'")
+        return
+    eig = np.sort(np.ravel(post["curvature_eigenvalues"]).astype(np.float64))[::-1]
+    positive = eig > 0
+    rank = np.arange(1, eig.size + 1)
+    ax.plot(rank[positive], eig[positive], color=OKABE_ITO["blue"], label="curvature eigenvalue")
+    prior = np.ravel(post.get("prior_precision", np.array([])))
+    for value in np.unique(prior):
+        ax.axhline(value, color=OKABE_ITO["vermillion"], ls="--", lw=0.8,
+                   label="prior precision" if value == prior.min() else None)
+    ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.set_xlabel("eigenvalue rank")
+    ax.set_ylabel("eigenvalue")
+    n_bad = int((~positive).sum())
+    ax.set_title(f"{eig.size} eigenvalues" + (f", {n_bad} $\\leq$ 0 not shown" if n_bad else ""))
+    ax.legend(loc="lower left")
+
+
+def _evidence_panel(ax, post: dict) -> None:
+    """log Z(prior precision) from the evidence grid, the fitted prior precision marked."""
+    keys = ("evidence_grid_prior_precision", "evidence_grid_log_evidence")
+    if not all(k in post for k in keys):
+        note(ax, "posterior.npz has no evidence grid\n(" + ", ".join(keys) + ")")
+        return
+    grid = np.ravel(post[keys[0]]).astype(np.float64)
+    log_z = np.ravel(post[keys[1]]).astype(np.float64)
+    order = np.argsort(grid)
+    ax.plot(grid[order], log_z[order], color=OKABE_ITO["blue"])
+    ax.set_xscale("log")
+    prior = np.ravel(post.get("prior_precision", np.array([])))
+    for i, value in enumerate(np.unique(prior)):
+        label = "fitted" if prior.size == 1 else ("fitted (per layer)" if i == 0 else None)
+        ax.axvline(value, color=OKABE_ITO["vermillion"], ls="--", lw=0.8, label=label)
+    if "log_evidence" in post:
+        ax.axhline(float(np.ravel(post["log_evidence"])[0]), color=OKABE_ITO["black"], lw=0.6,
+                   ls=":", label=r"$\log Z$ at optimum")
+    if "noise_std" in post:
+        sigma = ", ".join(f"{s:.3g}" for s in np.ravel(post["noise_std"]))
+        ax.text(0.03, 0.04, rf"$\sigma_k$ = ({sigma})", transform=ax.transAxes, fontsize="small")
+    ax.set_xlabel("prior precision")
+    ax.set_ylabel(r"log evidence $\log Z$")
+    ax.legend(loc="lower right")

@@ -1,0 +1,297 @@
+"""The figures step: every paper figure from a small fake results tree in the contract formats,
+plus the numerics behind the figures checked against brute force and closed forms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from scipy.stats import norm
+
+from pipeline import LABELS
+from pipeline.io import Spectra, write_spectra
+
+N_STARS = 60
+FIGURE_NAMES = ("spectra_examples", "training_curves", "laplace_diagnostics", "pred_vs_true",
+                "residuals_vs_snr", "calibration", "error_budget", "jacobian_mean",
+                "jacobian_map")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def small_grid() -> np.ndarray:
+    """A log-linear grid of three chips with gaps, like the APOGEE one but 360 pixels."""
+    log_w = 4.179 + 6e-6 * np.r_[np.arange(322, 442), np.arange(3648, 3768), np.arange(6412,
+                                                                                       6532)]
+    return 10.0**log_w
+
+
+def linear_flux(labels: np.ndarray, wave: np.ndarray):
+    """Flux exactly linear in the labels: f = 1 - c(wave) + (labels - y0) @ B(wave).T."""
+    y0 = np.array([5000.0, 3.0, -0.3])
+    phase = (wave - wave[0]) / 7.0
+    c = 0.2 * np.sin(phase) ** 2
+    slopes = np.stack([-1e-5 * np.cos(phase), 0.02 * np.sin(2 * phase), 0.05 * np.cos(phase)], 1)
+    return 1.0 - c + (labels - y0) @ slopes.T, slopes
+
+
+def fake_labels(rng, n: int, prefix: str) -> Table:
+    return Table({"STAR_ID": [f"{prefix}{i:04d}" for i in range(n)],
+                  "TEFF": rng.uniform(3800, 6800, n), "LOGG": rng.uniform(1.0, 4.8, n),
+                  "FE_H": rng.uniform(-2.0, 0.4, n), "SNR": rng.uniform(30, 300, n)})
+
+
+def write_results(root: Path, rng: np.random.Generator) -> Path:
+    """A results/ tree in exactly the contract formats (DESIGN sections 3 and 4)."""
+    wave = small_grid()
+    for split in ("train", "valid", "test"):
+        labels = fake_labels(rng, N_STARS, split[:2].upper())
+        flux, _ = linear_flux(np.stack([labels[k] for k in LABELS], 1), wave)
+        err = np.full(flux.shape, 0.01, np.float32)
+        write_spectra(root / "data" / f"{split}.fits",
+                      Spectra(flux.astype(np.float32), err, wave, labels))
+    (root / "model").mkdir(parents=True)
+    epochs = np.arange(12)
+    val = 0.5 * np.exp(-epochs / 3) + 0.02 * (epochs - 7) ** 2 / 49 + 0.05
+    Table({"epoch": epochs, "loss": 0.6 * np.exp(-epochs / 3) + 0.03, "val_loss": val,
+           "lr": np.full(12, 8e-4)}).write(root / "model" / "history.csv")
+    (root / "laplace").mkdir()
+    grid = np.logspace(-3, 3, 25)
+    np.savez(root / "laplace" / "posterior.npz",
+             curvature_eigenvalues=np.r_[np.logspace(5, -4, 200), 0.0, -1e-9],
+             prior_precision=np.float64(1.3), noise_std=np.array([0.1, 0.12, 0.08]),
+             log_evidence=np.float64(-120.0), evidence_grid_prior_precision=grid,
+             evidence_grid_log_evidence=-120.0 - (np.log10(grid) - 0.11) ** 2)
+    for split in ("valid", "test"):
+        write_catalog(root / "predictions" / f"{split}.fits", rng, split[:2].upper())
+    write_jacobians(root, wave, rng)
+    write_summary(root / "tables" / "jacobian_summary.fits", wave, rng)
+    Table({"label": list(LABELS), "coverage_68": [0.7, 0.66, 0.69]}).write(
+        root / "tables" / "calibration.csv")
+    return root
+
+
+def write_catalog(path: Path, rng, prefix: str) -> None:
+    true = fake_labels(rng, N_STARS, prefix)
+    cat = Table({"STAR_ID": true["STAR_ID"]})
+    scale = np.array([80.0, 0.15, 0.08])
+    for j, lab in enumerate(LABELS):
+        parts = {s: scale[j] * rng.uniform(0.2, 0.6, N_STARS)
+                 for s in ("MODEL", "NOISE", "SCATTER")}
+        parts["NOISE"] *= 100.0 / true["SNR"]
+        total = np.sqrt(sum(p**2 for p in parts.values()))
+        cat[lab] = true[lab] + total * rng.standard_normal(N_STARS)
+        cat[f"{lab}_ERR"] = total
+        for s, p in parts.items():
+            cat[f"{lab}_ERR_{s}"] = p
+        cat[f"{lab}_TRUE"] = true[lab]
+    for name in ("TEFF_LOGG_CORR", "TEFF_FE_H_CORR", "LOGG_FE_H_CORR"):
+        cat[name] = rng.uniform(-0.5, 0.5, N_STARS)
+    cat["SNR"] = true["SNR"]
+    cat["FLAG"] = np.zeros(N_STARS, np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cat.write(path)
+
+
+def write_jacobians(root: Path, wave: np.ndarray, rng) -> None:
+    """Two shards covering the test split; row i of star 'TE%04d' % i is filled with i."""
+    ids = [f"TE{i:04d}" for i in range(N_STARS)]
+    for shard, rows in enumerate(np.array_split(np.arange(N_STARS), 2)):
+        jac = rng.standard_normal((rows.size, 3, wave.size)).astype(np.float32)
+        jac[:, 0, 0] = rows  # a tag to check which rows came back
+        hdus = fits.HDUList([
+            fits.PrimaryHDU(), fits.ImageHDU(jac, name="JACOBIAN"),
+            fits.table_to_hdu(Table({"STAR_ID": [ids[i] for i in rows]})),
+            fits.ImageHDU(wave, name="WAVE"),
+        ])
+        hdus[2].name = "STAR_ID"
+        hdus[1].header["LABELS"] = ",".join(LABELS)
+        path = root / "jacobians" / "test" / f"shard-{shard}.fits"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hdus.writeto(path)
+
+
+def write_summary(path: Path, wave: np.ndarray, rng) -> None:
+    table = Table({"PIX": np.arange(wave.size), "WAVE": wave})
+    for lab in LABELS:
+        mean = rng.standard_normal(wave.size)
+        mean[np.argmin(np.abs(wave - 15582.0))] = 25.0  # a CO bandhead to be named
+        table[f"{lab}_MEAN"], table[f"{lab}_MEDIAN"] = mean, mean
+        table[f"{lab}_P16"], table[f"{lab}_P84"] = mean - 1, mean + 1
+        table[f"{lab}_MEAN_ABS"] = np.abs(mean)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.write(path)
+
+
+@pytest.fixture(scope="module")
+def results_tree(tmp_path_factory) -> Path:
+    return write_results(tmp_path_factory.mktemp("results"), np.random.default_rng(7))
+
+
+def run_cli(results: Path, outdir: Path, figure: str, source: str = "fits",
+            formats=("png", "pdf")) -> int:
+    from pipeline.figures import main
+
+    config = {"data": {"source": source},
+              "figures": {"formats": list(formats), "dpi": 60, "max_points": 40}}
+    return main(["--config-json", json.dumps(config), "--figure", figure,
+                 "--results", str(results), "--outdir", str(outdir)])
+
+
+# ----------------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize("figure", FIGURE_NAMES)
+def test_every_figure_written_as_png_and_pdf(results_tree, tmp_path, figure):
+    assert run_cli(results_tree, tmp_path, figure) == 0
+    png = (tmp_path / f"{figure}.png").read_bytes()
+    pdf = (tmp_path / f"{figure}.pdf").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    width, height = np.frombuffer(png[16:24], dtype=">u4")
+    assert 200 < width < 2000 and 100 < height < 2000
+    assert pdf.startswith(b"%PDF-") and b"%%EOF" in pdf[-64:] and len(pdf) > 5_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{figure}.pdf", f"{figure}.png"]
+
+
+def test_spectra_examples_from_the_synthetic_generator(results_tree, tmp_path):
+    pytest.importorskip("pipeline.synthetic")
+    assert run_cli(results_tree, tmp_path, "spectra_examples", source="synthetic",
+                   formats=("png",)) == 0
+    assert (tmp_path / "spectra_examples.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_caption_keys_are_the_figure_names():
+    import yaml
+
+    from pipeline.figures import FIGURES
+
+    captions = yaml.safe_load((Path(__file__).parents[1] / "docs/report/captions.yaml").read_text())
+    assert tuple(captions) == FIGURE_NAMES == tuple(FIGURES)
+    assert all(len(text.split()) >= 15 for text in captions.values())
+
+
+@pytest.mark.parametrize("figure, relative", [
+    ("training_curves", "model/history.csv"),
+    ("laplace_diagnostics", "laplace/posterior.npz"),
+    ("calibration", "predictions/test.fits"),
+    ("jacobian_mean", "tables/jacobian_summary.fits"),
+])
+def test_missing_input_is_a_clear_error_and_writes_nothing(results_tree, tmp_path, capsys,
+                                                           figure, relative):
+    partial = tmp_path / "results"
+    for path in results_tree.rglob("*"):
+        target = partial / path.relative_to(results_tree)
+        if path.is_file() and path.relative_to(results_tree) != Path(relative):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    outdir = tmp_path / "figures"
+    assert run_cli(partial, outdir, figure) == 1
+    err = capsys.readouterr().err
+    assert str(partial / relative) in err and "does not exist" in err
+    assert not outdir.exists() or not any(outdir.iterdir())
+
+
+def test_missing_jacobian_shards_and_columns_are_named(results_tree, tmp_path, capsys):
+    from pipeline.exceptions import DataError
+    from pipeline.plots.inputs import ResultsTree
+
+    empty = ResultsTree(tmp_path)
+    with pytest.raises(DataError, match="shard-<i>.fits"):
+        empty.jacobian_shards()
+    Table({"epoch": [0, 1], "loss": [1.0, 0.5]}).write(tmp_path / "history.csv")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "history.csv").rename(tmp_path / "model" / "history.csv")
+    with pytest.raises(DataError, match="missing column.*val_loss"):
+        empty.history()
+
+
+def test_unknown_figure_name_lists_the_valid_ones(results_tree, tmp_path, capsys):
+    assert run_cli(results_tree, tmp_path, "no_such_figure") == 1
+    assert "jacobian_map" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_optional_posterior_keys_missing_still_draws(results_tree, tmp_path):
+    tree = tmp_path / "results"
+    (tree / "laplace").mkdir(parents=True)
+    np.savez(tree / "laplace" / "posterior.npz", noise_std=np.ones(3))
+    assert run_cli(tree, tmp_path / "out", "laplace_diagnostics", formats=("png",)) == 0
+
+
+# ------------------------------------------------------------------- numerics of the figures
+def test_coverage_matches_closed_form_and_normal_sample():
+    from pipeline.plots.calibration import empirical_coverage, nominal_levels
+
+    one_sigma = norm.cdf(1) - norm.cdf(-1)
+    z = np.array([0.5, -1.5, 2.5, np.nan])
+    # half widths 1 - tiny, 1.95996, 2.5758: |z| = 0.5 | 1.5 | 2.5 fall in 1, 2, 3 of them
+    cov = empirical_coverage(z, np.array([one_sigma - 1e-9, 0.95, 0.99]))
+    np.testing.assert_allclose(cov, [1 / 3, 2 / 3, 1.0], rtol=0, atol=1e-15)
+    levels = nominal_levels(9)
+    np.testing.assert_allclose(levels, np.arange(1, 10) / 10, atol=1e-15)
+    sample = np.random.default_rng(0).standard_normal(200_000)
+    # binomial standard error at p = 0.5 is 0.0011: 5 sigma
+    np.testing.assert_allclose(empirical_coverage(sample, levels), levels, atol=0.0056)
+    np.testing.assert_allclose(empirical_coverage(2 * sample, levels),
+                               2 * norm.cdf(norm.ppf((1 + levels) / 2) / 2) - 1, atol=0.0056)
+
+
+def test_snr_bins_and_binned_medians_match_brute_force():
+    from pipeline.plots.accuracy import binned, robust_std, snr_binning
+
+    rng = np.random.default_rng(3)
+    snr, y = rng.uniform(30, 300, 997), rng.standard_normal(997)
+    snr[5] = np.nan
+    index, centres = snr_binning(snr, 8)
+    edges = np.quantile(snr[np.isfinite(snr)], np.linspace(0, 1, 9))
+    for b in range(8):  # brute force: stars whose S/N lies in [edge_b, edge_b+1)
+        inside = (snr >= edges[b]) & ((snr < edges[b + 1]) | (b == 7))
+        np.testing.assert_array_equal(np.flatnonzero(index == b), np.flatnonzero(inside))
+        assert centres[b] == np.median(snr[inside])
+        assert binned(np.median, y, index, 8)[b] == np.median(y[inside])
+    assert index[5] == -1
+    assert abs(robust_std(rng.standard_normal(400_000)) - 1.0) < 0.006
+
+
+def test_local_linear_fit_recovers_exact_derivatives(results_tree):
+    from pipeline.plots.spectra import local_linear_examples
+
+    labels = np.array([[4000.0, 1.5, 0.0], [6000.0, 4.2, -1.0]])
+    wave, flux, jac = local_linear_examples(results_tree / "data" / "train.fits", labels, 30,
+                                            1e3)
+    expected_flux, slopes = linear_flux(labels, wave)
+    # float32 flux in the file: about 1e-7 relative per star, amplified by the fit
+    np.testing.assert_allclose(flux, expected_flux, rtol=0, atol=2e-7)
+    # slopes are about 1e-5 / K, 0.02 / dex, 0.05 / dex: tolerances 1e-5 of each
+    for j, atol in enumerate((2e-10, 2e-7, 2e-7)):
+        np.testing.assert_allclose(jac[:, :, j], np.broadcast_to(slopes[:, j], jac.shape[:2]),
+                                   rtol=0, atol=atol)
+
+
+def test_features_are_separated_and_named():
+    from pipeline.plots.lines import name_features, strongest_features
+
+    wave = np.linspace(15500.0, 15700.0, 2001)  # 0.1 A pixels
+    signal = np.zeros_like(wave)
+    signal[[820, 823, 1500, 100]] = [5.0, -4.9, -3.0, 1.0]  # 823 lies 0.3 A from 820
+    picks = strongest_features(wave, signal, 3, separation=2.0)
+    np.testing.assert_array_equal(picks, [820, 1500, 100])
+    # 15705.2 is 0.3 A from Br15 (15704.9) and 1.3 A from Ti I 15703.9: the nearest wins
+    assert name_features(np.array([15582.3, 15650.0, 15705.2]), 1.0) == ["CO 3-0", "15650",
+                                                                         "Br15"]
+
+
+def test_jacobian_map_reads_the_right_rows_in_teff_order(results_tree):
+    from pipeline.plots.inputs import ResultsTree
+    from pipeline.plots.jacobians import load_map
+
+    tree = ResultsTree(results_tree)
+    wave, jac, teff = load_map(tree, 7)
+    test = Table.read(results_tree / "data" / "test.fits", hdu="LABELS")
+    all_teff = np.asarray(test["TEFF"])
+    rows = jac[:, 0, 0].astype(int)  # the tag written into each star's Jacobian
+    np.testing.assert_array_equal(all_teff[rows], teff)
+    assert np.all(np.diff(teff) > 0) and teff.size == 7
+    assert teff[0] == all_teff.min() and teff[-1] == all_teff.max()
+    np.testing.assert_array_equal(wave, small_grid())
