@@ -100,6 +100,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        umask = os.umask(0)  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     except OSError as exc:
         raise OutputError(
             f"cannot write to '{path.parent}': {exc.strerror}; choose a writable output "

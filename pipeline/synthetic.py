@@ -173,10 +173,18 @@ def _as_labels(labels) -> np.ndarray:
     return labels
 
 
-def synthesize(labels, wave=None, dtype=np.float32) -> np.ndarray:
-    """Noiseless normalized flux ``exp(-C @ B)``, shape (N, P), of ``dtype``."""
+def synthesize(labels, wave=None, dtype=np.float32, groups=None) -> np.ndarray:
+    """Noiseless normalized flux ``exp(-C @ B)``, shape (N, P), of ``dtype``.
+
+    ``groups``: optional names of :data:`pipeline.linelist.GROUPS` to keep (the others get
+    zero opacity), e.g. ``["brackett"]`` to look at one species.
+    """
     basis = profile_basis(wave, dtype)
-    tau = coefficients(_as_labels(labels)).astype(dtype) @ basis
+    coef = coefficients(_as_labels(labels))
+    if groups is not None:
+        keep = np.isin([g.name for g in linelist.GROUPS], list(groups))
+        coef = coef * np.repeat(keep, 3)[None, :]
+    tau = coef.astype(dtype) @ basis
     return np.exp(-tau, out=tau)
 
 
@@ -278,8 +286,14 @@ def error_pattern(wave) -> np.ndarray:
     return pattern / np.median(pattern)
 
 
+def sample_snr(n: int, rng: np.random.Generator, cfg: dict | None = None) -> np.ndarray:
+    """Per-star median SNR (n,), log-uniform in [data.synthetic.snr_min, snr_max]."""
+    syn = synthetic_config(cfg)["synthetic"]
+    return np.exp(rng.uniform(np.log(syn["snr_min"]), np.log(syn["snr_max"]), n))
+
+
 def generate(n: int, seed, cfg: dict | None = None, wave=None, id_prefix: str = "SYN",
-             labels=None) -> Spectra:
+             labels=None, snr=None, first_id: int = 0) -> Spectra:
     """``n`` noisy synthetic spectra as a :class:`Spectra`, deterministic from ``seed``.
 
     ``flux_err = pattern(lambda) sqrt(flux) / SNR`` with SNR log-uniform in
@@ -290,14 +304,15 @@ def generate(n: int, seed, cfg: dict | None = None, wave=None, id_prefix: str = 
 
     Args:
         seed: int or sequence of ints (numpy SeedSequence entropy).
-        labels: optional (n, 3) labels to use instead of :func:`sample_labels`.
+        labels, snr: optional (n, 3) labels and (n,) SNR instead of sampled ones.
+        id_prefix, first_id: STAR_IDs are ``f"{id_prefix}-{first_id + i:07d}"``.
     """
     data = synthetic_config(cfg)
     syn = data["synthetic"]
     wave = _check_wave(wave)
     rng = np.random.default_rng(seed)
     labels = sample_labels(n, rng, data) if labels is None else _as_labels(labels)
-    snr = np.exp(rng.uniform(np.log(syn["snr_min"]), np.log(syn["snr_max"]), n))
+    snr = sample_snr(n, rng, data) if snr is None else np.asarray(snr, np.float64)
     model = synthesize(labels, wave)
     flux_err = (error_pattern(wave).astype(np.float32) * np.sqrt(model)
                 / snr[:, None].astype(np.float32))
@@ -307,7 +322,7 @@ def generate(n: int, seed, cfg: dict | None = None, wave=None, id_prefix: str = 
     cols = rng.integers(0, wave.size, rows.size)
     flux[rows, cols] += rng.exponential(1.0, rows.size).astype(np.float32)
     flux_err[rows, cols] = 0.0
-    table = Table({"STAR_ID": [f"{id_prefix}-{i:07d}" for i in range(n)],
+    table = Table({"STAR_ID": [f"{id_prefix}-{first_id + i:07d}" for i in range(n)],
                    "TEFF": labels[:, 0], "LOGG": labels[:, 1], "FE_H": labels[:, 2],
                    "SNR": snr})
     return Spectra(flux, flux_err, wave, table, meta={"N_BADPIX": int((flux_err == 0).sum())})
