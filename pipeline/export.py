@@ -120,7 +120,11 @@ def fits_hdulist(table: Table, header: dict, extname: str) -> fits.HDUList:
     for i, name in enumerate(table.colnames, start=1):
         description = table[name].description
         if description:
-            hdu.header.comments[f"TTYPE{i}"] = description[:68]
+            # the TTYPE comment shows in every FITS viewer; the full text goes to TCOMMn
+            # (HEASARC convention), as the comment may be cut to fit the 80-character card
+            room = 80 - len(f"TTYPE{i:<3d}= '{name}'".ljust(30)) - 3
+            hdu.header.comments[f"TTYPE{i}"] = description[:room]
+            hdu.header[f"TCOMM{i}"] = description
     for key, value in header.items():
         hdu.header[key] = value
     return fits.HDUList([primary, hdu])

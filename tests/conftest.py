@@ -34,6 +34,33 @@ def quick_config() -> dict:
     return load_config(REPO / "config" / "quick.yaml")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A trained-model directory as the train step writes it (model.keras, scaler.json,
+    wave.npy): a dense P -> 8 -> 3 network on the 7213-pixel synthetic/apStar grid, fitted for
+    10 epochs to 300 synthetic spectra (seconds on CPU)."""
+    import keras
+
+    from pipeline.model import LabelScaler, build_model
+    from pipeline.synthetic import apogee_grid, generate
+
+    set_seed(0)
+    wave = apogee_grid()
+    train = generate(300, 1, wave=wave)
+    train.flux[train.flux_err <= 0] = 1.0  # bad pixels as read_spectra leaves them
+    scaler = LabelScaler().fit(train.label_array())
+    model = build_model(wave.size, {"type": "dense", "hidden": [8]}, seed=0)
+    # a small step: 7213 un-centred inputs make a larger first Adam step kill every ReLU
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
+    model.fit(train.flux, scaler.transform(train.label_array()), epochs=10, batch_size=32,
+              verbose=0)
+    out = tmp_path_factory.mktemp("tiny_model")
+    np.save(out / "wave.npy", wave)
+    scaler.save(out / "scaler.json")
+    model.save(out / "model.keras")
+    return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tensorflow_determinism():
     """Seed and make TensorFlow deterministic once per session, only if a test imported it."""

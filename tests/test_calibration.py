@@ -1,0 +1,81 @@
+"""Calibration metrics against known distributions and hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pipeline import calibration
+
+N = 20000
+
+
+@pytest.fixture
+def gaussian_case(rng):
+    true = rng.normal(size=N)
+    sigma = np.exp(rng.normal(-1.0, 0.5, N))
+    pred = true + sigma * rng.standard_normal(N)
+    return pred, sigma, true
+
+
+def test_calibrated_errors_look_calibrated(gaussian_case):
+    pred, sigma, true = gaussian_case
+    m = calibration.calibration_metrics(pred, sigma, true, n_bins=10)
+    assert m["N"] == N
+    assert abs(m["Z_MEAN"]) < 4 / np.sqrt(N)
+    assert abs(m["Z_STD"] - 1) < 4 / np.sqrt(2 * N)
+    for key, k in (("COVERAGE_68.3", 1), ("COVERAGE_95.4", 2), ("COVERAGE_99.7", 3)):
+        p = 2 * stats.norm.cdf(k) - 1
+        assert abs(m[key] - p) < 4 * np.sqrt(p * (1 - p) / N), key
+    expected_nll = np.mean(0.5 * np.log(2 * np.pi * sigma**2)) + 0.5
+    assert abs(m["NLL"] - expected_nll) < 4 * np.sqrt(0.5 / N)
+    assert m["ENCE"] < 0.05
+
+
+def test_underestimated_errors_are_detected(gaussian_case):
+    pred, sigma, true = gaussian_case
+    m = calibration.calibration_metrics(pred, 0.5 * sigma, true, n_bins=10)
+    assert abs(m["Z_STD"] - 2) < 0.05
+    assert abs(m["COVERAGE_68.3"] - (2 * stats.norm.cdf(0.5) - 1)) < 0.02
+    assert abs(m["ENCE"] - 1) < 0.05
+    ok = calibration.calibration_metrics(pred, sigma, true, n_bins=10)
+    assert m["NLL"] > ok["NLL"] + 0.3
+
+
+def test_ence_by_hand():
+    sigma = np.array([1.0, 1.0, 2.0, 2.0])
+    residual = np.array([1.0, -1.0, 1.0, 1.0])
+    # bin 1: RMV 1, RMSE 1 -> 0; bin 2: RMV 2, RMSE 1 -> 0.5; mean 0.25
+    assert calibration.ence(residual, sigma, n_bins=2) == pytest.approx(0.25, rel=1e-15)
+
+
+def test_non_finite_rows_are_left_out():
+    pred = np.array([1.0, np.nan, 3.0, 4.0])
+    true = np.array([0.0, 0.0, np.inf, 3.0])
+    sigma = np.array([1.0, 1.0, 1.0, 0.0])
+    m = calibration.calibration_metrics(pred, sigma, true, n_bins=3)
+    assert m["N"] == 1 and m["Z_MEAN"] == 1.0
+    acc = calibration.accuracy_metrics(pred, true)
+    assert acc["n_stars"] == 2
+    assert acc["bias"] == pytest.approx(1.0) and acc["rmse"] == pytest.approx(1.0)
+
+
+def test_accuracy_against_numpy(rng):
+    pred, true = rng.normal(size=501), rng.normal(size=501)
+    r = pred - true
+    acc = calibration.accuracy_metrics(pred, true)
+    assert acc["bias"] == pytest.approx(r.mean(), rel=1e-13)
+    assert acc["rmse"] == pytest.approx(np.sqrt(np.mean(r**2)), rel=1e-13)
+    mad = np.median(np.abs(r - np.median(r)))
+    assert acc["robust_scatter"] == pytest.approx(1.4826 * mad, rel=1e-13)
+    assert calibration.robust_scatter(rng.normal(0, 3, N)) == pytest.approx(3, rel=0.03)
+
+
+def test_cramer_rao_ratios(rng):
+    true = rng.normal(size=N)
+    crb = np.exp(rng.normal(-1, 0.3, N))
+    pred = true + 1.3 * crb * rng.standard_normal(N)
+    m = calibration.crb_metrics(pred, 2.0 * crb, true, crb)
+    assert m["ERR_OVER_CRB"] == pytest.approx(2.0, rel=1e-14)
+    assert m["SCATTER_OVER_CRB"] == pytest.approx(1.3, rel=0.03)

@@ -1,0 +1,173 @@
+"""The predict step: flags, catalog names, bad pixels, end to end on FITS and apStar inputs,
+and clear failures (missing model or posterior, grid that does not cover) with no outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from pipeline import export, predict
+from pipeline.cli import main
+from pipeline.config import validate
+from pipeline.exceptions import ConfigError
+from pipeline.io import Spectra, write_spectra
+from pipeline.model import LabelScaler
+from tests.conftest import APSTAR_FILE, REPO
+
+CONFIG = validate({})
+
+
+class StandInPosterior:
+    """Fixed epistemic covariance and scatter (standardized units)."""
+
+    noise_std = np.array([0.1, 0.2, 0.3])
+    cov = np.array([[0.04, 0.01, 0.0], [0.01, 0.09, 0.02], [0.0, 0.02, 0.01]])
+
+    def predictive_covariance(self, x):
+        return np.broadcast_to(self.cov, (len(x), 3, 3)).copy()
+
+
+@pytest.fixture
+def posterior(monkeypatch):
+    monkeypatch.setattr(predict, "load_posterior", lambda path, model: StandInPosterior())
+    return StandInPosterior()
+
+
+@pytest.fixture(scope="module")
+def stars(tiny_model_dir, tmp_path_factory):
+    from pipeline.synthetic import generate
+
+    wave = np.load(tiny_model_dir / "wave.npy")
+    spectra = generate(12, 99, wave=wave)
+    path = tmp_path_factory.mktemp("inputs") / "stars.fits"
+    write_spectra(path, spectra)
+    return path, spectra
+
+
+def run_predict(args):
+    return main(predict.build_parser, predict.run, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------------- units
+def test_flag_bits():
+    scaler = LabelScaler(mean=np.zeros(3), scale=np.ones(3))
+    scaler.label_min, scaler.label_max = -np.ones(3), np.ones(3)
+    pred = np.array([[0, 0, 0], [5.1, 0, 0], [0, 0, -4.9], [0, 0, 0], [np.nan, 0, 0]], float)
+    total = np.broadcast_to(np.eye(3), (5, 3, 3)).copy()
+    total[3, 1, 1] = np.inf
+    bad_fraction = np.array([0.0, 0.0, 0.2, 0.05, 0.0])
+    flags = predict.star_flags(pred, total, bad_fraction, False, scaler, CONFIG["predict"])
+    assert flags.tolist() == [0, export.FLAG_OOD, export.FLAG_BADPIX, export.FLAG_NONFINITE,
+                              export.FLAG_NONFINITE]
+    resampled = predict.star_flags(pred[:1], total[:1], bad_fraction[:1], True, scaler,
+                                   CONFIG["predict"])
+    assert resampled.tolist() == [export.FLAG_RESAMPLED]
+
+
+def test_flag_without_stored_range_uses_mean():
+    scaler = LabelScaler(mean=np.array([5000.0, 3.0, 0.0]), scale=np.array([500.0, 1.0, 0.3]))
+    pred = np.array([[5000 + 3.9 * 500, 3, 0], [5000 + 4.1 * 500, 3, 0]])
+    flags = predict.star_flags(pred, np.ones((2, 3, 3)), np.zeros(2), False, scaler,
+                               CONFIG["predict"])
+    assert flags.tolist() == [0, export.FLAG_OOD]
+
+
+def test_catalog_names():
+    assert predict.catalog_names(["a/x.fits", "b/y.fits"], None) == ["x", "y"]
+    assert predict.catalog_names(["a/x.fits"], "mine") == ["mine"]
+    with pytest.raises(ConfigError, match="--name"):
+        predict.catalog_names(["a/x.fits", "b/y.fits"], "mine")
+    with pytest.raises(ConfigError, match="duplicate"):
+        predict.catalog_names(["a/x.fits", "b/x.fits"], None)
+
+
+def test_bad_pixels_carry_no_flux_noise(tiny_model_dir, stars):
+    model, scaler, wave = predict.load_model(tiny_model_dir)
+    _, spectra = stars
+    sub = spectra.subset(np.arange(2))
+    clean = Spectra(sub.flux.copy(), sub.flux_err.copy(), wave, sub.labels)
+    clean.flux_err[clean.flux_err <= 0] = 0.01
+    broken = Spectra(clean.flux.copy(), clean.flux_err.copy(), wave, sub.labels)
+    broken.flux_err[0, 100:400] = CONFIG["data"]["bad_pixel_err"]  # 300 bad pixels
+    zeroed = Spectra(clean.flux.copy(), clean.flux_err.copy(), wave, sub.labels)
+    zeroed.flux_err[0, 100:400] = 0.0
+    tables = [predict.predict_catalog(model, StandInPosterior(), scaler, s, False, CONFIG)
+              for s in (broken, zeroed, clean)]
+    np.testing.assert_allclose(tables[0]["TEFF_ERR_NOISE"], tables[1]["TEFF_ERR_NOISE"],
+                               rtol=1e-6)
+    assert tables[0]["TEFF_ERR_NOISE"][0] < tables[2]["TEFF_ERR_NOISE"][0]
+    assert tables[0]["FLAG"].tolist()[1] == 0 and tables[0]["FLAG"][0] == 0  # 300/7213 < 0.1
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_predict_fits_end_to_end(tiny_model_dir, stars, posterior, tmp_path):
+    path, spectra = stars
+    out = tmp_path / "pred"
+    assert run_predict(["--model", tiny_model_dir, "--posterior", tmp_path / "p.npz",
+                        "--format", "fits", "--out", out, path]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["stars.csv", "stars.fits", "stars.parquet"]
+    table = Table.read(out / "stars.fits", hdu="CATALOG")
+    assert len(table) == 12 and list(table["STAR_ID"]) == list(spectra.star_id)
+    assert {"TEFF_TRUE", "SNR", "FLAG", "LOGG_FE_H_CORR"} <= set(table.colnames)
+    np.testing.assert_allclose(table["LOGG_TRUE"], spectra.label_array()[:, 1])
+    assert not np.any(table["FLAG"] & export.FLAG_RESAMPLED)
+    scatter = StandInPosterior.noise_std * LabelScaler.load(tiny_model_dir / "scaler.json").scale
+    np.testing.assert_allclose(table["FE_H_ERR_SCATTER"], scatter[2], rtol=1e-12)
+
+
+def test_predict_resamples_other_grid_and_flags_it(tiny_model_dir, stars, posterior,
+                                                   tmp_path):
+    _, spectra = stars
+    wave = spectra.wave
+    wave_in = np.exp(np.linspace(np.log(wave[0]) - 1e-4, np.log(wave[-1]) + 1e-4, 9000))
+    flux = np.stack([np.interp(wave_in, wave, f) for f in spectra.flux]).astype(np.float32)
+    other = Spectra(flux, np.full_like(flux, 0.01), wave_in, spectra.labels)
+    write_spectra(tmp_path / "other.fits", other)
+    assert run_predict(["--model", tiny_model_dir, "--posterior", "p.npz", "--name", "o",
+                        "--out", tmp_path / "pred", tmp_path / "other.fits"]) == 0
+    table = Table.read(tmp_path / "pred" / "o.fits", hdu="CATALOG")
+    assert np.all(table["FLAG"] & export.FLAG_RESAMPLED)
+
+
+def test_grid_not_covering_fails_without_output(tiny_model_dir, stars, posterior, tmp_path,
+                                                capsys):
+    _, spectra = stars
+    short = Spectra(spectra.flux[:, 50:], spectra.flux_err[:, 50:], spectra.wave[50:],
+                    spectra.labels)
+    write_spectra(tmp_path / "short.fits", short)
+    out = tmp_path / "pred"
+    assert run_predict(["--model", tiny_model_dir, "--posterior", "p.npz", "--out", out,
+                        tmp_path / "short.fits"]) == 1
+    assert "does not cover" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("missing", ["model", "posterior"])
+def test_missing_model_or_posterior_exits_nonzero(stars, tiny_model_dir, tmp_path, missing):
+    path, _ = stars
+    model = tmp_path / "nomodel" if missing == "model" else tiny_model_dir
+    post = tmp_path / "none.npz"
+    out = tmp_path / "pred"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", "--model", str(model), "--posterior",
+         str(post), "--format", "fits", "--out", str(out), str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1
+    assert f"error: {missing}" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_predict_real_apstar(tiny_model_dir, posterior, tmp_path):
+    pytest.importorskip("pipeline.apogee")
+    out = tmp_path / "pred"
+    assert run_predict(["--model", tiny_model_dir, "--posterior", "p.npz", "--format",
+                        "apstar", "--out", out, APSTAR_FILE]) == 0
+    table = Table.read(out / f"{APSTAR_FILE.stem}.fits", hdu="CATALOG")
+    assert len(table) == 1 and "2M19485057+5005279" in table["STAR_ID"][0]
+    assert np.all(np.isfinite([table[c][0] for c in ("TEFF", "TEFF_ERR", "FE_H_ERR_NOISE")]))
+    assert table["TEFF_ERR_NOISE"][0] > 0
