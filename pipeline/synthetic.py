@@ -24,7 +24,7 @@ sets ``C[g] = A_g * (1 - u, u, d_g)`` with
   ``A_g = tau_ref`` at the group's reference star;
 * width weight ``u`` in [0, 1) from macroturbulence (larger in giants) and rotation (hot
   dwarfs above the Kraft break);
-* damping ``d_g`` ~ ``Pg**0.7`` (van der Waals) for metals, ``P_e**(2/3)`` (Stark) for hydrogen.
+* damping ``d_g`` ~ ``Pg**0.7`` (van der Waals) for metals, ``P_e`` (Stark) for hydrogen.
 
 ``exp(-tau)`` gives the curve of growth: weak lines deepen linearly with abundance, strong lines
 saturate and then grow only through their damping wings (gravity). Ionization, molecules and
@@ -109,9 +109,9 @@ def _log_strength(group, teff, logg, feh):
 
 def _damping(group, teff, logg, feh):
     theta, pg, pe, _, _ = _atmosphere(teff, logg, feh)
-    if group.kind == "hydrogen":  # linear Stark effect ~ N_e**(2/3)
+    if group.kind == "hydrogen":  # quasi-static (Holtsmark) Stark wings ~ N_e
         _, _, pe_ref, _, _ = _atmosphere(group.ref[0], group.ref[1], 0.0)
-        return group.damping * (pe / pe_ref) ** (2.0 / 3.0)
+        return group.damping * pe / pe_ref
     return group.damping * (pg / 1.0e5) ** 0.7 * theta**-0.3  # van der Waals
 
 
