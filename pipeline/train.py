@@ -1,0 +1,395 @@
+"""The train step: fit the label network with Adam, resumably and deterministically.
+
+    python -m pipeline.train --config-json J --train F --valid F --outdir results/model
+
+Loss: mean squared error of the standardized labels ``z = (y - mean) / scale`` (the
+:class:`~pipeline.model.LabelScaler` fitted on the training labels), i.e. a Gaussian likelihood
+with unit variance per standardized label. Adam with config ``train.learning_rate``,
+``beta_1``, ``beta_2``, ``epsilon``; mini-batches of ``train.batch_size``.
+
+Reproducibility and resume. Epoch e (0-based) visits the training stars in the order
+``default_rng([seed, e]).permutation(N)``, a pure function of (seed, epoch) fed to tf.data;
+after every epoch ``outdir/checkpoints/epoch-NNNN/`` is written atomically (a temporary
+directory renamed into place) holding the model with its Adam state (``model.keras``) and
+``state.json`` (history, early-stopping best loss, best epoch and wait count, and a
+fingerprint of config and data). A rerun after a kill resumes from the newest complete
+checkpoint and ends with weights identical to an uninterrupted run. Outputs ``wave.npy``,
+``scaler.json``, ``history.csv`` and finally ``model.keras`` (the file that marks completion)
+are written atomically. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from pipeline.cli import base_parser, main
+from pipeline.exceptions import DataError, GridMismatchError, NumericalError, OutputError
+from pipeline.io import Spectra, atomic_path, provenance, read_spectra
+from pipeline.model import (
+    MODEL_FILE,
+    SCALER_FILE,
+    WAVE_FILE,
+    LabelScaler,
+    build_model,
+    load_model_file,
+)
+
+__all__ = ["LaplaceCallback", "epoch_permutation", "train_model"]  # noqa: F822 (lazy)
+
+log = logging.getLogger(__name__)
+CHECKPOINTS, STATE_FILE, HISTORY_FILE = "checkpoints", "state.json", "history.csv"
+
+
+def __getattr__(name: str):
+    # pipeline.callbacks imports the Laplace machinery: load it only when asked for.
+    if name == "LaplaceCallback":
+        from pipeline.callbacks import LaplaceCallback
+
+        return LaplaceCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------ training state
+@dataclass
+class TrainingState:
+    """Everything besides the weights that a resumed run needs to continue identically."""
+
+    fingerprint: str
+    epoch: int = 0                      # completed epochs
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    wait: int = 0
+    stopped: bool = False               # early stopping fired
+    best_weights: list | None = field(default=None, repr=False)  # lives in epoch-<best>/
+
+    def to_json(self) -> str:
+        doc = {k: getattr(self, k) for k in ("fingerprint", "epoch", "history", "best_epoch",
+                                              "wait", "stopped")}
+        doc["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss
+        return json.dumps(doc, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingState:
+        doc = json.loads(text)
+        best = doc.pop("best_loss")
+        return cls(best_loss=math.inf if best is None else float(best), **doc)
+
+
+def epoch_permutation(n_stars: int, seed: int, epoch: int) -> np.ndarray:
+    """Order in which epoch ``epoch`` (0-based) visits the training stars: pure in (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_stars)
+
+
+def update_early_stopping(state: TrainingState, val_loss: float, weights, cfg: dict) -> None:
+    """Keras EarlyStopping semantics on ``val_loss``, with state kept in ``state``.
+
+    An epoch improves if ``val_loss < best_loss - min_delta``; training stops after
+    ``patience`` epochs in a row without improvement. ``weights()`` gives the current weights.
+    """
+    state.wait += 1
+    if val_loss < state.best_loss - cfg["min_delta"]:
+        state.best_loss, state.best_epoch, state.wait = val_loss, state.epoch, 0
+        state.best_weights = weights()
+    elif cfg["enabled"] and state.wait >= cfg["patience"]:
+        state.stopped = True
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def save_checkpoint(root: Path, model, state: TrainingState) -> Path:
+    """Write ``root/epoch-NNNN`` atomically; keep only it and the best epoch's directory."""
+    name = _checkpoint_name(state.epoch)
+    final, tmp = root / name, root / f".{name}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save(tmp / MODEL_FILE)
+        (tmp / STATE_FILE).write_text(state.to_json())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise OutputError(f"cannot write checkpoint '{final}': {exc}; check free disk space "
+                          "and permissions") from None
+    keep = {name, _checkpoint_name(state.best_epoch)}
+    for old in root.glob("epoch-*"):
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(d for d in root.glob("epoch-*") if (d / STATE_FILE).is_file()
+                  and (d / MODEL_FILE).is_file())
+    return done[-1] if done else None
+
+
+def resume(root: Path, model, fingerprint: str) -> TrainingState | None:
+    """Load the newest checkpoint into ``model`` (weights and Adam state) and return its state.
+
+    Returns None (the caller starts from scratch) when there is no checkpoint, or it belongs
+    to another config or data set, or it cannot be read; the reason is logged.
+    """
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return None
+    try:
+        state = TrainingState.from_json((latest / STATE_FILE).read_text())
+        if state.fingerprint != fingerprint:
+            log.warning("checkpoint %s belongs to another config or data set; starting from "
+                        "scratch", latest)
+            return None
+        model.optimizer.build(model.trainable_variables)  # else its variables are skipped
+        model.load_weights(latest / MODEL_FILE)
+        best_dir = root / _checkpoint_name(state.best_epoch)
+        if state.best_epoch > 0:
+            state.best_weights = (model.get_weights() if best_dir == latest
+                                  else load_model_file(best_dir / MODEL_FILE).get_weights())
+    except Exception as exc:  # corrupt JSON, zip or h5: training is reproducible, so restart
+        log.warning("checkpoint %s is unreadable (%s: %s); starting from scratch", latest,
+                    type(exc).__name__, exc)
+        return None
+    log.info("resuming from checkpoint %s after epoch %d", latest, state.epoch)
+    return state
+
+
+# ------------------------------------------------------------------------------------- monitor
+class TrainingMonitor(keras.callbacks.Callback):
+    """Stops on a non-finite loss, logs each epoch, early-stops and checkpoints."""
+
+    def __init__(self, state: TrainingState, config: dict, root: Path, n_stars: int):
+        super().__init__()
+        self.state, self.root, self.n_stars = state, root, n_stars
+        self.es_cfg, self.epochs = config["train"]["early_stopping"], config["train"]["epochs"]
+        self._t0 = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NumericalError(
+                f"non-finite training loss ({float(loss)}) at epoch {self.state.epoch + 1}, "
+                f"batch {batch + 1}; the last good checkpoint (epoch {self.state.epoch}) is "
+                f"kept in '{self.root}'; lower train.learning_rate or check the input flux")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss, val_loss = float(logs["loss"]), float(logs["val_loss"])
+        state = self.state
+        if not math.isfinite(val_loss):
+            raise NumericalError(f"non-finite validation loss at epoch {epoch + 1}; the last "
+                                 f"good checkpoint (epoch {state.epoch}) is kept in "
+                                 f"'{self.root}'; lower train.learning_rate")
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.variables):
+            # ReLU maps NaN to 0, so NaN weights can hide behind a finite loss.
+            raise NumericalError(f"non-finite weights after epoch {epoch + 1}; the last good "
+                                 f"checkpoint (epoch {state.epoch}) is kept in '{self.root}'; "
+                                 "lower train.learning_rate")
+        state.epoch = epoch + 1
+        state.history.append({"epoch": state.epoch, "loss": loss, "val_loss": val_loss})
+        update_early_stopping(state, val_loss, self.model.get_weights, self.es_cfg)
+        save_checkpoint(self.root, self.model, state)
+        seconds = time.perf_counter() - self._t0
+        log.info("epoch %d/%d: loss %.5f, val_loss %.5f (best %.5f at epoch %d), %.1f s, "
+                 "%.0f spectra/s", state.epoch, self.epochs, loss, val_loss, state.best_loss,
+                 state.best_epoch, seconds, self.n_stars / max(seconds, 1e-9))
+        if state.stopped:
+            log.info("early stopping: no improvement for %d epochs", state.wait)
+            self.model.stop_training = True
+
+
+# ------------------------------------------------------------------------------------ datasets
+def training_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int, seed: int,
+                     first_epoch: int, epochs: int) -> tf.data.Dataset:
+    """Batches of epochs ``first_epoch .. epochs-1`` back to back, each in its own order.
+
+    ``model.fit(..., steps_per_epoch=ceil(N / batch_size))`` keeps one iterator across epochs,
+    so epoch e sees exactly ``epoch_permutation(N, seed, e)`` whether or not the run resumed.
+    """
+    order = np.stack([epoch_permutation(len(flux), seed, e) for e in range(first_epoch, epochs)])
+    flux_t, z_t = tf.constant(flux), tf.constant(z)
+    batches = tf.data.Dataset.from_tensor_slices(order).flat_map(
+        lambda perm: tf.data.Dataset.from_tensor_slices(perm).batch(batch_size))
+    batches = batches.map(lambda idx: (tf.gather(flux_t, idx), tf.gather(z_t, idx)),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def validation_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((flux, z)).batch(batch_size).prefetch(
+        tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------- main entry
+def seed_everything(config: dict) -> None:
+    keras.utils.set_random_seed(int(config["seed"]))
+    if config.get("deterministic", True):
+        tf.config.experimental.enable_op_determinism()
+
+
+def compiled_model(n_pixels: int, config: dict):
+    """The config's network, compiled with Adam and MSE (a fresh optimizer, not yet built)."""
+    tcfg = config["train"]
+    model = build_model(n_pixels, config["model"], int(config["seed"]))
+    optimizer = keras.optimizers.Adam(learning_rate=tcfg["learning_rate"], beta_1=tcfg["beta_1"],
+                                      beta_2=tcfg["beta_2"], epsilon=tcfg["epsilon"])
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=tcfg.get("jit_compile", "auto"))
+    return model
+
+
+def check_inputs(train: Spectra, valid: Spectra) -> None:
+    """Same grid for both splits, finite flux, at least two training stars."""
+    if train.n_stars < 2 or valid.n_stars < 1:
+        raise DataError(f"training needs >= 2 training and >= 1 validation spectra, got "
+                        f"{train.n_stars} and {valid.n_stars}; enlarge data.n_train/n_valid")
+    if valid.n_pixels != train.n_pixels or not np.allclose(valid.wave, train.wave, rtol=1e-10,
+                                                           atol=0):
+        raise GridMismatchError(f"validation spectra ({valid.n_pixels} pixels) are not on the "
+                                f"training grid ({train.n_pixels} pixels); resample them onto "
+                                "the same wavelength grid")
+    for split, spectra in (("training", train), ("validation", valid)):
+        if not np.isfinite(spectra.flux).all():
+            row = int(np.argwhere(~np.isfinite(spectra.flux))[0, 0])
+            raise DataError(f"{split} flux of row {row} is not finite; read spectra with "
+                            "pipeline.io.read_spectra, which flags bad pixels")
+
+
+def run_fingerprint(config: dict, train: Spectra, valid: Spectra) -> str:
+    """Hash of what determines the trained weights: a checkpoint resumes only on a match."""
+    digest = hashlib.blake2b(digest_size=16)
+    keys = ("seed", "deterministic", "model", "train")
+    digest.update(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
+    for spectra in (train, valid):
+        for arr in (spectra.flux, spectra.label_array(), spectra.wave):
+            arr = np.ascontiguousarray(arr)
+            digest.update(str(arr.shape).encode())
+            digest.update(arr)
+    return digest.hexdigest()
+
+
+def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path,
+                callbacks=()) -> tuple[keras.Model, LabelScaler, pd.DataFrame]:
+    """Train the config's network on ``train``, early-stopping on ``valid``; resumable.
+
+    Parameters
+    ----------
+    config : dict
+        Validated configuration (sections seed, deterministic, model, train).
+    train, valid : Spectra
+        Labelled spectra on one grid; the input is ``flux`` float32 (N, P) as is.
+    outdir : path
+        Receives ``model.keras``, ``scaler.json``, ``history.csv``, ``wave.npy`` and
+        ``checkpoints/``; an existing matching checkpoint is resumed.
+    callbacks : sequence of keras.callbacks.Callback
+        Extra callbacks for ``model.fit`` (e.g. a LaplaceCallback).
+
+    Returns
+    -------
+    (keras.Model, LabelScaler, pandas.DataFrame)
+        The trained model (best epoch's weights when configured), the scaler, and the
+        history with columns epoch, loss, val_loss (standardized MSE).
+    """
+    outdir, tcfg = Path(outdir), config["train"]
+    check_inputs(train, valid)
+    seed_everything(config)
+    scaler = LabelScaler().fit(train.label_array())
+    z_train = scaler.transform(train.label_array()).astype(np.float32)
+    z_valid = scaler.transform(valid.label_array()).astype(np.float32)
+    if not np.isfinite(z_valid).all():
+        raise DataError("a validation label is not finite; drop such rows "
+                        "(config data.nan_labels: drop)")
+    flux_train = np.asarray(train.flux, dtype=np.float32)
+    fingerprint = run_fingerprint(config, train, valid)
+    root = outdir / CHECKPOINTS
+
+    model = compiled_model(train.n_pixels, config)
+    state = resume(root, model, fingerprint)
+    if state is None:
+        shutil.rmtree(root, ignore_errors=True)  # stale checkpoints must never be resumed
+        model, state = compiled_model(train.n_pixels, config), TrainingState(fingerprint)
+    if state.stopped or state.epoch >= tcfg["epochs"]:
+        log.info("training had already finished after epoch %d", state.epoch)
+    else:
+        steps = math.ceil(train.n_stars / tcfg["batch_size"])
+        log.info("training %s (%d weights) on %d spectra of %d pixels, %d steps per epoch",
+                 model.name, model.count_params(), train.n_stars, train.n_pixels, steps)
+        model.fit(
+            training_dataset(flux_train, z_train, tcfg["batch_size"], int(config["seed"]),
+                             state.epoch, tcfg["epochs"]),
+            validation_data=validation_dataset(np.asarray(valid.flux, np.float32), z_valid,
+                                               tcfg["batch_size"]),
+            epochs=tcfg["epochs"], initial_epoch=state.epoch, steps_per_epoch=steps, shuffle=False,
+            callbacks=[TrainingMonitor(state, config, root, train.n_stars), *callbacks],
+            verbose=1 if sys.stderr.isatty() else 0,
+        )
+    es = tcfg["early_stopping"]
+    if es["enabled"] and es["restore_best_weights"] and state.best_epoch != state.epoch:
+        model.set_weights(state.best_weights)
+        log.info("restored the weights of epoch %d (val_loss %.5f)", state.best_epoch,
+                 state.best_loss)
+    history = pd.DataFrame(state.history, columns=["epoch", "loss", "val_loss"])
+    write_outputs(outdir, model, scaler, train.wave, history, config)
+    return model, scaler, history
+
+
+def write_outputs(outdir: Path, model, scaler: LabelScaler, wave: np.ndarray,
+                  history: pd.DataFrame, config: dict) -> None:
+    """Atomic writes; ``model.keras`` (inference copy, no optimizer state) comes last."""
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    with atomic_path(outdir / WAVE_FILE) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(wave, dtype=np.float64))
+    scaler.save(outdir / SCALER_FILE, provenance=provenance(config, device=device))
+    with atomic_path(outdir / HISTORY_FILE) as tmp:
+        history.to_csv(tmp, index=False, float_format="%.9g")
+    export = build_model(model.input_shape[-1], config["model"], int(config["seed"]))
+    export.set_weights(model.get_weights())
+    final, tmp = outdir / MODEL_FILE, outdir / f".{MODEL_FILE}.{os.getpid()}.tmp.keras"
+    try:
+        export.save(tmp)  # keras insists on the .keras suffix, so no atomic_path here
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise OutputError(f"writing '{final}' failed: {exc}; check free disk space") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s, %s, %s and %s in %s", WAVE_FILE, SCALER_FILE, HISTORY_FILE, MODEL_FILE,
+             outdir)
+
+
+# -------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Train the label network (resumes from outdir/checkpoints).")
+    parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
+    parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
+    parser.add_argument("--outdir", required=True, help="output directory, e.g. results/model")
+    return parser
+
+
+def run(args: argparse.Namespace, config: dict) -> None:
+    data = config["data"]
+    kwargs = {"require_labels": True, "nan_labels": data["nan_labels"],
+              "bad_pixel_err": data["bad_pixel_err"]}
+    train_model(config, read_spectra(args.train, **kwargs), read_spectra(args.valid, **kwargs),
+                args.outdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser, run))

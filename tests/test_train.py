@@ -1,0 +1,266 @@
+"""Training: loss decreases, early stopping, determinism, checkpoint/resume after a kill.
+
+Toy data: P-pixel spectra that are a smooth random function of the three labels plus noise, so
+a tiny network learns them in a few epochs. References are independent of the code under test:
+numpy permutations, hand-worked early-stopping sequences, uninterrupted runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from pipeline import LABELS
+from pipeline.config import validate
+from pipeline.exceptions import DataError, GridMismatchError, NumericalError
+from pipeline.io import Spectra, write_spectra
+
+keras = pytest.importorskip("keras")
+train_mod = pytest.importorskip("pipeline.train")
+
+
+def make_spectra(n: int, p: int, seed: int, noise_labels: bool = False) -> Spectra:
+    """Spectra depending smoothly on (TEFF, LOGG, FE_H); with ``noise_labels`` they do not."""
+    rng = np.random.default_rng(seed)
+    labels = np.column_stack([rng.uniform(4000, 6000, n), rng.uniform(1, 5, n),
+                              rng.uniform(-2, 0.5, n)])
+    z = (labels - [5000, 3, -0.75]) / [577, 1.15, 0.72]
+    mix = np.random.default_rng(99).normal(size=(3, p))  # same line response for every split
+    flux = 1 + 0.5 * np.tanh(0.5 * z @ mix) + rng.normal(0, 0.01, (n, p))
+    if noise_labels:
+        labels = labels[rng.permutation(n)]
+    table = Table({"STAR_ID": [f"s{seed}-{i}" for i in range(n)],
+                   **{name: labels[:, j] for j, name in enumerate(LABELS)}})
+    return Spectra(flux.astype(np.float32), np.full((n, p), 0.01, np.float32),
+                   np.linspace(15100.0, 16900.0, p), table)
+
+
+def tiny_config(seed: int = 5, model=None, **train) -> dict:
+    cfg = {"seed": seed, "model": {"hidden": [32, 16], **(model or {})},
+           "train": {"epochs": 8, "batch_size": 32, "learning_rate": 2e-3, **train}}
+    return validate(cfg)
+
+
+def weights_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(),
+                                                    strict=True))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return make_spectra(384, 40, seed=1), make_spectra(128, 40, seed=2)
+
+
+# ------------------------------------------------------------------------------- learning
+def test_loss_decreases_and_outputs(toy, tmp_path):
+    train, valid = toy
+    model, scaler, history = train_mod.train_model(tiny_config(), train, valid, tmp_path)
+    assert list(history.columns) == ["epoch", "loss", "val_loss"]
+    assert history["loss"].iloc[-1] < 0.3 * history["loss"].iloc[0]
+    assert history["val_loss"].min() < 0.3 * history["val_loss"].iloc[0]
+    np.testing.assert_allclose(scaler.mean, train.label_array().mean(0), rtol=1e-14)
+    for name in ("model.keras", "scaler.json", "history.csv", "wave.npy"):
+        assert (tmp_path / name).is_file()
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+    assert json.loads((tmp_path / "scaler.json").read_text())["provenance"]["SEED"] == "5"
+
+    from pipeline.model import load_trained
+
+    loaded, scaler2, wave = load_trained(tmp_path)
+    np.testing.assert_array_equal(wave, train.wave)
+    np.testing.assert_array_equal(scaler2.scale, scaler.scale)
+    assert weights_equal(model, loaded)
+    assert getattr(loaded, "optimizer", None) is None  # the deliverable is for inference
+    on_disk = np.loadtxt(tmp_path / "history.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(on_disk[:, 2], history["val_loss"], rtol=1e-8)
+
+
+@pytest.mark.parametrize("model_cfg", [
+    {"type": "cnn", "hidden": [16], "cnn": {"filters": [4, 8], "kernel_size": 5}},
+    {"activation": "gelu"},
+    {"activation": "softplus"},
+], ids=["cnn", "gelu", "softplus"])
+def test_other_architectures_train(toy, tmp_path, model_cfg):
+    train, valid = toy
+    _, _, history = train_mod.train_model(
+        tiny_config(model=model_cfg, epochs=5), train, valid, tmp_path)
+    assert history["val_loss"].min() < 0.5 * history["val_loss"].iloc[0]
+
+
+# -------------------------------------------------------------------------- early stopping
+def test_update_early_stopping_hand_worked_sequence():
+    cfg = {"enabled": True, "patience": 2, "min_delta": 0.05}
+    state = train_mod.TrainingState("fp")
+    stops = []
+    for epoch, loss in enumerate([3.0, 2.0, 1.97, 1.5, 1.6, 1.46, 1.0], start=1):
+        state.epoch = epoch
+        train_mod.update_early_stopping(state, loss, lambda e=epoch: [e], cfg)
+        stops.append(state.stopped)
+        if state.stopped:
+            break
+    # 1.97 and 1.46 are within min_delta of the best: no improvement; stop after epoch 6.
+    assert stops == [False] * 5 + [True]
+    assert state.wait == 2
+    assert state.best_epoch == 4 and state.best_loss == 1.5 and state.best_weights == [4]
+
+
+def test_early_stopping_restores_best_epoch(tmp_path):
+    # Labels unrelated to the flux: the network can only memorize, validation loss rises.
+    train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
+    cfg = tiny_config(model={"hidden": [64, 64]}, epochs=40, batch_size=16,
+                      learning_rate=3e-3, early_stopping={"patience": 3})
+    model, scaler, history = train_mod.train_model(cfg, train, valid, tmp_path)
+    best = int(history["val_loss"].idxmin())
+    assert len(history) < 40 and len(history) - 1 - best == 3
+    z = scaler.transform(valid.label_array())
+    mse = np.mean((model.predict(valid.flux, verbose=0).astype(np.float64) - z) ** 2)
+    np.testing.assert_allclose(mse, history["val_loss"][best], rtol=1e-5)
+    assert abs(mse - history["val_loss"].iloc[-1]) > 1e-3
+
+
+# ------------------------------------------------------------------- determinism and resume
+def test_two_runs_give_identical_weights(toy, tmp_path):
+    train, valid = toy
+    cfg = tiny_config(epochs=3)
+    m1, _, h1 = train_mod.train_model(cfg, train, valid, tmp_path / "a")
+    m2, _, h2 = train_mod.train_model(cfg, train, valid, tmp_path / "b")
+    assert weights_equal(m1, m2)
+    assert h1.equals(h2)
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    n, batch = 10, 4
+    flux = np.arange(n, dtype=np.float32)[:, None]  # a star's flux is its index
+    ds = train_mod.training_dataset(flux, flux, batch, seed=7, first_epoch=2, epochs=4)
+    seen = np.concatenate([x.numpy()[:, 0] for x, _ in ds]).astype(int)
+    expected = [np.random.default_rng([7, e]).permutation(n) for e in (2, 3)]
+    np.testing.assert_array_equal(seen, np.concatenate(expected))
+    assert len(list(ds)) == 2 * 3  # batches never straddle two epochs
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter(keras.callbacks.Callback):
+    """Simulates a kill right after the checkpoint of epoch ``n`` was written."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.n:
+            raise _Interrupt
+
+
+def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
+    train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
+    cfg = tiny_config(model={"hidden": [64, 64]}, epochs=12, batch_size=16,
+                      learning_rate=3e-3, early_stopping={"patience": 20})
+    ref, _, ref_hist = train_mod.train_model(cfg, train, valid, tmp_path / "ref")
+    best = int(ref_hist["val_loss"].idxmin()) + 1
+    assert 1 < best < 12, "the case must restore best weights from an older checkpoint"
+    stop_at = min(best + 2, 11)
+    with pytest.raises(_Interrupt):
+        train_mod.train_model(cfg, train, valid, tmp_path / "run",
+                              callbacks=[_StopAfter(stop_at)])
+    assert not (tmp_path / "run" / "model.keras").exists()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == sorted({f"epoch-{best:04d}", f"epoch-{stop_at:04d}"})
+    caplog.set_level("INFO", logger="pipeline.train")
+    model, _, hist = train_mod.train_model(cfg, train, valid, tmp_path / "run")
+    assert f"after epoch {stop_at}" in caplog.text
+    assert weights_equal(model, ref)
+    assert hist.equals(ref_hist)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_subprocess(tmp_path):
+    train, valid = make_spectra(512, 200, 1), make_spectra(64, 200, 2)
+    write_spectra(tmp_path / "train.fits", train)
+    write_spectra(tmp_path / "valid.fits", valid)
+    cfg = json.dumps({"seed": 11, "model": {"hidden": [64, 32]},
+                      "train": {"epochs": 12, "batch_size": 16,
+                                "early_stopping": {"enabled": False}}})
+
+    def command(outdir):
+        return [sys.executable, "-m", "pipeline.train", "--config-json", cfg, "--train",
+                str(tmp_path / "train.fits"), "--valid", str(tmp_path / "valid.fits"),
+                "--outdir", str(outdir)]
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    ref = subprocess.run(command(tmp_path / "ref"), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(run_dir.glob("checkpoints/epoch-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model.keras").exists(), "the kill came too late to test resume"
+
+    resumed = subprocess.run(command(run_dir), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint" in resumed.stderr
+    assert "epoch 1/12:" not in resumed.stderr
+    from pipeline.model import load_trained
+
+    assert weights_equal(load_trained(run_dir)[0], load_trained(tmp_path / "ref")[0])
+
+
+# ------------------------------------------------------------------------------ bad input
+class _PoisonAfterFirstEpoch(keras.callbacks.Callback):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def on_epoch_end(self, epoch, logs=None):
+        for var in self.model.get_layer(self.layer).weights:
+            var.assign(np.full(var.shape, np.nan, np.float32))
+
+
+@pytest.mark.parametrize(("layer", "where"), [("labels", "epoch 2, batch 1"),
+                                              ("dense_0", "weights after epoch 2")])
+def test_nonfinite_values_keep_last_good_checkpoint(toy, tmp_path, layer, where):
+    # NaN output weights give a NaN loss at once; NaN first-layer weights hide behind ReLU
+    # (relu(NaN) = 0 on CPU) and are caught by the end-of-epoch weight check.
+    train, valid = toy
+    with pytest.raises(NumericalError, match=where):
+        train_mod.train_model(tiny_config(epochs=3), train, valid, tmp_path,
+                              callbacks=[_PoisonAfterFirstEpoch(layer)])
+    kept = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert kept == ["epoch-0001"]
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_constant_label_is_a_clear_error(toy, tmp_path):
+    train, valid = toy
+    train = train.subset(np.arange(train.n_stars))
+    train.labels["LOGG"] = 2.5
+    with pytest.raises(DataError, match="LOGG.*constant"):
+        train_mod.train_model(tiny_config(), train, valid, tmp_path)
+
+
+def test_validation_grid_must_match(toy, tmp_path):
+    train, _ = toy
+    with pytest.raises(GridMismatchError, match="41 pixels"):
+        train_mod.train_model(tiny_config(), train, make_spectra(20, 41, 2), tmp_path)
+
+
+def test_laplace_callback_is_reexported():
+    callbacks = pytest.importorskip("pipeline.callbacks")
+    assert train_mod.LaplaceCallback is callbacks.LaplaceCallback
