@@ -16,7 +16,9 @@ Ingest of one star (:func:`read_apstar`):
    residuals) are excluded, for ``continuum_iterations`` rounds. The asymmetric clip drops
    absorption lines (and cosmic rays / emission on the high side) so the fit settles on the
    continuum; flux and error are divided by it;
-3. pixels outside the chips are bad; bad pixels get flux 1 and error ``data.bad_pixel_err``;
+3. pixels outside the chips, or whose normalized error reaches ``data.bad_pixel_err`` (APOGEE
+   marks some bad pixels only by an error ~1e10 times the flux), are bad; bad pixels get
+   flux 1 and error ``data.bad_pixel_err``;
 4. map onto the training grid ``wave`` with :func:`pipeline.validation.match_grid` (an exact
    slice for the default 7213-pixel grid, linear interpolation otherwise).
 
@@ -131,7 +133,8 @@ def read_apstar(path, wave, cfg: dict | None = None) -> Spectra:
             raise DataError(f"'{path}': chip {reference[a]:.0f}-{reference[b - 1]:.0f} A: "
                             f"{exc}; the spectrum is unusable there") from None
         norm_flux[chip], norm_err[chip] = f, e
-    bad |= off_chip | ~np.isfinite(norm_flux)
+    # APOGEE flags some bad pixels only by a huge error (~1e10 x flux): treat them as bad too
+    bad |= off_chip | ~np.isfinite(norm_flux) | ~(norm_err < data["bad_pixel_err"])
     norm_flux[bad], norm_err[bad] = 1.0, data["bad_pixel_err"]
     table = Table({"STAR_ID": [star_id], "SNR": [snr]})
     spectra = Spectra(norm_flux[None].astype(np.float32), norm_err[None].astype(np.float32),

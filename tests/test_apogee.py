@@ -1,0 +1,146 @@
+"""apStar ingest on the real DR17 file: continuum near 1 on the training grid, bitmask, joins."""
+
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from pipeline import apogee, synthetic
+from pipeline.config import validate
+from pipeline.exceptions import DataError
+from tests.conftest import APSTAR_FILE
+
+STAR = "2M19485057+5005279"
+
+
+@pytest.fixture
+def cfg():
+    return validate({})
+
+
+def test_real_apstar_is_normalized_on_the_training_grid(cfg):
+    wave = synthetic.apogee_grid()
+    spectra = apogee.read_apstar(APSTAR_FILE, wave, cfg)
+    assert spectra.flux.shape == (1, 7213) and spectra.star_id[0] == STAR
+    assert spectra.labels["SNR"][0] == pytest.approx(137.49, abs=0.01)
+    np.testing.assert_array_equal(spectra.wave, wave)
+    good = spectra.flux_err[0] < cfg["data"]["bad_pixel_err"]
+    assert 0.85 < good.mean() < 0.97  # bitmask + NaN flux remove some, not most, pixels
+    assert spectra.meta["N_BADPIX"] == (~good).sum()
+    assert np.all(spectra.flux[0, ~good] == 1.0)
+    for a, b in ((0, 2920), (2920, 5320), (5320, 7213)):  # each chip: continuum near 1
+        chip = spectra.flux[0, a:b][good[a:b]]
+        assert 0.97 < np.median(chip) < 1.0  # absorption lines pull the median below 1
+        assert np.percentile(chip, 75) == pytest.approx(1.0, abs=0.01)
+        assert 1.0 < np.percentile(chip, 90) < 1.02  # continuum noise at SNR 137: 1.009
+    # errors scale like flux / SNR in the continuum
+    median_snr = np.median(1.0 / spectra.flux_err[0, good])
+    assert median_snr == pytest.approx(137.5, rel=0.25)
+
+
+def test_bitmask_is_configurable(cfg):
+    wave = synthetic.apogee_grid()
+    default = apogee.read_apstar(APSTAR_FILE, wave, cfg).meta["N_BADPIX"]
+    cfg["data"]["apstar"]["bitmask"] = 0
+    none = apogee.read_apstar(APSTAR_FILE, wave, cfg).meta["N_BADPIX"]
+    with fits.open(APSTAR_FILE) as hdul:
+        flux, err, bits = hdul[1].data[0], hdul[2].data[0], hdul[3].data[0]
+    chips = np.concatenate([np.arange(a, b) for a, b in synthetic.APSTAR_CHIPS])
+    unusable = (~np.isfinite(flux) | ~(err > 0) | ~(err < 1e9))[chips]  # 1e10-flagged errors
+    assert none == unusable.sum() > 0
+    assert default == (unusable | ((bits[chips] & 5759) != 0)).sum() > none
+
+
+def test_other_grids_full_apstar_and_7214(cfg):
+    full = apogee.read_apstar(APSTAR_FILE, synthetic.apstar_wave(), cfg)
+    sliced = apogee.read_apstar(APSTAR_FILE, synthetic.apogee_grid(), cfg)
+    chips = np.concatenate([np.arange(a, b) for a, b in synthetic.APSTAR_CHIPS])
+    np.testing.assert_array_equal(full.flux[0, chips], sliced.flux[0])
+    assert np.all(full.flux_err[0, :322] == cfg["data"]["bad_pixel_err"])  # off chip
+    grid = np.exp(np.linspace(np.log(15200.0), np.log(16900.0), 7214))
+    other = apogee.read_apstar(APSTAR_FILE, grid, cfg)
+    assert other.flux.shape == (1, 7214) and other.meta["RESAMPLD"]
+    good = other.flux_err[0] < cfg["data"]["bad_pixel_err"]
+    assert np.median(other.flux[0, good]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_single_row_file_and_name_fallback(tmp_path, cfg):
+    path = tmp_path / "apStar-dr17-2M00000000+0000000.fits"
+    with fits.open(APSTAR_FILE) as hdul:
+        header = hdul[0].header.copy()
+        del header["OBJID"]
+        out = [fits.PrimaryHDU(header=header)]
+        out += [fits.ImageHDU(hdul[i].data[0], header=hdul[i].header) for i in (1, 2, 3)]
+        fits.HDUList(out).writeto(path)
+    one = apogee.read_apstar(path, synthetic.apogee_grid(), cfg)
+    ref = apogee.read_apstar(APSTAR_FILE, synthetic.apogee_grid(), cfg)
+    np.testing.assert_array_equal(one.flux, ref.flux)
+    assert one.star_id[0] == "2M00000000+0000000"
+
+
+def test_normalize_continuum_recovers_a_known_continuum(rng):
+    wave = synthetic.apogee_grid()[:2920]  # blue chip of a line-dense cool giant
+    lines = synthetic.synthesize([[4000.0, 1.5, 0.0]], wave, np.float64)[0]
+    x = np.linspace(-1, 1, wave.size)
+    continuum = 500.0 * (1.0 + 0.2 * x - 0.1 * x**2)
+    flux = continuum * lines + rng.normal(0, 500.0 / 200.0, wave.size)
+    opts = validate({})["data"]["apstar"]
+    norm, err = apogee.normalize_continuum(
+        flux, np.full(wave.size, 2.5), np.zeros(wave.size, bool), opts["continuum_order"],
+        opts["continuum_iterations"], opts["continuum_clip"], opts["continuum_clip_high"])
+    deviation = norm / lines - 1.0  # the fitted continuum's relative error
+    assert abs(np.median(deviation)) < 0.01
+    np.testing.assert_allclose(err, 2.5 / (flux / norm), rtol=1e-12)
+
+
+def _copies(folder, ids):
+    folder.mkdir()
+    for star in ids:
+        with fits.open(APSTAR_FILE) as hdul:
+            hdul[0].header["OBJID"] = star
+            hdul.writeto(folder / f"apStar-dr17-{star}.fits")
+    return folder
+
+
+def test_directory_ingest_and_catalog_join(tmp_path, cfg):
+    folder = _copies(tmp_path / "spec", ["A1", "A2", "A3"])
+    spectra = apogee.read_apstar_files([folder], synthetic.apogee_grid(), cfg)
+    assert list(spectra.star_id) == ["A1", "A2", "A3"] and spectra.flux.shape == (3, 7213)
+    csv = tmp_path / "cat.csv"
+    csv.write_text("apogee_id,TEFF,LOGG,FE_H,TEFF_ERR\nA3,5000,3.1,-0.2,40\nA1,4800,2.5,-9999,"
+                   "30\nZZ,1,1,1,1\nA3,1,1,1,1\n")
+    joined = apogee.ingest([folder], csv, synthetic.apogee_grid(), cfg)
+    assert list(joined.star_id) == ["A1", "A3"]  # A2 not in the catalog: dropped
+    np.testing.assert_array_equal(joined.labels["TEFF"], [4800, 5000])
+    assert np.isnan(joined.labels["FE_H"][0]) and joined.labels["TEFF_ERR"][1] == 40
+    table = Table({"APOGEE_ID": ["A2"], "TEFF": [4500.0], "LOGG": [2.0], "FE_H": [0.1]})
+    table.write(tmp_path / "cat.fits")
+    assert list(apogee.ingest([folder], tmp_path / "cat.fits", synthetic.apogee_grid(),
+                              cfg).star_id) == ["A2"]
+
+
+def test_apstar_errors_are_clear(tmp_path, cfg):
+    wave = synthetic.apogee_grid()
+    text = tmp_path / "apStar-x.fits"
+    text.write_text("not fits")
+    with pytest.raises(DataError, match="not a readable apStar"):
+        apogee.read_apstar(text, wave, cfg)
+    with pytest.raises(DataError, match="does not exist"):
+        apogee.read_apstar_files([tmp_path / "nope"], wave, cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no apStar"):
+        apogee.read_apstar_files([tmp_path / "empty"], wave, cfg)
+    primary_only = tmp_path / "apStar-y.fits"
+    fits.PrimaryHDU().writeto(primary_only)
+    with pytest.raises(DataError, match="HDU 1"):
+        apogee.read_apstar(primary_only, wave, cfg)
+    shutil.copy(APSTAR_FILE, tmp_path / "apStar-dr17-B.fits")
+    bad_cat = tmp_path / "c.csv"
+    bad_cat.write_text("APOGEE_ID,TEFF,LOGG\nB,1,2\n")
+    with pytest.raises(DataError, match="lacks column 'FE_H'"):
+        apogee.ingest([APSTAR_FILE], bad_cat, wave, cfg)
+    bad_cat.write_text("APOGEE_ID,TEFF,LOGG,FE_H\nB,1,2,0\n")
+    with pytest.raises(DataError, match="none of the 1 apStar STAR_IDs"):
+        apogee.ingest([APSTAR_FILE], bad_cat, wave, cfg)
