@@ -171,3 +171,46 @@ def test_predict_real_apstar(tiny_model_dir, posterior, tmp_path):
     assert len(table) == 1 and "2M19485057+5005279" in table["STAR_ID"][0]
     assert np.all(np.isfinite([table[c][0] for c in ("TEFF", "TEFF_ERR", "FE_H_ERR_NOISE")]))
     assert table["TEFF_ERR_NOISE"][0] > 0
+
+
+# ------------------------------------------------------------- with the real Laplace posterior
+@pytest.fixture(scope="module")
+def posterior_file(tiny_model_dir, stars, tmp_path_factory):
+    laplace = pytest.importorskip("pipeline.laplace")
+    from pipeline.io import read_spectra
+    from pipeline.model import load_trained
+
+    model, scaler, _ = load_trained(tiny_model_dir)
+    spectra = read_spectra(stars[0])
+    posterior = laplace.fit_laplace(model, spectra.flux, scaler.transform(spectra.label_array()))
+    path = tmp_path_factory.mktemp("laplace") / "posterior.npz"
+    posterior.save(path)
+    return path
+
+
+def test_predict_cli_with_real_posterior(tiny_model_dir, stars, posterior_file, tmp_path):
+    out = tmp_path / "pred"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", "--model", str(tiny_model_dir),
+         "--posterior", str(posterior_file), "--out", str(out), str(stars[0])],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = Table.read(out / "stars.fits", hdu="CATALOG")
+    assert np.all(table["TEFF_ERR_MODEL"] > 0) and np.all(np.isfinite(table["TEFF_ERR"]))
+
+
+def test_posterior_of_another_model_fails(tiny_model_dir, stars, posterior_file, tmp_path):
+    import shutil
+
+    from pipeline.model import build_model
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    build_model(7213, {"type": "dense", "hidden": [5]}, seed=1).save(other / "model.keras")
+    out = tmp_path / "pred"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", "--model", str(other), "--posterior",
+         str(posterior_file), "--out", str(out), str(stars[0])],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
