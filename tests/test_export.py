@@ -75,6 +75,7 @@ def test_written_formats_agree_and_carry_provenance(budget, tmp_path):
         assert hdul["CATALOG"].header["DEVICE"] == "CPU"
         assert hdul["CATALOG"].header["TUNIT2"] == "K"
         assert "dex" in hdul["CATALOG"].header.comments["TTYPE12"]
+        assert hdul["CATALOG"].header["TCOMM16"].endswith("[dex]")  # FE_H_ERR_SCATTER, in full
     from_fits = Table.read(tmp_path / "cat.fits", hdu="CATALOG")
     from_parquet = pd.read_parquet(tmp_path / "cat.parquet")
     from_csv = pd.read_csv(tmp_path / "cat.csv")
