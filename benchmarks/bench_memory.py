@@ -1,0 +1,178 @@
+"""Peak memory of the streaming steps: it must not grow with the number of stars.
+
+Each step runs in its own subprocess under a small wrapper that reads the child's peak resident
+set size (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, the kernel's high-water mark, so
+no short peak is missed). Rows compare a 10x larger input with the smaller one; a step that
+streams stars in batches stays within ``RSS_TARGET`` of the small run (TensorFlow's own ~0.5 GB
+dominates both), one that holds the whole input grows ~linearly.
+
+* ``jacobian``: ``python -m pipeline.jacobian --shard 0 --shards 1`` on canonical FITS of
+  ``small`` and ``large`` stars (written chunk by chunk with ``pipeline.io.SpectraWriter``,
+  flux ~ 1 with 1 % noise) with a small untrained dense model saved in the layout of
+  ``pipeline.model.load_trained`` (model.keras, scaler.json, wave.npy).
+* ``data``: ``python -m pipeline.data`` generating the synthetic splits of ``small`` and
+  ``large`` stars in all.
+
+Command line, for the paper-size check recorded in docs/performance.md::
+
+    python -m benchmarks.bench_memory --data-stars 60000   # 50000 + 5000 + 5000 stars
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RSS_TARGET = 1.2
+SMALL_MODEL = (32, 16)
+WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def row(name, value, baseline, unit, ratio, target, ok):
+    return {"benchmark": name, "value": value, "baseline": baseline, "unit": unit,
+            "ratio": ratio, "target": target, "ok": ok}
+
+
+def peak_rss(cmd: list[str], timeout: float = 600, cwd: Path | None = None
+             ) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of ``python *cmd`` run to completion in a child process.
+
+    Raises RuntimeError with the child's stderr tail if it fails.
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", WRAPPER, sys.executable, *cmd], capture_output=True,
+                         text=True, timeout=timeout, env=env, cwd=cwd)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n"
+                           f"{out.stderr[-2000:]}")
+    kilobytes = int(out.stdout.strip().splitlines()[-1])  # Linux: ru_maxrss is in KiB
+    return kilobytes / 1024.0, wall
+
+
+def grid(n_pixels: int | None) -> np.ndarray:
+    """The synthetic APOGEE grid, or its first ``n_pixels`` pixels (smaller tests)."""
+    from pipeline.synthetic import apogee_grid
+
+    wave = apogee_grid()
+    return wave if n_pixels is None else wave[:n_pixels]
+
+
+def make_model_dir(path: Path, wave: np.ndarray, hidden=SMALL_MODEL) -> Path:
+    """An untrained dense model with its scaler and grid, as the train step lays them out."""
+    from pipeline.model import MODEL_FILE, SCALER_FILE, WAVE_FILE, LabelScaler, build_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MODEL_FILE).is_file():
+        build_model(wave.size, {"type": "dense", "hidden": list(hidden)}, 0).save(
+            path / MODEL_FILE)
+        LabelScaler(np.array([5000.0, 3.0, 0.0]), np.array([800.0, 1.0, 0.4])).save(
+            path / SCALER_FILE)
+        np.save(path / WAVE_FILE, wave)
+    return path
+
+
+def make_dataset(path: Path, n_stars: int, wave: np.ndarray, chunk: int = 1000) -> Path:
+    """A canonical FITS of ``n_stars`` noisy flat spectra, streamed (memory of one chunk)."""
+    from astropy.table import Table
+
+    from pipeline.io import SpectraWriter
+
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(n_stars)
+    labels = Table({"STAR_ID": [f"BENCH-{i:07d}" for i in range(n_stars)],
+                    "TEFF": rng.uniform(4000, 6000, n_stars), "LOGG": rng.uniform(1, 5, n_stars),
+                    "FE_H": rng.uniform(-1, 0.3, n_stars)})
+    with SpectraWriter(path, wave, labels, {"ORIGIN": "benchmarks.bench_memory"}) as out:
+        for start in range(0, n_stars, chunk):
+            n = min(chunk, n_stars - start)
+            flux = 1.0 + 0.01 * rng.standard_normal((n, wave.size), dtype=np.float32)
+            out.write(start, flux, np.full((n, wave.size), 0.01, np.float32))
+    return path
+
+
+def jacobian_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray) -> list[dict]:
+    model_dir = make_model_dir(root / f"model-{wave.size}", wave)
+    peaks, walls = [], []
+    for n in sizes:
+        data = make_dataset(root / f"stars-{n}-{wave.size}.fits", n, wave)
+        out = root / f"jacobian-{n}.fits"
+        # cwd=root: astropy's StreamingHDU resolves a pathlib.Path by its bare name in the
+        # working directory (see docs/performance.md); harmless here, every path is absolute
+        peak, wall = peak_rss(["-m", "pipeline.jacobian", "--model", str(model_dir),
+                               "--format", "fits", "--shard", "0", "--shards", "1",
+                               "--out", str(out), str(data)], cwd=root)
+        out.unlink(missing_ok=True)  # (n, 3, P) float32: 1.7 GB for 20k stars
+        peaks.append(peak)
+        walls.append(wall)
+    ratio = peaks[1] / peaks[0]
+    return [row(f"peak RSS of jacobian step, {sizes[1]} vs {sizes[0]} stars x {wave.size} px "
+                f"({walls[1]:.0f} s vs {walls[0]:.0f} s)", peaks[1], peaks[0], "MB", ratio,
+                f"<= {RSS_TARGET:g}x", bool(ratio <= RSS_TARGET))]
+
+
+def data_step(root: Path, n_stars: int, chunk: int | None = None) -> tuple[float, float]:
+    """(peak RSS MB, seconds) of ``python -m pipeline.data`` writing ``n_stars`` in all
+    (5/6 train, 1/12 valid, 1/12 test, the paper's 50000 + 5000 + 5000 proportions)."""
+    n_valid = max(1, n_stars // 12)
+    data = {"n_train": n_stars - 2 * n_valid, "n_valid": n_valid, "n_test": n_valid}
+    if chunk is not None:
+        data["synthetic"] = {"chunk_size": chunk}
+    outdir = root / f"data-{n_stars}"
+    try:
+        return peak_rss(["-m", "pipeline.data", "--config-json", json.dumps({"data": data}),
+                         "--outdir", str(outdir)], timeout=1800)
+    finally:
+        for split in outdir.glob("*.fits"):
+            split.unlink()
+
+
+def data_rows(root: Path, sizes: tuple[int, int]) -> list[dict]:
+    (small, _), (large, wall) = (data_step(root, n) for n in sizes)
+    ratio = large / small
+    return [row(f"peak RSS of data step, {sizes[1]} vs {sizes[0]} synthetic stars "
+                f"({sizes[1] / wall:.0f} stars/s incl. start-up)", large, small, "MB",
+                ratio, f"<= {RSS_TARGET:g}x", bool(ratio <= RSS_TARGET))]
+
+
+def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None = None,
+        workdir: str | Path | None = None) -> list[dict]:
+    """Benchmark rows; ``sizes`` (small, large) stars and ``n_pixels`` shrink it for tests."""
+    sizes = sizes or ((300, 3000) if quick else (2000, 20000))
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=workdir) as tmp:
+        root = Path(tmp)
+        rows = jacobian_rows(root, sizes, grid(n_pixels))
+        if n_pixels is None:  # the data step always writes the full grid
+            rows += data_rows(root, sizes)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-stars", type=int, default=60000,
+                        help="stars of the data-step run (train + valid + test)")
+    parser.add_argument("--workdir", help="where the temporary files go (default: $TMPDIR)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
+        peak, wall = data_step(Path(tmp), args.data_stars)
+    print(f"data step, {args.data_stars} stars: peak RSS {peak:.0f} MB, {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
