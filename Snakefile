@@ -216,6 +216,7 @@ rule tables:
             i=SHARDS,
         ),
         history=rules.train.output.history,
+        data=expand(f"{OUT}/data/{{name}}.fits", name=config["predict"]["splits"]),
     output:
         summary=report(
             expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["csv"]),
@@ -247,7 +248,7 @@ rule tables:
         outdir=lambda w, output: os.path.dirname(output.calibration),
     shell:
         "python -m pipeline.tables --config-json {params.config} "
-        "--predictions {input.predictions} --jacobians {input.jacobians} "
+        "--predictions {input.predictions} --jacobians {input.jacobians} --data {input.data} "
         "--outdir {params.outdir} > {log} 2>&1"
 
 
