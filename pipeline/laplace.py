@@ -1,0 +1,333 @@
+"""Last-k-layer Laplace posterior: fit, predictive covariance, save/load, and the step CLI.
+
+    theta_L | D ~ N(theta_L*, A^-1),   A = sum_k sigma_k^-2 C_k + diag(prior precision)
+
+with C_k the per-label curvature blocks of :mod:`pipeline.curvature` (GGN or exact Hessian)
+and the hyperparameters from :mod:`pipeline.evidence`. A = L L^T is factorized once in float64
+(on the GPU when one is visible); prediction never forms A^-1:
+
+    Cov[f(x_n)] = J_n A^-1 J_n^T = V_n^T V_n,   V_n = L^-1 J_n^T   (triangular solves)
+
+    python -m pipeline.laplace --config-json J --model DIR --train F --valid F --out F.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import numpy as np
+import scipy.linalg as sl
+
+from pipeline import evidence
+from pipeline.curvature import Head, curvature_blocks
+from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
+
+log = logging.getLogger(__name__)
+
+HYPERPARAMETERS = ("evidence", "validation")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+# --------------------------------------------------------------------------- linear algebra
+def choose_device(device: str = "auto") -> str:
+    """'gpu' if requested/auto and TensorFlow sees a GPU, else 'cpu'."""
+    if device not in DEVICES:
+        raise ConfigError(f"config key 'laplace.device' = {device!r}; valid: {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "gpu"
+    if device == "gpu":
+        raise ConfigError("config key 'laplace.device' = gpu but TensorFlow sees no GPU; use auto")
+    return "cpu"
+
+
+def _cholesky(a: np.ndarray, device: str) -> np.ndarray | None:
+    if device == "gpu":
+        import tensorflow as tf
+
+        with tf.device("/GPU:0"):
+            chol = tf.linalg.cholesky(tf.constant(a, tf.float64)).numpy()
+        return chol if np.all(np.isfinite(chol)) and np.all(np.diag(chol) > 0) else None
+    try:
+        return sl.cholesky(a, lower=True, check_finite=True)
+    except (sl.LinAlgError, ValueError):
+        return None
+
+
+def cholesky_with_jitter(a, device="cpu", jitter_initial=1e-10, jitter_max=1e-2,
+                         jitter_factor=10.0) -> tuple[np.ndarray, float]:
+    """Lower Cholesky factor of A (float64); on failure add jitter * mean(diag A) to the
+    diagonal, jitter growing geometrically from ``jitter_initial`` to ``jitter_max``.
+
+    Returns (L, absolute jitter added). Raises NumericalError beyond ``jitter_max``.
+    """
+    a = np.asarray(a, np.float64)
+    chol = _cholesky(a, device)
+    if chol is not None:
+        return chol, 0.0
+    scale, jitter = float(np.mean(np.diag(a))), jitter_initial
+    while jitter <= jitter_max:
+        added = jitter * scale
+        chol = _cholesky(a + added * np.eye(len(a)), device)
+        if chol is not None:
+            log.warning("posterior precision not positive definite: added jitter %.3g "
+                        "(%.1e x mean diagonal) to its diagonal", added, jitter)
+            return chol, added
+        jitter *= jitter_factor
+    raise NumericalError(
+        f"posterior precision is not positive definite even with jitter {jitter_max:g} x mean "
+        "diagonal (laplace.jitter_max); raise laplace.jitter_max or use laplace.curvature: ggn")
+
+
+def _solve_lower(chol, rhs, device):
+    if device == "gpu":
+        import tensorflow as tf
+
+        with tf.device("/GPU:0"):
+            return tf.linalg.triangular_solve(tf.constant(chol), tf.constant(rhs)).numpy()
+    return sl.solve_triangular(chol, rhs, lower=True, check_finite=False)
+
+
+# -------------------------------------------------------------------------------- posterior
+class Posterior:
+    """Gaussian posterior N(theta*, A^-1) over the head weights, with fitted hyperparameters.
+
+    Attributes: ``head``, ``theta_map`` (P_L,), ``cholesky`` L (P_L, P_L) float64 lower,
+    ``prior_precision`` (n_groups,), ``groups`` (P_L,), ``noise_std`` (K,) standardized,
+    ``log_evidence``, ``curvature``, ``eigenvalues`` of sum_k sigma_k^-2 C_k, ``evidence_curve``
+    {'prior_precision', 'log_evidence'}, ``info`` (jitter, device, indefinite report, ...).
+    """
+
+    def __init__(self, head: Head, cholesky, *, prior_precision, groups, noise_std,
+                 log_evidence, curvature, eigenvalues, evidence_curve, info):
+        self.head = head
+        self.theta_map = head.map_values()
+        self.cholesky = np.asarray(cholesky, np.float64)
+        self.prior_precision = np.atleast_1d(np.asarray(prior_precision, np.float64))
+        self.groups = np.asarray(groups)
+        self.noise_std = np.asarray(noise_std, np.float64)
+        self.log_evidence = float(log_evidence)
+        self.curvature = curvature
+        self.eigenvalues = np.asarray(eigenvalues, np.float64)
+        self.evidence_curve = {k: np.asarray(v, np.float64) for k, v in evidence_curve.items()}
+        self.info = dict(info)
+        self.device = self.info.get("device", "cpu")
+
+    @property
+    def n_params(self) -> int:
+        return self.theta_map.size
+
+    def predictive_covariance(self, x, scaler=None, batch_size: int = 256) -> np.ndarray:
+        """Epistemic covariance J_n A^-1 J_n^T (N, K, K) float64, streamed over batches.
+
+        Standardized units, or physical units if a ``LabelScaler`` is given.
+        """
+        phi = self.head.features(x, batch_size)
+        out = []
+        for s in range(0, len(phi), batch_size):
+            jac = self.head.jacobian(phi[s:s + batch_size])[0].numpy()  # (B, K, P)
+            b, k, p = jac.shape
+            v = _solve_lower(self.cholesky, jac.reshape(b * k, p).T, self.device)
+            v = v.T.reshape(b, k, p)
+            out.append(np.einsum("nip,njp->nij", v, v))
+        cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
+        return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
+
+    def covariance(self) -> np.ndarray:
+        """Sigma = A^-1 (P_L, P_L): the explicit inverse, formed only when asked for."""
+        return sl.cho_solve((self.cholesky, True), np.eye(self.n_params))
+
+    inverse_hessian = covariance
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """n draws theta* + L^-T z, z ~ N(0, I): shape (n, P_L)."""
+        z = np.random.default_rng(seed).standard_normal((self.n_params, n))
+        return self.theta_map + sl.solve_triangular(self.cholesky.T, z, lower=False).T
+
+    # --------------------------------------------------------------------------- persistence
+    def save(self, path, provenance: dict | None = None) -> None:
+        """Write every array needed to reproduce the predictive variances, atomically."""
+        from pipeline.io import atomic_path
+
+        info = dict(self.info, provenance=provenance or {})
+        arrays = {
+            "weight_names": np.array(self.head.names), "map_values": self.theta_map,
+            "weight_shapes": json.dumps(self.head.shapes), "cholesky": self.cholesky,
+            "prior_precision": self.prior_precision, "prior_groups": self.groups,
+            "noise_std": self.noise_std, "log_evidence": self.log_evidence,
+            "curvature": self.curvature, "eigenvalues": self.eigenvalues,
+            "evidence_curve_prior_precision": self.evidence_curve["prior_precision"],
+            "evidence_curve_log_evidence": self.evidence_curve["log_evidence"],
+            "last_layers": self.info["last_layers"], "info": json.dumps(info, default=str),
+        }
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path, model) -> Posterior:
+        """Read a posterior saved for ``model``; ModelFileError if it belongs to another."""
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"'{path}': not a readable posterior file ({exc}); rerun the "
+                                 "laplace step") from None
+        names = [str(n) for n in data["weight_names"]]
+        try:
+            head = Head(model, int(data["last_layers"]), weights=names)
+        except (ValueError, ConfigError):
+            head = None
+        if (head is None or head.names != names
+                or [list(s) for s in head.shapes] != json.loads(str(data["weight_shapes"]))
+                or not np.array_equal(head.map_values(), data["map_values"])):
+            raise ModelFileError(f"'{path}': posterior saved for a different model (weight "
+                                 "names, shapes or MAP values differ); rerun the laplace step")
+        info = json.loads(str(data["info"]))
+        info.pop("provenance", None)
+        return cls(head, data["cholesky"], prior_precision=data["prior_precision"],
+                   groups=data["prior_groups"], noise_std=data["noise_std"],
+                   log_evidence=float(data["log_evidence"]), curvature=str(data["curvature"]),
+                   eigenvalues=data["eigenvalues"],
+                   evidence_curve={"prior_precision": data["evidence_curve_prior_precision"],
+                                   "log_evidence": data["evidence_curve_log_evidence"]},
+                   info=info)
+
+
+# -------------------------------------------------------------------------------------- fit
+def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str = "ggn",
+                prior: str = "scalar", hyperparameters: str = "evidence", x_valid=None,
+                y_valid=None, extra_covariance_valid=None, indefinite: str = "clip",
+                batch_size: int = 256, jitter_initial: float = 1e-10, jitter_max: float = 1e-2,
+                jitter_factor: float = 10.0, device: str = "auto", hessian_chunk_size: int = 256,
+                max_iterations: int = 200, validation_iterations: int = 10,
+                prior_precision_init: float | None = None,
+                evidence_curve_points: int = 61, evidence_curve_decades: float = 3.0) -> Posterior:
+    """Fit the Laplace posterior of the last ``last_layers`` Dense layers of ``model``.
+
+    Parameters
+    ----------
+    model : trained Keras model, (N, P) flux -> (N, K) standardized labels.
+    x, y : training inputs and standardized labels (N, K).
+    weights : optional subset of the head kernels/biases (variables or path names).
+    curvature : 'ggn' or 'hessian' (``indefinite``: 'fail' | 'clip' | 'ggn').
+    prior : 'scalar' or 'layer' (one prior precision per Dense layer).
+    hyperparameters : 'evidence' (training data) or 'validation' (needs x_valid, y_valid;
+        ``extra_covariance_valid`` (N_v, K, K) adds e.g. flux noise to each star's covariance).
+    Other arguments mirror the config keys ``laplace.*``.
+    """
+    if hyperparameters not in HYPERPARAMETERS:
+        raise ConfigError(f"config key 'laplace.hyperparameters' = {hyperparameters!r}; valid: "
+                          f"{', '.join(HYPERPARAMETERS)}")
+    if hyperparameters == "validation" and (x_valid is None or y_valid is None):
+        raise ValueError("hyperparameters='validation' needs x_valid and y_valid")
+    device = choose_device(device)
+    head = Head(model, last_layers, weights)
+    head.check(x, batch_size)
+    phi = head.features(x, batch_size)
+    y = np.asarray(y, np.float64)
+    blocks, report = curvature_blocks(head, phi, y, curvature, batch_size, indefinite,
+                                      hessian_chunk_size)
+    theta = head.map_values()
+    f = np.concatenate([head.jacobian(phi[s:s + batch_size])[1].numpy()
+                        for s in range(0, len(phi), batch_size)])
+    rss, n = np.sum((f - y) ** 2, axis=0), len(y)
+    groups = evidence.prior_groups(head.layer_index, prior)
+    if hyperparameters == "evidence":
+        fit = evidence.fit_evidence(blocks, theta, rss, n, groups, max_iterations,
+                                    prior_precision_init)
+    else:
+        phi_v = head.features(x_valid, batch_size)
+        parts = [head.jacobian(phi_v[s:s + batch_size]) for s in range(0, len(phi_v), batch_size)]
+        jac_v = np.concatenate([p[0].numpy() for p in parts])
+        res_v = np.concatenate([p[1].numpy() for p in parts]) - np.asarray(y_valid, np.float64)
+        fit = evidence.fit_validation(blocks, theta, rss, n, groups, jac_v, res_v,
+                                      extra_covariance_valid, validation_iterations,
+                                      delta_init=prior_precision_init)
+    precision = evidence.precision_matrix(blocks, fit["beta"], fit["delta"], groups)
+    chol, jitter = cholesky_with_jitter(precision, device, jitter_initial, jitter_max,
+                                        jitter_factor)
+    eig = np.linalg.eigvalsh(np.tensordot(fit["beta"], blocks, axes=1))
+    centre = np.exp(np.mean(np.log(fit["delta"])))
+    grid = centre * np.logspace(-evidence_curve_decades, evidence_curve_decades,
+                                evidence_curve_points)
+    curve = evidence.evidence_curve(eig, theta, rss, n, fit["beta"], grid)
+    info = {"device": device, "jitter": jitter, "last_layers": last_layers,
+            "hyperparameters": hyperparameters, "prior": prior, "n_train": n,
+            "curvature_report": report,
+            **{k: v for k, v in fit.items() if k in ("validation_nll", "n_evaluations")}}
+    log.info("Laplace posterior: %d weights, prior precision %s, noise std %s, log Z %.6g, "
+             "Cholesky on %s (jitter %g)", theta.size, fit["delta"], fit["beta"] ** -0.5,
+             fit["log_evidence"], device, jitter)
+    return Posterior(head, chol, prior_precision=fit["delta"], groups=groups,
+                     noise_std=fit["beta"] ** -0.5, log_evidence=fit["log_evidence"],
+                     curvature=curvature, eigenvalues=eig,
+                     evidence_curve={"prior_precision": grid, "log_evidence": curve}, info=info)
+
+
+def options_from_config(laplace_cfg: dict) -> dict:
+    """Keyword arguments of :func:`fit_laplace` from the validated ``laplace`` config section."""
+    keys = ("last_layers", "curvature", "prior", "hyperparameters", "indefinite", "batch_size",
+            "jitter_initial", "jitter_max", "jitter_factor", "device", "hessian_chunk_size",
+            "max_iterations", "validation_iterations", "evidence_curve_points",
+            "evidence_curve_decades", "prior_precision_init")
+    return {k: laplace_cfg[k] for k in keys if k in laplace_cfg}
+
+
+# ------------------------------------------------------------------------------------- step
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.cli import base_parser
+
+    parser = base_parser("Fit the last-layer Laplace posterior of the trained model.")
+    parser.add_argument("--model", required=True, help="trained model directory")
+    parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
+    parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
+    parser.add_argument("--out", required=True, help="posterior file (.npz)")
+    return parser
+
+
+def run(args: argparse.Namespace, config: dict) -> None:
+    """The ``laplace`` step: fit with ``config['laplace']`` and write the posterior file."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.derivatives import input_jacobian
+    from pipeline.error_budget import noise_covariance
+    from pipeline.io import provenance, read_spectra
+    from pipeline.model import load_trained
+    from pipeline.validation import match_grid
+
+    cfg, data = config["laplace"], config["data"]
+    keras.utils.set_random_seed(config["seed"])
+    if config.get("deterministic", True):
+        tf.config.experimental.enable_op_determinism()
+    model, scaler, wave = load_trained(args.model)
+    read = {"require_labels": True, "nan_labels": data["nan_labels"],
+            "bad_pixel_err": data["bad_pixel_err"]}
+    train, valid = (match_grid(read_spectra(p, **read), wave, path=p,
+                               bad_pixel_err=data["bad_pixel_err"])
+                    for p in (args.train, args.valid))
+    extra = None
+    if cfg["hyperparameters"] == "validation":  # flux noise of each validation star, D e e D^T
+        jac = input_jacobian(model, valid.flux, batch_size=cfg["batch_size"])
+        bad = ~(valid.flux_err < data["bad_pixel_err"]) | (valid.flux_err <= 0)
+        if valid.mask is not None:
+            bad |= valid.mask != 0
+        extra = noise_covariance(jac, np.where(bad, 0.0, valid.flux_err))  # bad: fixed flux
+    posterior = fit_laplace(
+        model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,
+        y_valid=scaler.transform(valid.label_array()), extra_covariance_valid=extra,
+        **options_from_config(cfg))
+    posterior.save(args.out, provenance=provenance(config, device=posterior.device))
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import main
+
+    raise SystemExit(main(build_parser, run))
