@@ -136,7 +136,8 @@ def run_cli(results: Path, outdir: Path, figure: str, source: str = "fits",
     from pipeline.figures import main
 
     config = {"data": {"source": source},
-              "figures": {"formats": list(formats), "dpi": 60, "max_points": 40}}
+              "figures": {"formats": list(formats), "dpi": 60, "max_points": 40,
+                          "spectra_window": None}}
     return main(["--config-json", json.dumps(config), "--figure", figure,
                  "--results", str(results), "--outdir", str(outdir)])
 

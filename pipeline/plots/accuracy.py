@@ -23,6 +23,7 @@ from pipeline.plots.style import (
     SNR_AXIS,
     axis_label,
     new_figure,
+    plain_log_axis,
 )
 
 MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per median absolute deviation
@@ -137,15 +138,15 @@ def plot_residuals_vs_snr(results: ResultsTree, cfg: dict):
         top.axhline(0.0, color=OKABE_ITO["black"], lw=0.6)
         top.set_ylabel(r"$\Delta$" + LABEL_NAME[lab] + f" [{LABEL_UNIT[lab]}]")
         bottom.scatter(snr[show], err[show, j], s=3, color=OKABE_ITO["blue"], alpha=0.6,
-                       linewidths=0, rasterized=True, label=r"predicted $\sigma$")
+                       linewidths=0, rasterized=True, label=r"predicted $\sigma$ (per star)")
         bottom.plot(centres, binned(robust_std, resid, index, n_bins), "o-",
-                    color=OKABE_ITO["black"], label="empirical scatter")
-        bottom.set_yscale("log")
-        bottom.set_xscale("log")
+                    color=OKABE_ITO["black"], label="empirical scatter of residuals")
         bottom.set_ylabel(r"$\sigma$ " + LABEL_NAME[lab] + f" [{LABEL_UNIT[lab]}]")
         bottom.set_xlabel(SNR_AXIS)
-    axes[0, 0].legend(loc="upper right", fontsize="x-small")
-    axes[1, 0].legend(loc="upper right", fontsize="x-small")
+        plain_log_axis(bottom, "y")
+    plain_log_axis(axes[1, 0], "x")  # shared by every panel
+    handles = [h for ax in axes[:, 0] for h in ax.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="outside upper center", ncols=4, markerscale=2)
     return fig
 
 
@@ -174,9 +175,10 @@ def plot_error_budget(results: ResultsTree, cfg: dict):
             resid = np.asarray(cat[lab], np.float64) - np.asarray(cat[f"{lab}_TRUE"], np.float64)
             ax.plot(centres, binned(robust_std, resid, index, centres.size), "D",
                     mfc="none", color=OKABE_ITO["vermillion"], label="empirical scatter")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlabel(SNR_AXIS)
         ax.set_ylabel(axis_label(lab, r"$\sigma$ "))
-    axes[0, 0].legend(loc="best", fontsize="x-small")
+        plain_log_axis(ax, "y")
+    plain_log_axis(axes[0, 0], "x")  # shared by every panel
+    fig.legend(handles=axes[0, 0].get_legend_handles_labels()[0], loc="outside upper center",
+               ncols=5)
     return fig

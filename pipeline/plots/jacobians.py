@@ -25,6 +25,9 @@ from pipeline.plots.style import (
     new_figure,
 )
 
+LABEL_ROW = 0.8  # extra y range above and below the data for the rows of feature names
+LABEL_GAP = 0.018  # least distance between two feature names, as a fraction of the x range
+
 
 def derivative_label(lab: str) -> str:
     return rf"$\partial$ {LABEL_NAME[lab]} / $\partial f$ [{LABEL_UNIT[lab]}]"
@@ -45,24 +48,45 @@ def plot_jacobian_mean(results: ResultsTree, cfg: dict):
         ax.axhline(0.0, color="0.3", lw=0.4)
         _mark_features(ax, wave, mean, cfg)
         ax.set_ylabel(derivative_label(lab))
-    axes[0, 0].legend(loc="lower left", ncols=2, fontsize="x-small")
+    fig.legend(handles=axes[0, 0].get_legend_handles_labels()[0], loc="outside upper center",
+               ncols=2)
     axes[-1, 0].set_xlabel(WAVE_AXIS)
     return fig
 
 
 def _mark_features(ax, wave: np.ndarray, mean: np.ndarray, cfg: dict) -> None:
-    """Mark the strongest |mean| pixels and name them after a known line when one is near."""
+    """Circle the strongest |mean| pixels; name them in a row along the top (positive) or
+    bottom (negative) edge, spread apart so names never overlap, joined by thin leaders."""
     picks = strongest_features(wave, mean, cfg["jacobian_features"], cfg["feature_separation"])
     if picks.size == 0:
         return
-    names = name_features(wave[picks], cfg["line_tolerance"])
     ax.plot(wave[picks], mean[picks], "o", mfc="none", mec="black", ms=4, mew=0.6)
-    for w, m, name in zip(wave[picks], mean[picks], names, strict=True):
-        up = m >= 0
-        ax.annotate(name, (w, m), xytext=(0, 5 if up else -5), textcoords="offset points",
-                    ha="center", va="bottom" if up else "top", rotation=90,
-                    fontsize="x-small")
-    ax.margins(y=0.3)
+    low, high = np.nanmin(mean), np.nanmax(mean)
+    pad = LABEL_ROW * (high - low)
+    ax.set_ylim(low - pad, high + pad)
+    gap = LABEL_GAP * (np.nanmax(wave) - np.nanmin(wave))
+    for sign, row in ((1, 0.98), (-1, 0.02)):
+        side = picks[np.sign(mean[picks]) == sign]
+        side = side[np.argsort(wave[side])]
+        for w, m, x, name in zip(wave[side], mean[side], spread(wave[side], gap),
+                                 name_features(wave[side], cfg["line_tolerance"]), strict=True):
+            ax.annotate(name, (w, m), xytext=(x, row), textcoords=("data", "axes fraction"),
+                        ha="center", va="top" if sign > 0 else "bottom", rotation=90,
+                        fontsize="x-small",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.4",
+                                    "shrinkA": 1, "shrinkB": 3})
+
+
+def spread(x: np.ndarray, gap: float) -> np.ndarray:
+    """Positions as close to the sorted ``x`` as possible but at least ``gap`` apart.
+
+    A forward pass pushes each position right of its predecessor by ``gap``; the result is
+    then shifted back by the mean displacement so labels stay centred on their features.
+    """
+    y = np.array(x, dtype=np.float64)
+    for i in range(1, y.size):  # a handful of labels
+        y[i] = max(y[i], y[i - 1] + gap)
+    return y - (y - x).mean() if y.size else y
 
 
 def select_map_stars(results: ResultsTree, shards: list, n_stars: int):

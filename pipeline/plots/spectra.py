@@ -17,21 +17,21 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import LABELS
-from pipeline.exceptions import DataError
+from pipeline.exceptions import ConfigError, DataError
 from pipeline.io import read_spectra
-from pipeline.linelist import BRACKETT, CO_BANDHEADS
 from pipeline.plots.inputs import ResultsTree
+from pipeline.plots.lines import known_lines
 from pipeline.plots.style import (
     CYCLE,
     LABEL_NAME,
     LABEL_UNIT,
-    OKABE_ITO,
     WAVE_AXIS,
     break_gaps,
     new_figure,
 )
 
 SPECTRUM_OFFSET = 0.6  # vertical spacing between example spectra, in normalized flux
+LABEL_WIDTH = 0.008  # a rotated line name is about this fraction of the panel width wide
 
 
 def example_labels(cfg: dict) -> tuple[list[str], np.ndarray]:
@@ -86,6 +86,7 @@ def plot_spectra_examples(results: ResultsTree, cfg: dict):
             results.data_path("train"), labels, cfg["example_neighbours"], cfg["bad_pixel_err"])
         method = f"local linear fit to {cfg['example_neighbours']} nearest training stars"
     steps = np.asarray(cfg["label_steps"], np.float64)
+    wave, flux, jac = _window(wave, flux, jac, cfg["spectra_window"])
     fig, axes = new_figure(cfg, 4, 1, 1.05 * cfg["width"], sharex=True,
                            gridspec_kw={"height_ratios": [2, 1, 1, 1]})
     top = axes[0, 0]
@@ -96,11 +97,10 @@ def plot_spectra_examples(results: ResultsTree, cfg: dict):
         for j, ax in enumerate(axes[1:, 0]):
             w, d = break_gaps(wave, jac[e, :, j] * steps[j])
             ax.plot(w, d, color=colour, lw=0.5)
-    _mark_bands(top)
+    _mark_lines(top, wave)
     top.set_ylabel("normalized flux + offset")
-    top.legend(loc="lower left", fontsize="x-small", ncols=2, title=method,
-               title_fontsize="x-small")
-    top.margins(y=0.12)
+    fig.legend(handles=top.get_legend_handles_labels()[0], loc="outside upper center",
+               ncols=2, title=f"{method}; labels: Teff, log g, [Fe/H]", title_fontsize="small")
     for j, (ax, lab) in enumerate(zip(axes[1:, 0], LABELS, strict=True)):
         ax.axhline(0.0, color="0.3", lw=0.4)
         ax.set_ylabel(rf"$\Delta f$ per {steps[j]:g} {LABEL_UNIT[lab]}" + "\n"
@@ -109,12 +109,31 @@ def plot_spectra_examples(results: ResultsTree, cfg: dict):
     return fig
 
 
-def _mark_bands(ax) -> None:
-    """Ticks at the Brackett lines and CO bandheads along the top of the spectra panel."""
-    for waves, label, colour in ((BRACKETT.values(), "Br", OKABE_ITO["blue"]),
-                                 (CO_BANDHEADS.values(), "CO", OKABE_ITO["vermillion"])):
-        for i, w in enumerate(sorted(waves)):
-            ax.axvline(w, ymin=0.93, ymax=1.0, color=colour, lw=0.8)
-            if i == 0:
-                ax.text(w, 1.01, label, color=colour, transform=ax.get_xaxis_transform(),
-                        ha="center", va="bottom", fontsize="x-small")
+def _window(wave, flux, jac, window):
+    """The pixels inside ``window`` = (low, high) Angstrom, or all pixels if it is None."""
+    if window is None:
+        return wave, flux, jac
+    inside = (wave >= min(window)) & (wave <= max(window))
+    if not inside.any():
+        raise ConfigError(f"config key 'figures.spectra_window' = {window} holds no pixel of the "
+                        f"grid ({wave.min():.0f}-{wave.max():.0f} A); choose a range inside it")
+    return wave[inside], flux[:, inside], jac[:, inside]
+
+
+def _mark_lines(ax, wave: np.ndarray) -> None:
+    """Name the known lines inside the plotted range along the top of the spectra panel."""
+    lines, names = known_lines()
+    inside = (lines >= wave.min()) & (lines <= wave.max())
+    lines, names = lines[inside], np.array(names)[inside]
+    if lines.size == 0:
+        return
+    # lines closer than the width of a text label share one tick: 'Br15/Ti I'
+    start = np.r_[True, np.diff(lines) > LABEL_WIDTH * (wave.max() - wave.min())]
+    groups = np.cumsum(start) - 1
+    names = ["/".join(dict.fromkeys(names[groups == g])) for g in range(groups[-1] + 1)]
+    for w, name in zip(lines[start], names, strict=True):
+        ax.axvline(w, ymin=0.9, ymax=1.0, color="0.3", lw=0.6)
+        ax.text(w, 0.89, name, transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                va="top", fontsize="xx-small", color="0.3")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.35 * (high - low))  # room for the names above the spectra

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # figures are made in batch jobs: never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline import LABELS  # noqa: E402
@@ -63,10 +64,26 @@ def rc_params(cfg: dict) -> dict:
     }
 
 
-def new_figure(cfg: dict, nrows: int, ncols: int, height: float, **kwargs):
-    """``plt.subplots`` at the configured width; ``height`` in inches."""
-    return plt.subplots(nrows, ncols, figsize=(cfg["width"], height), squeeze=False,
-                        layout="constrained", **kwargs)
+def new_figure(cfg: dict, nrows: int, ncols: int, height: float, width_fraction: float = 1.0,
+               **kwargs):
+    """``plt.subplots`` at ``width_fraction`` of the configured width; ``height`` in inches."""
+    return plt.subplots(nrows, ncols, figsize=(width_fraction * cfg["width"], height),
+                        squeeze=False, layout="constrained", **kwargs)
+
+
+def plain_log_axis(ax, which: str = "x") -> None:
+    """Log scale with plain tick labels (50, 100, 200 rather than 5x10^1) and no minor labels.
+
+    Ticks at 1, 2, 5 per decade when the axis spans under two decades, else at powers of 10.
+    """
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    low, high = sorted(abs(v) for v in (ax.get_xlim() if which == "x" else ax.get_ylim()))
+    decades = np.log10(high / low) if low > 0 else np.inf
+    subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def note(ax, text: str) -> None:

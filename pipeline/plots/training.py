@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.plots.inputs import ResultsTree
-from pipeline.plots.style import OKABE_ITO, new_figure, note
+from pipeline.plots.style import OKABE_ITO, new_figure, note, plain_log_axis
 
 
 def plot_training_curves(results: ResultsTree, cfg: dict):
@@ -19,7 +20,7 @@ def plot_training_curves(results: ResultsTree, cfg: dict):
         epoch = epoch + 1
     best = int(np.nanargmin(val_loss))
 
-    fig, axes = new_figure(cfg, 1, 1, 0.45 * cfg["width"])
+    fig, axes = new_figure(cfg, 1, 1, 0.4 * cfg["width"], width_fraction=0.5)
     ax = axes[0, 0]
     ax.plot(epoch, loss, "-o", color=OKABE_ITO["blue"], label="training")
     ax.plot(epoch, val_loss, "-s", color=OKABE_ITO["orange"], label="validation")
@@ -27,11 +28,12 @@ def plot_training_curves(results: ResultsTree, cfg: dict):
             label=f"best epoch {epoch[best]:.0f} (val. loss {val_loss[best]:.3g})")
     ax.axvline(epoch[best], color=OKABE_ITO["vermillion"], lw=0.7, ls=":")
     positive = np.concatenate([loss, val_loss])
-    if np.all(positive[np.isfinite(positive)] > 0):
-        ax.set_yscale("log")
+    if np.all(positive[np.isfinite(positive)] > 0):  # a Gaussian NLL loss can be negative
+        plain_log_axis(ax, "y")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (MSE, standardized labels)")
-    ax.legend()
+    ax.set_ylabel("loss (standardized labels)")
+    ax.legend(fontsize="x-small")
     return fig
 
 
@@ -86,7 +88,7 @@ def _evidence_panel(ax, post: dict) -> None:
                    ls=":", label=r"$\log Z$ at optimum")
     if "noise_std" in post:
         sigma = ", ".join(f"{s:.3g}" for s in np.ravel(post["noise_std"]))
-        ax.text(0.03, 0.04, rf"$\sigma_k$ = ({sigma})", transform=ax.transAxes, fontsize="small")
+        ax.set_title(rf"fitted noise $\sigma_k$ = ({sigma}) (standardized)")
     ax.set_xlabel("prior precision")
     ax.set_ylabel(r"log evidence $\log Z$")
     ax.legend(loc="lower right")
