@@ -296,3 +296,26 @@ def test_jacobian_map_reads_the_right_rows_in_teff_order(results_tree):
     assert np.all(np.diff(teff) > 0) and teff.size == 7
     assert teff[0] == all_teff.min() and teff[-1] == all_teff.max()
     np.testing.assert_array_equal(wave, small_grid())
+
+
+def test_posterior_keys_written_by_pipeline_laplace_are_read(tmp_path):
+    from pipeline.plots.inputs import ResultsTree
+
+    (tmp_path / "laplace").mkdir()
+    eig, grid = np.array([3.0, 2.0]), np.array([0.1, 1.0])
+    np.savez(tmp_path / "laplace" / "posterior.npz", eigenvalues=eig,
+             evidence_curve_prior_precision=grid, evidence_curve_log_evidence=-grid)
+    post = ResultsTree(tmp_path).posterior()
+    np.testing.assert_array_equal(post["curvature_eigenvalues"], eig)
+    np.testing.assert_array_equal(post["evidence_grid_prior_precision"], grid)
+    np.testing.assert_array_equal(post["evidence_grid_log_evidence"], -grid)
+
+
+def test_spectra_window_outside_the_grid_is_a_config_error(results_tree, tmp_path, capsys):
+    from pipeline.figures import main
+
+    config = {"data": {"source": "fits"}, "figures": {"spectra_window": [9000, 9100]}}
+    assert main(["--config-json", json.dumps(config), "--figure", "spectra_examples",
+                 "--results", str(results_tree), "--outdir", str(tmp_path)]) == 1
+    assert "figures.spectra_window" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -28,7 +28,11 @@ from pipeline import LABELS
 from pipeline.exceptions import DataError
 
 MISSING_VALUE = -9999.0
-ERROR_PARTS = ("ERR_MODEL", "ERR_SCATTER", "ERR_NOISE")
+POSTERIOR_ALIASES = {  # contract name -> name pipeline.laplace.Posterior.save writes
+    "curvature_eigenvalues": "eigenvalues",
+    "evidence_grid_prior_precision": "evidence_curve_prior_precision",
+    "evidence_grid_log_evidence": "evidence_curve_log_evidence",
+}
 
 
 def _shard_index(path: Path) -> int:
@@ -96,15 +100,22 @@ class ResultsTree:
         return table
 
     def posterior(self) -> dict[str, np.ndarray]:
-        """Arrays of the Laplace posterior file (optional keys may be absent)."""
+        """Arrays of the Laplace posterior file (optional keys may be absent).
+
+        Keys are also offered under their contract names (see ``POSTERIOR_ALIASES``).
+        """
         path = self.require("laplace/posterior.npz", "laplace")
         try:
             with np.load(path, allow_pickle=False) as npz:
-                return {key: np.asarray(npz[key]) for key in npz.files}
+                arrays = {key: np.asarray(npz[key]) for key in npz.files}
         except Exception as exc:
             raise DataError(
                 f"'{path}': not a readable .npz archive ({exc}); re-run 'laplace'"
             ) from None
+        for name, alias in POSTERIOR_ALIASES.items():
+            if name not in arrays and alias in arrays:
+                arrays[name] = arrays[alias]
+        return arrays
 
     def catalog(self, columns: tuple[str, ...] = ()) -> Table:
         """The prediction catalog of ``self.split`` with at least ``columns``; -9999 -> NaN."""
