@@ -111,7 +111,8 @@ def fit_evidence(blocks, theta, rss, n, groups, max_iterations: int = 200,
 
     eta0 = np.log(np.concatenate([delta0, beta0]))
     res = minimize(objective, eta0, jac=True, method="L-BFGS-B",
-                   bounds=[LOG_BOUNDS] * eta0.size, options={"maxiter": max_iterations})
+                   bounds=[LOG_BOUNDS] * eta0.size,
+                   options={"maxiter": max_iterations, "ftol": 1e-13, "gtol": 1e-7})
     if not np.isfinite(res.fun):
         raise NumericalError("evidence maximization failed: the posterior precision is not "
                              "positive definite at any hyperparameters tried")

@@ -1,0 +1,215 @@
+"""Laplace posterior against closed forms, brute force and Monte Carlo; save/load; the step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import set_seed
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from pipeline import evidence  # noqa: E402
+from pipeline.curvature import ggn_blocks  # noqa: E402
+from pipeline.exceptions import ConfigError, ModelFileError, NumericalError  # noqa: E402
+from pipeline.laplace import Posterior, cholesky_with_jitter, fit_laplace  # noqa: E402
+
+D = "float64"
+
+
+def tiny_model(n_in=6, hidden=(8, 5), seed=1):
+    set_seed(seed)
+    layers = [keras.Input((n_in,), dtype=D)]
+    layers += [keras.layers.Dense(h, "tanh", dtype=D) for h in hidden]
+    return keras.Sequential(layers + [keras.layers.Dense(3, dtype=D)])
+
+
+@pytest.fixture
+def data(rng):
+    model = tiny_model()
+    x = rng.normal(size=(120, 6))
+    y = model(x).numpy() + rng.normal(size=(120, 3)) * [0.05, 0.1, 0.2]
+    return model, x, y
+
+
+def independent_jacobians(model, x, variables):
+    """Per-star tape Jacobians (N, 3, P): reference independent of pipeline.curvature."""
+    rows = []
+    for n in range(len(x)):
+        with tf.GradientTape(persistent=True) as tape:
+            f = model(x[n:n + 1])[0]
+            outs = [f[k] for k in range(3)]
+        rows.append([np.concatenate([g.numpy().ravel() for g in tape.gradient(o, variables)])
+                     for o in outs])
+    return np.array(rows)
+
+
+def test_last_layer_posterior_is_bayesian_linear_regression(data):
+    model, x, y = data
+    post = fit_laplace(model, x, y, last_layers=1, device="cpu")
+    last = model.layers[-1]
+    phi = keras.Model(model.inputs[0], last.input)(x).numpy()
+    design = np.hstack([phi, np.ones((len(x), 1))])  # features and the bias input
+    d = phi.shape[1]
+    delta, beta = post.prior_precision[0], post.noise_std**-2
+    precision = np.zeros((3 * d + 3, 3 * d + 3))
+    for k in range(3):  # label k owns kernel column k (index i*3+k) and bias k (3d+k)
+        idx = np.r_[np.arange(d) * 3 + k, 3 * d + k]
+        precision[np.ix_(idx, idx)] = beta[k] * design.T @ design
+    precision += delta * np.eye(len(precision))
+    a = post.cholesky @ post.cholesky.T
+    assert np.abs(a - precision).max() / np.abs(precision).max() < 1e-12
+    # predictive variance of label k = x~^T A_k^-1 x~, no correlation between labels
+    cov = post.predictive_covariance(x[:7])
+    for k in range(3):
+        idx = np.r_[np.arange(d) * 3 + k, 3 * d + k]
+        ref = np.einsum("np,pq,nq->n", design[:7], np.linalg.inv(precision[np.ix_(idx, idx)]),
+                        design[:7])
+        np.testing.assert_allclose(cov[:, k, k], ref, rtol=1e-10)
+    off = cov - np.einsum("nii->ni", cov)[:, :, None] * np.eye(3)
+    assert np.abs(off).max() < 1e-14 * np.abs(cov).max()
+
+
+def brute_log_evidence(jac, theta, rss, n, delta, beta):
+    """log Z from explicitly built A on a grid: delta (G,), beta (G, 3) -> (G,)."""
+    g = np.einsum("nkp,nkq->kpq", jac, jac)
+    a = np.einsum("gk,kpq->gpq", beta, g) + delta[:, None, None] * np.eye(theta.size)
+    logdet = np.linalg.slogdet(a)[1]
+    p = theta.size
+    return (np.sum(n / 2 * np.log(beta / (2 * np.pi)) - beta * rss / 2, axis=1)
+            + p / 2 * np.log(delta / (2 * np.pi)) - delta * (theta @ theta) / 2
+            + p / 2 * np.log(2 * np.pi) - logdet / 2)
+
+
+def test_evidence_optimum_beats_a_brute_force_grid(data):
+    model, x, y = data
+    post = fit_laplace(model, x, y, last_layers=2, device="cpu")
+    variables = [v for la in model.layers[-2:] for v in (la.kernel, la.bias)]
+    jac = independent_jacobians(model, x, variables)
+    theta = np.concatenate([v.numpy().ravel() for v in variables])
+    rss = np.sum((model(x).numpy() - y) ** 2, axis=0)
+    best = np.r_[post.prior_precision, post.noise_std**-2]
+    at_best = brute_log_evidence(jac, theta, rss, len(x), best[:1], best[None, 1:])[0]
+    np.testing.assert_allclose(post.log_evidence, at_best, rtol=1e-10)
+    # a grid of +-50% around the optimum in every hyperparameter (9^4 points)
+    axes = [b * np.linspace(0.5, 1.5, 9) for b in best]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 4)
+    values = brute_log_evidence(jac, theta, rss, len(x), grid[:, 0], grid[:, 1:])
+    assert at_best >= values.max() - 1e-9
+    # the grid maximum sits next to the optimum (within one grid step)
+    arg = grid[np.argmax(values)]
+    assert np.all(np.abs(arg / best - 1) <= 0.125 + 1e-12)
+    # the evidence curve is the same function of a scalar prior at the fitted noise
+    curve = post.evidence_curve
+    ref = brute_log_evidence(jac, theta, rss, len(x), curve["prior_precision"][::10],
+                             np.tile(best[1:], (7, 1)))
+    np.testing.assert_allclose(curve["log_evidence"][::10], ref, rtol=1e-9)
+
+
+def test_layer_prior_is_a_stationary_point(data):
+    model, x, y = data
+    post = fit_laplace(model, x, y, last_layers=2, prior="layer", device="cpu")
+    assert post.prior_precision.shape == (2,)
+    head = post.head
+    blocks = ggn_blocks(head, head.features(x))
+    rss = np.sum((model(x).numpy() - y) ** 2, axis=0)
+    eta = np.log(np.r_[post.prior_precision, post.noise_std**-2])
+
+    def value(e):
+        return evidence.log_evidence(blocks, post.theta_map, rss, len(x), post.groups,
+                                     np.exp(e[:2]), np.exp(e[2:]))
+    h = 1e-5
+    grad = [(value(eta + h * np.eye(5)[i]) - value(eta - h * np.eye(5)[i])) / (2 * h)
+            for i in range(5)]
+    assert np.max(np.abs(grad)) < 1e-4
+
+
+def test_predictive_covariance_matches_monte_carlo(data):
+    model, x, y = data
+    post = fit_laplace(model, x, y, last_layers=2, device="cpu")
+    samples = post.sample(40000, seed=3)
+    np.testing.assert_allclose(samples.mean(0), post.theta_map, atol=5 * np.sqrt(
+        np.diag(post.covariance()).max() / 40000))
+    variables = [v for la in model.layers[-2:] for v in (la.kernel, la.bias)]
+    jac = independent_jacobians(model, x[:4], variables)
+    mc = np.einsum("nkp,sp->snk", jac, samples - post.theta_map)  # linearized predictive
+    mc_cov = np.einsum("snk,snl->nkl", mc, mc) / len(samples)
+    cov = post.predictive_covariance(x[:4])
+    var = np.einsum("nkk->nk", cov)
+    np.testing.assert_allclose(np.einsum("nkk->nk", mc_cov), var, rtol=0.04)
+    np.testing.assert_allclose(mc_cov, cov, atol=0.04 * var.max())
+    # and against the explicit inverse (formed only here, on request)
+    np.testing.assert_allclose(cov, np.einsum("nkp,pq,nlq->nkl", jac, post.inverse_hessian(),
+                                              jac), rtol=1e-9, atol=1e-15)
+
+
+def test_save_load_reproduces_every_variance_bit_for_bit(data, tmp_path):
+    model, x, y = data
+    post = fit_laplace(model, x, y, last_layers=2, curvature="hessian", device="cpu")
+    path = tmp_path / "posterior.npz"
+    post.save(path, provenance={"PKGVERS": "test"})
+    loaded = Posterior.load(path, model)
+    assert np.array_equal(loaded.predictive_covariance(x), post.predictive_covariance(x))
+    for name in ("cholesky", "prior_precision", "noise_std", "eigenvalues", "theta_map"):
+        assert np.array_equal(getattr(loaded, name), getattr(post, name))
+    assert loaded.log_evidence == post.log_evidence and loaded.curvature == "hessian"
+    with np.load(path) as npz:
+        info = json.loads(str(npz["info"]))
+        assert info["provenance"]["PKGVERS"] == "test" and info["device"] == "cpu"
+        assert npz["evidence_curve_log_evidence"].shape == (61,)
+        assert list(npz["weight_names"]) == post.head.names
+    other = tiny_model(seed=9)  # same architecture, other weights
+    with pytest.raises(ModelFileError, match="different model"):
+        Posterior.load(path, other)
+    with pytest.raises(ModelFileError, match="different model"):
+        Posterior.load(path, tiny_model(hidden=(8, 4)))
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temporary file
+
+
+def test_cholesky_jitter_and_failures():
+    a = np.diag([1.0, 1.0, 0.0])  # singular: needs jitter
+    chol, added = cholesky_with_jitter(a, jitter_initial=1e-8, jitter_max=1e-2)
+    assert added > 0 and np.allclose(chol @ chol.T, a + added * np.eye(3))
+    with pytest.raises(NumericalError, match="jitter_max"):
+        cholesky_with_jitter(np.diag([1.0, -5.0, 1.0]), jitter_initial=1e-8, jitter_max=1e-2)
+
+
+def test_bad_options_name_the_config_key(data):
+    model, x, y = data
+    with pytest.raises(ConfigError, match="laplace.hyperparameters.*evidence, validation"):
+        fit_laplace(model, x, y, hyperparameters="grid")
+    with pytest.raises(ConfigError, match="laplace.prior"):
+        fit_laplace(model, x, y, prior="diag")
+    with pytest.raises(ValueError, match="x_valid"):
+        fit_laplace(model, x, y, hyperparameters="validation")
+
+
+def toy_spectra(teff, rng, n_pix=40):
+    """Synthetic-like spectra: Gaussian lines whose depth grows as Teff falls, with noise."""
+    centres = np.linspace(0, 1, n_pix)
+    depth = 0.6 * np.exp(-(teff[:, None] - 3500) / 2500 * (1 + 2 * centres))
+    flux = 1 - depth + 0.01 * rng.normal(size=depth.shape)
+    return flux.astype(np.float32)
+
+
+def test_epistemic_error_grows_outside_the_training_range(rng):
+    set_seed(5)
+    teff = rng.uniform(4000, 6000, 600)
+    labels = np.stack([teff, 2.5 + (teff - 5000) / 1000, np.zeros(600)], 1)
+    labels[:, 2] = rng.normal(0, 0.3, 600)
+    flux = toy_spectra(teff, rng)
+    mean, scale = labels.mean(0), labels.std(0)
+    z = (labels - mean) / scale
+    model = keras.Sequential([keras.Input((40,)), keras.layers.Dense(16, "tanh"),
+                              keras.layers.Dense(8, "tanh"), keras.layers.Dense(3)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(flux, z, epochs=60, batch_size=64, verbose=0)
+    post = fit_laplace(model, flux, z, last_layers=2, device="cpu")
+    inside = toy_spectra(rng.uniform(4500, 5500, 50), rng)
+    outside = toy_spectra(np.full(50, 6800.0), rng)
+    var_in = np.median(post.predictive_covariance(inside)[:, 0, 0])
+    var_out = np.median(post.predictive_covariance(outside)[:, 0, 0])
+    assert var_out > 3 * var_in
