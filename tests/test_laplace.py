@@ -213,3 +213,53 @@ def test_epistemic_error_grows_outside_the_training_range(rng):
     var_in = np.median(post.predictive_covariance(inside)[:, 0, 0])
     var_out = np.median(post.predictive_covariance(outside)[:, 0, 0])
     assert var_out > 3 * var_in
+
+
+def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
+    from astropy.table import Table
+
+    from pipeline.cli import main
+    from pipeline.io import Spectra, write_spectra
+    from pipeline.laplace import build_parser, run
+    from pipeline.model import MODEL_FILE, SCALER_FILE, WAVE_FILE, LabelScaler
+
+    set_seed(6)
+    n_pix = 30
+    wave = np.linspace(15100.0, 16900.0, n_pix)
+    files = {}
+    for split, n in (("train", 90), ("valid", 40)):
+        teff = rng.uniform(4000, 6000, n)
+        labels = Table({"STAR_ID": [f"{split}{i}" for i in range(n)], "TEFF": teff,
+                        "LOGG": rng.uniform(1, 4, n), "FE_H": rng.normal(0, 0.3, n)})
+        flux = toy_spectra(teff, rng, n_pix)
+        files[split] = tmp_path / f"{split}.fits"
+        write_spectra(files[split], Spectra(flux, np.full_like(flux, 0.01), wave, labels))
+    model = keras.Sequential([keras.Input((n_pix,)), keras.layers.Dense(6, "tanh"),
+                              keras.layers.Dense(5, "tanh"), keras.layers.Dense(3)])
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model.save(model_dir / MODEL_FILE)
+    scaler = LabelScaler().fit(np.stack([rng.normal(5000, 500, 50), rng.normal(2.5, 1, 50),
+                                         rng.normal(0, 0.3, 50)], 1))
+    scaler.save(model_dir / SCALER_FILE)
+    np.save(model_dir / WAVE_FILE, wave)
+    out = tmp_path / "laplace" / "posterior.npz"
+    for mode in ("evidence", "validation"):
+        argv = ["--config-json", json.dumps({"laplace": {"hyperparameters": mode,
+                                                         "device": "cpu"}}),
+                "--model", str(model_dir), "--train", str(files["train"]),
+                "--valid", str(files["valid"]), "--out", str(out)]
+        assert main(build_parser, run, argv) == 0
+        with np.load(out) as npz:
+            assert {"weight_names", "map_values", "prior_precision", "noise_std", "cholesky",
+                    "log_evidence", "curvature", "eigenvalues", "evidence_curve_prior_precision",
+                    "evidence_curve_log_evidence", "info"} <= set(npz.files)
+            info = json.loads(str(npz["info"]))
+        assert info["hyperparameters"] == mode and "CFGHASH" in info["provenance"]
+        assert "TFVERS" in info["provenance"] and info["provenance"]["DEVICE"] == "cpu"
+    from pipeline.model import load_trained
+
+    loaded_model = load_trained(model_dir)[0]
+    post = Posterior.load(out, loaded_model)
+    assert np.all(np.isfinite(post.predictive_covariance(toy_spectra(np.full(3, 5e3), rng,
+                                                                     n_pix))))
