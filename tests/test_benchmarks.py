@@ -1,0 +1,137 @@
+"""Smoke tests of the benchmarks: tiny sizes, row format, finite ratios, sound references."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import bench_cholesky, bench_jacobian, bench_laplace_torch, bench_memory
+from benchmarks.run import discover, table
+
+ROW_KEYS = {"benchmark", "value", "baseline", "unit", "ratio", "target", "ok"}
+
+
+def check_rows(rows: list[dict]) -> None:
+    assert rows
+    for r in rows:
+        assert set(r) == ROW_KEYS, r
+        assert isinstance(r["benchmark"], str) and r["benchmark"]
+        assert r["ok"] in (True, False, None)
+        if r["value"] is not None:
+            assert math.isfinite(r["value"]), r
+        if r["ratio"] is not None:
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+    text = table(rows)
+    assert text.count("\n") == len(rows) + 1
+
+
+def test_runner_discovers_these_benchmarks():
+    names = discover()
+    for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch"):
+        assert name in names
+
+
+def test_cholesky_rows_and_extrapolation():
+    rows = bench_cholesky.run(quick=True, sizes=(60, 120))
+    check_rows(rows)
+    assert any("scipy" in r["benchmark"] and "n=120" in r["benchmark"] for r in rows)
+    last = rows[-1]
+    assert "EXTRAPOLATED" in last["benchmark"] and str(bench_cholesky.LAST3) in last["benchmark"]
+    scipy_120 = next(r for r in rows if "n=120, scipy" in r["benchmark"])
+    # t(37123) = t(120) * (37123 / 120)^3, exactly
+    assert last["value"] == pytest.approx(scipy_120["value"] * (37123 / 120) ** 3, rel=1e-12)
+
+
+def test_posterior_precision_is_spd_and_sized():
+    a = bench_cholesky.posterior_precision(50)
+    assert a.shape == (50, 50) and np.allclose(a, a.T, rtol=0, atol=1e-14)
+    assert np.linalg.eigvalsh(a).min() >= 1.0 - 1e-12  # G >= 0 plus unit prior precision
+    assert bench_cholesky.LAST2 == 4227 and bench_cholesky.LAST3 == 37123
+
+
+def test_jacobian_rows_tiny_model():
+    rows = bench_jacobian.run(quick=True, n_pixels=40, hidden=(16, 8), n_stars=48, n_loop=4,
+                              batch_sizes=(16,))
+    check_rows(rows)
+    assert {r["unit"] for r in rows} == {"spectra/s", "s/star", "s"}
+
+
+def test_per_star_loop_matches_finite_differences():
+    """The naive baseline is itself a correct Jacobian (float64 central differences)."""
+    import keras
+
+    keras.config.set_floatx("float64")
+    try:
+        model = bench_jacobian.reference_model(6, (5,), seed=1)
+    finally:
+        keras.config.set_floatx("float32")
+    x = np.random.default_rng(0).random((2, 6)).astype(np.float32)
+    jac = bench_jacobian.per_star_loop(model, x)
+    w = [np.asarray(v, np.float64) for v in model.get_weights()]
+
+    def f(v):  # the dense ReLU net in float64 numpy
+        return np.maximum(v @ w[0] + w[1], 0) @ w[2] + w[3]
+
+    h = 1e-6
+    for n in range(2):
+        for p in range(6):
+            e = np.zeros(6)
+            e[p] = h
+            fd = (f(x[n] + e) - f(x[n] - e)) / (2 * h)
+            np.testing.assert_allclose(jac[n, :, p], fd, rtol=1e-4, atol=1e-5)
+
+
+def test_peak_rss_sees_a_large_allocation():
+    """Both peaks see a 300 MB array held for 0.3 s in the child."""
+    small = bench_memory.peak_rss(["-c", "import time; time.sleep(0.3)"])
+    large = bench_memory.peak_rss(["-c", "import time, numpy as np; a = np.ones(300 * 2**20 // 8)"
+                                   "; time.sleep(0.3)"])
+    assert large.rss - small.rss == pytest.approx(300, abs=40)
+    assert large.anon - small.anon == pytest.approx(300, abs=40)
+
+
+def test_closed_form_matches_brute_force():
+    rng = np.random.default_rng(3)
+    phi, phi_test = rng.standard_normal((30, 4)), rng.standard_normal((5, 4))
+    cov = bench_laplace_torch.closed_form_covariance(phi, phi_test, 3)
+    # brute force: the full 15-parameter linear model, J_n = I_3 kron [phi_n, 1]
+    def jac(v):
+        return np.kron(np.eye(3), np.append(v, 1.0)[None])
+
+    s, d = bench_laplace_torch.SIGMA_NOISE, bench_laplace_torch.PRIOR_PRECISION
+    precision = sum(jac(v).T @ jac(v) for v in phi) / s**2 + d * np.eye(15)
+    want = np.stack([jac(v) @ np.linalg.inv(precision) @ jac(v).T for v in phi_test])
+    np.testing.assert_allclose(cov, want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("laplace") is None, reason="laplace-torch absent")
+def test_laplace_torch_matches_closed_form():
+    """Our use of laplace-torch (Identity + Linear, fixed hyperparameters) is the exact BLR."""
+    model = bench_jacobian.reference_model(10, (6,), seed=2)
+    rng = np.random.default_rng(4)
+    x = rng.random((40, 10)).astype(np.float32)
+    y = rng.standard_normal((40, 3))
+    la, _ = bench_laplace_torch.fit_laplace_torch(model, x, y)
+    phi = bench_laplace_torch.features(model, x)
+    got = bench_laplace_torch.laplace_torch_covariance(la, phi[:7])
+    want = bench_laplace_torch.closed_form_covariance(phi, phi[:7], 3)
+    assert bench_laplace_torch.relative_difference(got, want) < 1e-10
+
+
+def test_laplace_torch_rows_or_skip_note():
+    rows = bench_laplace_torch.run(quick=True, n_pixels=12, hidden=(8,), n_train=60, n_test=5)
+    check_rows(rows)
+    if "SKIPPED" in rows[0]["benchmark"]:
+        assert rows[0]["ok"] is None
+    else:
+        assert all(r["ok"] is not False for r in rows), rows
+
+
+@pytest.mark.slow
+def test_memory_rows_tiny(tmp_path):
+    rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path)
+    check_rows(rows)
+    assert rows[0]["unit"] == "MB" and rows[0]["value"] > 50
