@@ -166,14 +166,26 @@ def provenance(config: dict | None = None, *, device: str | None = None,
 
 
 # --------------------------------------------------------------------------------- reading
-def _open_fits(path: Path) -> fits.HDUList:
+def _open_fits(path: Path, lazy: bool = False) -> fits.HDUList:
+    """Open ``path``; read every HDU now (``lazy=False``) or memory-map the images.
+
+    Reading everything at once makes a truncated file fail here, with its name. ``lazy`` opens
+    the images as memory maps so that a slice of rows costs only those rows; a truncated file
+    is still caught by comparing the file size with what the headers declare.
+    """
     if not path.is_file():
         raise DataError(f"'{path}': file does not exist")
     try:
-        hdul = fits.open(path, memmap=False)
+        hdul = fits.open(path, memmap=lazy, lazy_load_hdus=False)
         hdul.verify("exception")
-        for hdu in hdul:  # force reading now: a truncated file fails here, with its name
-            _ = hdu.data
+        if lazy:
+            last = hdul[-1]
+            end = last.fileinfo()["datLoc"] + last.size * abs(last.header.get("BITPIX", 8)) // 8
+            if path.stat().st_size < end:
+                raise OSError(f"file is {path.stat().st_size} bytes, headers declare {end}")
+        else:
+            for hdu in hdul:
+                _ = hdu.data
     except Exception as exc:  # astropy raises OSError, ValueError, VerifyError...
         raise DataError(
             f"'{path}': not a readable FITS file ({type(exc).__name__}: {exc}); "
@@ -189,11 +201,13 @@ def read_options(config: dict) -> dict:
             "max_bad_pixel_fraction": data["max_bad_pixel_fraction"]}
 
 
-def _image(hdul, path: Path, name: str, dtype) -> np.ndarray:
+def _image(hdul, path: Path, name: str, dtype, rows=None) -> np.ndarray:
     data = hdul[name].data
     if data is None or np.size(data) == 0:
         raise DataError(f"'{path}': HDU '{name}' is empty (the file holds no spectra); "
                         "write at least one spectrum")
+    if rows is not None and data.ndim == 2:
+        data = data[rows]
     try:
         return np.array(data, dtype=dtype)
     except (TypeError, ValueError):
@@ -201,9 +215,22 @@ def _image(hdul, path: Path, name: str, dtype) -> np.ndarray:
                         f"as {np.dtype(dtype).name}") from None
 
 
+def read_labels(path: str | Path) -> Table:
+    """The LABELS table of a canonical dataset FITS, without reading any flux."""
+    from pipeline import validation
+
+    path = Path(path)
+    with _open_fits(path, lazy=True) as hdul:
+        validation.check_hdus(path, hdul, REQUIRED_HDUS)
+        labels = Table(hdul["LABELS"].data)
+    validation.check_star_ids(path, labels)
+    return labels
+
+
 def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_ERR,
                  require_labels: bool = False, nan_labels: str = "drop",
-                 max_bad_pixel_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> Spectra:
+                 max_bad_pixel_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                 rows: slice | None = None) -> Spectra:
     """Read and validate a canonical dataset FITS (see module docstring).
 
     Args:
@@ -214,6 +241,8 @@ def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_E
             'fail' naming the first such row.
         max_bad_pixel_fraction: a spectrum with a larger bad-pixel fraction is an error
             (config ``data.max_bad_pixel_fraction``); so is one entirely bad or all zeros.
+        rows: read only this slice of spectra, through memory maps, so that streaming over
+            a large file in chunks keeps memory flat. STAR_IDs are checked file-wide.
 
     Raises:
         DataError: naming the file, HDU, column or row and what would fix it
@@ -222,16 +251,21 @@ def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_E
     from pipeline import validation
 
     path = Path(path)
-    with _open_fits(path) as hdul:
+    with _open_fits(path, lazy=rows is not None) as hdul:
         validation.check_hdus(path, hdul, REQUIRED_HDUS)
-        flux = _image(hdul, path, "FLUX", np.float32)
-        flux_err = _image(hdul, path, "FLUX_ERR", np.float32)
+        if rows is not None:
+            validation.check_image_rows(path, hdul, ("FLUX", "FLUX_ERR", "MASK"))
+        flux = _image(hdul, path, "FLUX", np.float32, rows)
+        flux_err = _image(hdul, path, "FLUX_ERR", np.float32, rows)
         wave = _image(hdul, path, "WAVE", np.float64)
         if hdul["LABELS"].data is None:
             raise DataError(f"'{path}': HDU 'LABELS' is empty; it needs one row per spectrum "
                             "with at least a STAR_ID column")
         labels = Table(hdul["LABELS"].data)
-        mask = _image(hdul, path, "MASK", np.int32) if "MASK" in hdul else None
+        if rows is not None:
+            validation.check_star_ids(path, labels)
+            labels = labels[rows]
+        mask = _image(hdul, path, "MASK", np.int32, rows) if "MASK" in hdul else None
         header = dict(hdul[0].header)
     spectra = Spectra(flux, flux_err, wave, labels, mask,
                       meta={k: v for k, v in header.items() if k not in ("COMMENT", "HISTORY")})

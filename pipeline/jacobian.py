@@ -105,15 +105,39 @@ def write_jacobian_shard(path: str | Path, jacobians: Iterator[np.ndarray], n_st
             hdul.append(wave_hdu)
 
 
-def jacobian_batches(model, scaler, flux: np.ndarray, batch_size: int,
+def jacobian_batches(model, scaler, chunks: Iterator[np.ndarray], batch_size: int,
                      jacobian_fn: Callable | None = None) -> Iterator[np.ndarray]:
-    """Yield input Jacobians (B, 3, P) float32 in physical units, one batch at a time."""
+    """Yield input Jacobians (B, 3, P) float32 in physical units, one batch at a time.
+
+    ``chunks`` yields flux arrays (n, P) (e.g. successive row slices of a file), so neither the
+    flux nor the Jacobians of more than one chunk are in memory at once.
+    """
     if jacobian_fn is None:
         from pipeline.derivatives import input_jacobian as jacobian_fn
-    slices = list(batches(flux.shape[0], batch_size))
-    for s in progress(slices, total=len(slices), desc="jacobian"):
-        x = np.asarray(flux[s])
-        yield np.asarray(jacobian_fn(model, x, batch_size=batch_size, scaler=scaler), np.float32)
+    for flux in chunks:
+        for s in batches(flux.shape[0], batch_size):
+            x = np.asarray(flux[s])
+            yield np.asarray(jacobian_fn(model, x, batch_size=batch_size, scaler=scaler),
+                             np.float32)
+
+
+def shard_flux(path, fmt: str, wave: np.ndarray, config: dict, rows: np.ndarray,
+               chunk_size: int) -> Iterator[np.ndarray]:
+    """Flux of the shard's ``rows`` on the model grid, ``chunk_size`` stars at a time.
+
+    A canonical FITS is read through memory maps one row slice at a time, so peak memory does
+    not grow with the number of stars; apStar inputs (one file per star) are read whole.
+    """
+    from pipeline.predict import load_input
+
+    if fmt != "fits":
+        yield load_input(path, fmt, wave, config)[0].flux[rows]
+        return
+    starts = range(0, len(rows), chunk_size)
+    for start in progress(starts, total=len(starts), desc="jacobian"):
+        stop = min(start + chunk_size, len(rows))
+        rows_slice = slice(rows[start], rows[stop - 1] + 1)
+        yield load_input(path, fmt, wave, config, rows=rows_slice)[0].flux
 
 
 def build_parser():
@@ -127,19 +151,31 @@ def build_parser():
     return parser
 
 
+def shard_star_ids(path, fmt: str, wave: np.ndarray, config: dict) -> np.ndarray:
+    """STAR_IDs of every star of the input (no flux read for a canonical FITS)."""
+    if fmt == "fits":
+        from pipeline.io import read_labels
+
+        return np.asarray(read_labels(path)["STAR_ID"]).astype(str)
+    from pipeline.predict import load_input
+
+    return load_input(path, fmt, wave, config)[0].star_id
+
+
 def run(args, config: dict) -> None:
-    from pipeline.predict import device_name, load_input, load_model
+    from pipeline.predict import device_name, load_model
 
     shard_rows(1, args.shards, args.shard)  # fail on a bad shard index before any work
     model, scaler, wave = load_model(args.model)
-    spectra, _ = load_input(args.input, args.format, wave, config)
-    rows = shard_rows(spectra.n_stars, args.shards, args.shard)
-    flux = spectra.flux[rows]
+    star_id = shard_star_ids(args.input, args.format, wave, config)
+    rows = shard_rows(star_id.size, args.shards, args.shard)
+    cfg = config["jacobian"]
     header = provenance(config, device=device_name(), model=str(args.model),
                         input=str(args.input), shard=args.shard, nshards=args.shards)
+    flux = shard_flux(args.input, args.format, wave, config, rows, cfg["chunk_size"])
     write_jacobian_shard(
-        args.out, jacobian_batches(model, scaler, flux, config["jacobian"]["batch_size"]),
-        len(rows), spectra.star_id[rows], rows, wave, header)
+        args.out, jacobian_batches(model, scaler, flux, cfg["batch_size"]),
+        len(rows), star_id[rows], rows, wave, header)
     log.info("%s: shard %d/%d, %d stars x %d pixels -> %s", args.input, args.shard,
              args.shards, len(rows), wave.size, args.out)
 

@@ -61,12 +61,14 @@ def load_posterior(path: str | Path, model):
     return Posterior.load(path, model)
 
 
-def load_input(path: str | Path, fmt: str, wave: np.ndarray, config: dict) -> tuple[Spectra, bool]:
+def load_input(path: str | Path, fmt: str, wave: np.ndarray, config: dict,
+               rows: slice | None = None) -> tuple[Spectra, bool]:
     """Spectra of ``path`` on the model grid ``wave`` and whether they were interpolated.
 
     ``fmt`` 'fits' reads a canonical dataset FITS (DESIGN section 3) and maps it with
     ``match_grid`` (GridMismatchError when the grid does not cover the model's); 'apstar'
     reads one apStar file or a directory of them (``pipeline.apogee.read_apstar_files``).
+    ``rows`` reads only that slice of a canonical FITS (memory-mapped), for streaming.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format '{fmt}' is not valid; valid choices: {', '.join(FORMATS)}")
@@ -82,7 +84,8 @@ def load_input(path: str | Path, fmt: str, wave: np.ndarray, config: dict) -> tu
 
     bad_pixel_err = config["data"]["bad_pixel_err"]
     spectra = read_spectra(path, bad_pixel_err=bad_pixel_err,
-                           max_bad_pixel_fraction=config["data"]["max_bad_pixel_fraction"])
+                           max_bad_pixel_fraction=config["data"]["max_bad_pixel_fraction"],
+                           rows=rows)
     spectra.meta.pop("RESAMPLD", None)  # a card of the input file says nothing about this run
     spectra = match_grid(spectra, wave, path=path, bad_pixel_err=bad_pixel_err)
     return spectra, bool(spectra.meta.get("RESAMPLD", False))

@@ -51,6 +51,17 @@ def validate_spectra(path, spectra, *, bad_pixel_err, require_labels, nan_labels
     return spectra
 
 
+def check_image_rows(path, hdul, names) -> None:
+    """Before a row slice is read: the 2-D images present must have as many rows as LABELS."""
+    n_labels = hdul["LABELS"].header.get("NAXIS2", 0)
+    for name in names:
+        if name in hdul and hdul[name].header.get("NAXIS") == 2:
+            n = hdul[name].header["NAXIS2"]
+            if n != n_labels:
+                raise DataError(f"'{path}': HDU '{name}' has {n} spectra but 'LABELS' has "
+                                f"{n_labels} rows; they must match row by row")
+
+
 def check_shapes(path, spectra) -> None:
     if spectra.flux.ndim != 2:
         raise DataError(f"'{path}': HDU 'FLUX' must be a 2-D image (N, P), got shape "

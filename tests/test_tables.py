@@ -46,6 +46,14 @@ def write_random_shards(tmp_path, rng, sizes, n_pix=13):
 
 
 # ------------------------------------------------------------------------- shard step
+def test_row_slices_read_what_the_whole_file_holds(stars_file):
+    whole = read_spectra(stars_file)
+    part = read_spectra(stars_file, rows=slice(3, 7))
+    np.testing.assert_array_equal(part.flux, whole.flux[3:7])
+    np.testing.assert_array_equal(part.flux_err, whole.flux_err[3:7])
+    np.testing.assert_array_equal(part.star_id, whole.star_id[3:7])
+
+
 def test_shards_stream_the_in_memory_jacobian(tiny_model_dir, stars_file, tmp_path):
     from pipeline.derivatives import input_jacobian
     from pipeline.model import load_trained
@@ -54,7 +62,8 @@ def test_shards_stream_the_in_memory_jacobian(tiny_model_dir, stars_file, tmp_pa
     for i in range(n_shards):
         out = tmp_path / f"shard-{i}.fits"
         argv = ["--model", tiny_model_dir, "--shard", i, "--shards", n_shards,
-                "--set", "jacobian.batch_size=2", "--out", out, stars_file]
+                "--set", "jacobian.batch_size=2", "--set", "jacobian.chunk_size=3",
+                "--out", out, stars_file]
         assert main(jacobian.build_parser, jacobian.run, [str(a) for a in argv]) == 0
         with fits.open(out) as hdul:
             parts.append(np.array(hdul["JACOBIAN"].data))
