@@ -319,3 +319,23 @@ def test_spectra_window_outside_the_grid_is_a_config_error(results_tree, tmp_pat
                  "--results", str(results_tree), "--outdir", str(tmp_path)]) == 1
     assert "figures.spectra_window" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_map_cells_tile_each_chip_and_leave_the_gaps_blank():
+    from pipeline.plots.jacobians import _gap_columns
+
+    wave = small_grid()  # 3 chips of 120 pixels
+    image = np.arange(2 * wave.size, dtype=np.float64).reshape(2, wave.size)
+    edges, img = _gap_columns(wave, image)
+    assert img.shape == (2, wave.size + 2) and edges.shape == (wave.size + 3,)
+    assert np.all(np.diff(edges) > 0)
+    np.testing.assert_array_equal(np.flatnonzero(np.isnan(img[0])), [120, 241])
+    np.testing.assert_array_equal(img[:, ~np.isnan(img[0])], image)
+    # every pixel centre lies inside its own cell, at the geometric middle (log-linear grid)
+    centre_cells = np.r_[0:120, 121:241, 242:362]
+    lo, hi = edges[centre_cells], edges[centre_cells + 1]
+    np.testing.assert_allclose(np.sqrt(lo * hi), wave, rtol=1e-12)
+    # the gap cells span exactly from half a step after one chip to half a step before the next
+    ratio = 10.0**3e-6
+    np.testing.assert_allclose(edges[[120, 121]], [wave[119] * ratio, wave[120] / ratio],
+                               rtol=1e-12)

@@ -22,6 +22,7 @@ from pipeline.plots.style import (
     LABEL_UNIT,
     WAVE_AXIS,
     break_gaps,
+    chip_gaps,
     new_figure,
 )
 
@@ -143,8 +144,8 @@ def plot_jacobian_map(results: ResultsTree, cfg: dict):
         limit = float(np.percentile(finite, cfg["jacobian_map_percentile"])) if finite.size else 1
         limit = limit if limit > 0 else 1.0
         x, img = _gap_columns(wave, image)
-        mesh = ax.pcolormesh(x, rows, img, cmap=DIVERGING, vmin=-limit, vmax=limit,
-                             shading="nearest", rasterized=True)
+        mesh = ax.pcolormesh(x, np.arange(rows.size + 1) - 0.5, img, cmap=DIVERGING,
+                             vmin=-limit, vmax=limit, shading="flat", rasterized=True)
         fig.colorbar(mesh, ax=ax, label=derivative_label(lab), pad=0.01, extend="both")
         ticks = np.unique(np.round(np.linspace(0, rows.size - 1, 5)).astype(int))
         ax.set_yticks(ticks, [f"{teff[t]:.0f}" for t in ticks])
@@ -155,8 +156,18 @@ def plot_jacobian_map(results: ResultsTree, cfg: dict):
 
 
 def _gap_columns(wave: np.ndarray, image: np.ndarray):
-    """Insert a NaN column centred in each chip gap so the gap shows blank, not smeared."""
-    w, img = break_gaps(wave, image)
-    gap = np.flatnonzero(np.isnan(w))
-    w[gap] = 0.5 * (w[gap - 1] + w[gap + 1])
-    return w, img
+    """Pixel edges (C + 1,) and the image (k, C) with one NaN column per chip gap.
+
+    Edges lie half way (in log wavelength) between neighbouring pixels and half a step
+    beyond the first and last pixel of each chip, so the gap is its own blank cell and no
+    pixel is stretched across it.
+    """
+    log_w = np.log(np.asarray(wave, np.float64))
+    step = np.diff(log_w)
+    half = 0.5 * np.median(step)
+    gaps = chip_gaps(wave)
+    inner = log_w[:-1] + 0.5 * step
+    inner[gaps] = log_w[gaps] + half  # end of the chip before each gap
+    inner = np.insert(inner, gaps + 1, log_w[gaps + 1] - half)  # start of the next chip
+    edges = np.exp(np.concatenate([[log_w[0] - half], inner, [log_w[-1] + half]]))
+    return edges, np.insert(image, gaps + 1, np.nan, axis=1)

@@ -46,13 +46,22 @@ def plot_laplace_diagnostics(results: ResultsTree, cfg: dict):
     return fig
 
 
+def numerically_positive(eig: np.ndarray) -> np.ndarray:
+    """Mask of eigenvalues above the rank tolerance n * eps * max|eig| (as numpy.matrix_rank);
+    smaller ones are zero to the precision of the float64 eigendecomposition."""
+    if eig.size == 0:
+        return np.zeros(0, dtype=bool)
+    return eig > eig.size * np.finfo(np.float64).eps * np.abs(eig).max()
+
+
 def _eigenvalue_panel(ax, post: dict) -> None:
-    """Eigenvalues of the curvature G sorted descending; non-positive ones counted, not drawn."""
+    """Eigenvalues of the curvature sorted descending; numerically zero or negative ones are
+    counted in the title, not drawn (a log axis would be all round-off otherwise)."""
     if "curvature_eigenvalues" not in post:
         note(ax, "posterior.npz has no 'curvature_eigenvalues'")
         return
     eig = np.sort(np.ravel(post["curvature_eigenvalues"]).astype(np.float64))[::-1]
-    positive = eig > 0
+    positive = numerically_positive(eig)
     rank = np.arange(1, eig.size + 1)
     ax.plot(rank[positive], eig[positive], color=OKABE_ITO["blue"], label="curvature eigenvalue")
     prior = np.ravel(post.get("prior_precision", np.array([])))
@@ -63,8 +72,9 @@ def _eigenvalue_panel(ax, post: dict) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("eigenvalue rank")
     ax.set_ylabel("eigenvalue")
-    n_bad = int((~positive).sum())
-    ax.set_title(f"{eig.size} eigenvalues" + (f", {n_bad} $\\leq$ 0 not shown" if n_bad else ""))
+    n_zero = int((~positive).sum())
+    ax.set_title(f"{eig.size} eigenvalues" + (rf", {n_zero} numerically $\leq$ 0" if n_zero
+                                               else ""))
     ax.legend(loc="lower left")
 
 
@@ -77,18 +87,24 @@ def _evidence_panel(ax, post: dict) -> None:
     grid = np.ravel(post[keys[0]]).astype(np.float64)
     log_z = np.ravel(post[keys[1]]).astype(np.float64)
     order = np.argsort(grid)
-    ax.plot(grid[order], log_z[order], color=OKABE_ITO["blue"])
+    # relative to the best value, on a scale linear within +-1 (where evidence ratios are
+    # decided) and logarithmic beyond, so both the optimum and the far tails are visible
+    best = np.nanmax(log_z)
+    ax.plot(grid[order], log_z[order] - best, color=OKABE_ITO["blue"],
+            label=rf"$\max \log Z$ = {best:.6g}")
+    ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xscale("log")
     prior = np.ravel(post.get("prior_precision", np.array([])))
     for i, value in enumerate(np.unique(prior)):
         label = "fitted" if prior.size == 1 else ("fitted (per layer)" if i == 0 else None)
         ax.axvline(value, color=OKABE_ITO["vermillion"], ls="--", lw=0.8, label=label)
     if "log_evidence" in post:
-        ax.axhline(float(np.ravel(post["log_evidence"])[0]), color=OKABE_ITO["black"], lw=0.6,
-                   ls=":", label=r"$\log Z$ at optimum")
+        fitted = float(np.ravel(post["log_evidence"])[0])
+        ax.axhline(fitted - best, color=OKABE_ITO["black"], lw=0.6, ls=":",
+                   label=rf"fitted $\log Z$ = {fitted:.6g}")
     if "noise_std" in post:
         sigma = ", ".join(f"{s:.3g}" for s in np.ravel(post["noise_std"]))
         ax.set_title(rf"fitted noise $\sigma_k$ = ({sigma}) (standardized)")
     ax.set_xlabel("prior precision")
-    ax.set_ylabel(r"log evidence $\log Z$")
+    ax.set_ylabel(r"$\log Z - \max \log Z$")
     ax.legend(loc="lower right")
