@@ -18,7 +18,7 @@ batches keeps its anonymous peak within ``RSS_TARGET`` of the small run (TensorF
 
 Command line, for the paper-size check recorded in docs/performance.md::
 
-    python -m benchmarks.bench_memory --data-stars 60000   # 50000 + 5000 + 5000 stars
+    python -m benchmarks.bench_memory --data-stars 60000 --train-epoch  # 50000 + 5000 + 5000
 """
 
 from __future__ import annotations
@@ -149,29 +149,36 @@ def jacobian_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray) -> list[
     for n in sizes:
         data = make_dataset(root / f"stars-{n}-{wave.size}.fits", n, wave)
         out = root / f"jacobian-{n}.fits"
-        # cwd=root: astropy's StreamingHDU resolves a pathlib.Path by its bare name in the
-        # working directory (see docs/performance.md); harmless here, every path is absolute
         peaks.append(peak_rss(["-m", "pipeline.jacobian", "--model", str(model_dir),
                                "--format", "fits", "--shard", "0", "--shards", "1",
-                               "--out", str(out), str(data)], cwd=root))
+                               "--out", str(out), str(data)]))
         out.unlink(missing_ok=True)  # (n, 3, P) float32: 1.7 GB for 20k stars
     return peak_rows("jacobian", sizes, peaks, f"stars x {wave.size} px")
 
 
-def data_step(root: Path, n_stars: int, chunk: int | None = None) -> Peak:
+def data_step(root: Path, n_stars: int, keep: bool = False) -> Peak:
     """Peak memory of ``python -m pipeline.data`` writing ``n_stars`` synthetic stars in all
-    (5/6 train, 1/12 valid, 1/12 test, the paper's 50000 + 5000 + 5000 proportions)."""
+    (5/6 train, 1/12 valid, 1/12 test, the paper's 50000 + 5000 + 5000 proportions) into
+    ``root/data-<n_stars>``, deleted afterwards unless ``keep``."""
     n_valid = max(1, n_stars // 12)
     data = {"n_train": n_stars - 2 * n_valid, "n_valid": n_valid, "n_test": n_valid}
-    if chunk is not None:
-        data["synthetic"] = {"chunk_size": chunk}
     outdir = root / f"data-{n_stars}"
     try:
         return peak_rss(["-m", "pipeline.data", "--config-json", json.dumps({"data": data}),
                          "--outdir", str(outdir)], timeout=1800)
     finally:
-        for split in outdir.glob("*.fits"):
+        for split in outdir.glob("*.fits") if not keep else ():
             split.unlink()
+
+
+def train_step(root: Path, data_dir: Path, epochs: int = 1) -> Peak:
+    """Peak memory of ``python -m pipeline.train`` for ``epochs`` epochs of the small dense
+    network on ``data_dir/{train,valid}.fits`` (the data, not the network, sets the memory)."""
+    config = {"model": {"hidden": list(SMALL_MODEL)}, "train": {"epochs": epochs}}
+    return peak_rss(["-m", "pipeline.train", "--config-json", json.dumps(config),
+                     "--train", str(data_dir / "train.fits"), "--valid",
+                     str(data_dir / "valid.fits"), "--outdir", str(root / "model-trained")],
+                    timeout=3600)
 
 
 def data_rows(root: Path, sizes: tuple[int, int]) -> list[dict]:
@@ -196,12 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-stars", type=int, default=60000,
                         help="stars of the data-step run (train + valid + test)")
+    parser.add_argument("--train-epoch", action="store_true",
+                        help="then train one epoch of a small dense network on those splits")
     parser.add_argument("--workdir", help="where the temporary files go (default: $TMPDIR)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
-        peak = data_step(Path(tmp), args.data_stars)
-    print(f"data step, {args.data_stars} stars: peak anonymous memory {peak.anon:.0f} MB, "
-          f"peak RSS incl. memory-mapped file pages {peak.rss:.0f} MB, {peak.seconds:.0f} s")
+        root = Path(tmp)
+        peak = data_step(root, args.data_stars, keep=args.train_epoch)
+        print(f"data step, {args.data_stars} stars: peak anonymous memory {peak.anon:.0f} MB, "
+              f"peak RSS incl. memory-mapped file pages {peak.rss:.0f} MB, {peak.seconds:.0f} s",
+              flush=True)
+        if args.train_epoch:
+            peak = train_step(root, root / f"data-{args.data_stars}")
+            print(f"train step, 1 epoch, hidden {SMALL_MODEL}: peak anonymous memory "
+                  f"{peak.anon:.0f} MB, peak RSS {peak.rss:.0f} MB, {peak.seconds:.0f} s")
     return 0
 
 
