@@ -66,7 +66,8 @@ def fit_epoch_time(flux, z, epochs: int, jit_compile="auto"):
     model = compiled_model(N_PIXELS, _config(jit_compile))
     timer = _EpochTimer()
     model.fit(training_dataset(flux, z, BATCH, 0, 0, epochs), epochs=epochs,
-              steps_per_epoch=math.ceil(len(flux) / BATCH), verbose=0, callbacks=[timer])
+              steps_per_epoch=math.ceil(len(flux) / BATCH), shuffle=False, verbose=0,
+              callbacks=[timer])
     return min(timer.times[1:]), model
 
 
