@@ -132,12 +132,12 @@ def results_tree(tmp_path_factory) -> Path:
 
 
 def run_cli(results: Path, outdir: Path, figure: str, source: str = "fits",
-            formats=("png", "pdf")) -> int:
+            formats=("png", "pdf"), window=None) -> int:
     from pipeline.figures import main
 
     config = {"data": {"source": source},
               "figures": {"formats": list(formats), "dpi": 60, "max_points": 40,
-                          "spectra_window": None}}
+                          "spectra_window": window}}
     return main(["--config-json", json.dumps(config), "--figure", figure,
                  "--results", str(results), "--outdir", str(outdir)])
 
@@ -158,7 +158,7 @@ def test_every_figure_written_as_png_and_pdf(results_tree, tmp_path, figure):
 def test_spectra_examples_from_the_synthetic_generator(results_tree, tmp_path):
     pytest.importorskip("pipeline.synthetic")
     assert run_cli(results_tree, tmp_path, "spectra_examples", source="synthetic",
-                   formats=("png",)) == 0
+                   formats=("png",), window=[15500.0, 15800.0]) == 0
     assert (tmp_path / "spectra_examples.png").read_bytes().startswith(PNG_MAGIC)
 
 

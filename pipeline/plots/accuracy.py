@@ -24,6 +24,7 @@ from pipeline.plots.style import (
     axis_label,
     new_figure,
     plain_log_axis,
+    plain_log_ticks,
 )
 
 MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per median absolute deviation
@@ -109,7 +110,9 @@ def plot_pred_vs_true(results: ResultsTree, cfg: dict):
         bottom.set_ylabel(r"$\Delta$ " + f"[{LABEL_UNIT[lab]}]")
         bottom.set_xlabel(axis_label(lab, "true "))
     if norm is not None:
-        fig.colorbar(points, ax=axes[:, -1], label=SNR_AXIS, shrink=0.8)
+        bar = fig.colorbar(points, ax=axes[:, -1], label=SNR_AXIS, shrink=0.8)
+        if isinstance(norm, LogNorm):
+            plain_log_ticks(bar.ax.yaxis, norm.vmin, norm.vmax)
     return fig
 
 

@@ -78,7 +78,12 @@ def plain_log_axis(ax, which: str = "x") -> None:
     """
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-    low, high = sorted(abs(v) for v in (ax.get_xlim() if which == "x" else ax.get_ylim()))
+    plain_log_ticks(axis, *(ax.get_xlim() if which == "x" else ax.get_ylim()))
+
+
+def plain_log_ticks(axis, low: float, high: float) -> None:
+    """Plain tick labels on an already logarithmic ``axis`` spanning [low, high]."""
+    low, high = sorted((abs(low), abs(high)))
     decades = np.log10(high / low) if low > 0 else np.inf
     subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
     axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
