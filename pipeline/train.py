@@ -256,16 +256,20 @@ def compiled_model(n_pixels: int, config: dict):
     return model
 
 
-def check_inputs(train: Spectra, valid: Spectra) -> None:
-    """Same grid for both splits, finite flux, at least two training stars."""
+def check_inputs(train: Spectra, valid: Spectra,
+                 names: tuple[str, str] = ("training spectra", "validation spectra")) -> None:
+    """Same grid for both splits, finite flux, at least two training stars.
+
+    ``names`` (e.g. the two file paths) say in the messages which input is at fault.
+    """
     if train.n_stars < 2 or valid.n_stars < 1:
         raise DataError(f"training needs >= 2 training and >= 1 validation spectra, got "
                         f"{train.n_stars} and {valid.n_stars}; enlarge data.n_train/n_valid")
     if valid.n_pixels != train.n_pixels or not np.allclose(valid.wave, train.wave, rtol=1e-10,
                                                            atol=0):
-        raise GridMismatchError(f"validation spectra ({valid.n_pixels} pixels) are not on the "
-                                f"training grid ({train.n_pixels} pixels); resample them onto "
-                                "the same wavelength grid")
+        raise GridMismatchError(f"'{names[1]}' ({valid.n_pixels} pixels) is not on the "
+                                f"training grid of '{names[0]}' ({train.n_pixels} pixels); "
+                                "resample them onto the same wavelength grid")
     for split, spectra in (("training", train), ("validation", valid)):
         if not np.isfinite(spectra.flux).all():
             row = int(np.argwhere(~np.isfinite(spectra.flux))[0, 0])
@@ -387,8 +391,9 @@ def run(args: argparse.Namespace, config: dict) -> None:
     data = config["data"]
     kwargs = {"require_labels": True, "nan_labels": data["nan_labels"],
               "bad_pixel_err": data["bad_pixel_err"]}
-    train_model(config, read_spectra(args.train, **kwargs), read_spectra(args.valid, **kwargs),
-                args.outdir)
+    train, valid = read_spectra(args.train, **kwargs), read_spectra(args.valid, **kwargs)
+    check_inputs(train, valid, names=(args.train, args.valid))  # messages name the files
+    train_model(config, train, valid, args.outdir)
 
 
 if __name__ == "__main__":
