@@ -61,6 +61,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_posterior_file(tiny_model_dir, tmp_path_factory) -> Path:
+    """A last-layer Laplace posterior (.npz) of the ``tiny_model_dir`` network, fitted on
+    60 synthetic spectra (seconds on CPU)."""
+    from pipeline.laplace import fit_laplace
+    from pipeline.model import load_trained
+    from pipeline.synthetic import generate
+
+    model, scaler, wave = load_trained(tiny_model_dir)
+    spectra = generate(60, 3, wave=wave)
+    spectra.flux[spectra.flux_err <= 0] = 1.0
+    posterior = fit_laplace(model, spectra.flux, scaler.transform(spectra.label_array()),
+                            last_layers=1)  # the 7213 x 8 first layer is too big a subset
+    path = tmp_path_factory.mktemp("tiny_posterior") / "posterior.npz"
+    posterior.save(path)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tensorflow_determinism():
     """Seed and make TensorFlow deterministic once per session, only if a test imported it."""
