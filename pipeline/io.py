@@ -112,6 +112,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OutputError:  # already says which file failed (nested atomic_path, a writer's own)
+        raise
     except OSError as exc:
         raise OutputError(
             f"writing '{path}' failed: {exc.strerror or exc}; check free disk space and "
