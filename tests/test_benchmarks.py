@@ -12,6 +12,8 @@ from benchmarks import bench_cholesky, bench_jacobian, bench_laplace_torch, benc
 from benchmarks.run import discover, table
 
 ROW_KEYS = {"benchmark", "value", "baseline", "unit", "ratio", "target", "ok"}
+# laplace-torch 0.3 calls torch.jit.script, deprecated in torch 2.13
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
 def check_rows(rows: list[dict]) -> None:
