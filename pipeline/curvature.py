@@ -231,12 +231,16 @@ def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
 
     Streams batches of stars; each contributes one batched matrix product (float64).
     """
-    total = None
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    total = 0.0
     for s in _batches(len(phi), batch_size):
         jac, _ = head.jacobian(phi[s])
-        part = tf.einsum("bkp,bkq->kpq", jac, jac)
-        total = part if total is None else total + part
-    return total.numpy()
+        if on_gpu:
+            total = total + tf.einsum("bkp,bkq->kpq", jac, jac)
+        else:  # numpy's BLAS beats TensorFlow's float64 matmul on CPU
+            jac = jac.numpy()
+            total = total + np.stack([j.T @ j for j in np.swapaxes(jac, 0, 1)])
+    return np.asarray(total)
 
 
 def residual_blocks(head: Head, phi, y, batch_size: int = 256,

@@ -21,9 +21,10 @@ delta_l = P_l/|theta*_l|^2, typically converging in 10-30 evaluations. At the op
 eigendecomposition of C(beta*) = Q diag(lambda) Q^T gives the evidence for every scalar prior
 at O(P_L) cost: log det A = sum_i log(lambda_i + delta) (the evidence-vs-prior curve).
 
-**Validation** (for calibration): minimize the Gaussian NLL of validation residuals r_n under
+**Validation** (for calibration): minimize the Gaussian NLL of validation residuals r_nk under
 the full per-star covariance S_n = J_n A^-1 J_n^T + diag(sigma^2) + E_n (E_n an optional extra
-covariance, e.g. flux noise). With a scalar prior, for fixed beta the eigenvectors Q of
+covariance, e.g. flux noise), label by label (marginal variances S_n,kk, see
+:func:`gaussian_nll`). With a scalar prior, for fixed beta the eigenvectors Q of
 C(beta) diagonalize A for every delta, so with U_n = J_n Q, J_n A^-1 J_n^T =
 U_n diag(1/(lambda + delta)) U_n^T costs O(9 P_L) per star; (delta, sigma) are optimized on that,
 then beta <- sigma^-2 and the step repeats until sigma is self-consistent. A layer prior uses
@@ -112,7 +113,7 @@ def fit_evidence(blocks, theta, rss, n, groups, max_iterations: int = 200,
     eta0 = np.log(np.concatenate([delta0, beta0]))
     res = minimize(objective, eta0, jac=True, method="L-BFGS-B",
                    bounds=[LOG_BOUNDS] * eta0.size,
-                   options={"maxiter": max_iterations, "ftol": 1e-13, "gtol": 1e-7})
+                   options={"maxiter": max_iterations, "ftol": 1e-12, "gtol": 1e-6})
     if not np.isfinite(res.fun):
         raise NumericalError("evidence maximization failed: the posterior precision is not "
                              "positive definite at any hyperparameters tried")
@@ -139,11 +140,16 @@ def evidence_curve(eigenvalues, theta, rss, n, beta, delta_grid) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- validation
 def gaussian_nll(residual, cov) -> float:
-    """Mean over stars of -log N(r_n | 0, S_n) for (N, K) residuals and (N, K, K) covariances."""
-    chol = np.linalg.cholesky(cov)
-    z = np.linalg.solve(chol, residual[..., None])[..., 0]
-    logdet = 2 * np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
-    return float(np.mean(0.5 * (np.sum(z**2, axis=1) + logdet + residual.shape[1] * LOG_2PI)))
+    """Mean over stars of sum_k -log N(r_nk | 0, S_n,kk): per-label marginal Gaussian NLL.
+
+    (N, K) residuals, (N, K, K) covariances. Marginal, because the scatter term is diagonal:
+    a joint NLL would trade the per-label variances (what the catalog errors and z-scores
+    report) for residual correlations that diag(sigma^2) cannot represent.
+    """
+    var = np.einsum("nkk->nk", cov)
+    if np.any(var <= 0):
+        raise np.linalg.LinAlgError("non-positive predictive variance")
+    return float(np.mean(np.sum(0.5 * (residual**2 / var + np.log(var) + LOG_2PI), axis=1)))
 
 
 def _minimize_nll(nll, eta0):
@@ -176,11 +182,11 @@ def fit_validation(blocks, theta, rss, n, groups, jac_valid, res_valid, extra=No
         for it in range(max_iterations):
             lam, q = np.linalg.eigh(np.tensordot(beta, blocks, axes=1))
             lam = np.maximum(lam, 0.0)
-            u = np.einsum("nkp,pq->nkq", jac_valid, q)
+            u = jac_valid @ q
 
             def nll(eta, u=u, lam=lam):
                 weights = 1.0 / (lam + np.exp(eta[0]))
-                model_cov = np.einsum("nip,p,njp->nij", u, weights, u)
+                model_cov = np.matmul(u * weights, np.swapaxes(u, 1, 2))  # U diag(w) U^T
                 return gaussian_nll(res_valid, total_cov(model_cov, np.exp(eta[1:])))
 
             res = _minimize_nll(nll, np.log(np.concatenate([delta, beta**-0.5])))
@@ -197,7 +203,7 @@ def fit_validation(blocks, theta, rss, n, groups, jac_valid, res_valid, extra=No
             chol = np.linalg.cholesky(a)
             v = sl.solve_triangular(chol, jac_valid.reshape(-1, theta.size).T, lower=True)
             v = v.T.reshape(len(res_valid), k, -1)
-            model_cov = np.einsum("nip,njp->nij", v, v)
+            model_cov = np.matmul(v, np.swapaxes(v, 1, 2))
             return gaussian_nll(res_valid, total_cov(model_cov, np.exp(eta[m:])))
 
         res = _minimize_nll(nll, np.log(np.concatenate([delta, beta**-0.5])))

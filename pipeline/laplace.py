@@ -134,7 +134,7 @@ class Posterior:
             b, k, p = jac.shape
             v = _solve_lower(self.cholesky, jac.reshape(b * k, p).T, self.device)
             v = v.T.reshape(b, k, p)
-            out.append(np.einsum("nip,njp->nij", v, v))
+            out.append(np.matmul(v, np.swapaxes(v, 1, 2)))
         cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
         return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
 

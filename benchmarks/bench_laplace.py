@@ -1,0 +1,113 @@
+"""Laplace benchmarks: curvature, whole posterior fit and float64 Cholesky against baselines.
+
+* ``ggn_vs_matmul_floor``: head-only GGN of the last 2 layers (per-sample Jacobians + float64
+  accumulation) against the bare float64 product J^T J of precomputed Jacobians, the floor of
+  any GGN computation.
+* ``laplace_fit_vs_epoch``: the whole ``fit_laplace`` (features, curvature, evidence fit,
+  Cholesky, eigenvalues) against one training epoch (Adam, batch 64) on the same stars.
+* ``cholesky_<n>_<device>``: float64 Cholesky of an n x n SPD matrix against one n x n float64
+  matrix product (2 n^3 flops; a Cholesky needs n^3 / 3).
+
+    python -m benchmarks.bench_laplace [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _row(name, value, baseline, target, unit="s"):
+    ratio = value / baseline
+    return {"benchmark": name, "value": value, "baseline": baseline, "ratio": ratio,
+            "target": target, "unit": unit, "ok": bool(ratio <= target)}
+
+
+def _model(n_pix, hidden, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((n_pix,))] + [keras.layers.Dense(h, "relu") for h in hidden]
+    return keras.Sequential(layers + [keras.layers.Dense(3)])
+
+
+def bench_curvature(quick: bool) -> dict:
+    from pipeline.curvature import Head, ggn_blocks
+
+    n, hidden = (512, [64, 128, 32]) if quick else (4096, [256, 128, 32])
+    rng = np.random.default_rng(0)
+    model = _model(200, hidden)
+    head = Head(model, 2)
+    phi = head.features(rng.normal(size=(n, 200)).astype(np.float32))
+    jac = head.jacobian(phi)[0]
+    ggn_blocks(head, phi[:256])  # trace once
+    value = _best(lambda: ggn_blocks(head, phi), 2)
+    jk = np.swapaxes(jac.numpy(), 0, 1)
+    floor = _best(lambda: [j.T @ j for j in jk], 2)
+    return _row(f"ggn_last2_vs_matmul_floor (N={n}, P_L={head.n_params})", value, floor, 3.0)
+
+
+def bench_fit(quick: bool) -> dict:
+    from pipeline.laplace import fit_laplace
+
+    n, n_pix, hidden = (512, 500, [128, 64, 32]) if quick else (4096, 7213, [2048, 1024, 512,
+                                                                           256, 128, 32])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, n_pix)).astype(np.float32)
+    y = rng.normal(size=(n, 3)).astype(np.float32)
+    model = _model(n_pix, hidden)
+    model.compile("adam", "mse")
+    model.fit(x[:64], y[:64], epochs=1, batch_size=64, verbose=0)  # build and trace
+    epoch = _best(lambda: model.fit(x, y, epochs=1, batch_size=64, verbose=0), 1)
+    fit = _best(lambda: fit_laplace(model, x, y, last_layers=2, device="cpu"), 1)
+    return _row(f"laplace_fit_vs_epoch (N={n}, P={n_pix})", fit, epoch, 5.0)
+
+
+def bench_cholesky(n: int, device: str) -> dict:
+    import scipy.linalg as sl
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(n, n))
+    a = x @ x.T / n + np.eye(n)
+    if device == "gpu":
+        import tensorflow as tf
+
+        with tf.device("/GPU:0"):
+            ta = tf.constant(a)
+            chol = _best(lambda: tf.linalg.cholesky(ta).numpy(), 2)
+            mat = _best(lambda: tf.matmul(ta, ta).numpy(), 2)
+    else:
+        chol = _best(lambda: sl.cholesky(a, lower=True, check_finite=False), 2)
+        mat = _best(lambda: a @ a, 2)
+    return _row(f"cholesky_float64_{n}_{device}", chol, mat, 1.0)
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Benchmark rows {'benchmark', 'value', 'baseline', 'ratio', 'target', 'unit', 'ok'}."""
+    import tensorflow as tf
+
+    rows = [bench_curvature(quick), bench_fit(quick)]
+    devices = ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
+    for n in ((1000, 4227) if quick else (4227, 37123)):
+        rows += [bench_cholesky(n, d) for d in devices]
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run(quick="--quick" in sys.argv):
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()))
