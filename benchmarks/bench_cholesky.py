@@ -27,7 +27,10 @@ import numpy as np
 LAST2 = 128 * 32 + 32 + 32 * 3 + 3  # 4227
 LAST3 = 256 * 128 + 128 + LAST2  # 37123
 MAX_DIRECT_SECONDS = 120.0
-SPEEDUP_TARGET = 2.0  # inv is ~6x the flops of potrf; 2x leaves room for BLAS differences
+# potrf needs n^3/3 flops, inv about 2 n^3. The issue asks to report the ratio: the rows are
+# informational, because multi-threaded OpenBLAS on oversubscribed cores is erratic (measured
+# 0.64-1.86 s for n = 4227 on 2 shared cores, 0.60 s steady with one thread)
+EXPECTED = "report (flops: ~6x)"
 
 
 def best_time(fn, repeat: int = 3) -> float:
@@ -115,7 +118,7 @@ def measure(n: int, repeat: int, all_backends: bool = True) -> tuple[list[dict],
             t_scipy = t
         speedup = t_inv / t
         rows.append(row(f"Cholesky float64 n={n}, {name} vs numpy.linalg.inv", t, t_inv, "s",
-                        speedup, f">= {SPEEDUP_TARGET:g}x faster", bool(speedup >= SPEEDUP_TARGET)))
+                        speedup, EXPECTED, None))
     return rows, t_inv, t_scipy
 
 
@@ -143,7 +146,7 @@ def last3_rows(n_ref: int, t_inv: float, t_chol: float, quick: bool) -> list[dic
         del a
         return [row(f"Cholesky float64 n={LAST3} (last 3 layers), scipy, measured; inv "
                     f"extrapolated n^3 from n={n_ref}", t, t_inv * scale, "s",
-                    t_inv * scale / t, "report", None)]
+                    t_inv * scale / t, EXPECTED, None)]
     if quick:
         why = "quick run"
     elif predicted >= MAX_DIRECT_SECONDS:
@@ -152,7 +155,7 @@ def last3_rows(n_ref: int, t_inv: float, t_chol: float, quick: bool) -> list[dic
         why = f"needs {need / 1e9:.0f} GB free"
     return [row(f"Cholesky float64 n={LAST3} (last 3 layers), scipy, EXTRAPOLATED n^3 from "
                 f"n={n_ref} ({why})", predicted, t_inv * scale, "s", t_inv / t_chol,
-                "report", None)]
+                EXPECTED, None)]
 
 
 def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
@@ -163,7 +166,7 @@ def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
     rows: list[dict] = []
     t_inv = t_chol = np.nan
     for i, n in enumerate(sizes):
-        new, t_inv, t_chol = measure(n, repeat if i == 0 else 1, all_backends=i == 0)
+        new, t_inv, t_chol = measure(n, repeat if i == 0 else 2, all_backends=i == 0)
         rows += new
     rows += last3_rows(sizes[-1], t_inv, t_chol, quick)
     return rows

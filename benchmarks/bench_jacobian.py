@@ -104,12 +104,12 @@ def run(quick: bool, n_pixels: int = N_PIXELS, hidden=REFERENCE_HIDDEN,
     """Benchmark rows; the keyword arguments shrink the problem for tests."""
     from pipeline.derivatives import input_jacobian
 
-    n_stars = n_stars or (256 if quick else 2048)
+    n_stars = n_stars or (768 if quick else 2048)
     n_loop = n_loop or (8 if quick else 48)
     batch_sizes = batch_sizes or ((256,) if quick else (64, 256))
     model = reference_model(n_pixels, hidden)
     x = flux_batch(n_stars, n_pixels)
-    repeat = 2 if quick else 3
+    repeat = 3
     tag = f"P={n_pixels}, hidden {'-'.join(map(str, hidden))}"
 
     per_star_loop(model, x[:2])  # warm-up: first eager calls build the layers' kernels

@@ -143,25 +143,33 @@ def peak_rows(step: str, sizes: tuple[int, int], peaks: list[Peak], what: str) -
     ]
 
 
-def jacobian_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray) -> list[dict]:
+def jacobian_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray,
+                  chunk: int | None = None) -> list[dict]:
+    """Rows of the jacobian step; ``chunk`` overrides ``jacobian.chunk_size`` (stars read at a
+    time, default 2048): both sizes must be at least one chunk for a fair comparison."""
     model_dir = make_model_dir(root / f"model-{wave.size}", wave)
+    options = [] if chunk is None else ["--set", f"jacobian.chunk_size={chunk}"]
     peaks = []
     for n in sizes:
         data = make_dataset(root / f"stars-{n}-{wave.size}.fits", n, wave)
         out = root / f"jacobian-{n}.fits"
         peaks.append(peak_rss(["-m", "pipeline.jacobian", "--model", str(model_dir),
                                "--format", "fits", "--shard", "0", "--shards", "1",
-                               "--out", str(out), str(data)]))
+                               "--out", str(out), *options, str(data)]))
         out.unlink(missing_ok=True)  # (n, 3, P) float32: 1.7 GB for 20k stars
-    return peak_rows("jacobian", sizes, peaks, f"stars x {wave.size} px")
+    what = f"stars x {wave.size} px" + ("" if chunk is None else f", chunk {chunk}")
+    return peak_rows("jacobian", sizes, peaks, what)
 
 
-def data_step(root: Path, n_stars: int, keep: bool = False) -> Peak:
+def data_step(root: Path, n_stars: int, keep: bool = False, chunk: int | None = None) -> Peak:
     """Peak memory of ``python -m pipeline.data`` writing ``n_stars`` synthetic stars in all
     (5/6 train, 1/12 valid, 1/12 test, the paper's 50000 + 5000 + 5000 proportions) into
-    ``root/data-<n_stars>``, deleted afterwards unless ``keep``."""
+    ``root/data-<n_stars>``, deleted afterwards unless ``keep``; ``chunk`` overrides
+    ``data.synthetic.chunk_size`` (default 1000)."""
     n_valid = max(1, n_stars // 12)
     data = {"n_train": n_stars - 2 * n_valid, "n_valid": n_valid, "n_test": n_valid}
+    if chunk is not None:
+        data["synthetic"] = {"chunk_size": chunk}
     outdir = root / f"data-{n_stars}"
     try:
         return peak_rss(["-m", "pipeline.data", "--config-json", json.dumps({"data": data}),
@@ -181,21 +189,29 @@ def train_step(root: Path, data_dir: Path, epochs: int = 1) -> Peak:
                     timeout=3600)
 
 
-def data_rows(root: Path, sizes: tuple[int, int]) -> list[dict]:
-    peaks = [data_step(root, n) for n in sizes]
+def data_rows(root: Path, sizes: tuple[int, int], chunk: int | None = None) -> list[dict]:
+    peaks = [data_step(root, n, chunk=chunk) for n in sizes]
     rate = sizes[1] / peaks[1].seconds
-    return peak_rows("data", sizes, peaks, f"synthetic stars ({rate:.0f} stars/s incl. start-up)")
+    what = "synthetic stars" + ("" if chunk is None else f", chunk {chunk}")
+    return peak_rows("data", sizes, peaks, f"{what} ({rate:.0f} stars/s incl. start-up)")
 
 
 def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None = None,
         workdir: str | Path | None = None) -> list[dict]:
-    """Benchmark rows; ``sizes`` (small, large) stars and ``n_pixels`` shrink it for tests."""
+    """Benchmark rows; ``sizes`` (small, large) stars and ``n_pixels`` shrink it for tests.
+
+    The full run uses the default chunk sizes (2000 and 20000 stars, each at least about one
+    chunk); smaller runs shrink the chunks so that the small size still fills one.
+    """
     sizes = sizes or ((300, 3000) if quick else (2000, 20000))
+    small_run = quick or sizes[0] < 2000
+    jacobian_chunk = max(1, sizes[0] // 2) if small_run else None
+    data_chunk = max(1, sizes[0] // 12) if small_run else None
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=workdir) as tmp:
         root = Path(tmp)
-        rows = jacobian_rows(root, sizes, grid(n_pixels))
+        rows = jacobian_rows(root, sizes, grid(n_pixels), jacobian_chunk)
         if n_pixels is None:  # the data step always writes the full grid
-            rows += data_rows(root, sizes)
+            rows += data_rows(root, sizes, data_chunk)
     return rows
 
 
