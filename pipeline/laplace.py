@@ -172,10 +172,19 @@ class Posterior:
     @classmethod
     def load(cls, path, model) -> Posterior:
         """Read a posterior saved for ``model``; ModelFileError if it belongs to another."""
+        import zipfile
+
+        required = ("weight_names", "weight_shapes", "map_values", "cholesky", "last_layers",
+                    "prior_precision", "prior_groups", "noise_std", "log_evidence", "curvature",
+                    "eigenvalues", "evidence_curve_prior_precision",
+                    "evidence_curve_log_evidence", "info")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 data = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
+            missing = [k for k in required if k not in data]
+            if missing:
+                raise ValueError(f"missing keys {', '.join(missing)}")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ModelFileError(f"'{path}': not a readable posterior file ({exc}); rerun the "
                                  "laplace step") from None
         names = [str(n) for n in data["weight_names"]]

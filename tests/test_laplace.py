@@ -263,3 +263,17 @@ def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
     post = Posterior.load(out, loaded_model)
     assert np.all(np.isfinite(post.predictive_covariance(toy_spectra(np.full(3, 5e3), rng,
                                                                      n_pix))))
+
+
+def test_truncated_or_foreign_posterior_files_are_model_file_errors(data, tmp_path):
+    model, x, y = data
+    post = fit_laplace(model, x, y, last_layers=1, device="cpu")
+    good = tmp_path / "posterior.npz"
+    post.save(good)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, something=np.arange(3))
+    for path in (truncated, foreign, tmp_path / "absent.npz"):
+        with pytest.raises(ModelFileError, match="not a readable posterior file"):
+            Posterior.load(path, model)
