@@ -171,18 +171,11 @@ def _garbage(src: Path, dst: Path) -> Path:
     return dst
 
 
-POSTERIOR_BUG = pytest.mark.xfail(
-    strict=True, reason="pipeline.laplace.Posterior.load lets zipfile.BadZipFile and KeyError "
-    "escape as tracebacks (reported to the Laplace helper; remove this mark once fixed)")
-
-
 @pytest.mark.parametrize(("make", "fragments"), [
     (None, ["posterior.npz", "does not exist", "run the laplace step"]),
     (_garbage, ["bad_posterior.npz", "not a readable posterior file", "rerun the laplace step"]),
-    pytest.param(_truncated, ["bad_posterior.npz", "rerun the laplace step"],
-                 marks=POSTERIOR_BUG),
-    pytest.param(_foreign_npz, ["bad_posterior.npz", "rerun the laplace step"],
-                 marks=POSTERIOR_BUG),
+    (_truncated, ["bad_posterior.npz", "rerun the laplace step"]),
+    (_foreign_npz, ["bad_posterior.npz", "rerun the laplace step"]),
     ("other-model", ["posterior saved for a different model", "rerun the laplace step"]),
 ], ids=["missing", "garbage", "truncated", "foreign-npz", "other-model"])
 def test_bad_posterior(tiny_model_dir, tiny_posterior_file, stars, tmp_path, capsys, make,
