@@ -37,8 +37,11 @@ FLAG_BITS = {
     1: "BADPIX: more than predict.flag_bad_pixel_fraction of the pixels are bad",
     2: "RESAMPLED: the input was interpolated onto the model's wavelength grid",
     3: "NONFINITE: the prediction or its covariance is not finite",
+    4: "MODEL_OOD: the model (epistemic) error exceeds predict.ood_model_factor times the 99th "
+       "percentile of the training stars' model errors",
 }
-FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE = (1 << bit for bit in FLAG_BITS)
+FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD = (
+    1 << bit for bit in FLAG_BITS)
 
 _BUDGET_SUFFIX = {"model": "_ERR_MODEL", "noise": "_ERR_NOISE", "scatter": "_ERR_SCATTER"}
 _DESCRIPTION = {

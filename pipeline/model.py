@@ -113,11 +113,14 @@ class LabelScaler:
 
     ``mean`` and ``scale`` are float64 (3,): the training-set mean and standard deviation
     (ddof = 0). Physical covariances are ``C_y = S C_z S`` with ``S = diag(scale)``, physical
-    Jacobians ``d y / d x = S d z / d x``.
+    Jacobians ``d y / d x = S d z / d x``. ``label_min`` and ``label_max`` (3,) record the
+    training label range, against which predictions are flagged as extrapolations.
     """
 
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
+    label_min: np.ndarray | None = None
+    label_max: np.ndarray | None = None
 
     def fit(self, y: np.ndarray) -> LabelScaler:
         """Fit mean and scale to labels ``y`` (N, 3); returns ``self``.
@@ -142,6 +145,7 @@ class LabelScaler:
             raise DataError(f"label '{name}' is constant ({mean[flat][0]:g}) in the training "
                             "set: a network cannot learn it; use training stars that span it")
         self.mean, self.scale = mean, scale
+        self.label_min, self.label_max = y.min(axis=0), y.max(axis=0)
         return self
 
     def _fitted(self) -> tuple[np.ndarray, np.ndarray]:
@@ -184,6 +188,9 @@ class LabelScaler:
         mean, scale = self._fitted()
         doc = {"labels": list(LABELS), "mean": mean.tolist(), "scale": scale.tolist(),
                "provenance": provenance or {}}
+        if self.label_min is not None and self.label_max is not None:
+            doc["label_min"] = np.asarray(self.label_min, np.float64).tolist()
+            doc["label_max"] = np.asarray(self.label_max, np.float64).tolist()
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -204,6 +211,8 @@ class LabelScaler:
             mean = np.asarray(doc["mean"], dtype=np.float64)
             scale = np.asarray(doc["scale"], dtype=np.float64)
             labels = tuple(doc["labels"])
+            bounds = [np.asarray(doc[k], dtype=np.float64) if k in doc else None
+                      for k in ("label_min", "label_max")]
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(f"label scaler '{path}' is corrupt ({exc}); rerun the train "
                                  "step") from None
@@ -213,7 +222,10 @@ class LabelScaler:
             raise ModelFileError(f"label scaler '{path}' is corrupt (needs labels {LABELS}, "
                                  "finite mean and positive scale of length 3); rerun the "
                                  "train step")
-        return cls(mean=mean, scale=scale)
+        if any(b is not None and b.shape != mean.shape for b in bounds):
+            raise ModelFileError(f"label scaler '{path}' is corrupt (label_min/label_max must "
+                                 "have length 3); rerun the train step")
+        return cls(mean=mean, scale=scale, label_min=bounds[0], label_max=bounds[1])
 
 
 # ----------------------------------------------------------------------------- trained model

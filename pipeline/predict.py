@@ -111,9 +111,26 @@ def training_range(scaler) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
 
 
+def model_error_ratio(model_cov: np.ndarray, scaler, posterior) -> np.ndarray:
+    """(N,) largest ratio over labels of the model error to its training 99th percentile.
+
+    Zeros when the posterior records no training reference (files from older versions).
+    """
+    reference = getattr(posterior, "info", {}).get("train_model_std_q99")
+    if reference is None:
+        return np.zeros(model_cov.shape[0])
+    std = np.sqrt(np.diagonal(model_cov, axis1=1, axis2=2)) / np.asarray(scaler.scale)
+    return np.max(std / np.maximum(np.asarray(reference, np.float64), 1e-300), axis=1)
+
+
 def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarray,
-               resampled: bool, scaler, predict_cfg: dict) -> np.ndarray:
-    """FLAG bit field (N,) int32; bits documented in ``pipeline.export.FLAG_BITS``."""
+               resampled: bool, scaler, predict_cfg: dict,
+               model_ratio: np.ndarray | None = None) -> np.ndarray:
+    """FLAG bit field (N,) int32; bits documented in ``pipeline.export.FLAG_BITS``.
+
+    ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
+    ``predict.ood_model_factor``.
+    """
     lo, hi = training_range(scaler)
     margin = predict_cfg["ood_sigma"] * np.asarray(scaler.scale, np.float64)
     ood = np.any((prediction < lo - margin) | (prediction > hi + margin), axis=1)
@@ -126,6 +143,9 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
     if resampled:
         flags |= export.FLAG_RESAMPLED
     flags |= np.where(nonfinite, export.FLAG_NONFINITE, 0).astype(np.int32)
+    if model_ratio is not None:
+        far = model_ratio > predict_cfg["ood_model_factor"]
+        flags |= np.where(far, export.FLAG_MODEL_OOD, 0).astype(np.int32)
     return flags
 
 
@@ -140,7 +160,8 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     budget = error_budget(model, posterior, scaler, spectra.flux, noise_err,
                           config["predict"]["batch_size"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
-                       scaler, config["predict"])
+                       scaler, config["predict"],
+                       model_error_ratio(budget["model"], scaler, posterior))
     has_labels = any(name in spectra.labels.colnames for name in ("TEFF", "LOGG", "FE_H"))
     snr = spectra.labels["SNR"] if "SNR" in spectra.labels.colnames else None
     return export.catalog_table(spectra.star_id, budget, flags,
