@@ -4,7 +4,9 @@ For star n with flux x_n (P,) and 1-sigma flux errors e_n (P,) the total covaria
 predicted labels is the sum of three independent parts
 
     C_model   = S J_x Sigma J_x^T S          epistemic: Laplace posterior of the last layers
-    C_scatter = S diag(sigma^2) S            aleatoric: fitted per-label noise (same every star)
+    C_scatter = S diag(s(z_n)^2) S           aleatoric: fitted scatter at the star's predicted
+                                             labels z_n (pipeline.scatter; per-label constant
+                                             sigma_k when the posterior has no scatter model)
     C_noise   = D_n diag(e_n^2) D_n^T = (D_n * e_n) (D_n * e_n)^T
                                              flux noise propagated through the input Jacobian
 
@@ -66,6 +68,30 @@ def noise_covariance(jacobian: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
     return np.einsum("nip,njp->nij", scaled, scaled)
 
 
+def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size: int = 256,
+                      scaler=None, jacobian_fn: Callable | None = None) -> np.ndarray:
+    """Flux-noise covariances (N, 3, 3) of many stars, streamed over batches of Jacobians.
+
+    Standardized units, or physical units when a ``scaler`` is given.
+    """
+    jacobian_fn = jacobian_fn or _default_jacobian()
+    out = np.empty((flux.shape[0], 3, 3))
+    for s in batches(flux.shape[0], batch_size):
+        jac = jacobian_fn(model, np.asarray(flux[s]), batch_size=batch_size, scaler=scaler)
+        out[s] = noise_covariance(jac, flux_err[s])
+    return out
+
+
+def scatter_std(posterior, z: np.ndarray) -> np.ndarray:
+    """Scatter (N, 3) in standardized units at standardized predictions ``z`` (N, 3).
+
+    The posterior's scatter model when it has one, else its constant ``noise_std``.
+    """
+    if hasattr(posterior, "scatter_std"):
+        return np.asarray(posterior.scatter_std(z), np.float64)
+    return np.broadcast_to(np.asarray(posterior.noise_std, np.float64), z.shape)
+
+
 def _default_jacobian() -> Callable:
     from pipeline.derivatives import input_jacobian
 
@@ -85,7 +111,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     ----------
     model : Keras model mapping flux (B, P) to standardized labels (B, 3).
     posterior : object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units) and
-        ``noise_std`` (3,) standardized per-label scatter (``pipeline.laplace.Posterior``).
+        ``scatter_std(z) -> (B, 3)`` or ``noise_std`` (3,), the standardized per-label scatter
+        (``pipeline.laplace.Posterior``).
     scaler : ``pipeline.model.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
     flux : (N, P) normalized flux.
     flux_err : (N, P) 1-sigma flux errors; pass 0 for pixels whose flux is a fixed
@@ -96,9 +123,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
 
     Returns
     -------
-    dict with ``prediction`` (N, 3) and the covariances ``model`` (N, 3, 3), ``scatter``
-    (3, 3), ``noise`` (N, 3, 3) and ``total`` (N, 3, 3) = model + scatter + noise, all float64
-    in physical units.
+    dict with ``prediction`` (N, 3) and the covariances ``model``, ``scatter``, ``noise`` and
+    ``total`` = model + scatter + noise, each (N, 3, 3) float64 in physical units.
     """
     flux = np.asarray(flux)
     flux_err = np.asarray(flux_err)
@@ -109,12 +135,14 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     prediction = np.empty((n, 3))
     cov_model = np.empty((n, 3, 3))
     cov_noise = np.empty((n, 3, 3))
-    noise_std = np.asarray(posterior.noise_std, np.float64)
-    cov_scatter = np.asarray(scaler.covariance_to_physical(np.diag(noise_std**2)), np.float64)
+    cov_scatter = np.zeros((n, 3, 3))
     slices = list(batches(n, batch_size))
     for s in progress(slices, total=len(slices), desc="error budget"):
         x = np.asarray(flux[s])
-        prediction[s] = scaler.inverse_transform(predict_standardized(model, x))
+        z = predict_standardized(model, x)
+        prediction[s] = scaler.inverse_transform(z)
+        var = scatter_std(posterior, z) ** 2
+        cov_scatter[s] = scaler.covariance_to_physical(var[:, :, None] * np.eye(3))
         cov_model[s] = scaler.covariance_to_physical(
             np.asarray(posterior.predictive_covariance(x), np.float64))
         jac = jacobian_fn(model, x, batch_size=batch_size, scaler=scaler)

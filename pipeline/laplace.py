@@ -23,6 +23,7 @@ import scipy.linalg as sl
 from pipeline import evidence
 from pipeline.curvature import Head, curvature_blocks
 from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
+from pipeline.scatter import ScatterModel, fit_scatter
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,17 @@ class Posterior:
     def n_params(self) -> int:
         return self.theta_map.size
 
+    def scatter_std(self, z) -> np.ndarray:
+        """Aleatoric scatter (N, K), standardized, at standardized predicted labels z (N, K).
+
+        The validation-calibrated scatter model (``info['scatter']``, pipeline.scatter) when
+        the laplace step fitted one, else the Laplace noise ``noise_std`` for every star.
+        """
+        z = np.asarray(z, np.float64)
+        if self.info.get("scatter") is None:
+            return np.broadcast_to(self.noise_std, z.shape).copy()
+        return ScatterModel.from_dict(self.info["scatter"]).std(z)
+
     def predictive_covariance(self, x, scaler=None, batch_size: int = 256) -> np.ndarray:
         """Epistemic covariance J_n A^-1 J_n^T (N, K, K) float64, streamed over batches.
 
@@ -216,7 +228,8 @@ def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str 
                 jitter_factor: float = 10.0, device: str = "auto", hessian_chunk_size: int = 256,
                 max_iterations: int = 200, validation_iterations: int = 10,
                 prior_precision_init: float | None = None,
-                evidence_curve_points: int = 61, evidence_curve_decades: float = 3.0) -> Posterior:
+                evidence_curve_points: int = 61, evidence_curve_decades: float = 3.0,
+                reference_stars: int = 2000, max_weights: int = 50000) -> Posterior:
     """Fit the Laplace posterior of the last ``last_layers`` Dense layers of ``model``.
 
     Parameters
@@ -228,7 +241,9 @@ def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str 
     prior : 'scalar' or 'layer' (one prior precision per Dense layer).
     hyperparameters : 'evidence' (training data) or 'validation' (needs x_valid, y_valid;
         ``extra_covariance_valid`` (N_v, K, K) adds e.g. flux noise to each star's covariance).
-    Other arguments mirror the config keys ``laplace.*``.
+    Other arguments mirror the config keys ``laplace.*``; ``max_weights`` bounds the head size
+    (the curvature blocks take 3 x 8 P_L^2 bytes) so that reaching into the wide first layer is
+    a ConfigError, not an out-of-memory crash.
     """
     if hyperparameters not in HYPERPARAMETERS:
         raise ConfigError(f"config key 'laplace.hyperparameters' = {hyperparameters!r}; valid: "
@@ -237,6 +252,12 @@ def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str 
         raise ValueError("hyperparameters='validation' needs x_valid and y_valid")
     device = choose_device(device)
     head = Head(model, last_layers, weights)
+    if head.map_values().size > max_weights:
+        n = head.map_values().size
+        raise ConfigError(
+            f"config key 'laplace.last_layers' = {last_layers} puts {n} weights in the Laplace "
+            f"head (curvature blocks of {3 * 8 * n**2 / 1e9:.1f} GB); use fewer last layers or "
+            f"raise laplace.max_weights (now {max_weights}) on a machine with that memory")
     head.check(x, batch_size)
     phi = head.features(x, batch_size)
     y = np.asarray(y, np.float64)
@@ -273,10 +294,50 @@ def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str 
     log.info("Laplace posterior: %d weights, prior precision %s, noise std %s, log Z %.6g, "
              "Cholesky on %s (jitter %g)", theta.size, fit["delta"], fit["beta"] ** -0.5,
              fit["log_evidence"], device, jitter)
-    return Posterior(head, chol, prior_precision=fit["delta"], groups=groups,
-                     noise_std=fit["beta"] ** -0.5, log_evidence=fit["log_evidence"],
-                     curvature=curvature, eigenvalues=eig,
-                     evidence_curve={"prior_precision": grid, "log_evidence": curve}, info=info)
+    posterior = Posterior(head, chol, prior_precision=fit["delta"], groups=groups,
+                          noise_std=fit["beta"] ** -0.5, log_evidence=fit["log_evidence"],
+                          curvature=curvature, eigenvalues=eig,
+                          evidence_curve={"prior_precision": grid, "log_evidence": curve},
+                          info=info)
+    posterior.info["train_model_std_q99"] = reference_model_std(
+        posterior, x, reference_stars, batch_size).tolist()
+    return posterior
+
+
+def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) -> np.ndarray:
+    """99th percentile (K,) of the epistemic std of up to ``n_stars`` training stars.
+
+    Standardized units. A star whose model error exceeds this by a large factor lies where the
+    training set gave the head no information: the predict step flags it as out of
+    distribution even when its predicted labels look ordinary.
+    """
+    rows = np.unique(np.linspace(0, len(x) - 1, min(n_stars, len(x))).astype(int))
+    cov = posterior.predictive_covariance(np.asarray(x)[rows], batch_size=batch_size)
+    return np.percentile(np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), 99, axis=0)
+
+
+def noise_free_bad_pixels(spectra, data_cfg: dict) -> np.ndarray:
+    """Flux errors with bad pixels set to 0: their flux is a fixed replacement, not noise."""
+    bad = ~(spectra.flux_err < data_cfg["bad_pixel_err"]) | (spectra.flux_err <= 0)
+    if spectra.mask is not None:
+        bad |= spectra.mask != 0
+    return np.where(bad, 0.0, spectra.flux_err)
+
+
+def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
+    """Fit the scatter model (pipeline.scatter) on validation stars, given the other terms."""
+    from pipeline.error_budget import predict_standardized
+
+    batch = cfg["batch_size"]
+    z = np.concatenate([predict_standardized(model, x_valid[s:s + batch])
+                        for s in range(0, len(x_valid), batch)])
+    model_var = np.diagonal(posterior.predictive_covariance(x_valid, batch_size=batch),
+                            axis1=1, axis2=2)
+    extra = model_var + np.diagonal(noise_valid, axis1=1, axis2=2)
+    scatter = fit_scatter(z, z - y_valid, extra, cfg["scatter"])
+    log.info("scatter model (%s) fitted on %d validation stars: coefficients %s",
+             cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4))
+    return scatter
 
 
 def options_from_config(laplace_cfg: dict) -> dict:
@@ -284,7 +345,7 @@ def options_from_config(laplace_cfg: dict) -> dict:
     keys = ("last_layers", "curvature", "prior", "hyperparameters", "indefinite", "batch_size",
             "jitter_initial", "jitter_max", "jitter_factor", "device", "hessian_chunk_size",
             "max_iterations", "validation_iterations", "evidence_curve_points",
-            "evidence_curve_decades", "prior_precision_init")
+            "evidence_curve_decades", "prior_precision_init", "reference_stars", "max_weights")
     return {k: laplace_cfg[k] for k in keys if k in laplace_cfg}
 
 
@@ -305,8 +366,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     import keras
     import tensorflow as tf
 
-    from pipeline.derivatives import input_jacobian
-    from pipeline.error_budget import noise_covariance
+    from pipeline.error_budget import noise_covariances
     from pipeline.io import provenance, read_spectra
     from pipeline.model import load_trained
     from pipeline.validation import match_grid
@@ -321,17 +381,19 @@ def run(args: argparse.Namespace, config: dict) -> None:
     train, valid = (match_grid(read_spectra(p, **read), wave, path=p,
                                bad_pixel_err=data["bad_pixel_err"])
                     for p in (args.train, args.valid))
-    extra = None
-    if cfg["hyperparameters"] == "validation":  # flux noise of each validation star, D e e D^T
-        jac = input_jacobian(model, valid.flux, batch_size=cfg["batch_size"])
-        bad = ~(valid.flux_err < data["bad_pixel_err"]) | (valid.flux_err <= 0)
-        if valid.mask is not None:
-            bad |= valid.mask != 0
-        extra = noise_covariance(jac, np.where(bad, 0.0, valid.flux_err))  # bad: fixed flux
+    noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
+    if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
+        noise_valid = noise_covariances(model, valid.flux, noise_free_bad_pixels(valid, data),
+                                        cfg["batch_size"])
+    y_valid = scaler.transform(valid.label_array())
     posterior = fit_laplace(
         model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,
-        y_valid=scaler.transform(valid.label_array()), extra_covariance_valid=extra,
+        y_valid=y_valid,
+        extra_covariance_valid=noise_valid if cfg["hyperparameters"] == "validation" else None,
         **options_from_config(cfg))
+    if cfg["scatter"] != "likelihood":
+        posterior.info["scatter"] = calibrate_scatter(
+            posterior, model, valid.flux, y_valid, noise_valid, cfg).to_dict()
     posterior.save(args.out, provenance=provenance(config, device=posterior.device))
     log.info("wrote %s", args.out)
 

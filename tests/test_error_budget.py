@@ -81,7 +81,8 @@ def test_error_budget_matches_per_star_loop(smooth_model, scaler, rng):
     budget = error_budget(model, posterior, scaler, flux, flux_err, batch_size=3)
     s = np.diag(SCALE)
     scatter = s @ np.diag(posterior.noise_std**2) @ s
-    np.testing.assert_allclose(budget["scatter"], scatter, rtol=1e-14)
+    np.testing.assert_allclose(budget["scatter"], np.broadcast_to(scatter, (7, 3, 3)),
+                               rtol=1e-14)
     for n in range(flux.shape[0]):
         x = flux[n]
         pred = np.asarray(model(x[None], training=False))[0] * SCALE + MEAN
