@@ -1,12 +1,13 @@
-"""Laplace benchmarks: curvature, whole posterior fit and float64 Cholesky against baselines.
+"""Laplace benchmarks: curvature and the whole posterior fit against baselines.
 
 * ``ggn_vs_matmul_floor``: head-only GGN of the last 2 layers (per-sample Jacobians + float64
   accumulation) against the bare float64 product J^T J of precomputed Jacobians, the floor of
   any GGN computation.
 * ``laplace_fit_vs_epoch``: the whole ``fit_laplace`` (features, curvature, evidence fit,
   Cholesky, eigenvalues) against one training epoch (Adam, batch 64) on the same stars.
-* ``cholesky_<n>_<device>``: float64 Cholesky of an n x n SPD matrix against one n x n float64
-  matrix product (2 n^3 flops; a Cholesky needs n^3 / 3).
+
+The float64 Cholesky timings (CPU and GPU, last-2 and last-3-layer sizes) are in
+benchmarks/bench_cholesky.py.
 
     python -m benchmarks.bench_laplace [--quick]
 """
@@ -77,34 +78,9 @@ def bench_fit(quick: bool) -> dict:
     return _row(f"laplace_fit_vs_epoch (N={n}, P={n_pix})", fit, epoch, 5.0)
 
 
-def bench_cholesky(n: int, device: str) -> dict:
-    import scipy.linalg as sl
-
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(n, n))
-    a = x @ x.T / n + np.eye(n)
-    if device == "gpu":
-        import tensorflow as tf
-
-        with tf.device("/GPU:0"):
-            ta = tf.constant(a)
-            chol = _best(lambda: tf.linalg.cholesky(ta).numpy(), 2)
-            mat = _best(lambda: tf.matmul(ta, ta).numpy(), 2)
-    else:
-        chol = _best(lambda: sl.cholesky(a, lower=True, check_finite=False), 2)
-        mat = _best(lambda: a @ a, 2)
-    return _row(f"cholesky_float64_{n}_{device}", chol, mat, 1.0)
-
-
 def run(quick: bool = False) -> list[dict]:
     """Benchmark rows {'benchmark', 'value', 'baseline', 'ratio', 'target', 'unit', 'ok'}."""
-    import tensorflow as tf
-
-    rows = [bench_curvature(quick), bench_fit(quick)]
-    devices = ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
-    for n in ((1000, 4227) if quick else (4227, 37123)):
-        rows += [bench_cholesky(n, d) for d in devices]
-    return rows
+    return [bench_curvature(quick), bench_fit(quick)]
 
 
 if __name__ == "__main__":
