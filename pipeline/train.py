@@ -110,6 +110,24 @@ def update_early_stopping(state: TrainingState, val_loss: float, weights, cfg: d
         state.stopped = True
 
 
+def update_learning_rate(state: TrainingState, optimizer, cfg: dict) -> None:
+    """Halve-on-plateau (Keras ReduceLROnPlateau semantics, as StarNet and astroNN train).
+
+    After every ``patience`` epochs in a row without a new best ``val_loss`` (the early-stopping
+    counter ``state.wait``), the learning rate is multiplied by ``factor``, down to ``min_lr``.
+    The rate lives in the optimizer, which every checkpoint saves, so a resumed run continues
+    with the same schedule.
+    """
+    if not cfg["enabled"] or state.wait == 0 or state.wait % cfg["patience"]:
+        return
+    old = float(optimizer.learning_rate.numpy())
+    new = max(old * cfg["factor"], cfg["min_lr"])
+    if new < old:
+        optimizer.learning_rate.assign(new)
+        log.info("learning rate %.3g -> %.3g after %d epochs without improvement", old, new,
+                 state.wait)
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def _checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
@@ -179,6 +197,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         super().__init__()
         self.state, self.root, self.n_stars = state, root, n_stars
         self.es_cfg, self.epochs = config["train"]["early_stopping"], config["train"]["epochs"]
+        self.lr_cfg = config["train"]["reduce_lr"]
         self._t0 = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -207,6 +226,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         state.epoch = epoch + 1
         state.history.append({"epoch": state.epoch, "loss": loss, "val_loss": val_loss})
         update_early_stopping(state, val_loss, self.model.get_weights, self.es_cfg)
+        update_learning_rate(state, self.model.optimizer, self.lr_cfg)
         save_checkpoint(self.root, self.model, state)
         seconds = time.perf_counter() - self._t0
         log.info("epoch %d/%d: loss %.5f, val_loss %.5f (best %.5f at epoch %d), %.1f s, "

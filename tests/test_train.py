@@ -112,6 +112,20 @@ def test_update_early_stopping_hand_worked_sequence():
     assert state.best_epoch == 4 and state.best_loss == 1.5 and state.best_weights == [4]
 
 
+def test_learning_rate_halves_after_each_plateau():
+    import keras
+
+    cfg = {"enabled": True, "patience": 2, "factor": 0.5, "min_lr": 3e-4}
+    opt = keras.optimizers.Adam(1e-3)
+    state = train_mod.TrainingState(fingerprint="x")
+    rates = []
+    for wait in [1, 2, 3, 4, 0, 1, 2]:
+        state.wait = wait
+        train_mod.update_learning_rate(state, opt, cfg)
+        rates.append(float(opt.learning_rate.numpy()))
+    np.testing.assert_allclose(rates, [1e-3, 5e-4, 5e-4, 3e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6)
+
+
 def test_early_stopping_restores_best_epoch(tmp_path):
     # Labels unrelated to the flux: the network can only memorize, validation loss rises.
     train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
@@ -169,7 +183,10 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
     train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
     cfg = tiny_config(model={"hidden": [64, 64]}, epochs=12, batch_size=16,
                       learning_rate=3e-3, early_stopping={"patience": 20})
+    caplog.set_level("INFO", logger="pipeline.train")
     ref, _, ref_hist = train_mod.train_model(cfg, train, valid, tmp_path / "ref")
+    assert "learning rate" in caplog.text, "the case must also resume a reduced learning rate"
+    caplog.clear()
     best = int(ref_hist["val_loss"].idxmin()) + 1
     assert 1 < best < 12, "the case must restore best weights from an older checkpoint"
     stop_at = min(best + 2, 11)
