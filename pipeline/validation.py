@@ -108,16 +108,46 @@ def check_star_ids(path, labels) -> None:
                         f"{counts.max()} times (rows {rows}); STAR_IDs must be unique")
 
 
+CHUNK_ROWS = 4096  # rows per pass of the pixel checks: temporaries are O(CHUNK_ROWS x P)
+
+
+def _row_chunks(n: int):
+    return (slice(start, min(start + CHUNK_ROWS, n)) for start in range(0, n, CHUNK_ROWS))
+
+
+def _bad_pixels(flux, flux_err, mask, finite=None) -> np.ndarray:
+    """(n, P) bool: non-finite flux, non-finite or non-positive error, or nonzero mask."""
+    bad = ~np.isfinite(flux) if finite is None else ~finite
+    bad |= ~(flux_err > 0)  # also NaN
+    bad |= np.isinf(flux_err)
+    if mask is not None:
+        bad |= mask != 0
+    return bad
+
+
 def flag_bad_pixels(path, spectra, bad_pixel_err, max_bad_pixel_fraction=0.5):
-    """Replace bad pixels by flux 1, error ``bad_pixel_err``; reject hopeless spectra."""
-    finite = np.isfinite(spectra.flux)
-    bad = ~np.isfinite(spectra.flux_err) | ~(spectra.flux_err > 0) | ~finite
-    if spectra.mask is not None:
-        bad |= spectra.mask != 0
+    """Replace bad pixels by flux 1, error ``bad_pixel_err``; reject hopeless spectra.
+
+    Two passes over chunks of ``CHUNK_ROWS`` rows, so that no (N, P) temporary exists: the
+    first collects per-row counts and raises before anything is changed, the second replaces
+    the bad pixels of ``spectra.flux`` and ``spectra.flux_err`` in place.
+    """
+    flux, flux_err, mask = spectra.flux, spectra.flux_err, spectra.mask
+    n, p = flux.shape
+    no_finite, all_zero = np.zeros(n, bool), np.zeros(n, bool)
+    n_bad_row = np.zeros(n, np.int64)
+    for rows in _row_chunks(n):
+        finite = np.isfinite(flux[rows])
+        no_finite[rows] = ~finite.any(axis=1)
+        # a row is "all zeros" when every finite pixel is 0 (as np.where(finite, flux, 0) == 0)
+        all_zero[rows] = ~((flux[rows] != 0) & finite).any(axis=1)
+        bad = _bad_pixels(flux[rows], flux_err[rows], None if mask is None else mask[rows],
+                          finite)
+        n_bad_row[rows] = np.count_nonzero(bad, axis=1)
     checks = (
-        (~finite.any(axis=1), "is entirely NaN or infinite"),
-        (np.all(np.where(finite, spectra.flux, 0) == 0, axis=1), "is all zeros"),
-        (bad.mean(axis=1) > max_bad_pixel_fraction,
+        (no_finite, "is entirely NaN or infinite"),
+        (all_zero, "is all zeros"),
+        (n_bad_row / p > max_bad_pixel_fraction,
          f"has more than a fraction {max_bad_pixel_fraction} of bad pixels (non-finite flux, "
          "error <= 0 or masked; config data.max_bad_pixel_fraction)"),
     )
@@ -127,12 +157,16 @@ def flag_bad_pixels(path, spectra, bad_pixel_err, max_bad_pixel_fraction=0.5):
             raise DataError(f"'{path}': HDU 'FLUX' row {row} (STAR_ID "
                             f"'{spectra.star_id[row]}') {what}; remove the spectrum "
                             f"({int(rows.sum())} such rows)")
-    n_bad = int(bad.sum())
+    n_bad = int(n_bad_row.sum())
     if n_bad:
         log.info("%s: %d bad pixels (%.3g%%) set to flux 1, error %g", path, n_bad,
-                 100.0 * n_bad / bad.size, bad_pixel_err)
-    spectra.flux[bad] = 1.0
-    spectra.flux_err[bad] = bad_pixel_err
+                 100.0 * n_bad / (n * p), bad_pixel_err)
+        for rows in _row_chunks(n):
+            if n_bad_row[rows].any():
+                bad = _bad_pixels(flux[rows], flux_err[rows],
+                                  None if mask is None else mask[rows])
+                flux[rows][bad] = 1.0
+                flux_err[rows][bad] = bad_pixel_err
     spectra.meta["N_BADPIX"] = n_bad
     return spectra
 
