@@ -1,10 +1,13 @@
 """Canonical FITS: round trip with units and provenance, streaming writer, every bad input."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from pipeline import validation
 from pipeline.exceptions import DataError, GridMismatchError
 from pipeline.io import Spectra, SpectraWriter, provenance, read_spectra, write_spectra
 from pipeline.validation import check_label_variance, match_grid
@@ -155,6 +158,84 @@ def test_bad_pixels_are_flagged_replaced_and_counted(tmp_path):
     for row, col in bad:
         assert back.flux[row, col] == 1.0 and back.flux_err[row, col] == 77.0
     assert np.all(np.isfinite(back.flux)) and np.all(back.flux_err > 0)
+
+
+def _reference_flagging(flux, flux_err, mask, bad_pixel_err):
+    """The whole-array formulas (N, P) that the chunked validation must reproduce."""
+    bad = ~np.isfinite(flux_err) | ~(flux_err > 0) | ~np.isfinite(flux) | (mask != 0)
+    flux, flux_err = flux.copy(), flux_err.copy()
+    flux[bad], flux_err[bad] = 1.0, bad_pixel_err
+    return flux, flux_err, int(bad.sum())
+
+
+def test_chunked_flagging_equals_whole_array_reference(monkeypatch):
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 4)  # 23 rows: 5 full chunks and a partial
+    spectra = make_spectra(n=23, seed=3)
+    rng = np.random.default_rng(4)
+    spectra.mask = np.zeros((23, P), np.int32)
+    for target, value in ((spectra.flux, np.nan), (spectra.flux, np.inf),
+                          (spectra.flux, -np.inf), (spectra.flux_err, 0.0),
+                          (spectra.flux_err, -0.2), (spectra.flux_err, np.nan),
+                          (spectra.flux_err, np.inf), (spectra.mask, 2)):
+        target[rng.integers(0, 23, 12), rng.integers(0, P, 12)] = value
+    expected = _reference_flagging(spectra.flux, spectra.flux_err, spectra.mask, 55.0)
+    out = validation.flag_bad_pixels("x.fits", spectra, 55.0)
+    np.testing.assert_array_equal(out.flux, expected[0])
+    np.testing.assert_array_equal(out.flux_err, expected[1])
+    assert out.meta["N_BADPIX"] == expected[2] > 60
+
+
+def test_chunked_checks_name_first_row_count_all_and_change_nothing(monkeypatch):
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 4)
+    spectra = make_spectra(n=23)
+    spectra.flux[9] = 0.0
+    spectra.flux[9, :5] = np.nan  # non-finite pixels count as zeros, as before chunking
+    spectra.flux[17] = 0.0
+    spectra.flux_err[2, 0] = -1.0  # a bad pixel that must stay untouched on failure
+    before = spectra.flux.copy(), spectra.flux_err.copy()
+    with pytest.raises(DataError, match=r"row 9 \(STAR_ID 'S9'\) is all zeros.*\(2 such rows\)"):
+        validation.flag_bad_pixels("x.fits", spectra, 1e3)
+    np.testing.assert_array_equal(spectra.flux, before[0])
+    np.testing.assert_array_equal(spectra.flux_err, before[1])
+
+
+def test_read_holds_one_copy_of_each_image(tmp_path, monkeypatch):
+    """Peak of NumPy allocations while reading: FLUX + FLUX_ERR plus chunk temporaries (a
+    whole-array read with (N, P) validation temporaries peaked at ~5.5 images)."""
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 256)
+    spectra = make_spectra(n=4000, p=500)
+    spectra.flux[::7, ::3] = np.nan  # bad pixels everywhere: the replacement pass runs too
+    write_spectra(tmp_path / "a.fits", spectra)
+    image = spectra.flux.nbytes
+    tracemalloc.start()
+    for rows in (None, slice(0, 4000)):
+        tracemalloc.reset_peak()
+        back = read_spectra(tmp_path / "a.fits", rows=rows)
+        peak = tracemalloc.get_traced_memory()[1]
+        assert back.meta["N_BADPIX"] == 572 * 167
+        assert peak < 2.25 * image, (rows, peak / image)
+        del back
+    tracemalloc.stop()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    write_spectra(tmp_path / "a.fits", make_spectra())
+    data = (tmp_path / "a.fits").read_bytes()
+    (tmp_path / "b.fits").write_bytes(data[: 2 * 2880 + 500])  # inside the FLUX data
+    for rows in (None, slice(0, 2)):
+        with pytest.raises(DataError, match=r"b.fits'.*not a readable FITS file.*6260 bytes"):
+            read_spectra(tmp_path / "b.fits", rows=rows)
+
+
+def test_row_slice_of_a_file_with_mask(tmp_path):
+    # MASK is the last HDU here: the truncation check must count its data size in bytes
+    spectra = make_spectra()
+    spectra.mask = np.zeros((N, P), np.int32)
+    spectra.mask[4, 2] = 1
+    write_spectra(tmp_path / "a.fits", spectra)
+    part = read_spectra(tmp_path / "a.fits", rows=slice(3, 5))
+    assert part.meta["N_BADPIX"] == 1 and part.flux[1, 2] == 1.0
+    np.testing.assert_array_equal(part.mask, spectra.mask[3:5])
 
 
 def test_nan_labels_dropped_with_count_or_fail(tmp_path, caplog):
