@@ -116,7 +116,7 @@ rule train:
         f"{OUT}/logs/train.log",
     conda:
         ENV
-    threads: workflow.cores
+    threads: config["threads"]
     resources:
         mem_mb=8000,
         gpu=config["gpus"],
@@ -140,7 +140,7 @@ rule laplace:
         f"{OUT}/logs/laplace.log",
     conda:
         ENV
-    threads: workflow.cores
+    threads: config["threads"]
     resources:
         mem_mb=8000,
         gpu=config["gpus"],
@@ -165,7 +165,7 @@ rule predict:
         f"{OUT}/logs/predict/{{name}}.log",
     conda:
         ENV
-    threads: workflow.cores
+    threads: config["threads"]
     resources:
         mem_mb=6000,
     params:
@@ -190,7 +190,7 @@ rule jacobian:
         f"{OUT}/logs/jacobian/{{name}}-{{i}}.log",
     conda:
         ENV
-    threads: workflow.cores
+    threads: config["threads"]
     resources:
         mem_mb=4000,
         gpu=config["gpus"],

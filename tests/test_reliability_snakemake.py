@@ -275,3 +275,60 @@ def test_corrupt_posterior_fails_predict_with_its_message_logged(reference, tmp_
         assert "rerun the laplace step" in text and "Traceback" not in text
         # the stale catalog of the failed job is gone: nothing looks complete
         assert not list((repo / "results/predictions").glob(f"{log.stem}.*"))
+
+
+# ----------------------------------------------------------------------------- report
+def embedded_figures(report: str) -> dict[str, bytes]:
+    """Figure name -> decoded PNG bytes of every figure embedded in a Snakemake report."""
+    import base64
+    import re
+
+    pattern = (r'"results/figures/(\w+)\.png": \{.*?"caption": "(.*?)", .*?'
+               r'"data_uri": "data:image/png;[^"]*?base64,([A-Za-z0-9+/=]+)"')
+    return {name: (caption, base64.b64decode(data))
+            for name, caption, data in re.findall(pattern, report, flags=re.S)}
+
+
+def chromium_loads(images: dict[str, bytes], workdir: Path) -> int | None:
+    """How many of ``images`` headless Chromium decodes (onload, naturalWidth > 0); None
+    without Chromium."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        return None
+    tags = []
+    for name, png in images.items():
+        (workdir / f"{name}.png").write_bytes(png)
+        tags.append(f'<img src="{name}.png" onload="done(this.naturalWidth > 0)" '
+                    'onerror="done(false)">')
+    page = workdir / "figures.html"
+    page.write_text("<html><head><script>let seen = 0, ok = 0; function done(good) {"
+                    f"seen += 1; ok += good ? 1 : 0; if (seen === {len(images)}) "
+                    "document.title = 'loaded=' + ok;}</script></head><body>"
+                    + "".join(tags) + "</body></html>")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={workdir / 'chromium'}", "--timeout=10000", "--dump-dom",
+             page.as_uri()]
+    dom = subprocess.run([browser, *flags], capture_output=True, text=True, timeout=120).stdout
+    return int(dom.split("<title>loaded=")[1].split("<")[0]) if "loaded=" in dom else 0
+
+
+def test_report_holds_every_figure_with_its_caption(reference, tmp_path):
+    """The paper figures, then `snakemake --report`: every figure embedded with its caption,
+    a valid PNG that a browser (headless Chromium, when installed) decodes."""
+    import yaml
+
+    figures = snakemake(reference)
+    assert figures.returncode == 0, figures.stderr[-4000:]
+    report = snakemake(reference, "--report", "results/report.html")
+    assert report.returncode == 0, report.stderr[-4000:]
+    captions = yaml.safe_load((reference / "docs/report/captions.yaml").read_text())
+    found = embedded_figures((reference / "results/report.html").read_text())
+    assert sorted(found) == sorted(captions)
+    for _name, (caption, png) in found.items():
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+        assert len(caption) > 40, "every figure needs a real caption"
+    loaded = chromium_loads({k: v[1] for k, v in found.items()}, tmp_path)
+    if loaded is None:
+        pytest.skip("Chromium is not installed: figures checked as PNG only")
+    assert loaded == len(found)
