@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from benchmarks.common import best_time, row
+
 LAST2 = 128 * 32 + 32 + 32 * 3 + 3  # 4227
 LAST3 = 256 * 128 + 128 + LAST2  # 37123
 MAX_DIRECT_SECONDS = 120.0
@@ -31,16 +33,6 @@ MAX_DIRECT_SECONDS = 120.0
 # informational, because multi-threaded OpenBLAS on oversubscribed cores is erratic (measured
 # 0.64-1.86 s for n = 4227 on 2 shared cores, 0.60 s steady with one thread)
 EXPECTED = "report (flops: ~6x)"
-
-
-def best_time(fn, repeat: int = 3) -> float:
-    """Smallest wall time of ``repeat`` calls of ``fn()`` (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def posterior_precision(n: int, seed: int = 0) -> np.ndarray:
@@ -89,11 +81,6 @@ def gpu_backend():
             return tf.linalg.cholesky(tf.constant(a)).numpy()
 
     return ("tf.linalg.cholesky GPU", tf_gpu)
-
-
-def row(name, value, baseline, unit, ratio, target, ok):
-    return {"benchmark": name, "value": value, "baseline": baseline, "unit": unit,
-            "ratio": ratio, "target": target, "ok": ok}
 
 
 def measure(n: int, repeat: int, all_backends: bool = True) -> tuple[list[dict], float, float]:

@@ -18,9 +18,10 @@ effect of the batch size.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
+
+from benchmarks.common import best_time, row
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,21 +29,6 @@ REFERENCE_HIDDEN = (2048, 1024, 512, 256, 128, 32)
 N_PIXELS = 7213
 LOOP_TARGET = 10.0
 FLOOR_TARGET = 1.3
-
-
-def best_time(fn, repeat: int = 3) -> float:
-    """Smallest wall time of ``repeat`` calls of ``fn()`` (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def row(name, value, baseline, unit, ratio, target, ok):
-    return {"benchmark": name, "value": value, "baseline": baseline, "unit": unit,
-            "ratio": ratio, "target": target, "ok": ok}
 
 
 def reference_model(n_pixels: int = N_PIXELS, hidden=REFERENCE_HIDDEN, seed: int = 0):

@@ -16,26 +16,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
+
+from benchmarks.common import best_time, row
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def _row(name, value, baseline, target, unit="s"):
     ratio = value / baseline
-    return {"benchmark": name, "value": value, "baseline": baseline, "ratio": ratio,
-            "target": target, "unit": unit, "ok": bool(ratio <= target)}
+    return row(name, value, baseline, unit, ratio, target, bool(ratio <= target))
 
 
 def _model(n_pix, hidden, seed=0):
@@ -56,9 +47,9 @@ def bench_curvature(quick: bool) -> dict:
     phi = head.features(rng.normal(size=(n, 200)).astype(np.float32))
     jac = head.jacobian(phi)[0]
     ggn_blocks(head, phi[:256])  # trace once
-    value = _best(lambda: ggn_blocks(head, phi), 2)
+    value = best_time(lambda: ggn_blocks(head, phi), 2)
     jk = np.swapaxes(jac.numpy(), 0, 1)
-    floor = _best(lambda: [j.T @ j for j in jk], 2)
+    floor = best_time(lambda: [j.T @ j for j in jk], 2)
     return _row(f"ggn_last2_vs_matmul_floor (N={n}, P_L={head.n_params})", value, floor, 3.0)
 
 
@@ -73,8 +64,8 @@ def bench_fit(quick: bool) -> dict:
     model = _model(n_pix, hidden)
     model.compile("adam", "mse")
     model.fit(x[:64], y[:64], epochs=1, batch_size=64, verbose=0)  # build and trace
-    epoch = _best(lambda: model.fit(x, y, epochs=1, batch_size=64, verbose=0), 1)
-    fit = _best(lambda: fit_laplace(model, x, y, last_layers=2, device="cpu"), 1)
+    epoch = best_time(lambda: model.fit(x, y, epochs=1, batch_size=64, verbose=0), 1)
+    fit = best_time(lambda: fit_laplace(model, x, y, last_layers=2, device="cpu"), 1)
     return _row(f"laplace_fit_vs_epoch (N={n}, P={n_pix})", fit, epoch, 5.0)
 
 

@@ -31,17 +31,14 @@ import time
 
 import numpy as np
 
+from benchmarks.common import row
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 VARIANCE_RTOL = 1e-5
 PRIOR_PRECISION = 2.0
 SIGMA_NOISE = 0.3
 REFERENCE_HIDDEN = (2048, 1024, 512, 256, 128, 32)
-
-
-def row(name, value, baseline, unit, ratio, target, ok):
-    return {"benchmark": name, "value": value, "baseline": baseline, "unit": unit,
-            "ratio": ratio, "target": target, "ok": ok}
 
 
 def skipped(why: str) -> list[dict]:

@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from benchmarks.common import row
+
 RSS_TARGET = 1.2
 SMALL_MODEL = (32, 16)
 # Runs argv[1:], polls the child's anonymous resident memory (RssAnon: heap, arrays; not the
@@ -56,11 +58,6 @@ while child.poll() is None:
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, anon)
 sys.exit(child.returncode)
 """
-
-
-def row(name, value, baseline, unit, ratio, target, ok):
-    return {"benchmark": name, "value": value, "baseline": baseline, "unit": unit,
-            "ratio": ratio, "target": target, "ok": ok}
 
 
 class Peak(NamedTuple):
