@@ -3,7 +3,8 @@
 Rows:
 
 * ``training input pipeline overhead``: one epoch of ``model.fit`` fed by
-  ``pipeline.train.training_dataset`` (per-epoch permutation, rows gathered from the numpy arrays, prefetch)
+  ``pipeline.train.training_dataset`` (per-epoch permutation, rows gathered from the numpy
+  arrays, prefetch)
   against the baseline of the same compiled train step called on the same batches already in
   memory as tensors. Ratio = fit epoch time / bare step time; a pipeline that does not starve
   the model stays close to 1 (target < 1.15).
