@@ -387,9 +387,43 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
         model.set_weights(state.best_weights)
         log.info("restored the weights of epoch %d (val_loss %.5f)", state.best_epoch,
                  state.best_loss)
+    if tcfg["refit_last_layer"]:
+        refit_last_layer(model, flux_train, z_train, tcfg["batch_size"], tcfg["refit_ridge"])
     history = pd.DataFrame(state.history, columns=["epoch", "loss", "val_loss"])
     write_outputs(outdir, model, scaler, train.wave, history, config)
     return model, scaler, history
+
+
+def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
+                     ridge: float) -> None:
+    """Move the linear output layer to the exact minimizer of the training MSE.
+
+    The output is linear in the last Dense layer, f = W^T phi(x) + b. Adam with early stopping
+    leaves (W, b) near but not at the minimum (on the default run, a mean training residual of
+    0.05 sigma in [Fe/H], which then shows up as a bias on every star), while the Laplace
+    approximation takes theta* to be a mode of the loss. With Phi = [phi, 1] (N, d + 1), the
+    normal equations (Phi^T Phi + ridge N I) w = Phi^T z, solved in float64 per label, put it
+    there: the training residuals then have zero mean. ``ridge`` only guards against
+    collinear features (dead ReLUs).
+    """
+    from pipeline.curvature import Head
+
+    head = Head(model, last_layers=1)
+    layer = head.layers[0]
+    if layer.activation not in (keras.activations.linear, None):
+        log.warning("output layer is not linear: last-layer refit skipped")
+        return
+    phi = head.features(flux, batch_size)
+    design = np.hstack([phi, np.ones((len(phi), 1))])
+    gram = design.T @ design + ridge * len(phi) * np.eye(design.shape[1])
+    w = np.linalg.solve(gram, design.T @ np.asarray(z, np.float64))
+    current = np.vstack([layer.kernel.numpy(), layer.bias.numpy()[None]])
+    before = np.mean((design @ current - z) ** 2)
+    layer.kernel.assign(w[:-1].astype(layer.kernel.dtype))
+    layer.bias.assign(w[-1].astype(layer.bias.dtype))
+    after = np.mean((design @ w - z) ** 2)
+    log.info("refitted the output layer by least squares: training MSE %.5f -> %.5f",
+             before, after)
 
 
 def write_outputs(outdir: Path, model, scaler: LabelScaler, wave: np.ndarray,

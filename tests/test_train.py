@@ -112,6 +112,21 @@ def test_update_early_stopping_hand_worked_sequence():
     assert state.best_epoch == 4 and state.best_loss == 1.5 and state.best_weights == [4]
 
 
+def test_last_layer_refit_is_the_least_squares_solution(toy, tmp_path):
+    """After the refit the output layer solves the normal equations: residuals of the
+    training set are orthogonal to every penultimate feature and have zero mean."""
+    from pipeline.curvature import Head
+
+    train, valid = toy
+    model, scaler, _ = train_mod.train_model(tiny_config(epochs=2), train, valid, tmp_path)
+    phi = Head(model, last_layers=1).features(train.flux)
+    z = scaler.transform(train.label_array())
+    resid = np.asarray(model.predict(train.flux, verbose=0), np.float64) - z
+    np.testing.assert_allclose(resid.mean(axis=0), 0.0, atol=1e-5)
+    gradient = phi.T @ resid / len(phi)  # d MSE / d W up to a factor 2
+    assert np.abs(gradient).max() < 1e-4 * np.abs(phi).max()
+
+
 def test_learning_rate_halves_after_each_plateau():
     import keras
 
@@ -130,7 +145,8 @@ def test_early_stopping_restores_best_epoch(tmp_path):
     # Labels unrelated to the flux: the network can only memorize, validation loss rises.
     train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
     cfg = tiny_config(model={"hidden": [64, 64]}, epochs=40, batch_size=16,
-                      learning_rate=3e-3, early_stopping={"patience": 3})
+                      learning_rate=3e-3, early_stopping={"patience": 3},
+                      refit_last_layer=False)
     model, scaler, history = train_mod.train_model(cfg, train, valid, tmp_path)
     best = int(history["val_loss"].idxmin())
     assert len(history) < 40 and len(history) - 1 - best == 3
