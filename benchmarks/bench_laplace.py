@@ -66,7 +66,9 @@ def bench_fit(quick: bool) -> dict:
     model.fit(x[:64], y[:64], epochs=1, batch_size=64, verbose=0)  # build and trace
     epoch = best_time(lambda: model.fit(x, y, epochs=1, batch_size=64, verbose=0), 1)
     fit = best_time(lambda: fit_laplace(model, x, y, last_layers=2, device="cpu"), 1)
-    return _row(f"laplace_fit_vs_epoch (N={n}, P={n_pix})", fit, epoch, 5.0)
+    # the issue asks for this ratio, with no target: reported, not judged
+    return row(f"laplace_fit_vs_epoch (N={n}, P={n_pix})", fit, epoch, "s", fit / epoch,
+               "report", None)
 
 
 def run(quick: bool = False) -> list[dict]:
