@@ -316,14 +316,6 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
     return np.percentile(np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), 99, axis=0)
 
 
-def noise_free_bad_pixels(spectra, data_cfg: dict) -> np.ndarray:
-    """Flux errors with bad pixels set to 0: their flux is a fixed replacement, not noise."""
-    bad = ~(spectra.flux_err < data_cfg["bad_pixel_err"]) | (spectra.flux_err <= 0)
-    if spectra.mask is not None:
-        bad |= spectra.mask != 0
-    return np.where(bad, 0.0, spectra.flux_err)
-
-
 def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
     """Fit the scatter model (pipeline.scatter) on validation stars, given the other terms."""
     from pipeline.error_budget import predict_standardized
@@ -369,7 +361,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     from pipeline.error_budget import noise_covariances
     from pipeline.io import provenance, read_spectra
     from pipeline.model import load_trained
-    from pipeline.validation import match_grid
+    from pipeline.validation import bad_pixel_mask, match_grid
 
     cfg, data = config["laplace"], config["data"]
     keras.utils.set_random_seed(config["seed"])
@@ -383,8 +375,8 @@ def run(args: argparse.Namespace, config: dict) -> None:
                     for p in (args.train, args.valid))
     noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
     if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
-        noise_valid = noise_covariances(model, valid.flux, noise_free_bad_pixels(valid, data),
-                                        cfg["batch_size"])
+        flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
+        noise_valid = noise_covariances(model, valid.flux, flux_err, cfg["batch_size"])
     y_valid = scaler.transform(valid.label_array())
     posterior = fit_laplace(
         model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,

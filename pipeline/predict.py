@@ -24,6 +24,7 @@ from pipeline import export
 from pipeline.cli import base_parser, main
 from pipeline.exceptions import ConfigError, DataError, ModelFileError
 from pipeline.io import Spectra, provenance, read_spectra
+from pipeline.validation import bad_pixel_mask
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,6 @@ def load_input(path: str | Path, fmt: str, wave: np.ndarray, config: dict,
     return spectra, bool(spectra.meta.get("RESAMPLD", False))
 
 
-def bad_pixels(spectra: Spectra, bad_pixel_err: float) -> np.ndarray:
-    """(N, P) bool: pixels flagged bad on reading (error >= bad_pixel_err, or masked)."""
-    err = spectra.flux_err
-    bad = ~np.isfinite(err) | (err <= 0) | (err >= bad_pixel_err)
-    if spectra.mask is not None and spectra.mask.shape == err.shape:
-        bad |= spectra.mask != 0
-    return bad
-
-
 # -------------------------------------------------------------------------------- flags
 def training_range(scaler) -> tuple[np.ndarray, np.ndarray]:
     """Training label range (lo, hi) (3,) from the scaler; its mean when it stores no range."""
@@ -155,7 +147,7 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     """The prediction catalog (astropy Table) of ``spectra`` on the model grid."""
     from pipeline.error_budget import error_budget
 
-    bad = bad_pixels(spectra, config["data"]["bad_pixel_err"])
+    bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
     budget = error_budget(model, posterior, scaler, spectra.flux, noise_err,
                           config["predict"]["batch_size"])

@@ -171,6 +171,18 @@ def flag_bad_pixels(path, spectra, bad_pixel_err, max_bad_pixel_fraction=0.5):
     return spectra
 
 
+def bad_pixel_mask(spectra, bad_pixel_err: float) -> np.ndarray:
+    """(N, P) bool: pixels flagged bad on reading (error >= bad_pixel_err, or masked).
+
+    Their flux is the fixed replacement 1, not a measurement: they add no flux noise.
+    """
+    err = spectra.flux_err
+    bad = ~np.isfinite(err) | (err <= 0) | (err >= bad_pixel_err)
+    if spectra.mask is not None and spectra.mask.shape == err.shape:
+        bad |= spectra.mask != 0
+    return bad
+
+
 def check_labels(path, spectra, nan_labels):
     for name in LABELS:
         if name not in spectra.labels.colnames:
