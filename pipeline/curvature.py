@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
+from pipeline.streaming import batches
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,6 @@ def _jacobian_fn(head: Head):
 
 
 # ------------------------------------------------------------------------------ curvature
-def _batches(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
-
-
 def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
     """Per-label GGN blocks G_k = sum_n J_nk^T J_nk, (n_out, P_L, P_L) float64.
 
@@ -233,7 +229,7 @@ def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
     """
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     total = 0.0
-    for s in _batches(len(phi), batch_size):
+    for s in batches(len(phi), batch_size):
         jac, _ = head.jacobian(phi[s])
         if on_gpu:
             total = total + tf.einsum("bkp,bkq->kpq", jac, jac)
@@ -268,11 +264,11 @@ def residual_blocks(head: Head, phi, y, batch_size: int = 256,
         return tf.vectorized_map(one, tangents)  # (c, n_out, P)
 
     out = np.zeros((n_out, p, p))
-    for s in _batches(len(phi), batch_size):
+    for s in batches(len(phi), batch_size):
         phi_b = tf.constant(phi[s])
         f, _ = head.forward(phi_b, head.params())
         r_b = f - y[s]  # residuals are constants of the second-derivative term
-        for c in _batches(p, chunk_size):
+        for c in batches(p, chunk_size):
             tangents = tf.constant(np.eye(p)[c])
             out[:, :, c] += np.transpose(hvps(phi_b, r_b, tangents).numpy(), (1, 2, 0))
     return out

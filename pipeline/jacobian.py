@@ -29,9 +29,9 @@ from astropy.io import fits
 
 from pipeline import LABEL_UNITS, LABELS
 from pipeline.cli import base_parser, main
-from pipeline.error_budget import batches, progress
 from pipeline.exceptions import ConfigError, OutputError
 from pipeline.io import atomic_path, provenance
+from pipeline.streaming import batches, progress
 
 log = logging.getLogger(__name__)
 
