@@ -4,9 +4,10 @@ For star n with flux x_n (P,) and 1-sigma flux errors e_n (P,) the total covaria
 predicted labels is the sum of three independent parts
 
     C_model   = S J_x Sigma J_x^T S          epistemic: Laplace posterior of the last layers
-    C_scatter = S diag(s(z_n)^2) S           aleatoric: fitted scatter at the star's predicted
-                                             labels z_n (pipeline.scatter; per-label constant
-                                             sigma_k when the posterior has no scatter model)
+    C_scatter = S diag(s_n^2) S              aleatoric: fitted scatter given the star's predicted
+                                             labels and its model and noise variances
+                                             (pipeline.scatter; per-label constant sigma_k when
+                                             the posterior has no scatter model)
     C_noise   = D_n diag(e_n^2) D_n^T = (D_n * e_n) (D_n * e_n)^T
                                              flux noise propagated through the input Jacobian
 
@@ -65,13 +66,15 @@ def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size:
     return out
 
 
-def scatter_std(posterior, z: np.ndarray) -> np.ndarray:
-    """Scatter (N, 3) in standardized units at standardized predictions ``z`` (N, 3).
+def scatter_std(posterior, z: np.ndarray, model_var: np.ndarray,
+                noise_var: np.ndarray) -> np.ndarray:
+    """Scatter (N, 3) in standardized units of stars with standardized predictions ``z`` and
+    model and flux-noise variances (N, 3, standardized units).
 
     The posterior's scatter model when it has one, else its constant ``noise_std``.
     """
     if hasattr(posterior, "scatter_std"):
-        return np.asarray(posterior.scatter_std(z), np.float64)
+        return np.asarray(posterior.scatter_std(z, model_var, noise_var), np.float64)
     return np.broadcast_to(np.asarray(posterior.noise_std, np.float64), z.shape)
 
 
@@ -120,16 +123,18 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     cov_noise = np.empty((n, 3, 3))
     cov_scatter = np.zeros((n, 3, 3))
     slices = list(batches(n, batch_size))
+    scale2 = np.asarray(scaler.scale, np.float64) ** 2  # physical -> standardized variances
     for s in progress(slices, total=len(slices), desc="error budget"):
         x = np.asarray(flux[s])
         z = predict_standardized(model, x)
         prediction[s] = scaler.inverse_transform(z)
-        var = scatter_std(posterior, z) ** 2
-        cov_scatter[s] = scaler.covariance_to_physical(var[:, :, None] * np.eye(3))
         cov_model[s] = scaler.covariance_to_physical(
             np.asarray(posterior.predictive_covariance(x), np.float64))
         jac = jacobian_fn(model, x, batch_size=batch_size, scaler=scaler)
         cov_noise[s] = noise_covariance(jac, flux_err[s])
+        var = scatter_std(posterior, z, np.diagonal(cov_model[s], axis1=1, axis2=2) / scale2,
+                          np.diagonal(cov_noise[s], axis1=1, axis2=2) / scale2) ** 2
+        cov_scatter[s] = scaler.covariance_to_physical(var[:, :, None] * np.eye(3))
     total = cov_model + cov_scatter + cov_noise
     return {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
             "noise": cov_noise, "total": total}

@@ -123,8 +123,9 @@ class Posterior:
     def n_params(self) -> int:
         return self.theta_map.size
 
-    def scatter_std(self, z) -> np.ndarray:
-        """Aleatoric scatter (N, K), standardized, at standardized predicted labels z (N, K).
+    def scatter_std(self, z, model_var, noise_var) -> np.ndarray:
+        """Aleatoric scatter (N, K), standardized, of stars with standardized predicted labels
+        z and model and flux-noise variances (N, K, standardized units).
 
         The validation-calibrated scatter model (``info['scatter']``, pipeline.scatter) when
         the laplace step fitted one, else the Laplace noise ``noise_std`` for every star.
@@ -132,7 +133,7 @@ class Posterior:
         z = np.asarray(z, np.float64)
         if self.info.get("scatter") is None:
             return np.broadcast_to(self.noise_std, z.shape).copy()
-        return ScatterModel.from_dict(self.info["scatter"]).std(z)
+        return ScatterModel.from_dict(self.info["scatter"]).std(z, model_var, noise_var)
 
     def predictive_covariance(self, x, scaler=None, batch_size: int = 256) -> np.ndarray:
         """Epistemic covariance J_n A^-1 J_n^T (N, K, K) float64, streamed over batches.
@@ -325,8 +326,8 @@ def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid
                         for s in range(0, len(x_valid), batch)])
     model_var = np.diagonal(posterior.predictive_covariance(x_valid, batch_size=batch),
                             axis1=1, axis2=2)
-    extra = model_var + np.diagonal(noise_valid, axis1=1, axis2=2)
-    scatter = fit_scatter(z, z - y_valid, extra, cfg["scatter"])
+    noise_var = np.diagonal(noise_valid, axis1=1, axis2=2)
+    scatter = fit_scatter(z, z - y_valid, model_var, noise_var, cfg["scatter"])
     log.info("scatter model (%s) fitted on %d validation stars: coefficients %s",
              cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4))
     return scatter

@@ -2,22 +2,27 @@
 
 The Laplace likelihood has one noise level sigma_k per label (``Posterior.noise_std``), fitted
 with the prior precision. The misfit of a real network is not that uniform: it is larger for
-hot dwarfs with weak lines than for cool giants with strong ones. A single level then gives
-errors that are right on average but too large for most stars and too small for the rest
-(heavy-tailed z-scores: interval coverage off even when their standard deviation is 1).
+hot dwarfs and metal-poor stars with weak lines than for cool giants with strong ones, and
+larger where the network is poorly constrained. A single level then gives errors that are
+right on average but too large for most stars and too small for the rest (heavy-tailed
+z-scores: interval coverage off even when their standard deviation is 1).
 
-The scatter model lets the level depend on where the star lies in label space:
+The scatter model lets the level depend on where the star lies and on how well the data
+constrain it, through covariates u (3K,): the standardized predicted labels z, and the logs of
+the star's model (Laplace) and flux-noise standard deviations, each centred on its validation
+mean:
 
-    log s_k(z) = a_k + b_k . clip(z, z_lo, z_hi)        z: standardized predicted labels (K,)
+    log s_k(u) = a_k + b_k . clip(u, u_lo, u_hi)
 
 fitted label by label by minimizing the Gaussian negative log-likelihood of the validation
 residuals r_nk under the per-star variance
 
-    V_nk = s_k(z_n)^2 + M_nk + E_nk
+    V_nk = s_k(u_n)^2 + M_nk + E_nk
 
-where M is the model (Laplace) variance and E the flux-noise variance of the star: the scatter
-explains what the other two parts do not. Clipping z to the range seen in the validation set
-keeps the scatter of extrapolated stars bounded (they are flagged by the predict step).
+where M is the model variance and E the flux-noise variance of the star: the scatter explains
+what the other two parts do not, and grows where they say the network knows less. Clipping u
+to the range seen in the validation set keeps the scatter of extrapolated stars bounded (they
+are flagged by the predict step).
 
 Kinds (config ``laplace.scatter``): ``likelihood`` uses the Laplace noise sigma_k unchanged;
 ``constant`` refits one level per label (b = 0) on validation stars; ``linear`` fits a and b.
@@ -35,31 +40,40 @@ from pipeline.exceptions import ConfigError, NumericalError
 KINDS = ("likelihood", "constant", "linear")
 
 
+def covariates(z: np.ndarray, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    """u = [z, log model std, log noise std] (N, 3K), all standardized units, uncentred."""
+    tiny = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
+    return np.hstack([np.asarray(z, np.float64),
+                      0.5 * np.log(np.maximum(np.asarray(model_var, np.float64), tiny)),
+                      0.5 * np.log(np.maximum(np.asarray(noise_var, np.float64), tiny))])
+
+
 @dataclass
 class ScatterModel:
-    """Coefficients ``coef`` (K, 1 + K) = [a_k, b_k] and the clip range ``z_lo``, ``z_hi`` (K,)."""
+    """Coefficients ``coef`` (K, 1 + 3K) = [a_k, b_k]; covariate centre and clip range (3K,)."""
 
     coef: np.ndarray
-    z_lo: np.ndarray
-    z_hi: np.ndarray
+    u_centre: np.ndarray
+    u_lo: np.ndarray
+    u_hi: np.ndarray
 
-    def std(self, z: np.ndarray) -> np.ndarray:
-        """Scatter s_k(z_n) (N, K) in standardized units for standardized predictions z (N, K)."""
-        return np.exp(design(z, self.z_lo, self.z_hi) @ self.coef.T)
+    def std(self, z: np.ndarray, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+        """Scatter s_k (N, K), standardized units, from standardized predictions z (N, K) and
+        the stars' model and flux-noise variances (N, K), standardized units."""
+        return np.exp(self.design(covariates(z, model_var, noise_var)) @ self.coef.T)
+
+    def design(self, u: np.ndarray) -> np.ndarray:
+        """Design matrix [1, clip(u) - centre] (N, 1 + 3K)."""
+        u = np.clip(u, self.u_lo, self.u_hi) - self.u_centre
+        return np.hstack([np.ones((u.shape[0], 1)), u])
 
     def to_dict(self) -> dict:
-        return {"coef": self.coef.tolist(), "z_lo": self.z_lo.tolist(),
-                "z_hi": self.z_hi.tolist()}
+        return {k: getattr(self, k).tolist() for k in ("coef", "u_centre", "u_lo", "u_hi")}
 
     @classmethod
     def from_dict(cls, doc: dict) -> ScatterModel:
-        return cls(*(np.asarray(doc[k], np.float64) for k in ("coef", "z_lo", "z_hi")))
-
-
-def design(z: np.ndarray, z_lo: np.ndarray, z_hi: np.ndarray) -> np.ndarray:
-    """Design matrix [1, clip(z)] (N, 1 + K)."""
-    z = np.clip(np.asarray(z, np.float64), z_lo, z_hi)
-    return np.hstack([np.ones((z.shape[0], 1)), z])
+        return cls(*(np.asarray(doc[k], np.float64)
+                     for k in ("coef", "u_centre", "u_lo", "u_hi")))
 
 
 def _nll(c, f, r2, extra):
@@ -71,15 +85,16 @@ def _nll(c, f, r2, extra):
     return value, grad
 
 
-def fit_scatter(z: np.ndarray, residual: np.ndarray, extra_var: np.ndarray,
-                kind: str = "linear") -> ScatterModel:
+def fit_scatter(z: np.ndarray, residual: np.ndarray, model_var: np.ndarray,
+                noise_var: np.ndarray, kind: str = "linear") -> ScatterModel:
     """Fit the scatter model to validation stars.
 
     Parameters
     ----------
     z : (N, K) standardized predicted labels.
     residual : (N, K) predicted minus true labels, standardized.
-    extra_var : (N, K) the other variances of each star (model + flux noise), standardized.
+    model_var, noise_var : (N, K) each star's model (Laplace) and flux-noise variances,
+        standardized units.
     kind : 'constant' or 'linear' ('likelihood' needs no fit).
 
     Returns
@@ -89,13 +104,15 @@ def fit_scatter(z: np.ndarray, residual: np.ndarray, extra_var: np.ndarray,
     if kind not in ("constant", "linear"):
         raise ConfigError(f"config key 'laplace.scatter' = {kind!r} is not fitted on validation "
                           f"stars; valid kinds: {', '.join(KINDS)}")
-    z, residual = np.asarray(z, np.float64), np.asarray(residual, np.float64)
-    extra_var = np.asarray(extra_var, np.float64)
-    z_lo, z_hi = z.min(axis=0), z.max(axis=0)
-    f = design(z, z_lo, z_hi)
+    residual = np.asarray(residual, np.float64)
+    extra_var = np.asarray(model_var, np.float64) + np.asarray(noise_var, np.float64)
+    u = covariates(z, model_var, noise_var)
+    model = ScatterModel(np.zeros((residual.shape[1], 1 + u.shape[1])), u.mean(axis=0),
+                         u.min(axis=0), u.max(axis=0))
+    f = model.design(u)
     if kind == "constant":
         f = f[:, :1]
-    coef = np.zeros((z.shape[1], 1 + z.shape[1]))
+    coef = model.coef
     for k in range(z.shape[1]):
         r2 = residual[:, k] ** 2
         start = np.zeros(f.shape[1])
@@ -105,4 +122,4 @@ def fit_scatter(z: np.ndarray, residual: np.ndarray, extra_var: np.ndarray,
         if not np.all(np.isfinite(res.x)):
             raise NumericalError(f"the scatter fit of label {k} did not converge: {res.message}")
         coef[k, :f.shape[1]] = res.x
-    return ScatterModel(coef, z_lo, z_hi)
+    return model
