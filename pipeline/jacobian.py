@@ -116,9 +116,11 @@ def jacobian_batches(model, scaler, chunks: Iterator[np.ndarray], batch_size: in
         from pipeline.derivatives import input_jacobian as jacobian_fn
     for flux in chunks:
         for s in batches(flux.shape[0], batch_size):
-            x = np.asarray(flux[s])
-            yield np.asarray(jacobian_fn(model, x, batch_size=batch_size, scaler=scaler),
-                             np.float32)
+            yield np.asarray(jacobian_fn(model, np.asarray(flux[s]), batch_size=batch_size,
+                                         scaler=scaler), np.float32)
+        # drop this chunk before the next one is read, or two chunks are alive at once and
+        # the peak grows with the number of chunks read
+        del flux
 
 
 def shard_flux(path, fmt: str, wave: np.ndarray, config: dict, rows: np.ndarray,
