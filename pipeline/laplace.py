@@ -356,23 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, config: dict) -> None:
     """The ``laplace`` step: fit with ``config['laplace']`` and write the posterior file."""
-    import keras
-    import tensorflow as tf
 
     from pipeline.error_budget import noise_covariances
-    from pipeline.io import provenance, read_spectra
+    from pipeline.io import provenance, read_options, read_spectra
     from pipeline.model import load_trained
+    from pipeline.train import seed_everything
     from pipeline.validation import bad_pixel_mask, match_grid
 
     cfg, data = config["laplace"], config["data"]
-    keras.utils.set_random_seed(config["seed"])
-    if config.get("deterministic", True):
-        tf.config.experimental.enable_op_determinism()
+    seed_everything(config)
     model, scaler, wave = load_trained(args.model)
-    read = {"require_labels": True, "nan_labels": data["nan_labels"],
-            "bad_pixel_err": data["bad_pixel_err"]}
-    train, valid = (match_grid(read_spectra(p, **read), wave, path=p,
-                               bad_pixel_err=data["bad_pixel_err"])
+    train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
+                               wave, path=p, bad_pixel_err=data["bad_pixel_err"])
                     for p in (args.train, args.valid))
     noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
     if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
