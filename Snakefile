@@ -1,6 +1,6 @@
 # stellar-laplace: spectra -> labels with Laplace error bars and input Jacobians.
 # Rules are thin: each shells out to `python -m pipeline.<step>`; no TensorFlow here.
-# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures (DESIGN section 1).
+# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures.
 import json
 import os
 import shlex
@@ -99,7 +99,7 @@ rule data:
         config=step_config(),
         outdir=lambda w, output: os.path.dirname(output[0]),
     shell:
-        "python -m pipeline.data --config-json {params.config} --outdir {params.outdir} "
+        "python -m pipeline.steps.data --config-json {params.config} --outdir {params.outdir} "
         "> {log} 2>&1"
 
 
@@ -124,7 +124,7 @@ rule train:
         config=step_config("model", "train"),
         outdir=lambda w, output: os.path.dirname(output.model),
     shell:
-        "python -m pipeline.train --config-json {params.config} --train {input.train} "
+        "python -m pipeline.steps.train --config-json {params.config} --train {input.train} "
         "--valid {input.valid} --outdir {params.outdir} > {log} 2>&1"
 
 
@@ -148,7 +148,7 @@ rule laplace:
         config=step_config("laplace"),
         model=lambda w, input: os.path.dirname(input.model),
     shell:
-        "python -m pipeline.laplace --config-json {params.config} "
+        "python -m pipeline.steps.laplace --config-json {params.config} "
         "--model {params.model} --train {input.train} --valid {input.valid} "
         "--out {output.posterior} > {log} 2>&1"
 
@@ -174,7 +174,7 @@ rule predict:
         outdir=lambda w, output: os.path.dirname(output[0]),
         format=spectra_format,
     shell:
-        "python -m pipeline.predict --config-json {params.config} --model {params.model} "
+        "python -m pipeline.steps.predict --config-json {params.config} --model {params.model} "
         "--posterior {input.posterior} --format {params.format} --name {wildcards.name} "
         "--out {params.outdir} {input.spectra} > {log} 2>&1"
 
@@ -200,7 +200,7 @@ rule jacobian:
         format=spectra_format,
         shards=config["jacobian"]["shards"],
     shell:
-        "python -m pipeline.jacobian --config-json {params.config} --model {params.model} "
+        "python -m pipeline.steps.jacobian --config-json {params.config} --model {params.model} "
         "--format {params.format} --shard {wildcards.i} --shards {params.shards} "
         "--out {output} {input.spectra} > {log} 2>&1"
 
@@ -247,7 +247,7 @@ rule tables:
         config=step_config("predict", "jacobian"),
         outdir=lambda w, output: os.path.dirname(output.calibration),
     shell:
-        "python -m pipeline.tables --config-json {params.config} "
+        "python -m pipeline.steps.tables --config-json {params.config} "
         "--predictions {input.predictions} --jacobians {input.jacobians} --data {input.data} "
         "--outdir {params.outdir} > {log} 2>&1"
 
@@ -282,5 +282,5 @@ rule figure:
         results=lambda w, input: os.path.dirname(os.path.dirname(input.history)),
         outdir=lambda w, output: os.path.dirname(output[0]),
     shell:
-        "python -m pipeline.figures --config-json {params.config} --figure {wildcards.fig} "
+        "python -m pipeline.steps.figures --config-json {params.config} --figure {wildcards.fig} "
         "--results {params.results} --outdir {params.outdir} > {log} 2>&1"

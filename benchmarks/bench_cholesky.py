@@ -1,7 +1,7 @@
 """Float64 Cholesky of the Laplace posterior precision against explicit inversion.
 
 The posterior precision A = G + prior precision of the last k layers is a dense symmetric
-positive-definite float64 matrix of side P_L (DESIGN section 5): P_L = 4227 for the last two
+positive-definite float64 matrix of side P_L: P_L = 4227 for the last two
 layers of the reference network (128*32+32 + 32*3+3) and 37123 for the last three
 (256*128+128 + 4227). The pipeline factors A = L L^T (n^3/3 flops) and never forms A^-1; the
 baseline is what users write, ``numpy.linalg.inv(A)`` (LU plus inversion, about 2 n^3 flops).

@@ -4,7 +4,7 @@ On the reference network (P = 7213 -> 2048, 1024, 512, 256, 128, 32 -> 3, 17.6 M
 
 * **per-star loop** -- what StarNet / astroNN users write: for every star one eager
   ``tf.GradientTape`` and one ``tape.gradient`` per label. Timed on a few stars, reported per
-  star; ``pipeline.derivatives.input_jacobian`` must be at least ``LOOP_TARGET`` times faster.
+  star; ``pipeline.nn.derivatives.input_jacobian`` must be at least ``LOOP_TARGET`` times faster.
 * **floor** -- one forward pass and three vector-Jacobian products (one per label), each costing
   about one forward pass on a dense network (the backward matmuls with respect to the inputs have
   the forward shapes; weight gradients are not needed). The floor is 4 x a compiled forward pass
@@ -32,8 +32,8 @@ FLOOR_TARGET = 1.3
 
 
 def reference_model(n_pixels: int = N_PIXELS, hidden=REFERENCE_HIDDEN, seed: int = 0):
-    """The dense network of ``pipeline.model.build_model`` (untrained weights: speed only)."""
-    from pipeline.model import build_model
+    """The dense network of ``pipeline.nn.model.build_model`` (untrained weights: speed only)."""
+    from pipeline.nn.model import build_model
 
     return build_model(n_pixels, {"type": "dense", "hidden": list(hidden)}, seed)
 
@@ -88,7 +88,7 @@ def run(quick: bool, n_pixels: int = N_PIXELS, hidden=REFERENCE_HIDDEN,
         n_stars: int | None = None, n_loop: int | None = None,
         batch_sizes: tuple[int, ...] | None = None) -> list[dict]:
     """Benchmark rows; the keyword arguments shrink the problem for tests."""
-    from pipeline.derivatives import input_jacobian
+    from pipeline.nn.derivatives import input_jacobian
 
     n_stars = n_stars or (768 if quick else 2048)
     n_loop = n_loop or (8 if quick else 48)

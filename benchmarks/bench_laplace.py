@@ -38,7 +38,7 @@ def _model(n_pix, hidden, seed=0):
 
 
 def bench_curvature(quick: bool) -> dict:
-    from pipeline.curvature import Head, ggn_blocks
+    from pipeline.laplace.curvature import Head, ggn_blocks
 
     n, hidden = (512, [64, 128, 32]) if quick else (4096, [256, 128, 32])
     rng = np.random.default_rng(0)

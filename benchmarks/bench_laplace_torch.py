@@ -72,12 +72,13 @@ def fit_ours(model, x, y, last_layers: int = 1):
 
     ``pipeline.laplace.fit_laplace`` always fits the prior precision and noise (evidence or
     validation NLL), so this runs its numerical path with them fixed: head features, GGN
-    blocks (``pipeline.curvature``), A = sum_k C_k / sigma^2 + delta I
+    blocks (``pipeline.laplace.curvature``), A = sum_k C_k / sigma^2 + delta I
     (``evidence.precision_matrix``), float64 Cholesky (``laplace.cholesky_with_jitter``).
     """
-    from pipeline import evidence
-    from pipeline.curvature import Head, curvature_blocks
-    from pipeline.laplace import Posterior, cholesky_with_jitter, choose_device
+    from pipeline.laplace import Posterior, evidence
+    from pipeline.laplace.curvature import Head, curvature_blocks
+    from pipeline.laplace.posterior import cholesky_with_jitter
+    from pipeline.runtime import choose_device
 
     t0 = time.perf_counter()
     device = choose_device("auto")
@@ -175,7 +176,7 @@ def run(quick: bool, n_pixels: int = 7213, hidden=REFERENCE_HIDDEN, n_train: int
     why = missing_dependency()
     if why:
         return skipped(why)
-    from pipeline.model import build_model
+    from pipeline.nn.model import build_model
 
     n_train = n_train or (512 if quick else 4096)
     rng = np.random.default_rng(0)

@@ -9,11 +9,12 @@ pressure. Rows compare a 10x larger input with the smaller one; a step that stre
 batches keeps its anonymous peak within ``RSS_TARGET`` of the small run (TensorFlow's own
 ~0.5 GB dominates both), one that holds the whole input grows ~linearly.
 
-* ``jacobian``: ``python -m pipeline.jacobian --shard 0 --shards 1`` on canonical FITS of
-  ``small`` and ``large`` stars (written chunk by chunk with ``pipeline.io.SpectraWriter``,
+* ``jacobian``: ``python -m pipeline.steps.jacobian --shard 0 --shards 1`` on canonical FITS of
+  ``small`` and ``large`` stars (written chunk by chunk with
+  ``pipeline.spectra.fits.SpectraWriter``,
   flux ~ 1 with 1 % noise) with a small untrained dense model saved in the layout of
-  ``pipeline.model.load_trained`` (model.keras, scaler.json, wave.npy).
-* ``data``: ``python -m pipeline.data`` generating the synthetic splits of ``small`` and
+  ``pipeline.artifacts.model_dir.load_trained`` (model.keras, scaler.json, wave.npy).
+* ``data``: ``python -m pipeline.steps.data`` generating the synthetic splits of ``small`` and
   ``large`` stars in all.
 
 Command line, for the paper-size check recorded in docs/performance.md::
@@ -87,7 +88,7 @@ def peak_rss(cmd: list[str], timeout: float = 600, cwd: Path | None = None) -> P
 
 def grid(n_pixels: int | None) -> np.ndarray:
     """The synthetic APOGEE grid, or its first ``n_pixels`` pixels (smaller tests)."""
-    from pipeline.synthetic import apogee_grid
+    from pipeline.spectra.synthetic import apogee_grid
 
     wave = apogee_grid()
     return wave if n_pixels is None else wave[:n_pixels]
@@ -95,7 +96,9 @@ def grid(n_pixels: int | None) -> np.ndarray:
 
 def make_model_dir(path: Path, wave: np.ndarray, hidden=SMALL_MODEL) -> Path:
     """An untrained dense model with its scaler and grid, as the train step lays them out."""
-    from pipeline.model import MODEL_FILE, SCALER_FILE, WAVE_FILE, LabelScaler, build_model
+    from pipeline.artifacts.model_dir import MODEL_FILE, SCALER_FILE, WAVE_FILE
+    from pipeline.nn.model import build_model
+    from pipeline.nn.scaler import LabelScaler
 
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MODEL_FILE).is_file():
@@ -111,7 +114,7 @@ def make_dataset(path: Path, n_stars: int, wave: np.ndarray, chunk: int = 1000) 
     """A canonical FITS of ``n_stars`` noisy flat spectra, streamed (memory of one chunk)."""
     from astropy.table import Table
 
-    from pipeline.io import SpectraWriter
+    from pipeline.spectra.fits import SpectraWriter
 
     if path.is_file():
         return path
@@ -150,7 +153,7 @@ def jacobian_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray,
     for n in sizes:
         data = make_dataset(root / f"stars-{n}-{wave.size}.fits", n, wave)
         out = root / f"jacobian-{n}.fits"
-        peaks.append(peak_rss(["-m", "pipeline.jacobian", "--model", str(model_dir),
+        peaks.append(peak_rss(["-m", "pipeline.steps.jacobian", "--model", str(model_dir),
                                "--format", "fits", "--shard", "0", "--shards", "1",
                                "--out", str(out), *options, str(data)]))
         out.unlink(missing_ok=True)  # (n, 3, P) float32: 1.7 GB for 20k stars
@@ -159,7 +162,7 @@ def jacobian_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray,
 
 
 def data_step(root: Path, n_stars: int, keep: bool = False, chunk: int | None = None) -> Peak:
-    """Peak memory of ``python -m pipeline.data`` writing ``n_stars`` synthetic stars in all
+    """Peak memory of ``python -m pipeline.steps.data`` writing ``n_stars`` synthetic stars in all
     (5/6 train, 1/12 valid, 1/12 test, the paper's 50000 + 5000 + 5000 proportions) into
     ``root/data-<n_stars>``, deleted afterwards unless ``keep``; ``chunk`` overrides
     ``data.synthetic.chunk_size`` (default 1000)."""
@@ -169,7 +172,7 @@ def data_step(root: Path, n_stars: int, keep: bool = False, chunk: int | None = 
         data["synthetic"] = {"chunk_size": chunk}
     outdir = root / f"data-{n_stars}"
     try:
-        return peak_rss(["-m", "pipeline.data", "--config-json", json.dumps({"data": data}),
+        return peak_rss(["-m", "pipeline.steps.data", "--config-json", json.dumps({"data": data}),
                          "--outdir", str(outdir)], timeout=1800)
     finally:
         for split in outdir.glob("*.fits") if not keep else ():
@@ -177,10 +180,10 @@ def data_step(root: Path, n_stars: int, keep: bool = False, chunk: int | None = 
 
 
 def train_step(root: Path, data_dir: Path, epochs: int = 1) -> Peak:
-    """Peak memory of ``python -m pipeline.train`` for ``epochs`` epochs of the small dense
+    """Peak memory of ``python -m pipeline.steps.train`` for ``epochs`` epochs of the small dense
     network on ``data_dir/{train,valid}.fits`` (the data, not the network, sets the memory)."""
     config = {"model": {"hidden": list(SMALL_MODEL)}, "train": {"epochs": epochs}}
-    return peak_rss(["-m", "pipeline.train", "--config-json", json.dumps(config),
+    return peak_rss(["-m", "pipeline.steps.train", "--config-json", json.dumps(config),
                      "--train", str(data_dir / "train.fits"), "--valid",
                      str(data_dir / "valid.fits"), "--outdir", str(root / "model-trained")],
                     timeout=3600)

@@ -1,12 +1,12 @@
 """Synthetic spectra per second: the vectorized generator against a naive per-star, per-line loop.
 
-The generator (pipeline.synthetic.generate) forms the optical depth of N stars as one
+The generator (pipeline.spectra.synthetic.generate) forms the optical depth of N stars as one
 (N, 3G) @ (3G, P) matrix product over precomputed group profiles, then adds noise and bad
 pixels in bulk. The baseline is the obvious implementation of the same model: for every star
 and every line, evaluate its Gaussian cores and Lorentzian wing on all P pixels and accumulate
 the optical depth. Both produce the same noiseless flux (checked here, ``max_abs_diff``); the
 ratio is measured in the same run on the same machine. Target: at least 2000 spectra/s on
-2 cores (DESIGN section 3, issue 4).
+2 cores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ TARGET = 2000.0
 
 def naive_flux(labels: np.ndarray, wave: np.ndarray) -> np.ndarray:
     """Noiseless flux (N, P), one star and one line at a time (the baseline)."""
-    from pipeline import linelist, synthetic
+    from pipeline.spectra import linelist, synthetic
 
     lines = linelist.line_list()
     out = np.empty((labels.shape[0], wave.size))
@@ -42,7 +42,7 @@ def naive_flux(labels: np.ndarray, wave: np.ndarray) -> np.ndarray:
 
 
 def run(quick: bool = False) -> list[dict]:
-    from pipeline import synthetic
+    from pipeline.spectra import synthetic
 
     n_fast, n_naive = (1000, 2) if quick else (4000, 6)
     wave = synthetic.apogee_grid()

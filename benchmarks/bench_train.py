@@ -3,7 +3,7 @@
 Rows:
 
 * ``training input pipeline overhead``: one epoch of ``model.fit`` fed by
-  ``pipeline.train.training_dataset`` (per-epoch permutation, rows gathered from the numpy
+  ``pipeline.nn.training.training_dataset`` (per-epoch permutation, rows gathered from the numpy
   arrays, prefetch)
   against the baseline of the same compiled train step called on the same batches already in
   memory as tensors. Ratio = fit epoch time / bare step time; a pipeline that does not starve
@@ -62,7 +62,7 @@ class _EpochTimer:
 
 def fit_epoch_time(flux, z, epochs: int, jit_compile="auto"):
     """Best epoch time of ``model.fit`` on the tf.data pipeline (epoch 1, tracing, excluded)."""
-    from pipeline.train import compiled_model, training_dataset
+    from pipeline.nn.training import compiled_model, training_dataset
 
     model = compiled_model(N_PIXELS, _config(jit_compile))
     timer = _EpochTimer()
@@ -108,7 +108,7 @@ def run(quick: bool = False) -> list[dict]:
          "ok": overhead < TARGET},
         {"benchmark": f"training throughput, tf.data + model.fit ({tag})",
          "value": n_stars / fit_time, "baseline": None, "unit": "spectra/s", "ratio": None,
-         "target": "DESIGN: ~200 on 2 cores"},
+         "target": "~200 on 2 cores (earlier measurement)"},
         {"benchmark": f"train step with jit_compile=True vs default ({tag})", "value": xla_time,
          "baseline": fit_time, "unit": "s/epoch", "ratio": xla_time / fit_time,
          "target": "informational (< 1 means XLA helps)"},

@@ -41,8 +41,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     10 epochs to 300 synthetic spectra (seconds on CPU)."""
     import keras
 
-    from pipeline.model import LabelScaler, build_model
-    from pipeline.synthetic import apogee_grid, generate
+    from pipeline.nn.model import build_model
+    from pipeline.nn.scaler import LabelScaler
+    from pipeline.spectra.synthetic import apogee_grid, generate
 
     set_seed(0)
     wave = apogee_grid()
@@ -65,9 +66,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_posterior_file(tiny_model_dir, tmp_path_factory) -> Path:
     """A last-layer Laplace posterior (.npz) of the ``tiny_model_dir`` network, fitted on
     60 synthetic spectra (seconds on CPU)."""
+    from pipeline.artifacts.model_dir import load_trained
     from pipeline.laplace import fit_laplace
-    from pipeline.model import load_trained
-    from pipeline.synthetic import generate
+    from pipeline.spectra.synthetic import generate
 
     model, scaler, wave = load_trained(tiny_model_dir)
     spectra = generate(60, 3, wave=wave)

@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline import apogee, synthetic
 from pipeline.config import validate
 from pipeline.exceptions import DataError
+from pipeline.spectra import apogee, synthetic
 from tests.conftest import APSTAR_FILE
 
 STAR = "2M19485057+5005279"

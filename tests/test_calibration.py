@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline import calibration
+from pipeline.evaluation import calibration
 
 N = 20000
 

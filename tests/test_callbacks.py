@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
-import pytest
 
+from pipeline.laplace import fit_laplace
+from pipeline.nn.callbacks import LaplaceCallback
 from tests.conftest import set_seed
-
-keras = pytest.importorskip("keras")
-
-from pipeline.callbacks import LaplaceCallback  # noqa: E402
-from pipeline.laplace import fit_laplace  # noqa: E402
 
 
 def test_callback_exposes_the_posterior_after_training(rng):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from pipeline.exceptions import ConfigError, NumericalError
+from pipeline.laplace.curvature import Head, curvature_blocks, ggn_blocks
 from tests.conftest import set_seed
-
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from pipeline.curvature import Head, curvature_blocks, ggn_blocks  # noqa: E402
-from pipeline.exceptions import ConfigError, NumericalError  # noqa: E402
 
 
 def tiny_model(batchnorm: bool = False, seed: int = 2):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from pipeline import data as data_step
 from pipeline.config import validate
 from pipeline.exceptions import ConfigError, DataError
-from pipeline.io import read_spectra, write_spectra
-from pipeline.synthetic import generate
+from pipeline.spectra.fits import read_spectra, write_spectra
+from pipeline.spectra.synthetic import generate
+from pipeline.steps import data as data_step
 from tests.conftest import APSTAR_FILE
 from tests.test_io import BAD_INPUTS, write_bad
 

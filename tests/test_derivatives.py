@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from pipeline.nn import derivatives
+from pipeline.nn.derivatives import hessian_diagonal, input_hessian, input_jacobian, loss_hessian
 from tests.conftest import set_seed
-
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from pipeline import derivatives  # noqa: E402
-from pipeline.derivatives import (  # noqa: E402
-    hessian_diagonal,
-    input_hessian,
-    input_jacobian,
-    loss_hessian,
-)
 
 
 def smooth_model(n_in: int, dtype: str = "float32", batchnorm: bool = False):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.error_budget import correlations, error_budget, noise_covariance
+from pipeline.artifacts.catalog import correlations
+from pipeline.laplace.error_budget import error_budget, noise_covariance
 
 P, HIDDEN = 24, 6
 SCALE = np.array([600.0, 1.1, 0.4])
@@ -35,7 +36,7 @@ def smooth_model():
 
 @pytest.fixture(scope="module")
 def scaler():
-    from pipeline.model import LabelScaler
+    from pipeline.nn.scaler import LabelScaler
 
     return LabelScaler(mean=MEAN.copy(), scale=SCALE.copy())
 

@@ -11,8 +11,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline import export
-from pipeline.io import provenance
+from pipeline.artifacts import catalog as export
+from pipeline.artifacts.provenance import provenance
 
 CATALOG_COLUMNS = [
     "STAR_ID",

@@ -13,7 +13,8 @@ from astropy.table import Table
 from scipy.stats import norm
 
 from pipeline import LABELS
-from pipeline.io import Spectra, write_spectra
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.fits import write_spectra
 
 N_STARS = 60
 FIGURE_NAMES = ("spectra_examples", "training_curves", "laplace_diagnostics", "pred_vs_true",
@@ -45,7 +46,7 @@ def fake_labels(rng, n: int, prefix: str) -> Table:
 
 
 def write_results(root: Path, rng: np.random.Generator) -> Path:
-    """A results/ tree in exactly the contract formats (DESIGN sections 3 and 4)."""
+    """A results/ tree in exactly the contract formats (docs/outputs.md)."""
     wave = small_grid()
     for split in ("train", "valid", "test"):
         labels = fake_labels(rng, N_STARS, split[:2].upper())
@@ -133,7 +134,7 @@ def results_tree(tmp_path_factory) -> Path:
 
 def run_cli(results: Path, outdir: Path, figure: str, source: str = "fits",
             formats=("png", "pdf"), window=None) -> int:
-    from pipeline.figures import main
+    from pipeline.steps.figures import main
 
     config = {"data": {"source": source},
               "figures": {"formats": list(formats), "dpi": 60, "max_points": 40,
@@ -156,7 +157,6 @@ def test_every_figure_written_as_png_and_pdf(results_tree, tmp_path, figure):
 
 
 def test_spectra_examples_from_the_synthetic_generator(results_tree, tmp_path):
-    pytest.importorskip("pipeline.synthetic")
     assert run_cli(results_tree, tmp_path, "spectra_examples", source="synthetic",
                    formats=("png",), window=[15500.0, 15800.0]) == 0
     assert (tmp_path / "spectra_examples.png").read_bytes().startswith(PNG_MAGIC)
@@ -165,7 +165,7 @@ def test_spectra_examples_from_the_synthetic_generator(results_tree, tmp_path):
 def test_caption_keys_are_the_figure_names():
     import yaml
 
-    from pipeline.figures import FIGURES
+    from pipeline.steps.figures import FIGURES
 
     captions = yaml.safe_load((Path(__file__).parents[1] / "docs/report/captions.yaml").read_text())
     assert tuple(captions) == FIGURE_NAMES == tuple(FIGURES)
@@ -312,7 +312,7 @@ def test_posterior_keys_written_by_pipeline_laplace_are_read(tmp_path):
 
 
 def test_spectra_window_outside_the_grid_is_a_config_error(results_tree, tmp_path, capsys):
-    from pipeline.figures import main
+    from pipeline.steps.figures import main
 
     config = {"data": {"source": "fits"}, "figures": {"spectra_window": [9000, 9100]}}
     assert main(["--config-json", json.dumps(config), "--figure", "spectra_examples",

@@ -7,10 +7,12 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline import validation
+from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import DataError, GridMismatchError
-from pipeline.io import Spectra, SpectraWriter, provenance, read_spectra, write_spectra
-from pipeline.validation import check_label_variance, match_grid
+from pipeline.spectra import validation
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.fits import SpectraWriter, read_spectra, write_spectra
+from pipeline.spectra.validation import check_label_variance, match_grid
 
 N, P = 6, 40
 

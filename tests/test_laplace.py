@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
+from pipeline.laplace import Posterior, evidence, fit_laplace
+from pipeline.laplace.curvature import ggn_blocks
+from pipeline.laplace.posterior import cholesky_with_jitter
 from tests.conftest import set_seed
-
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from pipeline import evidence  # noqa: E402
-from pipeline.curvature import ggn_blocks  # noqa: E402
-from pipeline.exceptions import ConfigError, ModelFileError, NumericalError  # noqa: E402
-from pipeline.laplace import Posterior, cholesky_with_jitter, fit_laplace  # noqa: E402
 
 D = "float64"
 
@@ -218,10 +216,12 @@ def test_epistemic_error_grows_outside_the_training_range(rng):
 def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
     from astropy.table import Table
 
+    from pipeline.artifacts.model_dir import MODEL_FILE, SCALER_FILE, WAVE_FILE
     from pipeline.cli import main
-    from pipeline.io import Spectra, write_spectra
-    from pipeline.laplace import build_parser, run
-    from pipeline.model import MODEL_FILE, SCALER_FILE, WAVE_FILE, LabelScaler
+    from pipeline.nn.scaler import LabelScaler
+    from pipeline.spectra.dataset import Spectra
+    from pipeline.spectra.fits import write_spectra
+    from pipeline.steps.laplace import build_parser, run
 
     set_seed(6)
     n_pix = 30
@@ -257,7 +257,7 @@ def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
             info = json.loads(str(npz["info"]))
         assert info["hyperparameters"] == mode and "CFGHASH" in info["provenance"]
         assert "TFVERS" in info["provenance"] and info["provenance"]["DEVICE"] == "cpu"
-    from pipeline.model import load_trained
+    from pipeline.artifacts.model_dir import load_trained
 
     loaded_model = load_trained(model_dir)[0]
     post = Posterior.load(out, loaded_model)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 from scipy.special import erf
 
+from pipeline.artifacts.model_dir import load_trained
 from pipeline.config import validate
 from pipeline.exceptions import ConfigError, DataError, ModelFileError
-from pipeline.model import LabelScaler, build_model, load_trained
-
-keras = pytest.importorskip("keras")
+from pipeline.nn.model import build_model
+from pipeline.nn.scaler import LabelScaler
 
 NUMPY_ACTIVATIONS = {
     "relu": lambda a: np.maximum(a, 0.0),
@@ -50,7 +51,7 @@ def test_reference_network_size_and_layers():
     model = build_model(7213, model_cfg(), seed=0)
     widths = [7213, 2048, 1024, 512, 256, 128, 32, 3]
     expected = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    assert model.count_params() == expected == 17_565_699  # DESIGN: 17.6 M
+    assert model.count_params() == expected == 17_565_699  # the reference network: 17.6 M
     layers = dense_layers(model)
     assert [layer.units for layer in layers] == widths[1:]
     assert all(type(layer) is keras.layers.Dense for layer in layers)  # the Laplace subset

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from pipeline import export, predict
+from pipeline.artifacts import catalog as export
 from pipeline.cli import main
 from pipeline.config import validate
 from pipeline.exceptions import ConfigError
-from pipeline.io import Spectra, write_spectra
-from pipeline.model import LabelScaler
+from pipeline.nn.scaler import LabelScaler
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.fits import write_spectra
+from pipeline.steps import predict
 from tests.conftest import APSTAR_FILE, REPO
 
 CONFIG = validate({})
@@ -39,7 +41,7 @@ def posterior(monkeypatch):
 
 @pytest.fixture(scope="module")
 def stars(tiny_model_dir, tmp_path_factory):
-    from pipeline.synthetic import generate
+    from pipeline.spectra.synthetic import generate
 
     wave = np.load(tiny_model_dir / "wave.npy")
     spectra = generate(12, 99, wave=wave)
@@ -163,7 +165,6 @@ def test_missing_model_or_posterior_exits_nonzero(stars, tiny_model_dir, tmp_pat
 
 
 def test_predict_real_apstar(tiny_model_dir, posterior, tmp_path):
-    pytest.importorskip("pipeline.apogee")
     out = tmp_path / "pred"
     assert run_predict(["--model", tiny_model_dir, "--posterior", "p.npz", "--format",
                         "apstar", "--out", out, APSTAR_FILE]) == 0
@@ -176,9 +177,9 @@ def test_predict_real_apstar(tiny_model_dir, posterior, tmp_path):
 # ------------------------------------------------------------- with the real Laplace posterior
 @pytest.fixture(scope="module")
 def posterior_file(tiny_model_dir, stars, tmp_path_factory):
-    laplace = pytest.importorskip("pipeline.laplace")
-    from pipeline.io import read_spectra
-    from pipeline.model import load_trained
+    import pipeline.laplace.posterior as laplace
+    from pipeline.artifacts.model_dir import load_trained
+    from pipeline.spectra.fits import read_spectra
 
     model, scaler, _ = load_trained(tiny_model_dir)
     spectra = read_spectra(stars[0])
@@ -203,7 +204,7 @@ def test_predict_cli_with_real_posterior(tiny_model_dir, stars, posterior_file, 
 def test_posterior_of_another_model_fails(tiny_model_dir, stars, posterior_file, tmp_path):
     import shutil
 
-    from pipeline.model import build_model
+    from pipeline.nn.model import build_model
 
     other = tmp_path / "other_model"
     shutil.copytree(tiny_model_dir, other)

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import export
-from pipeline.io import write_spectra
+from pipeline.artifacts import catalog as export
+from pipeline.spectra.fits import write_spectra
 from tests.test_reliability_inputs import assert_nothing_written, run_step
 
 
 @pytest.fixture(scope="module")
 def stars(tiny_model_dir, tmp_path_factory) -> Path:
-    from pipeline.synthetic import generate
+    from pipeline.spectra.synthetic import generate
 
     path = tmp_path_factory.mktemp("reliability_files") / "stars.fits"
     write_spectra(path, generate(10, 31, wave=np.load(tiny_model_dir / "wave.npy")))
@@ -141,9 +141,10 @@ def test_missing_model_directory_in_laplace_step(stars, tmp_path, capsys):
 
 def other_model_posterior(tiny_model_dir, stars, tmp_path) -> Path:
     """A posterior fitted to a network of the same architecture with other weights."""
-    from pipeline.io import read_spectra
+    from pipeline.artifacts.model_dir import load_trained
     from pipeline.laplace import fit_laplace
-    from pipeline.model import build_model, load_trained
+    from pipeline.nn.model import build_model
+    from pipeline.spectra.fits import read_spectra
 
     model, scaler, _ = load_trained(tiny_model_dir)
     other = build_model(model.input_shape[-1], {"type": "dense", "hidden": [8]}, seed=99)

@@ -23,7 +23,8 @@ import pytest
 from astropy.io import fits
 
 from pipeline.cli import main
-from pipeline.io import Spectra, write_spectra
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.fits import write_spectra
 from tests.conftest import REPO
 
 TINY_TRAIN = {"model": {"hidden": [4]}, "train": {"epochs": 1, "batch_size": 8}}
@@ -41,7 +42,7 @@ class Inputs:
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model_dir, tiny_posterior_file, tmp_path_factory) -> Inputs:
-    from pipeline.synthetic import generate
+    from pipeline.spectra.synthetic import generate
 
     wave = np.load(tiny_model_dir / "wave.npy")
     good = generate(12, 21, wave=wave)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline.exceptions import NumericalError
-from pipeline.laplace import cholesky_with_jitter
+from pipeline.laplace.posterior import cholesky_with_jitter
 
 
 # ------------------------------------------------------------------- not positive definite
@@ -58,7 +58,7 @@ def _toy_problem(rng, n=600):
     """A small tanh network trained on toy spectra of 4000-6000 K stars, with its scaler."""
     import keras
 
-    from pipeline.model import LabelScaler
+    from pipeline.nn.scaler import LabelScaler
     from tests.conftest import set_seed
     from tests.test_laplace import toy_spectra
 
@@ -75,9 +75,9 @@ def _toy_problem(rng, n=600):
 
 
 def test_spectra_far_outside_the_training_set_are_flagged(rng):
-    from pipeline import export
+    from pipeline.artifacts import catalog as export
+    from pipeline.evaluation.flags import model_error_ratio, star_flags
     from pipeline.laplace import fit_laplace
-    from pipeline.predict import model_error_ratio, star_flags
     from tests.test_laplace import toy_spectra
 
     model, scaler, flux, labels = _toy_problem(rng)
@@ -104,10 +104,13 @@ def test_indefinite_hessian_through_the_laplace_step(tmp_path, rng, action, caps
     import keras
     from astropy.table import Table
 
+    from pipeline.artifacts.model_dir import MODEL_FILE, SCALER_FILE, WAVE_FILE
     from pipeline.cli import main
-    from pipeline.io import Spectra, write_spectra
-    from pipeline.laplace import Posterior, build_parser, run
-    from pipeline.model import MODEL_FILE, SCALER_FILE, WAVE_FILE, LabelScaler
+    from pipeline.laplace import Posterior
+    from pipeline.nn.scaler import LabelScaler
+    from pipeline.spectra.dataset import Spectra
+    from pipeline.spectra.fits import write_spectra
+    from pipeline.steps.laplace import build_parser, run
     from tests.conftest import set_seed
     from tests.test_laplace import toy_spectra
 

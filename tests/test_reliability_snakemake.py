@@ -88,7 +88,7 @@ def snakemake(repo: Path, *extra, configs=(CONFIG,),
 
 
 def step_processes(parent, step: str) -> list:
-    """The ``python -m pipeline.<step>`` processes below ``parent`` (not their bash wrapper)."""
+    """The ``python -m pipeline.steps.<step>`` processes below ``parent`` (not bash)."""
     import psutil
 
     found = []
@@ -97,7 +97,7 @@ def step_processes(parent, step: str) -> list:
             cmd = proc.cmdline()
         except psutil.Error:
             continue
-        if "-m" in cmd and f"pipeline.{step}" in cmd:
+        if "-m" in cmd and f"pipeline.steps.{step}" in cmd:
             found.append(proc)
     return found
 

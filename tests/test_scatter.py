@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.exceptions import ConfigError
-from pipeline.scatter import ScatterModel, covariates, fit_scatter
+from pipeline.laplace.scatter import ScatterModel, covariates, fit_scatter
 
 
 def simulate(rng, n, coef, model_scale=0.01):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline import linelist, synthetic
-from pipeline.io import read_spectra, write_spectra
+from pipeline.spectra import linelist, synthetic
+from pipeline.spectra.fits import read_spectra, write_spectra
 
 STARS = np.array([[4200.0, 1.8, -0.3], [5800.0, 4.3, 0.1], [6800.0, 4.1, -1.2],
                   [3700.0, 0.8, -2.0]])

@@ -12,18 +12,21 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline import calibration, export, jacobian, tables
+from pipeline.artifacts import catalog as export
+from pipeline.artifacts.provenance import provenance
 from pipeline.cli import main
 from pipeline.config import validate
+from pipeline.evaluation import calibration
 from pipeline.exceptions import DataError
-from pipeline.io import provenance, read_spectra, write_spectra
+from pipeline.spectra.fits import read_spectra, write_spectra
+from pipeline.steps import jacobian, tables
 
 CONFIG = validate({})
 
 
 @pytest.fixture(scope="module")
 def stars_file(tiny_model_dir, tmp_path_factory):
-    from pipeline.synthetic import generate
+    from pipeline.spectra.synthetic import generate
 
     spectra = generate(11, 5, wave=np.load(tiny_model_dir / "wave.npy"))
     path = tmp_path_factory.mktemp("jac") / "stars.fits"
@@ -55,8 +58,8 @@ def test_row_slices_read_what_the_whole_file_holds(stars_file):
 
 
 def test_shards_stream_the_in_memory_jacobian(tiny_model_dir, stars_file, tmp_path):
-    from pipeline.derivatives import input_jacobian
-    from pipeline.model import load_trained
+    from pipeline.artifacts.model_dir import load_trained
+    from pipeline.nn.derivatives import input_jacobian
 
     n_shards, parts, ids = 3, [], []
     for i in range(n_shards):
@@ -155,7 +158,7 @@ def fake_catalog(truth, sigma, z, err_factor=1.0):
 
 
 def test_tables_end_to_end(tmp_path, rng, tiny_model_dir, stars_file):
-    from pipeline.synthetic import cramer_rao_bound, generate
+    from pipeline.spectra.synthetic import cramer_rao_bound, generate
 
     results = tmp_path / "results"
     wave = np.load(tiny_model_dir / "wave.npy")

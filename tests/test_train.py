@@ -14,17 +14,17 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 from astropy.table import Table
 
+import pipeline.nn.training as train_mod
 from pipeline import LABELS
 from pipeline.config import validate
 from pipeline.exceptions import DataError, GridMismatchError, NumericalError
-from pipeline.io import Spectra, write_spectra
-
-keras = pytest.importorskip("keras")
-train_mod = pytest.importorskip("pipeline.train")
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.fits import write_spectra
 
 
 def make_spectra(n: int, p: int, seed: int, noise_labels: bool = False) -> Spectra:
@@ -72,7 +72,7 @@ def test_loss_decreases_and_outputs(toy, tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
     assert json.loads((tmp_path / "scaler.json").read_text())["provenance"]["SEED"] == "5"
 
-    from pipeline.model import load_trained
+    from pipeline.artifacts.model_dir import load_trained
 
     loaded, scaler2, wave = load_trained(tmp_path)
     np.testing.assert_array_equal(wave, train.wave)
@@ -115,7 +115,7 @@ def test_update_early_stopping_hand_worked_sequence():
 def test_last_layer_refit_is_the_least_squares_solution(toy, tmp_path):
     """After the refit the output layer solves the normal equations: residuals of the
     training set are orthogonal to every penultimate feature and have zero mean."""
-    from pipeline.curvature import Head
+    from pipeline.laplace.curvature import Head
 
     train, valid = toy
     model, scaler, _ = train_mod.train_model(tiny_config(epochs=2), train, valid, tmp_path)
@@ -199,7 +199,7 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
     train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
     cfg = tiny_config(model={"hidden": [64, 64]}, epochs=12, batch_size=16,
                       learning_rate=3e-3, early_stopping={"patience": 20})
-    caplog.set_level("INFO", logger="pipeline.train")
+    caplog.set_level("INFO", logger="pipeline.nn.training")
     ref, _, ref_hist = train_mod.train_model(cfg, train, valid, tmp_path / "ref")
     assert "learning rate" in caplog.text, "the case must also resume a reduced learning rate"
     caplog.clear()
@@ -212,7 +212,7 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
     assert not (tmp_path / "run" / "model.keras").exists()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == sorted({f"epoch-{best:04d}", f"epoch-{stop_at:04d}"})
-    caplog.set_level("INFO", logger="pipeline.train")
+    caplog.set_level("INFO", logger="pipeline.nn.training")
     model, _, hist = train_mod.train_model(cfg, train, valid, tmp_path / "run")
     assert f"after epoch {stop_at}" in caplog.text
     assert weights_equal(model, ref)
@@ -229,7 +229,7 @@ def test_kill_and_resume_subprocess(tmp_path):
                                 "early_stopping": {"enabled": False}}})
 
     def command(outdir):
-        return [sys.executable, "-m", "pipeline.train", "--config-json", cfg, "--train",
+        return [sys.executable, "-m", "pipeline.steps.train", "--config-json", cfg, "--train",
                 str(tmp_path / "train.fits"), "--valid", str(tmp_path / "valid.fits"),
                 "--outdir", str(outdir)]
 
@@ -249,7 +249,7 @@ def test_kill_and_resume_subprocess(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from checkpoint" in resumed.stderr
     assert "epoch 1/12:" not in resumed.stderr
-    from pipeline.model import load_trained
+    from pipeline.artifacts.model_dir import load_trained
 
     # the uninterrupted reference runs in this process: same machine, same TF, same threads
     ref, _, _ = train_mod.train_model(validate(json.loads(cfg)), train, valid, tmp_path / "ref")
@@ -296,5 +296,5 @@ def test_validation_grid_must_match(toy, tmp_path):
 
 
 def test_laplace_callback_is_reexported():
-    callbacks = pytest.importorskip("pipeline.callbacks")
+    import pipeline.nn.callbacks as callbacks
     assert train_mod.LaplaceCallback is callbacks.LaplaceCallback

@@ -1,4 +1,4 @@
-"""Paper figures, one module per theme; ``pipeline.figures`` is the command line.
+"""Paper figures, one module per theme; ``pipeline.steps.figures`` is the command line.
 
 Every plotting function has the signature ``plot(results: ResultsTree, cfg: dict) -> Figure``:
 it reads (and checks) its inputs through :class:`pipeline.plots.inputs.ResultsTree` before

@@ -4,7 +4,7 @@ Every reader raises :class:`pipeline.exceptions.DataError` naming the file (and 
 key) and the pipeline step that makes it, before any drawing starts, so a missing input never
 leaves a partial figure. Unknown catalog values written as -9999 become NaN.
 
-Layout under the results directory (DESIGN sections 1, 3, 4)::
+Layout under the results directory (docs/outputs.md)::
 
     data/{split}.fits                 canonical dataset FITS
     model/history.csv                 epoch, loss, val_loss

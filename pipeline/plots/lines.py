@@ -1,6 +1,6 @@
-"""Known H-band features for annotating figures, named from :mod:`pipeline.linelist`.
+"""Known H-band features for annotating figures, named from :mod:`pipeline.spectra.linelist`.
 
-The positions (vacuum Angstrom) are those of DESIGN section 3: Brackett lines Br11-Br20,
+The positions (vacuum Angstrom) are those of :mod:`pipeline.spectra.linelist`: Brackett lines Br11-Br20,
 12CO second-overtone bandheads, and the named Mg, Si, Al, K, Ca and Ti lines.
 """
 
@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipeline.linelist import BRACKETT, CO_BANDHEADS, NAMED_LINES
+from pipeline.spectra.linelist import BRACKETT, CO_BANDHEADS, NAMED_LINES
 
 SPECIES = {"mg": "Mg I", "si": "Si I", "al": "Al I", "k": "K I", "ca": "Ca I", "ti": "Ti I"}
 

@@ -5,7 +5,7 @@ vertically. Lower panels: the flux change for a step in each label, (d f / d lab
 (steps from ``figures.label_steps``), i.e. where in the spectrum each label leaves its mark.
 
 With the synthetic data source the flux and its exact derivative come from the generator
-(``pipeline.synthetic.synthesize`` and ``label_jacobian``). For any other source the figure
+(``pipeline.spectra.synthetic.synthesize`` and ``label_jacobian``). For any other source the figure
 uses the training spectra: around each example star, the ``example_neighbours`` nearest
 training stars (distance in labels divided by their standard deviation) are fitted with a
 local linear model f_n = a + B (y_n - y_example) by least squares over all pixels at once;
@@ -18,7 +18,6 @@ import numpy as np
 
 from pipeline import LABELS
 from pipeline.exceptions import ConfigError, DataError
-from pipeline.io import read_spectra
 from pipeline.plots.inputs import ResultsTree
 from pipeline.plots.lines import known_lines
 from pipeline.plots.style import (
@@ -29,6 +28,8 @@ from pipeline.plots.style import (
     break_gaps,
     new_figure,
 )
+from pipeline.spectra import synthetic
+from pipeline.spectra.fits import read_spectra
 
 SPECTRUM_OFFSET = 0.6  # vertical spacing between example spectra, in normalized flux
 LABEL_WIDTH = 0.008  # a rotated line name is about this fraction of the panel width wide
@@ -43,8 +44,6 @@ def example_labels(cfg: dict) -> tuple[list[str], np.ndarray]:
 
 def synthetic_examples(labels: np.ndarray):
     """Flux (E, P) and d flux / d label (E, P, 3) from the generator on its own grid."""
-    from pipeline import synthetic
-
     wave = synthetic.apogee_grid()
     return wave, synthetic.synthesize(labels, wave), synthetic.label_jacobian(labels, wave)
 

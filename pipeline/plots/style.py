@@ -20,7 +20,7 @@ import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline import LABELS  # noqa: E402
-from pipeline.io import atomic_path  # noqa: E402
+from pipeline.artifacts.atomic import atomic_path  # noqa: E402
 
 OKABE_ITO = {
     "black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9",

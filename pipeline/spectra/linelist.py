@@ -4,7 +4,7 @@ Lines are grouped by species and excitation class; every line of a group shares 
 temperature, pressure and abundance response (pipeline.synthetic) and differs only by position
 and relative strength ``10**loggf``. Positions are vacuum wavelengths in Angstrom:
 
-* named lines from DESIGN section 3 (Brackett series, 12CO second-overtone bandheads, Mg I,
+* named lines (Brackett series, 12CO second-overtone bandheads, Mg I,
   Si I, Al I, K I, Ca I, Ti I), a few with an approximate neighbour;
 * a pseudo-random forest of Fe I, OH and CN lines across 15100-17000 A drawn from a fixed
   internal seed (:data:`FOREST_SEED`), so the list is identical on every machine and run: it

@@ -19,7 +19,7 @@ Ingest of one star (:func:`read_apstar`):
 3. pixels outside the chips, or whose normalized error reaches ``data.bad_pixel_err`` (APOGEE
    marks some bad pixels only by an error ~1e10 times the flux), are bad; bad pixels get
    flux 1 and error ``data.bad_pixel_err``;
-4. map onto the training grid ``wave`` with :func:`pipeline.validation.match_grid` (an exact
+4. map onto the training grid ``wave`` with :func:`pipeline.spectra.validation.match_grid` (an exact
    slice for the default 7213-pixel grid, linear interpolation otherwise).
 
 STAR_ID comes from the header APOGEE_ID or OBJID, else from the file name
@@ -40,9 +40,9 @@ from numpy.polynomial import legendre
 
 from pipeline import LABELS
 from pipeline.exceptions import DataError
-from pipeline.io import Spectra
-from pipeline.synthetic import APSTAR_CHIPS, apstar_wave, synthetic_config
-from pipeline.validation import check_star_ids, match_grid
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.synthetic import APSTAR_CHIPS, apstar_wave, synthetic_config
+from pipeline.spectra.validation import check_star_ids, match_grid
 
 log = logging.getLogger(__name__)
 

@@ -1,56 +1,41 @@
-"""Last-k-layer Laplace posterior: fit, predictive covariance, save/load, and the step CLI.
+"""Last-k-layer Laplace posterior: fit, predictive covariance, save/load.
 
     theta_L | D ~ N(theta_L*, A^-1),   A = sum_k sigma_k^-2 C_k + diag(prior precision)
 
-with C_k the per-label curvature blocks of :mod:`pipeline.curvature` (GGN or exact Hessian)
-and the hyperparameters from :mod:`pipeline.evidence`. A = L L^T is factorized once in float64
-(on the GPU when one is visible); prediction never forms A^-1:
+with C_k the per-label curvature blocks of :mod:`pipeline.laplace.curvature` (GGN or exact
+Hessian) and the hyperparameters from :mod:`pipeline.laplace.evidence`. A = L L^T is factorized
+once in float64 (on the GPU when one is visible); prediction never forms A^-1:
 
     Cov[f(x_n)] = J_n A^-1 J_n^T = V_n^T V_n,   V_n = L^-1 J_n^T   (triangular solves)
-
-    python -m pipeline.laplace --config-json J --model DIR --train F --valid F --out F.npz
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sl
+import tensorflow as tf
 
-from pipeline import evidence
-from pipeline.curvature import Head, curvature_blocks
+from pipeline.artifacts.atomic import atomic_path
 from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
-from pipeline.scatter import ScatterModel, fit_scatter
+from pipeline.laplace import evidence
+from pipeline.laplace.curvature import Head, curvature_blocks
+from pipeline.laplace.error_budget import predict_standardized
+from pipeline.laplace.scatter import ScatterModel, fit_scatter
+from pipeline.runtime import choose_device
 
 log = logging.getLogger(__name__)
 
 HYPERPARAMETERS = ("evidence", "validation")
-DEVICES = ("auto", "cpu", "gpu")
 
 
 # --------------------------------------------------------------------------- linear algebra
-def choose_device(device: str = "auto") -> str:
-    """'gpu' if requested/auto and TensorFlow sees a GPU, else 'cpu'."""
-    if device not in DEVICES:
-        raise ConfigError(f"config key 'laplace.device' = {device!r}; valid: {', '.join(DEVICES)}")
-    if device == "cpu":
-        return "cpu"
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return "gpu"
-    if device == "gpu":
-        raise ConfigError("config key 'laplace.device' = gpu but TensorFlow sees no GPU; use auto")
-    return "cpu"
-
-
 def _cholesky(a: np.ndarray, device: str) -> np.ndarray | None:
     if device == "gpu":
-        import tensorflow as tf
-
         with tf.device("/GPU:0"):
             chol = tf.linalg.cholesky(tf.constant(a, tf.float64)).numpy()
         return chol if np.all(np.isfinite(chol)) and np.all(np.diag(chol) > 0) else None
@@ -87,8 +72,6 @@ def cholesky_with_jitter(a, device="cpu", jitter_initial=1e-10, jitter_max=1e-2,
 
 def _solve_lower(chol, rhs, device):
     if device == "gpu":
-        import tensorflow as tf
-
         with tf.device("/GPU:0"):
             return tf.linalg.triangular_solve(tf.constant(chol), tf.constant(rhs)).numpy()
     return sl.solve_triangular(chol, rhs, lower=True, check_finite=False)
@@ -165,8 +148,6 @@ class Posterior:
     # --------------------------------------------------------------------------- persistence
     def save(self, path, provenance: dict | None = None) -> None:
         """Write every array needed to reproduce the predictive variances, atomically."""
-        from pipeline.io import atomic_path
-
         info = dict(self.info, provenance=provenance or {})
         arrays = {
             "weight_names": np.array(self.head.names), "map_values": self.theta_map,
@@ -185,8 +166,6 @@ class Posterior:
     @classmethod
     def load(cls, path, model) -> Posterior:
         """Read a posterior saved for ``model``; ModelFileError if it belongs to another."""
-        import zipfile
-
         required = ("weight_names", "weight_shapes", "map_values", "cholesky", "last_layers",
                     "prior_precision", "prior_groups", "noise_std", "log_evidence", "curvature",
                     "eigenvalues", "evidence_curve_prior_precision",
@@ -319,8 +298,6 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
 
 def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
     """Fit the scatter model (pipeline.scatter) on validation stars, given the other terms."""
-    from pipeline.error_budget import predict_standardized
-
     batch = cfg["batch_size"]
     z = np.concatenate([predict_standardized(model, x_valid[s:s + batch])
                         for s in range(0, len(x_valid), batch)])
@@ -342,51 +319,10 @@ def options_from_config(laplace_cfg: dict) -> dict:
     return {k: laplace_cfg[k] for k in keys if k in laplace_cfg}
 
 
-# ------------------------------------------------------------------------------------- step
-def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import base_parser
-
-    parser = base_parser("Fit the last-layer Laplace posterior of the trained model.")
-    parser.add_argument("--model", required=True, help="trained model directory")
-    parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
-    parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
-    parser.add_argument("--out", required=True, help="posterior file (.npz)")
-    return parser
-
-
-def run(args: argparse.Namespace, config: dict) -> None:
-    """The ``laplace`` step: fit with ``config['laplace']`` and write the posterior file."""
-
-    from pipeline.error_budget import noise_covariances
-    from pipeline.io import provenance, read_options, read_spectra
-    from pipeline.model import load_trained
-    from pipeline.train import seed_everything
-    from pipeline.validation import bad_pixel_mask, match_grid
-
-    cfg, data = config["laplace"], config["data"]
-    seed_everything(config)
-    model, scaler, wave = load_trained(args.model)
-    train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
-                               wave, path=p, bad_pixel_err=data["bad_pixel_err"])
-                    for p in (args.train, args.valid))
-    noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
-    if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
-        flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
-        noise_valid = noise_covariances(model, valid.flux, flux_err, cfg["batch_size"])
-    y_valid = scaler.transform(valid.label_array())
-    posterior = fit_laplace(
-        model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,
-        y_valid=y_valid,
-        extra_covariance_valid=noise_valid if cfg["hyperparameters"] == "validation" else None,
-        **options_from_config(cfg))
-    if cfg["scatter"] != "likelihood":
-        posterior.info["scatter"] = calibrate_scatter(
-            posterior, model, valid.flux, y_valid, noise_valid, cfg).to_dict()
-    posterior.save(args.out, provenance=provenance(config, device=posterior.device))
-    log.info("wrote %s", args.out)
-
-
-if __name__ == "__main__":
-    from pipeline.cli import main
-
-    raise SystemExit(main(build_parser, run))
+def load_posterior(path, model) -> Posterior:
+    """The Laplace posterior of ``model`` (ModelFileError if missing or for another model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"posterior file '{path}' does not exist; run the laplace step "
+                             "first or pass --posterior results/laplace/posterior.npz")
+    return Posterior.load(path, model)

@@ -1,4 +1,4 @@
-"""Canonical dataset FITS (DESIGN section 3): read, validate, write; atomic writes; provenance.
+"""Canonical dataset FITS: read (validated), write whole or streamed chunk by chunk.
 
 A file holds N spectra on one wavelength grid of P pixels:
 
@@ -15,161 +15,22 @@ their error to ``bad_pixel_err`` (config ``data.bad_pixel_err``), and they are c
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
-import platform
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-import pipeline
-from pipeline import LABELS
-from pipeline.exceptions import DataError, OutputError
+from pipeline.artifacts.atomic import atomic_path
+from pipeline.exceptions import DataError
+from pipeline.spectra import validation
+from pipeline.spectra.dataset import DEFAULT_BAD_PIXEL_ERR, DEFAULT_MAX_BAD_FRACTION, Spectra
 
 log = logging.getLogger(__name__)
 
 REQUIRED_HDUS = ("FLUX", "FLUX_ERR", "WAVE", "LABELS")
-DEFAULT_BAD_PIXEL_ERR = 1.0e3  # schema defaults of data.bad_pixel_err and
-DEFAULT_MAX_BAD_FRACTION = 0.5  # data.max_bad_pixel_fraction, for library callers
-
-
-@dataclass
-class Spectra:
-    """N spectra on one wavelength grid, with their labels (any of which may be absent).
-
-    ``flux_err`` is None only where a consumer that never uses it dropped it to save memory
-    (the train step: N x P x 4 bytes).
-    """
-
-    flux: np.ndarray
-    flux_err: np.ndarray | None
-    wave: np.ndarray
-    labels: Table
-    mask: np.ndarray | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def n_stars(self) -> int:
-        return self.flux.shape[0]
-
-    @property
-    def n_pixels(self) -> int:
-        return self.flux.shape[1]
-
-    @property
-    def star_id(self) -> np.ndarray:
-        return np.asarray(self.labels["STAR_ID"]).astype(str)
-
-    @property
-    def has_labels(self) -> bool:
-        return all(name in self.labels.colnames for name in LABELS)
-
-    def label_array(self) -> np.ndarray:
-        """Labels as float64 (N, 3) in the order of ``pipeline.LABELS``; NaN where absent."""
-        out = np.full((self.n_stars, len(LABELS)), np.nan)
-        for j, name in enumerate(LABELS):
-            if name in self.labels.colnames:
-                out[:, j] = np.asarray(self.labels[name], dtype=np.float64)
-        return out
-
-    def subset(self, index) -> Spectra:
-        """A new Spectra holding rows ``index`` (integer array or boolean mask)."""
-        index = np.asarray(index)
-        return Spectra(
-            flux=self.flux[index],
-            flux_err=None if self.flux_err is None else self.flux_err[index], wave=self.wave,
-            labels=self.labels[index],
-            mask=None if self.mask is None else self.mask[index], meta=dict(self.meta),
-        )
-
-
-# ----------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
-
-    A killed or failing writer leaves no file that looks complete: the temporary file is
-    removed on error and never has the final name.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        umask = os.umask(0)  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write to '{path.parent}': {exc.strerror}; choose a writable output "
-            "directory or free disk space"
-        ) from None
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OutputError:  # already says which file failed (nested atomic_path, a writer's own)
-        raise
-    except OSError as exc:
-        raise OutputError(
-            f"writing '{path}' failed: {exc.strerror or exc}; check free disk space and "
-            "permissions"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------- provenance
-def git_commit() -> str:
-    """The git commit of the checkout the package runs from, or 'unknown'."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(pipeline.__file__).parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance(config: dict | None = None, *, device: str | None = None,
-               timestamp: bool = True, **extra) -> dict[str, str]:
-    """Provenance cards for every output: package version, config hash, git commit, seed,
-    TensorFlow version (only if already imported: reading it must not import TF), device.
-
-    Keys are at most 8 characters so they are valid FITS keywords. Set ``timestamp=False``
-    for byte-identical reruns of outputs that are compared in tests.
-    """
-    import sys
-
-    from pipeline.config import config_hash
-
-    cards = {
-        "PKGVERS": pipeline.__version__,
-        "GITCOMM": git_commit(),
-        "PYVERS": platform.python_version(),
-    }
-    if config is not None:
-        cards["CFGHASH"] = config_hash(config)
-        cards["SEED"] = str(config.get("seed", ""))
-    tf = sys.modules.get("tensorflow")
-    if tf is not None:
-        cards["TFVERS"] = tf.__version__
-    if device is not None:
-        cards["DEVICE"] = device
-    if timestamp:
-        cards["DATE"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    cards.update({k.upper()[:8]: str(v) for k, v in extra.items()})
-    return cards
 
 
 # --------------------------------------------------------------------------------- reading
@@ -222,8 +83,6 @@ def _image(hdul, path: Path, name: str, dtype, rows=None) -> np.ndarray:
 
 def read_labels(path: str | Path) -> Table:
     """The LABELS table of a canonical dataset FITS, without reading any flux."""
-    from pipeline import validation
-
     path = Path(path)
     with _open_fits(path) as hdul:
         validation.check_hdus(path, hdul, REQUIRED_HDUS)
@@ -255,10 +114,8 @@ def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_E
 
     Raises:
         DataError: naming the file, HDU, column or row and what would fix it
-            (see :mod:`pipeline.validation` for the list of checks).
+            (see :mod:`pipeline.spectra.validation` for the list of checks).
     """
-    from pipeline import validation
-
     path = Path(path)
     with _open_fits(path) as hdul:
         validation.check_hdus(path, hdul, REQUIRED_HDUS)
@@ -425,6 +282,3 @@ def label_table_with_units(labels: Table) -> Table:
     return table
 
 
-def label_columns(labels: Table) -> list[str]:
-    """The label columns in ``pipeline.LABELS`` order that ``labels`` has."""
-    return [name for name in LABELS if name in labels.colnames]

@@ -1,10 +1,10 @@
 """The ``data`` step: build ``{train,valid,test}.fits`` (canonical FITS) from the configured source.
 
-    python -m pipeline.data --config-json J --outdir results/data
+    python -m pipeline.steps.data --config-json J --outdir results/data
 
 ``data.source``:
 
-* ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.synthetic`,
+* ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.spectra.synthetic`,
   generated ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels
   and SNR of a split come from seed ``(seed, split)``; the noise of chunk ``c`` from seed
   ``(seed, split, c)``. Labels table: STAR_ID, TEFF, LOGG, FE_H, SNR.
@@ -15,8 +15,8 @@
 
 The split is a seeded permutation (seed ``(seed, 1)``): same config, same split. Every input
 is read and validated before anything is written, so a bad input leaves no output; each file
-is written atomically with provenance cards (pipeline.io.provenance) plus SOURCE, SPLIT and
-NBADPIX (bad pixels in that file).
+is written atomically with provenance cards (:mod:`pipeline.artifacts.provenance`) plus SOURCE,
+SPLIT and NBADPIX (bad pixels in that file).
 """
 
 from __future__ import annotations
@@ -29,17 +29,12 @@ import numpy as np
 from astropy.table import Table
 from tqdm import tqdm
 
-from pipeline import apogee, synthetic, validation
+from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.exceptions import ConfigError, DataError
-from pipeline.io import (
-    Spectra,
-    SpectraWriter,
-    provenance,
-    read_options,
-    read_spectra,
-    write_spectra,
-)
+from pipeline.spectra import apogee, synthetic, validation
+from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.fits import SpectraWriter, read_options, read_spectra, write_spectra
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Per-star error budget: a full 3x3 label covariance in physical units (DESIGN section 5).
+"""Per-star error budget: a full 3x3 label covariance in physical units.
 
 For star n with flux x_n (P,) and 1-sigma flux errors e_n (P,) the total covariance of the
 predicted labels is the sum of three independent parts
@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.exceptions import DataError
+from pipeline.nn.derivatives import input_jacobian
 from pipeline.streaming import batches, progress
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size:
 
     Standardized units, or physical units when a ``scaler`` is given.
     """
-    jacobian_fn = jacobian_fn or _default_jacobian()
+    jacobian_fn = jacobian_fn or input_jacobian
     out = np.empty((flux.shape[0], 3, 3))
     for s in batches(flux.shape[0], batch_size):
         jac = jacobian_fn(model, np.asarray(flux[s]), batch_size=batch_size, scaler=scaler)
@@ -78,12 +79,6 @@ def scatter_std(posterior, z: np.ndarray, model_var: np.ndarray,
     return np.broadcast_to(np.asarray(posterior.noise_std, np.float64), z.shape)
 
 
-def _default_jacobian() -> Callable:
-    from pipeline.derivatives import input_jacobian
-
-    return input_jacobian
-
-
 def predict_standardized(model, x: np.ndarray) -> np.ndarray:
     """Model output (B, 3) in standardized units, in inference mode (BatchNorm frozen)."""
     return np.asarray(model(x, training=False), dtype=np.float64)
@@ -99,13 +94,13 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     posterior : object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units) and
         ``scatter_std(z) -> (B, 3)`` or ``noise_std`` (3,), the standardized per-label scatter
         (``pipeline.laplace.Posterior``).
-    scaler : ``pipeline.model.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
+    scaler : ``pipeline.nn.scaler.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
     flux : (N, P) normalized flux.
     flux_err : (N, P) 1-sigma flux errors; pass 0 for pixels whose flux is a fixed
         replacement rather than a noisy measurement (bad pixels), so they add no noise.
     batch_size : stars per batch.
     jacobian_fn : ``input_jacobian(model, x, batch_size=, scaler=) -> (B, 3, P)`` in physical
-        units; defaults to ``pipeline.derivatives.input_jacobian``.
+        units; defaults to ``pipeline.nn.derivatives.input_jacobian``.
 
     Returns
     -------
@@ -116,7 +111,7 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     flux_err = np.asarray(flux_err)
     if flux.ndim != 2 or flux_err.shape != flux.shape:
         raise DataError(f"flux {flux.shape} and flux_err {flux_err.shape} must both be (N, P)")
-    jacobian_fn = jacobian_fn or _default_jacobian()
+    jacobian_fn = jacobian_fn or input_jacobian
     n = flux.shape[0]
     prediction = np.empty((n, 3))
     cov_model = np.empty((n, 3, 3))
@@ -138,10 +133,3 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     total = cov_model + cov_scatter + cov_noise
     return {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
             "noise": cov_noise, "total": total}
-
-
-def correlations(cov: np.ndarray) -> np.ndarray:
-    """Correlation matrices (..., 3, 3) of covariances (..., 3, 3); NaN where a variance is 0."""
-    std = np.sqrt(np.einsum("...ii->...i", cov))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return cov / (std[..., :, None] * std[..., None, :])

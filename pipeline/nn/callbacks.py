@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import keras
 
+from pipeline.laplace import fit_laplace
+
 
 class LaplaceCallback(keras.callbacks.Callback):
     """Fit :func:`pipeline.laplace.fit_laplace` on ``(x, y)`` in ``on_train_end``.
@@ -29,6 +31,4 @@ class LaplaceCallback(keras.callbacks.Callback):
         self.posterior = None
 
     def on_train_end(self, logs=None):
-        from pipeline.laplace import fit_laplace
-
         self.posterior = fit_laplace(self.model, self.x, self.y, **self.fit_kwargs)

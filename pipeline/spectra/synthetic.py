@@ -1,6 +1,6 @@
 """The embedded default data: APOGEE-like H-band spectra from an analytic opacity model.
 
-Model (shapes: N stars, G line groups of :mod:`pipeline.linelist`, P pixels)::
+Model (shapes: N stars, G line groups of :mod:`pipeline.spectra.linelist`, P pixels)::
 
     tau(lambda) = C(Teff, log g, [Fe/H]) @ B(lambda)        C: (N, 3G), B: (3G, P)
     flux        = exp(-tau)                                  continuum-normalized, (N, P)
@@ -40,16 +40,17 @@ from __future__ import annotations
 import numpy as np
 from astropy.table import Table
 
-from pipeline import linelist
+from pipeline.config import validate
 from pipeline.exceptions import DataError, NumericalError
-from pipeline.io import Spectra
+from pipeline.spectra import linelist
+from pipeline.spectra.dataset import Spectra
 
 C_KMS = 299792.458
 APSTAR_CRVAL1 = 4.179
 APSTAR_CDELT1 = 6.0e-6
 APSTAR_NWAVE = 8575
 APSTAR_CHIPS = ((322, 3242), (3648, 6048), (6412, 8305))
-"""apStar pixel ranges [start, stop) of the blue, green and red detectors (DESIGN section 3)."""
+"""apStar pixel ranges [start, stop) of the blue, green and red detectors."""
 SOLAR = (5777.0, 4.44, 0.0)
 _COMPLEX_STEP = 1.0e-20
 
@@ -176,7 +177,7 @@ def _as_labels(labels) -> np.ndarray:
 def synthesize(labels, wave=None, dtype=np.float32, groups=None) -> np.ndarray:
     """Noiseless normalized flux ``exp(-C @ B)``, shape (N, P), of ``dtype``.
 
-    ``groups``: optional names of :data:`pipeline.linelist.GROUPS` to keep (the others get
+    ``groups``: optional names of :data:`pipeline.spectra.linelist.GROUPS` to keep (the others get
     zero opacity), e.g. ``["brackett"]`` to look at one species.
     """
     basis = profile_basis(wave, dtype)
@@ -234,8 +235,6 @@ def cramer_rao_bound(labels, flux_err, wave=None, chunk: int = 256) -> np.ndarra
 # ----------------------------------------------------------------------- label sampling
 def synthetic_config(cfg: dict | None) -> dict:
     """The ``data`` section with defaults filled, from a full config, a data section or None."""
-    from pipeline.config import validate
-
     if cfg is None:
         return validate({})["data"]
     if "data" in cfg:

@@ -1,6 +1,6 @@
 """Catalog and table writers: FITS (units + provenance header), Parquet (schema metadata), CSV.
 
-The prediction catalog (DESIGN section 4, docs/outputs.md) has one row per star:
+The prediction catalog (docs/outputs.md) has one row per star:
 
     STAR_ID
     L, L_ERR, L_ERR_MODEL, L_ERR_NOISE, L_ERR_SCATTER     for L in TEFF, LOGG, FE_H
@@ -26,8 +26,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from pipeline import LABELS
-from pipeline.error_budget import correlations
-from pipeline.io import atomic_path
+from pipeline.artifacts.atomic import atomic_path
+from pipeline.exceptions import DataError
 
 TABLE_FORMATS = ("fits", "parquet", "csv")
 
@@ -52,6 +52,13 @@ _DESCRIPTION = {
     "_ERR_SCATTER": "fitted scatter (aleatoric) 1-sigma of {label}",
     "_TRUE": "true (input) {label}",
 }
+
+
+def correlations(cov: np.ndarray) -> np.ndarray:
+    """Correlation matrices (..., 3, 3) of covariances (..., 3, 3); NaN where a variance is 0."""
+    std = np.sqrt(np.einsum("...ii->...i", cov))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return cov / (std[..., :, None] * std[..., None, :])
 
 
 def label_unit(label: str) -> tuple[u.UnitBase | None, str]:
@@ -80,7 +87,7 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
     Parameters
     ----------
     star_id : (N,) identifiers.
-    budget : dict from ``pipeline.error_budget.error_budget`` (physical units).
+    budget : dict from ``pipeline.laplace.error_budget.error_budget`` (physical units).
     flags : (N,) int FLAG bit field.
     true_labels : optional (N, 3) input labels (NaN where unknown).
     snr : optional (N,) signal-to-noise ratio.
@@ -174,3 +181,14 @@ def write_table(table: Table, stem: str | Path, header: dict, *,
             else:
                 raise ValueError(f"unknown table format '{fmt}'; valid: {TABLE_FORMATS}")
     return paths
+
+
+def read_catalog(path: Path) -> Table:
+    if not path.is_file():
+        raise DataError(f"prediction catalog '{path}' does not exist; run the predict step")
+    try:
+        if path.suffix == ".fits":
+            return Table.read(path, hdu="CATALOG")
+        return Table.read(path, format="parquet" if path.suffix == ".parquet" else "ascii.csv")
+    except Exception as exc:
+        raise DataError(f"'{path}': not a readable prediction catalog ({exc})") from None

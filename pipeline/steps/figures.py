@@ -1,4 +1,4 @@
-"""Paper figures: ``python -m pipeline.figures --figure NAME --results DIR --outdir DIR``.
+"""Paper figures: ``python -m pipeline.steps.figures --figure NAME --results DIR --outdir DIR``.
 
 Writes ``OUTDIR/NAME.<fmt>`` for every format in config ``figures.formats`` (at
 ``figures.dpi``), atomically: all formats are rendered to temporary files and renamed only when
@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 
 from pipeline import cli
+from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import ConfigError
-from pipeline.io import provenance
 from pipeline.plots import accuracy, calibration, jacobians, spectra, training
 from pipeline.plots.inputs import ResultsTree
 from pipeline.plots.style import rc_params, save_figure

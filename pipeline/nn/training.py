@@ -1,9 +1,9 @@
 """The train step: fit the label network with Adam, resumably and deterministically.
 
-    python -m pipeline.train --config-json J --train F --valid F --outdir results/model
+    python -m pipeline.steps.train --config-json J --train F --valid F --outdir results/model
 
 Loss: mean squared error of the standardized labels ``z = (y - mean) / scale`` (the
-:class:`~pipeline.model.LabelScaler` fitted on the training labels), i.e. a Gaussian likelihood
+:class:`~pipeline.nn.scaler.LabelScaler` fitted on the training labels), i.e. a Gaussian likelihood
 with unit variance per standardized label. Adam with config ``train.learning_rate``,
 ``beta_1``, ``beta_2``, ``epsilon``; mini-batches of ``train.batch_size``.
 
@@ -20,7 +20,6 @@ are written atomically. See docs/training.md.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -37,31 +36,17 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.cli import base_parser, main
+from pipeline.artifacts.model_dir import MODEL_FILE, load_model_file, write_model_dir
+from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import DataError, GridMismatchError, NumericalError, OutputError
-from pipeline.io import Spectra, atomic_path, provenance, read_options, read_spectra
-from pipeline.model import (
-    MODEL_FILE,
-    SCALER_FILE,
-    WAVE_FILE,
-    LabelScaler,
-    build_model,
-    load_model_file,
-)
-
-__all__ = ["LaplaceCallback", "epoch_permutation", "train_model"]  # noqa: F822 (lazy)
+from pipeline.laplace.curvature import Head
+from pipeline.nn.model import build_model
+from pipeline.nn.scaler import LabelScaler
+from pipeline.runtime import device_name, seed_everything
+from pipeline.spectra.dataset import Spectra
 
 log = logging.getLogger(__name__)
-CHECKPOINTS, STATE_FILE, HISTORY_FILE = "checkpoints", "state.json", "history.csv"
-
-
-def __getattr__(name: str):
-    # pipeline.callbacks imports the Laplace machinery: load it only when asked for.
-    if name == "LaplaceCallback":
-        from pipeline.callbacks import LaplaceCallback
-
-        return LaplaceCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+CHECKPOINTS, STATE_FILE = "checkpoints", "state.json"
 
 
 # ------------------------------------------------------------------------------ training state
@@ -277,12 +262,6 @@ def validation_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int) -> tf.d
 
 
 # ---------------------------------------------------------------------------------- main entry
-def seed_everything(config: dict) -> None:
-    keras.utils.set_random_seed(int(config["seed"]))
-    if config.get("deterministic", True):
-        tf.config.experimental.enable_op_determinism()
-
-
 def compiled_model(n_pixels: int, config: dict):
     """The config's network, compiled with Adam and MSE (a fresh optimizer, not yet built)."""
     tcfg = config["train"]
@@ -311,7 +290,7 @@ def check_inputs(train: Spectra, valid: Spectra,
         if not np.isfinite(spectra.flux).all():
             row = int(np.argwhere(~np.isfinite(spectra.flux))[0, 0])
             raise DataError(f"{split} flux of row {row} is not finite; read spectra with "
-                            "pipeline.io.read_spectra, which flags bad pixels")
+                            "pipeline.spectra.fits.read_spectra, which flags bad pixels")
 
 
 def run_fingerprint(config: dict, train: Spectra, valid: Spectra) -> str:
@@ -406,8 +385,6 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
     there: the training residuals then have zero mean. ``ridge`` only guards against
     collinear features (dead ReLUs).
     """
-    from pipeline.curvature import Head
-
     head = Head(model, last_layers=1)
     layer = head.layers[0]
     if layer.activation not in (keras.activations.linear, None):
@@ -428,45 +405,8 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
 
 def write_outputs(outdir: Path, model, scaler: LabelScaler, wave: np.ndarray,
                   history: pd.DataFrame, config: dict) -> None:
-    """Atomic writes; ``model.keras`` (inference copy, no optimizer state) comes last."""
-    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    with atomic_path(outdir / WAVE_FILE) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(wave, dtype=np.float64))
-    scaler.save(outdir / SCALER_FILE, provenance=provenance(config, device=device))
-    with atomic_path(outdir / HISTORY_FILE) as tmp:
-        history.to_csv(tmp, index=False, float_format="%.9g")
+    """The model directory, with an inference copy of ``model`` (no optimizer state)."""
     export = build_model(model.input_shape[-1], config["model"], int(config["seed"]))
     export.set_weights(model.get_weights())
-    final, tmp = outdir / MODEL_FILE, outdir / f".{MODEL_FILE}.{os.getpid()}.tmp.keras"
-    try:
-        export.save(tmp)  # keras insists on the .keras suffix, so no atomic_path here
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise OutputError(f"writing '{final}' failed: {exc}; check free disk space") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("wrote %s, %s, %s and %s in %s", WAVE_FILE, SCALER_FILE, HISTORY_FILE, MODEL_FILE,
-             outdir)
-
-
-# -------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("Train the label network (resumes from outdir/checkpoints).")
-    parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
-    parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
-    parser.add_argument("--outdir", required=True, help="output directory, e.g. results/model")
-    return parser
-
-
-def run(args: argparse.Namespace, config: dict) -> None:
-    kwargs = {**read_options(config), "require_labels": True}
-    train = read_spectra(args.train, **kwargs)
-    train.flux_err = None  # training never uses the errors: free them before the next read
-    valid = read_spectra(args.valid, **kwargs)
-    valid.flux_err = None
-    check_inputs(train, valid, names=(args.train, args.valid))  # messages name the files
-    train_model(config, train, valid, args.outdir)
-
-
-if __name__ == "__main__":
-    sys.exit(main(build_parser, run))
+    write_model_dir(outdir, export, scaler, wave, history,
+                    provenance(config, device=device_name()))

@@ -1,4 +1,4 @@
-"""Validation of canonical dataset FITS contents (DESIGN section 3) and grid matching.
+"""Validation of canonical dataset FITS contents (docs/data.md) and grid matching.
 
 Each check raises :class:`DataError` naming the file, HDU, column or row and what would fix it:
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import LABELS
 from pipeline.exceptions import DataError, GridMismatchError
+from pipeline.spectra.dataset import DEFAULT_BAD_PIXEL_ERR, Spectra
 
 log = logging.getLogger(__name__)
 
@@ -228,14 +229,13 @@ def match_grid(spectra, wave_model, path="spectra", bad_pixel_err=None, rtol=1e-
     * the input range covers the model range: flux, errors and mask linearly interpolated
       in wavelength; a model pixel falling in a gap of the input grid (a step wider than 1.5
       times the median) or next to a bad input pixel (error >= ``bad_pixel_err``) is bad
-      (flux 1, error ``bad_pixel_err``, by default that of :func:`pipeline.io.read_spectra`);
+      (flux 1, error ``bad_pixel_err``, by default that of
+      :func:`pipeline.spectra.fits.read_spectra`);
       ``meta['RESAMPLD'] = True``.
 
     Raises:
         GridMismatchError: the input does not cover the model grid; names both grids.
     """
-    from pipeline.io import DEFAULT_BAD_PIXEL_ERR, Spectra
-
     wave_in, wave_model = np.asarray(spectra.wave, np.float64), np.asarray(wave_model, float)
     if wave_in.size == wave_model.size and np.allclose(wave_in, wave_model, rtol=rtol, atol=0):
         return spectra

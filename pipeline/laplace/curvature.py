@@ -1,6 +1,6 @@
 """Curvature of the training loss with respect to the weights of the last k Dense layers.
 
-Notation (DESIGN section 5): f(x; theta) -> n_out standardized labels, theta_L = the kernels
+Notation (docs/laplace.md): f(x; theta) -> n_out standardized labels, theta_L = the kernels
 and biases of the last k ``keras.layers.Dense`` layers (or any subset of those tensors), P_L
 their total size. The training loss with per-label noise precisions beta_k = sigma_k^-2 is
 

@@ -1,0 +1,61 @@
+"""Step ``laplace``: fit the last-k-layer Laplace posterior of the trained model.
+
+    python -m pipeline.steps.laplace --config-json J --model DIR --train F --valid F --out F.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from pipeline import runtime
+from pipeline.artifacts.model_dir import load_trained
+from pipeline.artifacts.provenance import provenance
+from pipeline.cli import base_parser, main
+from pipeline.laplace.error_budget import noise_covariances
+from pipeline.laplace.posterior import calibrate_scatter, fit_laplace, options_from_config
+from pipeline.spectra.fits import read_options, read_spectra
+from pipeline.spectra.validation import bad_pixel_mask, match_grid
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Fit the last-layer Laplace posterior of the trained model.")
+    parser.add_argument("--model", required=True, help="trained model directory")
+    parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
+    parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
+    parser.add_argument("--out", required=True, help="posterior file (.npz)")
+    return parser
+
+
+def run(args: argparse.Namespace, config: dict) -> None:
+    """The ``laplace`` step: fit with ``config['laplace']`` and write the posterior file."""
+
+    cfg, data = config["laplace"], config["data"]
+    runtime.seed_everything(config)
+    model, scaler, wave = load_trained(args.model)
+    train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
+                               wave, path=p, bad_pixel_err=data["bad_pixel_err"])
+                    for p in (args.train, args.valid))
+    noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
+    if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
+        flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
+        noise_valid = noise_covariances(model, valid.flux, flux_err, cfg["batch_size"])
+    y_valid = scaler.transform(valid.label_array())
+    posterior = fit_laplace(
+        model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,
+        y_valid=y_valid,
+        extra_covariance_valid=noise_valid if cfg["hyperparameters"] == "validation" else None,
+        **options_from_config(cfg))
+    if cfg["scatter"] != "likelihood":
+        posterior.info["scatter"] = calibrate_scatter(
+            posterior, model, valid.flux, y_valid, noise_valid, cfg).to_dict()
+    posterior.save(args.out, provenance=provenance(config, device=posterior.device))
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_parser, run))
