@@ -28,6 +28,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set laplace.last_layers=3",
     )
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="threads for TensorFlow's op pools (Snakemake passes {threads}); "
+                             "default: TensorFlow's choice")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

@@ -1,18 +1,28 @@
-"""The figures step: every paper figure from a small fake results tree in the contract formats,
-plus the numerics behind the figures checked against brute force and closed forms."""
+"""The figures step: every paper figure from a small results tree written by the pipeline's
+own writers (datasets, history, a posterior fitted and saved by Posterior.save, catalogs and
+summary through write_table, Jacobian shards through write_jacobian_shard), plus the numerics
+behind the figures checked against brute force and closed forms."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from astropy.io import fits
 from astropy.table import Table
 from scipy.stats import norm
 
 from pipeline import LABELS
+from pipeline.artifacts.catalog import write_table
+from pipeline.artifacts.jacobian_shards import write_jacobian_shard
+from pipeline.config import validate
+from pipeline.exceptions import DataError, ModelFileError
+from pipeline.laplace import Posterior
+from pipeline.plots.inputs import FigureInputs
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.fits import write_spectra
 
@@ -45,7 +55,7 @@ def fake_labels(rng, n: int, prefix: str) -> Table:
                   "FE_H": rng.uniform(-2.0, 0.4, n), "SNR": rng.uniform(30, 300, n)})
 
 
-def write_results(root: Path, rng: np.random.Generator) -> Path:
+def write_results(root: Path, rng: np.random.Generator, posterior_file: Path) -> Path:
     """A results/ tree in exactly the contract formats (docs/outputs.md)."""
     wave = small_grid()
     for split in ("train", "valid", "test"):
@@ -57,21 +67,14 @@ def write_results(root: Path, rng: np.random.Generator) -> Path:
     (root / "model").mkdir(parents=True)
     epochs = np.arange(12)
     val = 0.5 * np.exp(-epochs / 3) + 0.02 * (epochs - 7) ** 2 / 49 + 0.05
-    Table({"epoch": epochs, "loss": 0.6 * np.exp(-epochs / 3) + 0.03, "val_loss": val,
-           "lr": np.full(12, 8e-4)}).write(root / "model" / "history.csv")
+    pd.DataFrame({"epoch": epochs, "loss": 0.6 * np.exp(-epochs / 3) + 0.03,
+                  "val_loss": val}).to_csv(root / "model" / "history.csv", index=False)
     (root / "laplace").mkdir()
-    grid = np.logspace(-3, 3, 25)
-    np.savez(root / "laplace" / "posterior.npz",
-             curvature_eigenvalues=np.r_[np.logspace(5, -4, 200), 0.0, -1e-9],
-             prior_precision=np.float64(1.3), noise_std=np.array([0.1, 0.12, 0.08]),
-             log_evidence=np.float64(-120.0), evidence_grid_prior_precision=grid,
-             evidence_grid_log_evidence=-120.0 - (np.log10(grid) - 0.11) ** 2)
+    shutil.copy(posterior_file, root / "laplace" / "posterior.npz")  # Posterior.save wrote it
     for split in ("valid", "test"):
         write_catalog(root / "predictions" / f"{split}.fits", rng, split[:2].upper())
     write_jacobians(root, wave, rng)
     write_summary(root / "tables" / "jacobian_summary.fits", wave, rng)
-    Table({"label": list(LABELS), "coverage_68": [0.7, 0.66, 0.69]}).write(
-        root / "tables" / "calibration.csv")
     return root
 
 
@@ -93,26 +96,17 @@ def write_catalog(path: Path, rng, prefix: str) -> None:
         cat[name] = rng.uniform(-0.5, 0.5, N_STARS)
     cat["SNR"] = true["SNR"]
     cat["FLAG"] = np.zeros(N_STARS, np.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cat.write(path)
+    write_table(cat, path.with_suffix(""), {}, formats=("fits",))
 
 
-def write_jacobians(root: Path, wave: np.ndarray, rng) -> None:
-    """Two shards covering the test split; row i of star 'TE%04d' % i is filled with i."""
-    ids = [f"TE{i:04d}" for i in range(N_STARS)]
-    for shard, rows in enumerate(np.array_split(np.arange(N_STARS), 2)):
+def write_jacobians(root: Path, wave: np.ndarray, rng, n_shards: int = 2) -> None:
+    """Shards covering the test split; row i of star 'TE%04d' % i is filled with i."""
+    ids = np.array([f"TE{i:04d}" for i in range(N_STARS)])
+    for shard, rows in enumerate(np.array_split(np.arange(N_STARS), n_shards)):
         jac = rng.standard_normal((rows.size, 3, wave.size)).astype(np.float32)
         jac[:, 0, 0] = rows  # a tag to check which rows came back
-        hdus = fits.HDUList([
-            fits.PrimaryHDU(), fits.ImageHDU(jac, name="JACOBIAN"),
-            fits.table_to_hdu(Table({"STAR_ID": [ids[i] for i in rows]})),
-            fits.ImageHDU(wave, name="WAVE"),
-        ])
-        hdus[2].name = "STAR_ID"
-        hdus[1].header["LABELS"] = ",".join(LABELS)
-        path = root / "jacobians" / "test" / f"shard-{shard}.fits"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        hdus.writeto(path)
+        write_jacobian_shard(root / "jacobians" / "test" / f"shard-{shard}.fits", iter([jac]),
+                             rows.size, ids[rows], rows, wave, {})
 
 
 def write_summary(path: Path, wave: np.ndarray, rng) -> None:
@@ -123,20 +117,26 @@ def write_summary(path: Path, wave: np.ndarray, rng) -> None:
         table[f"{lab}_MEAN"], table[f"{lab}_MEDIAN"] = mean, mean
         table[f"{lab}_P16"], table[f"{lab}_P84"] = mean - 1, mean + 1
         table[f"{lab}_MEAN_ABS"] = np.abs(mean)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.write(path)
+    write_table(table, path.with_suffix(""), {}, formats=("fits",),
+                extname="JACOBIAN_SUMMARY")
 
 
 @pytest.fixture(scope="module")
-def results_tree(tmp_path_factory) -> Path:
-    return write_results(tmp_path_factory.mktemp("results"), np.random.default_rng(7))
+def results_tree(tmp_path_factory, tiny_posterior_file) -> Path:
+    return write_results(tmp_path_factory.mktemp("results"), np.random.default_rng(7),
+                         tiny_posterior_file)
+
+
+def figure_config(**figures) -> dict:
+    return validate({"data": {"source": "fits"}, "jacobian": {"splits": ["test"]},
+                     "figures": figures})
 
 
 def run_cli(results: Path, outdir: Path, figure: str, source: str = "fits",
             formats=("png", "pdf"), window=None) -> int:
     from pipeline.steps.figures import main
 
-    config = {"data": {"source": source},
+    config = {"data": {"source": source}, "jacobian": {"splits": ["test"]},
               "figures": {"formats": list(formats), "dpi": 60, "max_points": 40,
                           "spectra_window": window}}
     return main(["--config-json", json.dumps(config), "--figure", figure,
@@ -193,18 +193,16 @@ def test_missing_input_is_a_clear_error_and_writes_nothing(results_tree, tmp_pat
     assert not outdir.exists() or not any(outdir.iterdir())
 
 
-def test_missing_jacobian_shards_and_columns_are_named(results_tree, tmp_path, capsys):
-    from pipeline.exceptions import DataError
-    from pipeline.plots.inputs import ResultsTree
-
-    empty = ResultsTree(tmp_path)
-    with pytest.raises(DataError, match="shard-<i>.fits"):
-        empty.jacobian_shards()
-    Table({"epoch": [0, 1], "loss": [1.0, 0.5]}).write(tmp_path / "history.csv")
-    (tmp_path / "model").mkdir()
-    (tmp_path / "history.csv").rename(tmp_path / "model" / "history.csv")
-    with pytest.raises(DataError, match="missing column.*val_loss"):
-        empty.history()
+def test_missing_jacobian_shards_and_columns_are_named(results_tree, tmp_path):
+    inputs = FigureInputs.from_results(results_tree, figure_config())
+    with pytest.raises(DataError, match="no Jacobian shard files"):
+        dataclasses.replace(inputs, shards=()).jacobian_shards()
+    missing = tmp_path / "shard-7.fits"
+    with pytest.raises(DataError, match="shard-7.fits.*does not exist"):
+        dataclasses.replace(inputs, shards=(missing,)).jacobian_shards()
+    pd.DataFrame({"epoch": [0, 1], "loss": [1.0, 0.5]}).to_csv(tmp_path / "h.csv", index=False)
+    with pytest.raises(ModelFileError, match="missing column.*val_loss"):
+        dataclasses.replace(inputs, history=tmp_path / "h.csv").history_table()
 
 
 def test_unknown_figure_name_lists_the_valid_ones(results_tree, tmp_path, capsys):
@@ -213,11 +211,14 @@ def test_unknown_figure_name_lists_the_valid_ones(results_tree, tmp_path, capsys
     assert not any(tmp_path.iterdir())
 
 
-def test_optional_posterior_keys_missing_still_draws(results_tree, tmp_path):
+def test_posterior_without_a_required_key_is_a_clear_error(results_tree, tmp_path, capsys):
     tree = tmp_path / "results"
-    (tree / "laplace").mkdir(parents=True)
+    shutil.copytree(results_tree, tree)
     np.savez(tree / "laplace" / "posterior.npz", noise_std=np.ones(3))
-    assert run_cli(tree, tmp_path / "out", "laplace_diagnostics", formats=("png",)) == 0
+    assert run_cli(tree, tmp_path / "out", "laplace_diagnostics", formats=("png",)) == 1
+    err = capsys.readouterr().err
+    assert "posterior.npz" in err and "missing keys" in err and "eigenvalues" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # ------------------------------------------------------------------- numerics of the figures
@@ -284,10 +285,9 @@ def test_features_are_separated_and_named():
 
 
 def test_jacobian_map_reads_the_right_rows_in_teff_order(results_tree):
-    from pipeline.plots.inputs import ResultsTree
     from pipeline.plots.jacobians import load_map
 
-    tree = ResultsTree(results_tree)
+    tree = FigureInputs.from_results(results_tree, figure_config())
     wave, jac, teff = load_map(tree, 7)
     test = Table.read(results_tree / "data" / "test.fits", hdu="LABELS")
     all_teff = np.asarray(test["TEFF"])
@@ -298,17 +298,43 @@ def test_jacobian_map_reads_the_right_rows_in_teff_order(results_tree):
     np.testing.assert_array_equal(wave, small_grid())
 
 
-def test_posterior_keys_written_by_pipeline_laplace_are_read(tmp_path):
-    from pipeline.plots.inputs import ResultsTree
+def test_figures_read_the_posterior_that_posterior_save_wrote(results_tree, tiny_model_dir):
+    from pipeline.artifacts.model_dir import load_trained
 
-    (tmp_path / "laplace").mkdir()
-    eig, grid = np.array([3.0, 2.0]), np.array([0.1, 1.0])
-    np.savez(tmp_path / "laplace" / "posterior.npz", eigenvalues=eig,
-             evidence_curve_prior_precision=grid, evidence_curve_log_evidence=-grid)
-    post = ResultsTree(tmp_path).posterior()
-    np.testing.assert_array_equal(post["curvature_eigenvalues"], eig)
-    np.testing.assert_array_equal(post["evidence_grid_prior_precision"], grid)
-    np.testing.assert_array_equal(post["evidence_grid_log_evidence"], -grid)
+    model, _, _ = load_trained(tiny_model_dir)
+    saved = Posterior.load(results_tree / "laplace" / "posterior.npz", model)
+    post = FigureInputs.from_results(results_tree, figure_config()).posterior_arrays()
+    np.testing.assert_array_equal(post["eigenvalues"], saved.eigenvalues)
+    np.testing.assert_array_equal(post["prior_precision"], saved.prior_precision)
+    np.testing.assert_array_equal(post["evidence_curve_log_evidence"],
+                                  saved.evidence_curve["log_evidence"])
+
+
+def test_fewer_shards_than_on_disk_figures_and_tables_read_the_same_stars(results_tree,
+                                                                            tmp_path):
+    """A first run with 3 shards, a second with 2: the stale shard-2 stays on disk. The
+    Jacobian summary of the tables step and the Jacobian map read the 2 shards of the config
+    and so the same stars."""
+    from pipeline.evaluation.jacobian_summary import jacobian_summary
+    from pipeline.plots.jacobians import load_map
+
+    tree = tmp_path / "results"
+    shutil.copytree(results_tree, tree)
+    shutil.rmtree(tree / "jacobians")
+    rng = np.random.default_rng(3)
+    write_jacobians(tree, small_grid(), rng, n_shards=3)
+    stale = (tree / "jacobians" / "test" / "shard-2.fits").read_bytes()
+    write_jacobians(tree, small_grid(), rng, n_shards=2)
+    (tree / "jacobians" / "test" / "shard-2.fits").write_bytes(stale)
+    config = figure_config()
+    config["jacobian"]["shards"] = 2
+    inputs = FigureInputs.from_results(tree, config)
+    assert [p.name for p in inputs.jacobian_shards()] == ["shard-0.fits", "shard-1.fits"]
+    summary = jacobian_summary(inputs.jacobian_shards(), memory_mb=16)
+    _, jac, teff = load_map(inputs, N_STARS)
+    assert teff.size == N_STARS  # every star once: none twice from the stale shard
+    np.testing.assert_allclose(np.asarray(summary["TEFF_MEAN"])[1:],
+                               jac[:, 0, 1:].mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_spectra_window_outside_the_grid_is_a_config_error(results_tree, tmp_path, capsys):

@@ -11,8 +11,11 @@ import pytest
 from astropy.table import Table
 
 from pipeline.artifacts import catalog as export
+from pipeline.artifacts.catalog import FLAG_BITS
+from pipeline.artifacts.model_dir import load_trained
 from pipeline.cli import main
 from pipeline.config import validate
+from pipeline.evaluation.flags import star_flags
 from pipeline.exceptions import ConfigError
 from pipeline.nn.scaler import LabelScaler
 from pipeline.spectra.dataset import Spectra
@@ -35,7 +38,8 @@ class StandInPosterior:
 
 @pytest.fixture
 def posterior(monkeypatch):
-    monkeypatch.setattr(predict, "load_posterior", lambda path, model: StandInPosterior())
+    monkeypatch.setattr(predict.Posterior, "load",
+                        classmethod(lambda cls, path, model: StandInPosterior()))
     return StandInPosterior()
 
 
@@ -55,26 +59,87 @@ def run_predict(args):
 
 
 # --------------------------------------------------------------------------------- units
-def test_flag_bits():
+def _unit_scaler() -> LabelScaler:
+    """Standardization by 1 around 0; training labels spanned [-1, 1]."""
     scaler = LabelScaler(mean=np.zeros(3), scale=np.ones(3))
     scaler.label_min, scaler.label_max = -np.ones(3), np.ones(3)
-    pred = np.array([[0, 0, 0], [5.1, 0, 0], [0, 0, -4.9], [0, 0, 0], [np.nan, 0, 0]], float)
-    total = np.broadcast_to(np.eye(3), (5, 3, 3)).copy()
+    return scaler
+
+
+FLAG_CFG = dict(CONFIG["predict"], ood_sigma=4.0, flag_bad_pixel_fraction=0.1,
+                ood_model_factor=3.0)
+
+
+def _one_star(prediction=(4.9, 0.0, -4.9), total=None, bad_fraction=0.1, resampled=False,
+              model_ratio=3.0):
+    """star_flags of one star; the defaults sit just inside every threshold of FLAG_CFG
+    (4 sigma around the training range [-1, 1], bad-pixel fraction 0.1, model-error ratio 3)."""
+    scaler = _unit_scaler()
+    total = np.eye(3) if total is None else total
+    ratio = None if model_ratio is None else np.array([model_ratio], float)
+    flags = star_flags(np.array([prediction], float), np.array([total], float),
+                       np.array([bad_fraction], float), resampled, scaler, FLAG_CFG, ratio)
+    assert flags.dtype == np.int32 and flags.shape == (1,)
+    return int(flags[0])
+
+
+def _inf_variance():
+    total = np.eye(3)
+    total[1, 1] = np.inf
+    return total
+
+
+# Each FLAG bit's causes, by the name FLAG_BITS documents; every cause changes one input of
+# a star that is just inside every threshold.
+FLAG_CAUSES = {
+    "OOD": [{"prediction": (5.1, 0.0, 0.0)}, {"prediction": (0.0, 0.0, -5.1)}],
+    "BADPIX": [{"bad_fraction": 0.11}],
+    "RESAMPLED": [{"resampled": True}],
+    "NONFINITE": [{"prediction": (np.nan, 0.0, 0.0)}, {"total": _inf_variance()}],
+    "MODEL_OOD": [{"model_ratio": 3.1}],
+}
+
+
+def test_flag_causes_cover_every_documented_bit():
+    names = {bit: text.split(":")[0] for bit, text in FLAG_BITS.items()}
+    assert sorted(FLAG_CAUSES) == sorted(names.values()), "a FLAG bit has no test cause"
+    for bit, name in names.items():
+        assert getattr(export, f"FLAG_{name}") == 1 << bit, name
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_CAUSES))
+def test_each_flag_bit_is_set_by_its_own_cause_alone(name):
+    assert _one_star() == 0  # just inside every threshold: no flag
+    for cause in FLAG_CAUSES[name]:
+        assert _one_star(**cause) == getattr(export, f"FLAG_{name}"), cause
+
+
+def test_flag_bits_combine_and_rows_are_independent():
+    every = dict(prediction=(5.1, 0.0, 0.0), total=_inf_variance(), bad_fraction=0.5,
+                 resampled=True, model_ratio=10.0)
+    all_bits = sum(1 << bit for bit in FLAG_BITS)
+    assert _one_star(**every) == all_bits
+    # no posterior reference (model_ratio None, older files): bit 4 is never set
+    assert _one_star(model_ratio=None) == 0
+    assert _one_star(**dict(every, model_ratio=None)) == all_bits - export.FLAG_MODEL_OOD
+    # several stars at once: each row gets its own flags only
+    scaler = _unit_scaler()
+    pred = np.array([[0, 0, 0], [5.1, 0, 0], [0, 0, -4.9], [0, 0, 0], [np.nan, 0, 0],
+                     [0, 0, 0]], float)
+    total = np.broadcast_to(np.eye(3), (6, 3, 3)).copy()
     total[3, 1, 1] = np.inf
-    bad_fraction = np.array([0.0, 0.0, 0.2, 0.05, 0.0])
-    flags = predict.star_flags(pred, total, bad_fraction, False, scaler, CONFIG["predict"])
+    bad_fraction = np.array([0.0, 0.0, 0.2, 0.05, 0.0, 0.0])
+    ratio = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    flags = star_flags(pred, total, bad_fraction, False, scaler, FLAG_CFG, ratio)
     assert flags.tolist() == [0, export.FLAG_OOD, export.FLAG_BADPIX, export.FLAG_NONFINITE,
-                              export.FLAG_NONFINITE]
-    resampled = predict.star_flags(pred[:1], total[:1], bad_fraction[:1], True, scaler,
-                                   CONFIG["predict"])
-    assert resampled.tolist() == [export.FLAG_RESAMPLED]
+                              export.FLAG_NONFINITE, export.FLAG_MODEL_OOD]
 
 
 def test_flag_without_stored_range_uses_mean():
     scaler = LabelScaler(mean=np.array([5000.0, 3.0, 0.0]), scale=np.array([500.0, 1.0, 0.3]))
     pred = np.array([[5000 + 3.9 * 500, 3, 0], [5000 + 4.1 * 500, 3, 0]])
-    flags = predict.star_flags(pred, np.ones((2, 3, 3)), np.zeros(2), False, scaler,
-                               CONFIG["predict"])
+    flags = star_flags(pred, np.ones((2, 3, 3)), np.zeros(2), False, scaler,
+                       CONFIG["predict"])
     assert flags.tolist() == [0, export.FLAG_OOD]
 
 
@@ -88,7 +153,7 @@ def test_catalog_names():
 
 
 def test_bad_pixels_carry_no_flux_noise(tiny_model_dir, stars):
-    model, scaler, wave = predict.load_model(tiny_model_dir)
+    model, scaler, wave = load_trained(tiny_model_dir)
     _, spectra = stars
     sub = spectra.subset(np.arange(2))
     clean = Spectra(sub.flux.copy(), sub.flux_err.copy(), wave, sub.labels)

@@ -136,7 +136,7 @@ def test_missing_model_directory_in_laplace_step(stars, tmp_path, capsys):
     out = tmp_path / "out" / "posterior.npz"
     rc = run_step("laplace", ["--model", tmp_path / "no_model", "--train", stars,
                               "--valid", stars, "--out", out])
-    check_failure(capsys, rc, ["no_model", "does not exist", "rerun the train step"], [out])
+    check_failure(capsys, rc, ["no_model", "does not exist", "run the train step"], [out])
 
 
 def other_model_posterior(tiny_model_dir, stars, tmp_path) -> Path:

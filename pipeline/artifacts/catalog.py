@@ -183,12 +183,29 @@ def write_table(table: Table, stem: str | Path, header: dict, *,
     return paths
 
 
-def read_catalog(path: Path) -> Table:
+def read_table(path: str | Path, extname: str = "CATALOG", step: str = "predict") -> Table:
+    """A table written by :func:`write_table` (FITS HDU ``extname``, Parquet or CSV)."""
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"prediction catalog '{path}' does not exist; run the predict step")
+        raise DataError(f"'{path}': file does not exist; run the {step} step first")
     try:
         if path.suffix == ".fits":
-            return Table.read(path, hdu="CATALOG")
+            return Table.read(path, hdu=extname)
         return Table.read(path, format="parquet" if path.suffix == ".parquet" else "ascii.csv")
-    except Exception as exc:
-        raise DataError(f"'{path}': not a readable prediction catalog ({exc})") from None
+    except Exception as exc:  # astropy and pyarrow raise many kinds on a malformed file
+        raise DataError(f"'{path}': not a readable {extname.lower()} table ({exc}); rerun "
+                        f"the {step} step") from None
+
+
+def read_catalog(path: str | Path) -> Table:
+    """A prediction catalog (any of its three formats)."""
+    return read_table(path, "CATALOG", "predict")
+
+
+def require_columns(path, table: Table, columns, step: str) -> None:
+    """DataError naming the columns of ``columns`` that ``table`` (read from ``path``) lacks."""
+    missing = [c for c in columns if c not in table.colnames]
+    if missing:
+        raise DataError(f"'{path}': missing column(s) {', '.join(missing)} (has "
+                        f"{', '.join(table.colnames)}); rerun the {step} step with the current "
+                        "pipeline version")

@@ -121,3 +121,44 @@ def open_shards(paths):
         if wave is None:
             raise DataError("no Jacobian shards given (--jacobians)")
         yield shards, wave
+
+
+def read_jacobian_rows(path: Path, select) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From one shard, the rows that ``select(star_ids) -> integer rows`` picks.
+
+    The image is memory-mapped so only the selected rows are read from disk.
+
+    Returns:
+        star ids of the selected rows (k,), WAVE float64 (P,), JACOBIAN float32 (k, 3, P),
+        rows in file order.
+    """
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            for name in ("JACOBIAN", "WAVE", "STAR_ID"):
+                if name not in hdul:
+                    raise DataError(f"'{path}': missing HDU '{name}'; rerun the jacobian step")
+            star_id = np.asarray(hdul["STAR_ID"].data["STAR_ID"]).astype(str)
+            wave = np.array(hdul["WAVE"].data, dtype=np.float64)
+            image = hdul["JACOBIAN"].data
+            if image is None or image.ndim != 3 or image.shape[1] != len(LABELS):
+                shape = None if image is None else image.shape
+                raise DataError(f"'{path}': JACOBIAN has shape {shape}, expected (n, 3, P)")
+            rows = np.sort(np.asarray(select(star_id), dtype=np.int64))
+            jac = np.array(image[rows], dtype=np.float32)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"'{path}': not a readable Jacobian shard ({exc}); rerun the jacobian step"
+        ) from None
+    return star_id[rows], wave, jac
+
+
+def shard_star_ids(path: Path) -> np.ndarray:
+    """The STAR_ID column of one Jacobian shard (the image itself is not read)."""
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            return np.asarray(hdul["STAR_ID"].data["STAR_ID"]).astype(str)
+    except Exception as exc:
+        raise DataError(f"'{path}': no readable STAR_ID table ({exc}); rerun the jacobian "
+                        "step") from None

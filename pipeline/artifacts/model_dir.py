@@ -48,6 +48,25 @@ def write_model_dir(outdir: str | Path, model, scaler: LabelScaler, wave: np.nda
              outdir)
 
 
+def read_history(path: str | Path) -> pd.DataFrame:
+    """The training history: one row per epoch with ``epoch``, ``loss``, ``val_loss``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"'{path}': training history does not exist; run the train step")
+    try:
+        history = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"'{path}': not a readable CSV ({exc}); rerun the train step") \
+            from None
+    missing = [c for c in ("epoch", "loss", "val_loss") if c not in history.columns]
+    if missing:
+        raise ModelFileError(f"'{path}': missing column(s) {', '.join(missing)}; rerun the "
+                             "train step with the current pipeline version")
+    if history.empty:
+        raise ModelFileError(f"'{path}': no epochs recorded; rerun the train step")
+    return history
+
+
 def load_wave(path: str | Path) -> np.ndarray:
     """The training wavelength grid (P,) float64 saved as ``wave.npy``."""
     path = Path(path)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sl
 import tensorflow as tf
 
-from pipeline.artifacts.atomic import atomic_path
+from pipeline.artifacts.posterior_file import read_posterior_arrays, write_posterior_arrays
 from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
 from pipeline.laplace import evidence
 from pipeline.laplace.curvature import Head, curvature_blocks
@@ -148,8 +146,7 @@ class Posterior:
     # --------------------------------------------------------------------------- persistence
     def save(self, path, provenance: dict | None = None) -> None:
         """Write every array needed to reproduce the predictive variances, atomically."""
-        info = dict(self.info, provenance=provenance or {})
-        arrays = {
+        write_posterior_arrays(path, {
             "weight_names": np.array(self.head.names), "map_values": self.theta_map,
             "weight_shapes": json.dumps(self.head.shapes), "cholesky": self.cholesky,
             "prior_precision": self.prior_precision, "prior_groups": self.groups,
@@ -157,28 +154,14 @@ class Posterior:
             "curvature": self.curvature, "eigenvalues": self.eigenvalues,
             "evidence_curve_prior_precision": self.evidence_curve["prior_precision"],
             "evidence_curve_log_evidence": self.evidence_curve["log_evidence"],
-            "last_layers": self.info["last_layers"], "info": json.dumps(info, default=str),
-        }
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
+            "last_layers": self.info["last_layers"],
+            "info": dict(self.info, provenance=provenance or {}),
+        })
 
     @classmethod
     def load(cls, path, model) -> Posterior:
         """Read a posterior saved for ``model``; ModelFileError if it belongs to another."""
-        required = ("weight_names", "weight_shapes", "map_values", "cholesky", "last_layers",
-                    "prior_precision", "prior_groups", "noise_std", "log_evidence", "curvature",
-                    "eigenvalues", "evidence_curve_prior_precision",
-                    "evidence_curve_log_evidence", "info")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-            missing = [k for k in required if k not in data]
-            if missing:
-                raise ValueError(f"missing keys {', '.join(missing)}")
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ModelFileError(f"'{path}': not a readable posterior file ({exc}); rerun the "
-                                 "laplace step") from None
+        data = read_posterior_arrays(path)
         names = [str(n) for n in data["weight_names"]]
         try:
             head = Head(model, int(data["last_layers"]), weights=names)
@@ -189,7 +172,7 @@ class Posterior:
                 or not np.array_equal(head.map_values(), data["map_values"])):
             raise ModelFileError(f"'{path}': posterior saved for a different model (weight "
                                  "names, shapes or MAP values differ); rerun the laplace step")
-        info = json.loads(str(data["info"]))
+        info = dict(data["info"])
         info.pop("provenance", None)
         return cls(head, data["cholesky"], prior_precision=data["prior_precision"],
                    groups=data["prior_groups"], noise_std=data["noise_std"],
@@ -317,12 +300,3 @@ def options_from_config(laplace_cfg: dict) -> dict:
             "max_iterations", "validation_iterations", "evidence_curve_points",
             "evidence_curve_decades", "prior_precision_init", "reference_stars", "max_weights")
     return {k: laplace_cfg[k] for k in keys if k in laplace_cfg}
-
-
-def load_posterior(path, model) -> Posterior:
-    """The Laplace posterior of ``model`` (ModelFileError if missing or for another model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"posterior file '{path}' does not exist; run the laplace step "
-                             "first or pass --posterior results/laplace/posterior.npz")
-    return Posterior.load(path, model)

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 
 from pipeline import LABELS
-from pipeline.plots.inputs import ResultsTree, label_arrays
+from pipeline.plots.inputs import FigureInputs, label_arrays
 from pipeline.plots.style import (
     LABEL_NAME,
     LABEL_UNIT,
@@ -74,10 +74,10 @@ def _snr_colours(snr: np.ndarray):
     return LogNorm(lo, hi) if hi > lo else Normalize(lo - 1, hi + 1)
 
 
-def plot_pred_vs_true(results: ResultsTree, cfg: dict):
+def plot_pred_vs_true(results: FigureInputs, cfg: dict):
     """3 columns (labels): predicted vs true on top, residual vs true below."""
     columns = tuple(f"{lab}{s}" for lab in LABELS for s in ("", "_ERR", "_TRUE"))
-    cat = results.catalog(columns)
+    cat = results.catalog_table(columns)
     pred, err, true = (label_arrays(cat, s) for s in ("", "_ERR", "_TRUE"))
     snr = np.asarray(cat["SNR"], np.float64) if "SNR" in cat.colnames else np.full(len(cat), np.nan)
     norm = _snr_colours(snr)
@@ -116,11 +116,11 @@ def plot_pred_vs_true(results: ResultsTree, cfg: dict):
     return fig
 
 
-def plot_residuals_vs_snr(results: ResultsTree, cfg: dict):
+def plot_residuals_vs_snr(results: FigureInputs, cfg: dict):
     """Top: residuals with their binned 16-84% range and +-median predicted error.
     Bottom: predicted total error per star with the binned empirical scatter."""
     columns = ("SNR",) + tuple(f"{lab}{s}" for lab in LABELS for s in ("", "_ERR", "_TRUE"))
-    cat = results.catalog(columns)
+    cat = results.catalog_table(columns)
     pred, err, true = (label_arrays(cat, s) for s in ("", "_ERR", "_TRUE"))
     snr = np.asarray(cat["SNR"], np.float64)
     index, centres = snr_binning(snr, cfg["snr_bins"])
@@ -161,10 +161,10 @@ BUDGET_PARTS = (  # (column suffix, legend, colour, line style)
 )
 
 
-def plot_error_budget(results: ResultsTree, cfg: dict):
+def plot_error_budget(results: FigureInputs, cfg: dict):
     """Binned medians of each error part against S/N, log-log, one panel per label."""
     columns = ("SNR",) + tuple(f"{lab}{p[0]}" for lab in LABELS for p in BUDGET_PARTS)
-    cat = results.catalog(columns)
+    cat = results.catalog_table(columns)
     snr = np.asarray(cat["SNR"], np.float64)
     index, centres = snr_binning(snr, cfg["snr_bins"])
     fig, axes = new_figure(cfg, 1, 3, 0.36 * cfg["width"], sharex=True)

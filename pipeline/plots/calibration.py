@@ -13,7 +13,7 @@ import numpy as np
 from scipy.stats import norm
 
 from pipeline import LABELS
-from pipeline.plots.inputs import ResultsTree, label_arrays
+from pipeline.plots.inputs import FigureInputs, label_arrays
 from pipeline.plots.style import LABEL_COLOR, LABEL_NAME, OKABE_ITO, new_figure
 
 BINOMIAL_Z95 = 1.959964  # two-sided 95% quantile of N(0, 1)
@@ -42,10 +42,10 @@ def empirical_coverage(z: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return (z[:, None] <= half_width[None, :]).mean(axis=0)
 
 
-def plot_calibration(results: ResultsTree, cfg: dict):
+def plot_calibration(results: FigureInputs, cfg: dict):
     """Coverage curves of the three labels, then one z-score histogram per label."""
     columns = tuple(f"{lab}{s}" for lab in LABELS for s in ("", "_ERR", "_TRUE"))
-    z = z_scores(results.catalog(columns))
+    z = z_scores(results.catalog_table(columns))
     levels = nominal_levels(cfg["coverage_levels"])
     fig, axes = new_figure(cfg, 1, 4, 0.3 * cfg["width"])
     ax = axes[0, 0]

@@ -1,215 +1,99 @@
-"""Read the pipeline's result files for the figures, checking them against their contracts.
+"""The result files a figure reads, each through the one reader of its file.
 
-Every reader raises :class:`pipeline.exceptions.DataError` naming the file (and the column or
-key) and the pipeline step that makes it, before any drawing starts, so a missing input never
-leaves a partial figure. Unknown catalog values written as -9999 become NaN.
-
-Layout under the results directory (docs/outputs.md)::
-
-    data/{split}.fits                 canonical dataset FITS
-    model/history.csv                 epoch, loss, val_loss
-    laplace/posterior.npz             curvature_eigenvalues, prior_precision, noise_std, ...
-    predictions/{split}.fits          catalog: L, L_ERR, L_ERR_MODEL/NOISE/SCATTER, L_TRUE, SNR
-    jacobians/{split}/shard-<i>.fits  JACOBIAN (n, 3, P) float32, STAR_ID table, WAVE
-    tables/jacobian_summary.fits      PIX, WAVE, L_MEAN, L_MEDIAN, L_P16, L_P84, L_MEAN_ABS
+Every path is given explicitly (the Snakemake rule lists them all as inputs), so a figure
+never finds its files by globbing: shards left over from an earlier run with more shards are
+not read. A missing or malformed file raises an error naming it and the step that makes it
+before any drawing starts, so a missing input never leaves a partial figure.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
+import pandas as pd
 from astropy.table import Table
 
 from pipeline import LABELS
+from pipeline.artifacts.catalog import read_catalog, read_table, require_columns
+from pipeline.artifacts.model_dir import read_history
+from pipeline.artifacts.posterior_file import read_posterior_arrays
 from pipeline.exceptions import DataError
-
-MISSING_VALUE = -9999.0
-POSTERIOR_ALIASES = {  # contract name -> name pipeline.laplace.Posterior.save writes
-    "curvature_eigenvalues": "eigenvalues",
-    "evidence_grid_prior_precision": "evidence_curve_prior_precision",
-    "evidence_grid_log_evidence": "evidence_curve_log_evidence",
-}
-
-
-def _shard_index(path: Path) -> int:
-    match = re.fullmatch(r"shard-(\d+)\.fits", path.name)
-    return int(match.group(1)) if match else -1
+from pipeline.spectra.fits import read_labels
 
 
 @dataclass(frozen=True)
-class ResultsTree:
-    """The results directory and the splits the figures use.
+class FigureInputs:
+    """Paths of everything the figures read.
 
-    ``split`` is the prediction catalog of the paper figures ('test' when predicted);
-    ``jacobian_split`` is the one the ``tables`` rule summarizes (last of jacobian.splits).
+    ``train`` is the training dataset (example spectra), ``jacobian_data`` the dataset whose
+    Jacobians are in ``shards`` (their true Teff orders the Jacobian map), ``catalog`` the
+    prediction catalog of the paper figures, ``summary`` the Jacobian summary table.
     """
 
-    root: Path
-    split: str = "test"
-    jacobian_split: str = "test"
+    train: Path
+    jacobian_data: Path
+    history: Path
+    posterior: Path
+    catalog: Path
+    summary: Path
+    shards: tuple[Path, ...]
 
     @classmethod
-    def from_config(cls, root: str | Path, config: dict) -> ResultsTree:
+    def from_results(cls, root: str | Path, config: dict) -> FigureInputs:
+        """The paths of a results directory written by the Snakefile with ``config``.
+
+        The shards are the ``jacobian.shards`` of the config, never whatever is on disk.
+        """
+        root = Path(root)
         predicted = config["predict"]["splits"]
         split = "test" if "test" in predicted else predicted[-1]
-        return cls(Path(root), split, config["jacobian"]["splits"][-1])
+        jac_split = config["jacobian"]["splits"][-1]
+        shards = tuple(root / "jacobians" / jac_split / f"shard-{i}.fits"
+                       for i in range(config["jacobian"]["shards"]))
+        return cls(train=root / "data" / "train.fits",
+                   jacobian_data=root / "data" / f"{jac_split}.fits",
+                   history=root / "model" / "history.csv",
+                   posterior=root / "laplace" / "posterior.npz",
+                   catalog=root / "predictions" / f"{split}.fits",
+                   summary=root / "tables" / "jacobian_summary.fits", shards=shards)
 
-    def require(self, relative: str, step: str) -> Path:
-        """The path of ``relative`` under the results directory; DataError if it is absent."""
-        path = self.root / relative
-        if not path.is_file():
-            raise DataError(
-                f"'{path}': input file does not exist; run the '{step}' step first "
-                f"(e.g. snakemake {path})"
-            )
-        return path
+    def history_table(self) -> pd.DataFrame:
+        return read_history(self.history)
 
-    # ------------------------------------------------------------------ individual files
-    def data_path(self, split: str) -> Path:
-        return self.require(f"data/{split}.fits", "data")
+    def posterior_arrays(self) -> dict:
+        return read_posterior_arrays(self.posterior)
 
-    def data_labels(self, split: str, columns: tuple[str, ...] = ("STAR_ID",)) -> Table:
-        """The LABELS table of a dataset split, without reading its spectra."""
-        path = self.data_path(split)
-        try:
-            with fits.open(path, memmap=True) as hdul:
-                table = Table(hdul["LABELS"].data, copy=True)
-        except Exception as exc:
-            raise DataError(
-                f"'{path}': no readable LABELS table ({exc}); re-run the 'data' step"
-            ) from None
-        _require_columns(path, table, columns, "data")
-        return table
-
-    def history(self) -> Table:
-        """Training history: one row per epoch with ``epoch``, ``loss``, ``val_loss``."""
-        path = self.require("model/history.csv", "train")
-        try:
-            table = Table.read(path, format="ascii.csv")
-        except Exception as exc:  # astropy raises many kinds on a malformed CSV
-            raise DataError(
-                f"'{path}': not a readable CSV ({exc}); re-run the 'train' step"
-            ) from None
-        _require_columns(path, table, ("epoch", "loss", "val_loss"), "train")
-        if len(table) == 0:
-            raise DataError(f"'{path}': no epochs recorded; re-run the 'train' step")
-        return table
-
-    def posterior(self) -> dict[str, np.ndarray]:
-        """Arrays of the Laplace posterior file (optional keys may be absent).
-
-        Keys are also offered under their contract names (see ``POSTERIOR_ALIASES``).
-        """
-        path = self.require("laplace/posterior.npz", "laplace")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: np.asarray(npz[key]) for key in npz.files}
-        except Exception as exc:
-            raise DataError(
-                f"'{path}': not a readable .npz archive ({exc}); re-run 'laplace'"
-            ) from None
-        for name, alias in POSTERIOR_ALIASES.items():
-            if name not in arrays and alias in arrays:
-                arrays[name] = arrays[alias]
-        return arrays
-
-    def catalog(self, columns: tuple[str, ...] = ()) -> Table:
-        """The prediction catalog of ``self.split`` with at least ``columns``; -9999 -> NaN."""
-        path = self.require(f"predictions/{self.split}.fits", "predict")
-        table = read_fits_table(path, "predict")
-        _require_columns(path, table, columns, "predict")
-        for name in table.colnames:
-            if table[name].dtype.kind == "f":
-                values = np.array(table[name], dtype=np.float64)
-                values[values == MISSING_VALUE] = np.nan
-                table[name] = values
+    def catalog_table(self, columns: tuple[str, ...] = ()) -> Table:
+        """The prediction catalog with at least ``columns``."""
+        table = read_catalog(self.catalog)
+        require_columns(self.catalog, table, columns, "predict")
         return table
 
     def jacobian_summary(self) -> Table:
-        path = self.require("tables/jacobian_summary.fits", "tables")
-        table = read_fits_table(path, "tables")
+        table = read_table(self.summary, "JACOBIAN_SUMMARY", "tables")
         needed = ["WAVE"] + [f"{lab}_{s}" for lab in LABELS for s in ("MEAN", "P16", "P84")]
-        _require_columns(path, table, tuple(needed), "tables")
+        require_columns(self.summary, table, tuple(needed), "tables")
+        return table
+
+    def jacobian_labels(self, columns: tuple[str, ...] = ("STAR_ID",)) -> Table:
+        """The LABELS table of the Jacobians' dataset, without reading its spectra."""
+        table = read_labels(self.jacobian_data)
+        require_columns(self.jacobian_data, table, columns, "data")
         return table
 
     def jacobian_shards(self) -> list[Path]:
-        """The Jacobian shard files of ``jacobian_split`` in shard order."""
-        folder = self.root / "jacobians" / self.jacobian_split
-        shards = sorted(folder.glob("shard-*.fits"), key=_shard_index)
-        if not shards:
-            raise DataError(
-                f"'{folder}': no shard-<i>.fits Jacobian files; run the 'jacobian' step first"
-            )
-        return shards
-
-
-def _require_columns(path: Path, table: Table, columns: tuple[str, ...], step: str) -> None:
-    missing = [c for c in columns if c not in table.colnames]
-    if missing:
-        raise DataError(
-            f"'{path}': missing column(s) {', '.join(missing)} (has {', '.join(table.colnames)});"
-            f" re-run the '{step}' step with the current pipeline version"
-        )
-
-
-def read_fits_table(path: Path, step: str) -> Table:
-    """The first binary table HDU of a FITS file as a Table."""
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            for hdu in hdul:
-                if isinstance(hdu, fits.BinTableHDU):
-                    return Table(hdu.data, copy=True)
-    except Exception as exc:
-        raise DataError(
-            f"'{path}': not a readable FITS file ({exc}); re-run the '{step}' step"
-        ) from None
-    raise DataError(f"'{path}': has no binary table HDU; re-run the '{step}' step")
+        """The shard files, in shard order; each must exist."""
+        if not self.shards:
+            raise DataError("no Jacobian shard files given; run the jacobian step first")
+        for path in self.shards:
+            if not Path(path).is_file():
+                raise DataError(f"'{path}': Jacobian shard does not exist; run the jacobian "
+                                "step first")
+        return [Path(p) for p in self.shards]
 
 
 def label_arrays(table: Table, suffix: str) -> np.ndarray:
     """Columns ``L + suffix`` for L in LABELS as float64 (N, 3)."""
     return np.stack([np.asarray(table[f"{lab}{suffix}"], np.float64) for lab in LABELS], 1)
-
-
-def read_jacobian_rows(path: Path, select) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """From one shard, the rows that ``select(star_ids) -> integer rows`` picks.
-
-    The image is memory-mapped so only the selected rows are read from disk.
-
-    Returns:
-        star ids of the selected rows (k,), WAVE float64 (P,), JACOBIAN float32 (k, 3, P),
-        rows in file order.
-    """
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            for name in ("JACOBIAN", "WAVE", "STAR_ID"):
-                if name not in hdul:
-                    raise DataError(f"'{path}': missing HDU '{name}'; re-run the 'jacobian' step")
-            star_id = np.asarray(hdul["STAR_ID"].data["STAR_ID"]).astype(str)
-            wave = np.array(hdul["WAVE"].data, dtype=np.float64)
-            image = hdul["JACOBIAN"].data
-            if image is None or image.ndim != 3 or image.shape[1] != len(LABELS):
-                shape = None if image is None else image.shape
-                raise DataError(f"'{path}': JACOBIAN has shape {shape}, expected (n, 3, P)")
-            rows = np.sort(np.asarray(select(star_id), dtype=np.int64))
-            jac = np.array(image[rows], dtype=np.float32)
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(
-            f"'{path}': not a readable Jacobian shard ({exc}); re-run 'jacobian'"
-        ) from None
-    return star_id[rows], wave, jac
-
-
-def shard_star_ids(path: Path) -> np.ndarray:
-    """The STAR_ID column of one Jacobian shard (the image itself is not read)."""
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            return np.asarray(hdul["STAR_ID"].data["STAR_ID"]).astype(str)
-    except Exception as exc:
-        raise DataError(f"'{path}': no readable STAR_ID table ({exc}); re-run 'jacobian'") from None

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import LABELS
+from pipeline.artifacts.jacobian_shards import read_jacobian_rows, shard_star_ids
 from pipeline.exceptions import DataError
-from pipeline.plots.inputs import ResultsTree, read_jacobian_rows, shard_star_ids
+from pipeline.plots.inputs import FigureInputs
 from pipeline.plots.lines import name_features, strongest_features
 from pipeline.plots.style import (
     DIVERGING,
@@ -34,7 +35,7 @@ def derivative_label(lab: str) -> str:
     return rf"$\partial$ {LABEL_NAME[lab]} / $\partial f$ [{LABEL_UNIT[lab]}]"
 
 
-def plot_jacobian_mean(results: ResultsTree, cfg: dict):
+def plot_jacobian_mean(results: FigureInputs, cfg: dict):
     """Mean d label / d flux per pixel (line), 16-84% over stars (band), features named."""
     table = results.jacobian_summary()
     wave = np.asarray(table["WAVE"], np.float64)
@@ -90,14 +91,14 @@ def spread(x: np.ndarray, gap: float) -> np.ndarray:
     return y - (y - x).mean() if y.size else y
 
 
-def select_map_stars(results: ResultsTree, shards: list, n_stars: int):
+def select_map_stars(results: FigureInputs, shards: list, n_stars: int):
     """Star ids to draw, evenly spaced in Teff rank, with their Teff, sorted by Teff.
 
     Teff comes from the dataset split the Jacobians were computed on (the true label); stars
     of the shards that are missing from it are an error naming both files.
     """
     ids = np.concatenate([shard_star_ids(path) for path in shards])
-    labels = results.data_labels(results.jacobian_split, ("STAR_ID", "TEFF"))
+    labels = results.jacobian_labels(("STAR_ID", "TEFF"))
     data_ids = np.asarray(labels["STAR_ID"]).astype(str)
     order = np.argsort(data_ids)
     pos = np.clip(np.searchsorted(data_ids[order], ids), 0, max(order.size - 1, 0))
@@ -105,7 +106,7 @@ def select_map_stars(results: ResultsTree, shards: list, n_stars: int):
     if not np.all(found):
         raise DataError(
             f"star '{ids[~found][0]}' of '{shards[0].parent}' is not in "
-            f"'{results.data_path(results.jacobian_split)}'; re-run the 'jacobian' step"
+            f"'{results.jacobian_data}'; re-run the 'jacobian' step"
         )
     teff = np.asarray(labels["TEFF"], np.float64)[order][pos]
     by_teff = np.argsort(teff, kind="stable")
@@ -114,7 +115,7 @@ def select_map_stars(results: ResultsTree, shards: list, n_stars: int):
     return ids[chosen], teff[chosen]
 
 
-def load_map(results: ResultsTree, n_stars: int):
+def load_map(results: FigureInputs, n_stars: int):
     """(wave (P,), Jacobians float32 (k, 3, P) sorted by Teff, Teff (k,))."""
     shards = results.jacobian_shards()
     ids, teff = select_map_stars(results, shards, n_stars)
@@ -132,7 +133,7 @@ def load_map(results: ResultsTree, n_stars: int):
     return wave, jac[order], teff
 
 
-def plot_jacobian_map(results: ResultsTree, cfg: dict):
+def plot_jacobian_map(results: FigureInputs, cfg: dict):
     """One panel per label: stars (rows, ordered by Teff) by wavelength, diverging colours
     symmetric about zero with limits at a high percentile of |D| (robust to a few spikes)."""
     wave, jac, teff = load_map(results, cfg["jacobian_map_stars"])

@@ -1,7 +1,7 @@
 """Known H-band features for annotating figures, named from :mod:`pipeline.spectra.linelist`.
 
-The positions (vacuum Angstrom) are those of :mod:`pipeline.spectra.linelist`: Brackett lines Br11-Br20,
-12CO second-overtone bandheads, and the named Mg, Si, Al, K, Ca and Ti lines.
+Positions in vacuum Angstrom: Brackett lines Br11-Br20, 12CO second-overtone bandheads, and the
+named Mg, Si, Al, K, Ca and Ti lines.
 """
 
 from __future__ import annotations

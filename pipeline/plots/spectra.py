@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import LABELS
 from pipeline.exceptions import ConfigError, DataError
-from pipeline.plots.inputs import ResultsTree
+from pipeline.plots.inputs import FigureInputs
 from pipeline.plots.lines import known_lines
 from pipeline.plots.style import (
     CYCLE,
@@ -74,7 +74,7 @@ def local_linear_examples(path, labels: np.ndarray, n_neighbours: int, bad_pixel
     return spectra.wave, np.array(flux), np.array(jac)
 
 
-def plot_spectra_examples(results: ResultsTree, cfg: dict):
+def plot_spectra_examples(results: FigureInputs, cfg: dict):
     """Example spectra (top) and their flux change per label step (one panel per label)."""
     names, labels = example_labels(cfg)
     if cfg["source"] == "synthetic":
@@ -82,7 +82,7 @@ def plot_spectra_examples(results: ResultsTree, cfg: dict):
         method = "synthetic generator"
     else:
         wave, flux, jac = local_linear_examples(
-            results.data_path("train"), labels, cfg["example_neighbours"], cfg["bad_pixel_err"])
+            results.train, labels, cfg["example_neighbours"], cfg["bad_pixel_err"])
         method = f"local linear fit to {cfg['example_neighbours']} nearest training stars"
     steps = np.asarray(cfg["label_steps"], np.float64)
     wave, flux, jac = _window(wave, flux, jac, cfg["spectra_window"])

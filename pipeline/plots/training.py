@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.plots.inputs import ResultsTree
-from pipeline.plots.style import OKABE_ITO, new_figure, note, plain_log_axis
+from pipeline.plots.inputs import FigureInputs
+from pipeline.plots.style import OKABE_ITO, new_figure, plain_log_axis
 
 
-def plot_training_curves(results: ResultsTree, cfg: dict):
+def plot_training_curves(results: FigureInputs, cfg: dict):
     """Loss and validation loss per epoch on a log axis; the best epoch (min val_loss) marked."""
-    history = results.history()
+    history = results.history_table()
     epoch = np.asarray(history["epoch"], np.float64)
     loss = np.asarray(history["loss"], np.float64)
     val_loss = np.asarray(history["val_loss"], np.float64)
@@ -37,9 +37,9 @@ def plot_training_curves(results: ResultsTree, cfg: dict):
     return fig
 
 
-def plot_laplace_diagnostics(results: ResultsTree, cfg: dict):
+def plot_laplace_diagnostics(results: FigureInputs, cfg: dict):
     """Curvature eigenvalue spectrum and log evidence against the prior precision."""
-    post = results.posterior()
+    post = results.posterior_arrays()
     fig, axes = new_figure(cfg, 1, 2, 0.42 * cfg["width"])
     _eigenvalue_panel(axes[0, 0], post)
     _evidence_panel(axes[0, 1], post)
@@ -57,14 +57,11 @@ def numerically_positive(eig: np.ndarray) -> np.ndarray:
 def _eigenvalue_panel(ax, post: dict) -> None:
     """Eigenvalues of the curvature sorted descending; numerically zero or negative ones are
     counted in the title, not drawn (a log axis would be all round-off otherwise)."""
-    if "curvature_eigenvalues" not in post:
-        note(ax, "posterior.npz has no 'curvature_eigenvalues'")
-        return
-    eig = np.sort(np.ravel(post["curvature_eigenvalues"]).astype(np.float64))[::-1]
+    eig = np.sort(np.ravel(post["eigenvalues"]).astype(np.float64))[::-1]
     positive = numerically_positive(eig)
     rank = np.arange(1, eig.size + 1)
     ax.plot(rank[positive], eig[positive], color=OKABE_ITO["blue"], label="curvature eigenvalue")
-    prior = np.ravel(post.get("prior_precision", np.array([])))
+    prior = np.ravel(post["prior_precision"])
     for value in np.unique(prior):
         ax.axhline(value, color=OKABE_ITO["vermillion"], ls="--", lw=0.8,
                    label="prior precision" if value == prior.min() else None)
@@ -80,10 +77,7 @@ def _eigenvalue_panel(ax, post: dict) -> None:
 
 def _evidence_panel(ax, post: dict) -> None:
     """log Z(prior precision) from the evidence grid, the fitted prior precision marked."""
-    keys = ("evidence_grid_prior_precision", "evidence_grid_log_evidence")
-    if not all(k in post for k in keys):
-        note(ax, "posterior.npz has no evidence grid\n(" + ", ".join(keys) + ")")
-        return
+    keys = ("evidence_curve_prior_precision", "evidence_curve_log_evidence")
     grid = np.ravel(post[keys[0]]).astype(np.float64)
     log_z = np.ravel(post[keys[1]]).astype(np.float64)
     order = np.argsort(grid)
@@ -94,17 +88,15 @@ def _evidence_panel(ax, post: dict) -> None:
             label=rf"$\max \log Z$ = {best:.6g}")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xscale("log")
-    prior = np.ravel(post.get("prior_precision", np.array([])))
+    prior = np.ravel(post["prior_precision"])
     for i, value in enumerate(np.unique(prior)):
         label = "fitted" if prior.size == 1 else ("fitted (per layer)" if i == 0 else None)
         ax.axvline(value, color=OKABE_ITO["vermillion"], ls="--", lw=0.8, label=label)
-    if "log_evidence" in post:
-        fitted = float(np.ravel(post["log_evidence"])[0])
-        ax.axhline(fitted - best, color=OKABE_ITO["black"], lw=0.6, ls=":",
-                   label=rf"fitted $\log Z$ = {fitted:.6g}")
-    if "noise_std" in post:
-        sigma = ", ".join(f"{s:.3g}" for s in np.ravel(post["noise_std"]))
-        ax.set_title(rf"fitted noise $\sigma_k$ = ({sigma}) (standardized)")
+    fitted = float(np.ravel(post["log_evidence"])[0])
+    ax.axhline(fitted - best, color=OKABE_ITO["black"], lw=0.6, ls=":",
+               label=rf"fitted $\log Z$ = {fitted:.6g}")
+    sigma = ", ".join(f"{s:.3g}" for s in np.ravel(post["noise_std"]))
+    ax.set_title(rf"fitted noise $\sigma_k$ = ({sigma}) (standardized)")
     ax.set_xlabel("prior precision")
     ax.set_ylabel(r"$\log Z - \max \log Z$")
     ax.legend(loc="lower right")

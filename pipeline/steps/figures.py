@@ -1,4 +1,8 @@
-"""Paper figures: ``python -m pipeline.steps.figures --figure NAME --results DIR --outdir DIR``.
+"""Paper figures: ``python -m pipeline.steps.figures --figure NAME [inputs] --outdir DIR``.
+
+Inputs are named one by one (``--train``, ``--jacobian-data``, ``--history``, ``--posterior``,
+``--catalog``, ``--summary``, ``--jacobians``), as the Snakemake rule does; ``--results DIR``
+fills those not given from a results directory laid out by the Snakefile for this config.
 
 Writes ``OUTDIR/NAME.<fmt>`` for every format in config ``figures.formats`` (at
 ``figures.dpi``), atomically: all formats are rendered to temporary files and renamed only when
@@ -10,14 +14,16 @@ or malformed one is a DataError naming the file, and no output is written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline import cli
 from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import ConfigError
 from pipeline.plots import accuracy, calibration, jacobians, spectra, training
-from pipeline.plots.inputs import ResultsTree
+from pipeline.plots.inputs import FigureInputs
 from pipeline.plots.style import rc_params, save_figure
 
 log = logging.getLogger(__name__)
@@ -35,15 +41,29 @@ FIGURES: dict[str, Callable] = {
 }
 
 
+INPUT_HELP = {
+    "train": "training dataset FITS (example spectra)",
+    "jacobian_data": "dataset FITS of the Jacobian shards (their true Teff)",
+    "history": "training history CSV",
+    "posterior": "posterior .npz",
+    "catalog": "prediction catalog FITS of the paper figures",
+    "summary": "Jacobian summary FITS",
+}
+
+
 def build_parser():
     parser = cli.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--figure", required=True, help="figure name: " + ", ".join(FIGURES))
-    parser.add_argument("--results", default="results", help="results directory (inputs)")
+    parser.add_argument("--results", default="results",
+                        help="results directory for the inputs not named below")
+    for name, help_text in INPUT_HELP.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, help=help_text)
+    parser.add_argument("--jacobians", nargs="+", type=Path, help="Jacobian shard files")
     parser.add_argument("--outdir", default="results/figures", help="output directory")
     return parser
 
 
-def make_figure(name: str, results: ResultsTree, config: dict, outdir) -> list:
+def make_figure(name: str, results: FigureInputs, config: dict, outdir) -> list:
     """Draw figure ``name`` from ``results`` and write it in every configured format."""
     import matplotlib.pyplot as plt
 
@@ -58,8 +78,17 @@ def make_figure(name: str, results: ResultsTree, config: dict, outdir) -> list:
     return paths
 
 
+def figure_inputs(args, config: dict) -> FigureInputs:
+    """The files named on the command line, the rest from ``--results``."""
+    default = FigureInputs.from_results(args.results, config)
+    given = {name: getattr(args, name) for name in INPUT_HELP if getattr(args, name)}
+    if args.jacobians:
+        given["shards"] = tuple(args.jacobians)
+    return dataclasses.replace(default, **given)
+
+
 def run(args, config: dict) -> None:
-    results = ResultsTree.from_config(args.results, config)
+    results = figure_inputs(args, config)
     make_figure(args.figure, results, config, args.outdir)
 
 

@@ -79,6 +79,7 @@ def shard_star_ids(path, fmt: str, wave: np.ndarray, config: dict) -> np.ndarray
 
 
 def run(args, config: dict) -> None:
+    runtime.configure(config, args.threads)
     shard_rows(1, args.shards, args.shard)  # fail on a bad shard index before any work
     model, scaler, wave = load_trained(args.model)
     star_id = shard_star_ids(args.input, args.format, wave, config)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     """The ``laplace`` step: fit with ``config['laplace']`` and write the posterior file."""
 
     cfg, data = config["laplace"], config["data"]
-    runtime.seed_everything(config)
+    runtime.configure(config, args.threads)
     model, scaler, wave = load_trained(args.model)
     train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
                                wave, path=p, bad_pixel_err=data["bad_pixel_err"])
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     if cfg["scatter"] != "likelihood":
         posterior.info["scatter"] = calibrate_scatter(
             posterior, model, valid.flux, y_valid, noise_valid, cfg).to_dict()
-    posterior.save(args.out, provenance=provenance(config, device=posterior.device))
+    posterior.save(args.out, provenance=provenance(config, device=runtime.device_name()))
     log.info("wrote %s", args.out)
 
 

@@ -28,8 +28,8 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.evaluation.flags import model_error_ratio, star_flags
 from pipeline.exceptions import ConfigError, DataError
+from pipeline.laplace import Posterior
 from pipeline.laplace.error_budget import error_budget
-from pipeline.laplace.posterior import load_posterior
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.inputs import FORMATS, load_input
 from pipeline.spectra.validation import bad_pixel_mask
@@ -81,12 +81,13 @@ def build_parser():
 
 
 def run(args, config: dict) -> None:
+    runtime.configure(config, args.threads)
     names = catalog_names(args.inputs, args.name)
     for path in args.inputs:
         if not Path(path).exists():
             raise DataError(f"input '{path}' does not exist")
     model, scaler, wave = load_trained(args.model)
-    posterior = load_posterior(args.posterior, model)
+    posterior = Posterior.load(args.posterior, model)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         spectra, resampled = load_input(path, args.format, wave, config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import runtime
 from pipeline.cli import base_parser, main
 from pipeline.nn.training import check_inputs, train_model
 from pipeline.spectra.fits import read_options, read_spectra
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, config: dict) -> None:
+    runtime.configure(config, args.threads)
     kwargs = {**read_options(config), "require_labels": True}
     train = read_spectra(args.train, **kwargs)
     train.flux_err = None  # training never uses the errors: free them before the next read

@@ -1,0 +1,56 @@
+# Constants and input functions shared by the rule files.
+import json
+import os
+import shlex
+
+import yaml
+
+OUT = "results"
+SPLITS = ["train", "valid", "test"]
+INPUTS = {item["name"]: item for item in config["predict"]["inputs"]}
+PREDICT_NAMES = list(dict.fromkeys(config["predict"]["splits"] + list(INPUTS)))
+JACOBIAN_NAMES = list(dict.fromkeys(config["jacobian"]["splits"] + list(INPUTS)))
+SHARDS = range(config["jacobian"]["shards"])
+JACOBIAN_SPLIT = config["jacobian"]["splits"][
+    -1
+]  # the split the tables and figures summarize
+FIGURE_SPLIT = (
+    "test" if "test" in config["predict"]["splits"] else config["predict"]["splits"][-1]
+)
+with open(workflow.source_path("../docs/report/captions.yaml")) as _fh:
+    CAPTIONS = yaml.safe_load(_fh)
+FIGURES = list(CAPTIONS)
+FIGURE_FORMATS = config["figures"]["formats"]
+TABLE_FORMATS = ["fits", "parquet", "csv"]
+ENV = "../config/envs/pipeline.yaml"  # relative to the rule files
+MODEL_FILES = (
+    {  # the model directory the train step writes (pipeline.artifacts.model_dir)
+        "model": f"{OUT}/model/model.keras",
+        "scaler": f"{OUT}/model/scaler.json",
+        "wave": f"{OUT}/model/wave.npy",
+    }
+)
+
+
+def step_config(*sections):
+    """The validated config sections a step reads, as a shell-quoted JSON argument.
+
+    Passing only these sections means Snakemake reruns a step when its own settings change.
+    """
+    keys = ("seed", "deterministic", "data") + sections
+    return shlex.quote(json.dumps({k: config[k] for k in dict.fromkeys(keys)}))
+
+
+def spectra_input(wildcards):
+    """Spectra file of a split or of a user input named in predict.inputs."""
+    if wildcards.name in INPUTS:
+        return INPUTS[wildcards.name]["path"]
+    return f"{OUT}/data/{wildcards.name}.fits"
+
+
+def spectra_format(wildcards):
+    return (
+        INPUTS[wildcards.name].get("format", "fits")
+        if wildcards.name in INPUTS
+        else "fits"
+    )
