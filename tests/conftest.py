@@ -18,7 +18,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DATA = Path(__file__).resolve().parent / "data"
-APSTAR_FILE = TEST_DATA / "apStar-dr17-2M19485057+5005279.fits"
+APSTAR_FILE = REPO / "data" / "apStar-dr17-2M19485057+5005279.fits"  # shipped real spectrum
 
 
 @pytest.fixture
