@@ -256,7 +256,7 @@ def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
                     "evidence_curve_log_evidence", "info"} <= set(npz.files)
             info = json.loads(str(npz["info"]))
         assert info["hyperparameters"] == mode and "CFGHASH" in info["provenance"]
-        assert "TFVERS" in info["provenance"] and info["provenance"]["DEVICE"] == "cpu"
+        assert "TFVERS" in info["provenance"] and info["provenance"]["DEVICE"] == "CPU"
     from pipeline.artifacts.model_dir import load_trained
 
     loaded_model = load_trained(model_dir)[0]
@@ -274,6 +274,8 @@ def test_truncated_or_foreign_posterior_files_are_model_file_errors(data, tmp_pa
     truncated.write_bytes(good.read_bytes()[:200])
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, something=np.arange(3))
-    for path in (truncated, foreign, tmp_path / "absent.npz"):
+    for path in (truncated, foreign):
         with pytest.raises(ModelFileError, match="not a readable posterior file"):
             Posterior.load(path, model)
+    with pytest.raises(ModelFileError, match="absent.npz' does not exist; run the laplace"):
+        Posterior.load(tmp_path / "absent.npz", model)
