@@ -237,7 +237,7 @@ def test_killed_steps_rerun_to_identical_results(reference, tmp_path):
         else:
             assert "resuming from checkpoint" in (repo / "results/logs/train.log").read_text()
     for step, text in logs.items():
-        assert "Error in rule" in text and f"pipeline.{step}" in text, text[-2000:]
+        assert "Error in rule" in text and f"pipeline.steps.{step}" in text, text[-2000:]
     done = snakemake(repo, TARGET)
     assert done.returncode == 0, done.stderr[-4000:]
     compare_runs(reference, repo)
