@@ -5,31 +5,39 @@ import shlex
 
 import yaml
 
+from pipeline.artifacts.model_dir import (
+    HISTORY_FILE,
+    MODEL_FILE,
+    SCALER_FILE,
+    WAVE_FILE,
+)
+
 OUT = "results"
 SPLITS = ["train", "valid", "test"]
 INPUTS = {item["name"]: item for item in config["predict"]["inputs"]}
 PREDICT_NAMES = list(dict.fromkeys(config["predict"]["splits"] + list(INPUTS)))
 JACOBIAN_NAMES = list(dict.fromkeys(config["jacobian"]["splits"] + list(INPUTS)))
 SHARDS = range(config["jacobian"]["shards"])
-JACOBIAN_SPLIT = config["jacobian"]["splits"][
-    -1
-]  # the split the tables and figures summarize
-FIGURE_SPLIT = (
-    "test" if "test" in config["predict"]["splits"] else config["predict"]["splits"][-1]
-)
+# the split whose Jacobians the tables and figures summarize
+JACOBIAN_SPLIT = config["jacobian"]["splits"][-1]
+# the prediction catalog of the paper figures
+PREDICTED = config["predict"]["splits"]
+FIGURE_SPLIT = "test" if "test" in PREDICTED else PREDICTED[-1]
 with open(workflow.source_path("../docs/report/captions.yaml")) as _fh:
     CAPTIONS = yaml.safe_load(_fh)
 FIGURES = list(CAPTIONS)
 FIGURE_FORMATS = config["figures"]["formats"]
 TABLE_FORMATS = ["fits", "parquet", "csv"]
-ENV = "../config/envs/pipeline.yaml"  # relative to the rule files
-MODEL_FILES = (
-    {  # the model directory the train step writes (pipeline.artifacts.model_dir)
-        "model": f"{OUT}/model/model.keras",
-        "scaler": f"{OUT}/model/scaler.json",
-        "wave": f"{OUT}/model/wave.npy",
-    }
-)
+# conda environment, relative to the rule files
+ENV = "../config/envs/pipeline.yaml"
+# the model directory, file names from its one writer and reader (pipeline.artifacts.model_dir)
+MODEL_DIR = f"{OUT}/model"
+MODEL_FILES = {
+    "model": f"{MODEL_DIR}/{MODEL_FILE}",
+    "scaler": f"{MODEL_DIR}/{SCALER_FILE}",
+    "wave": f"{MODEL_DIR}/{WAVE_FILE}",
+}
+HISTORY = f"{MODEL_DIR}/{HISTORY_FILE}"
 
 
 def step_config(*sections):

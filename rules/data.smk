@@ -3,7 +3,7 @@
 
 rule data:
     output:
-        expand(f"{OUT}/data/{{split}}.fits", split=SPLITS),
+        **{split: f"{OUT}/data/{split}.fits" for split in SPLITS},
     log:
         f"{OUT}/logs/data.log",
     benchmark:
@@ -15,7 +15,6 @@ rule data:
         mem_mb=4000,
     params:
         config=step_config(),
-        outdir=lambda w, output: os.path.dirname(output[0]),
     shell:
-        "python -m pipeline.steps.data --config-json {params.config} --outdir {params.outdir} "
-        "> {log} 2>&1"
+        "python -m pipeline.steps.data --config-json {params.config} --train {output.train} "
+        "--valid {output.valid} --test {output.test} > {log} 2>&1"

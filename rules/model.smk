@@ -7,7 +7,7 @@ rule train:
         valid=f"{OUT}/data/valid.fits",
     output:
         **MODEL_FILES,
-        history=f"{OUT}/model/history.csv",
+        history=HISTORY,
     log:
         f"{OUT}/logs/train.log",
     benchmark:

@@ -74,10 +74,9 @@ rule figure:
     params:
         config=step_config("predict", "jacobian", "figures"),
         caption=lambda w: CAPTIONS[w.fig],
-        outdir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "python -m pipeline.steps.figures --config-json {params.config} --figure {wildcards.fig} "
         "--train {input.train} --jacobian-data {input.jacobian_data} "
         "--history {input.history} --posterior {input.posterior} --catalog {input.catalog} "
-        "--summary {input.summary} --jacobians {input.jacobians} "
-        "--outdir {params.outdir} > {log} 2>&1"
+        "--summary {input.summary} --jacobians {input.jacobians} --out {output} "
+        "> {log} 2>&1"

@@ -18,6 +18,26 @@ SMALL = {"seed": 9, "data": {"n_train": 23, "n_valid": 7, "n_test": 5,
                              "synthetic": {"chunk_size": 6}}}
 
 
+def test_explicit_output_paths_are_the_files_written(tmp_path):
+    files = {"train": tmp_path / "a" / "tr.fits", "valid": tmp_path / "b" / "va.fits",
+             "test": tmp_path / "te.fits"}
+    argv = ["--config-json", json.dumps(SMALL)]
+    for split, path in files.items():
+        argv += [f"--{split}", str(path)]
+    assert data_step.main(data_step.build_parser, data_step.run, argv) == 0
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(files.values())
+    for split, path in files.items():
+        assert read_spectra(path).meta["SPLIT"] == split
+
+
+def test_a_split_without_an_output_is_a_clear_error(tmp_path, capsys):
+    argv = ["--config-json", json.dumps(SMALL), "--train", str(tmp_path / "train.fits")]
+    assert data_step.main(data_step.build_parser, data_step.run, argv) == 1
+    err = capsys.readouterr().err
+    assert "valid, test" in err and "--outdir" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_synthetic_splits_via_cli(tmp_path):
     outdir = tmp_path / "data"
     assert data_step.main(data_step.build_parser, data_step.run,

@@ -162,6 +162,18 @@ def test_spectra_examples_from_the_synthetic_generator(results_tree, tmp_path):
     assert (tmp_path / "spectra_examples.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_explicit_output_files_are_the_files_written(results_tree, tmp_path):
+    from pipeline.steps.figures import main
+
+    out = [tmp_path / "a" / "cal.pdf", tmp_path / "b" / "cal.png"]
+    config = {"data": {"source": "fits"}, "jacobian": {"splits": ["test"]},
+              "figures": {"formats": ["svg"], "dpi": 60}}
+    assert main(["--config-json", json.dumps(config), "--figure", "calibration", "--results",
+                 str(results_tree), "--out", *map(str, out)]) == 0
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(out)
+    assert out[0].read_bytes().startswith(b"%PDF") and out[1].read_bytes()[:8] == PNG_MAGIC
+
+
 def test_caption_keys_are_the_figure_names():
     import yaml
 

@@ -127,9 +127,9 @@ def metadata(fmt: str, name: str, prov: dict[str, str]) -> dict[str, str]:
     return {"Title": name, "Description": text}
 
 
-def save_figure(fig, outdir: str | Path, name: str, cfg: dict, prov: dict[str, str]) -> list[Path]:
-    """Write ``outdir/name.<fmt>`` for every configured format, all or none, and close ``fig``."""
-    paths = [Path(outdir) / f"{name}.{fmt}" for fmt in cfg["formats"]]
+def save_figure(fig, paths, name: str, cfg: dict, prov: dict[str, str]) -> list[Path]:
+    """Write ``fig`` to every path (format from the suffix), all or none, and close ``fig``."""
+    paths = [Path(p) for p in paths]
     try:
         with contextlib.ExitStack() as stack:
             for path in paths:

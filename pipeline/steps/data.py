@@ -43,20 +43,36 @@ SPLITS = ("train", "valid", "test")
 
 def build_parser():
     parser = base_parser("Build the train/valid/test canonical FITS files.")
-    parser.add_argument("--outdir", required=True, type=Path, help="e.g. results/data")
+    parser.add_argument("--outdir", type=Path,
+                        help="directory for <split>.fits of the splits not named below")
+    for split in SPLITS:
+        parser.add_argument(f"--{split}", type=Path, help=f"output FITS of the {split} split")
     return parser
 
 
+def output_paths(args) -> dict[str, Path]:
+    """The file of every split: named explicitly, or ``<outdir>/<split>.fits``."""
+    missing = [s for s in SPLITS if getattr(args, s) is None]
+    if missing and args.outdir is None:
+        raise ConfigError(f"no output for the split(s) {', '.join(missing)}: pass "
+                          "--outdir DIR or " + " ".join(f"--{s} FILE" for s in missing))
+    return {s: getattr(args, s) or args.outdir / f"{s}.fits" for s in SPLITS}
+
+
 def run(args, config: dict) -> None:
-    write_datasets(config, args.outdir)
+    write_datasets(config, output_paths(args))
 
 
-def write_datasets(config: dict, outdir) -> dict[str, Path]:
-    """Write the three splits of ``config['data']['source']`` into ``outdir``; return paths."""
-    outdir = Path(outdir)
+def write_datasets(config: dict, outputs) -> dict[str, Path]:
+    """Write the three splits of ``config['data']['source']``; return their paths.
+
+    ``outputs`` maps each split to its file, or is a directory receiving ``<split>.fits``.
+    """
+    if not isinstance(outputs, dict):
+        outputs = {name: Path(outputs) / f"{name}.fits" for name in SPLITS}
     source = config["data"]["source"]
     if source == "synthetic":
-        return {name: write_synthetic_split(config, name, outdir / f"{name}.fits")
+        return {name: write_synthetic_split(config, name, Path(outputs[name]))
                 for name in SPLITS}
     spectra = load_labelled(config)
     parts = split_spectra(spectra, config)
@@ -64,7 +80,7 @@ def write_datasets(config: dict, outdir) -> dict[str, Path]:
     bad_err = config["data"]["bad_pixel_err"]
     paths = {}
     for name, part in parts.items():
-        paths[name] = outdir / f"{name}.fits"
+        paths[name] = Path(outputs[name])
         header = provenance(config, SOURCE=source, SPLIT=name,
                             NBADPIX=int((part.flux_err >= bad_err).sum()))
         write_spectra(paths[name], part, header)

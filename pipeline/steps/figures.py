@@ -59,21 +59,38 @@ def build_parser():
     for name, help_text in INPUT_HELP.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=Path, help=help_text)
     parser.add_argument("--jacobians", nargs="+", type=Path, help="Jacobian shard files")
+    parser.add_argument("--out", nargs="+", type=Path,
+                        help="output files, one per format (the suffix names the format); "
+                             "default: OUTDIR/NAME.<fmt> for every format of figures.formats")
     parser.add_argument("--outdir", default="results/figures", help="output directory")
     return parser
 
 
-def make_figure(name: str, results: FigureInputs, config: dict, outdir) -> list:
-    """Draw figure ``name`` from ``results`` and write it in every configured format."""
+def output_paths(name: str, config: dict, outdir, out=None) -> list[Path]:
+    """The files of figure ``name``: ``out`` as given (each suffix a known format), or
+    ``outdir/name.<fmt>`` for every format of config ``figures.formats``."""
+    if not out:
+        return [Path(outdir) / f"{name}.{fmt}" for fmt in config["figures"]["formats"]]
+    formats = ("png", "pdf", "svg")
+    for path in out:
+        if path.suffix[1:] not in formats:
+            raise ConfigError(f"--out '{path}': the suffix must name a format "
+                              f"({', '.join(formats)})")
+    return [Path(p) for p in out]
+
+
+def make_figure(name: str, results: FigureInputs, config: dict, outdir, out=None) -> list:
+    """Draw figure ``name`` from ``results`` and write it to every output path."""
     import matplotlib.pyplot as plt
 
     if name not in FIGURES:
         raise ConfigError(f"--figure '{name}' is unknown (valid choices: {', '.join(FIGURES)})")
+    paths = output_paths(name, config, outdir, out)
     cfg = dict(config["figures"], seed=config["seed"], source=config["data"]["source"],
                bad_pixel_err=config["data"]["bad_pixel_err"])
     with plt.rc_context(rc_params(cfg)):
         fig = FIGURES[name](results, cfg)
-        paths = save_figure(fig, outdir, name, cfg, provenance(config, figure=name))
+        paths = save_figure(fig, paths, name, cfg, provenance(config, figure=name))
     log.info("wrote %s", ", ".join(map(str, paths)))
     return paths
 
@@ -89,7 +106,7 @@ def figure_inputs(args, config: dict) -> FigureInputs:
 
 def run(args, config: dict) -> None:
     results = figure_inputs(args, config)
-    make_figure(args.figure, results, config, args.outdir)
+    make_figure(args.figure, results, config, args.outdir, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
