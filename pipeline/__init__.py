@@ -11,4 +11,5 @@ LABELS = ("TEFF", "LOGG", "FE_H")
 """Label order used everywhere: outputs, Jacobians, covariances."""
 
 LABEL_UNITS = {"TEFF": "K", "LOGG": "log10(cm s-2)", "FE_H": "dex"}
-"""Human-readable units (FITS units are set in pipeline.export: 'dex' goes to the comment)."""
+"""Units of the labels (FITS units in pipeline.artifacts.catalog.FITS_UNITS; the others go
+into the column descriptions, as 'dex' is not a FITS unit)."""

@@ -25,7 +25,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from pipeline import LABELS
+from pipeline import LABEL_UNITS, LABELS
 from pipeline.artifacts.atomic import atomic_path
 from pipeline.exceptions import DataError
 
@@ -61,23 +61,24 @@ def correlations(cov: np.ndarray) -> np.ndarray:
         return cov / (std[..., :, None] * std[..., None, :])
 
 
-def label_unit(label: str) -> tuple[u.UnitBase | None, str]:
-    """(astropy unit or None, unit text for the description) of a label."""
-    if label == "TEFF":
-        return u.K, "K"
-    if label == "LOGG":
-        return None, "log10(cm s-2)"
-    return None, "dex"
+FITS_UNITS = {"TEFF": u.K}
+"""Label units FITS knows; the others ('dex', 'log10(cm s-2)') go into the description."""
+
+
+def describe_label_column(column, label: str, description: str, per: str = "") -> None:
+    """Unit and description of a column in units of ``label`` (``per``: e.g. ' per unit
+    normalized flux'): the astropy unit where FITS has one, the unit text always at the end
+    of the description (pipeline.LABEL_UNITS)."""
+    column.description = f"{description} [{LABEL_UNITS[label]}{per}]"
+    if label in FITS_UNITS:
+        column.unit = FITS_UNITS[label]
 
 
 def set_label_column(table: Table, name: str, label: str, values: np.ndarray,
                      kind: str) -> None:
     """Add float64 column ``name`` with the unit (or unit text) of ``label``."""
-    unit, unit_text = label_unit(label)
     table[name] = np.asarray(values, np.float64)
-    table[name].description = _DESCRIPTION[kind].format(label=label) + f" [{unit_text}]"
-    if unit is not None:
-        table[name].unit = unit
+    describe_label_column(table[name], label, _DESCRIPTION[kind].format(label=label))
 
 
 def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,

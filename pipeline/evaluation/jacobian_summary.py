@@ -12,7 +12,8 @@ import astropy.units as u
 import numpy as np
 from astropy.table import Table
 
-from pipeline import LABEL_UNITS, LABELS
+from pipeline import LABELS
+from pipeline.artifacts.catalog import describe_label_column
 from pipeline.artifacts.jacobian_shards import open_shards
 from pipeline.exceptions import DataError
 
@@ -58,8 +59,7 @@ def summary_table(wave, mean, mean_abs, pct) -> Table:
         for stat, values in columns.items():
             name = f"{label}_{stat}"
             table[name] = values
-            table[name].description = (f"{stat.lower()} over stars of d {label} / d flux "
-                                       f"[{LABEL_UNITS[label]} per unit normalized flux]")
-            if label == "TEFF":
-                table[name].unit = u.K
+            describe_label_column(table[name], label,
+                                  f"{stat.lower()} over stars of d {label} / d flux",
+                                  per=" per unit normalized flux")
     return table

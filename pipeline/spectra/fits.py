@@ -23,7 +23,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from pipeline import LABELS
 from pipeline.artifacts.atomic import atomic_path
+from pipeline.artifacts.catalog import describe_label_column
 from pipeline.exceptions import DataError
 from pipeline.spectra import validation
 from pipeline.spectra.dataset import DEFAULT_BAD_PIXEL_ERR, DEFAULT_MAX_BAD_FRACTION, Spectra
@@ -264,21 +266,14 @@ class SpectraWriter:
 
 
 def label_table_with_units(labels: Table) -> Table:
-    """Copy of ``labels`` with astropy units on TEFF (K) and LOGG; FE_H gets a description.
-
-    'dex' is not a FITS unit, so [Fe/H] carries its unit in the column description.
-    """
-    import astropy.units as u
-
+    """Copy of ``labels`` with the unit of each label column (and its ``_ERR`` column)."""
     table = Table(labels, copy=True)
     for name in table.colnames:
-        base = name[:-4] if name.endswith("_ERR") else name
-        if base == "TEFF":
-            table[name].unit = u.K
-        elif base == "LOGG":
-            table[name].description = "log10 of surface gravity in cm s-2"
-        elif base == "FE_H":
-            table[name].description = "[Fe/H] in dex"
+        error = name.endswith("_ERR")
+        base = name[:-4] if error else name
+        if base in LABELS:
+            describe_label_column(table[name], base, f"1-sigma error of {base}" if error
+                                  else base)
     return table
 
 
