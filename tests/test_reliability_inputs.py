@@ -226,7 +226,7 @@ CASES = [
     ("zero-variance-data", "data", data_cmd, constant_label,
      ["'FE_H' has zero variance", "use stars that span the label"]),
     ("zero-variance-train", "train", train_cmd, constant_label,
-     ["'FE_H'", "constant", "use training stars that span it"]),
+     ["'FE_H'", "constant", "use stars that span the label"]),
     ("missing-label-train", "train", train_cmd, without_label,
      ["{file}", "lacks column 'LOGG'", "needed for training"]),
     ("nan-label-train", "train", nan_fail_train_cmd, nan_label,

@@ -11,6 +11,7 @@ import numpy as np
 from pipeline import LABELS
 from pipeline.artifacts.atomic import atomic_path
 from pipeline.exceptions import DataError, ModelFileError
+from pipeline.spectra.validation import check_training_labels
 
 
 @dataclass
@@ -37,20 +38,15 @@ class LabelScaler:
             If a label is non-finite or constant (zero variance: nothing to learn).
         """
         y = np.asarray(y, dtype=np.float64)
-        if y.ndim != 2 or y.shape[1] != len(LABELS) or y.shape[0] < 2:
-            raise DataError(f"labels must have shape (N >= 2, {len(LABELS)}), got {y.shape}")
+        if y.ndim != 2 or y.shape[1] != len(LABELS):
+            raise DataError(f"labels must have shape (N, {len(LABELS)}), got {y.shape}")
         bad = ~np.isfinite(y)
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise DataError(f"label '{LABELS[col]}' of row {row} is not finite; drop the row "
                             "(config data.nan_labels: drop) before training")
-        mean, scale = y.mean(axis=0), y.std(axis=0)
-        flat = scale <= 1e-12 * np.maximum(np.abs(mean), 1.0)
-        if flat.any():
-            name = LABELS[int(np.argmax(flat))]
-            raise DataError(f"label '{name}' is constant ({mean[flat][0]:g}) in the training "
-                            "set: a network cannot learn it; use training stars that span it")
-        self.mean, self.scale = mean, scale
+        check_training_labels(y)
+        self.mean, self.scale = y.mean(axis=0), y.std(axis=0)
         self.label_min, self.label_max = y.min(axis=0), y.max(axis=0)
         return self
 

@@ -44,6 +44,7 @@ from pipeline.nn.model import build_model
 from pipeline.nn.scaler import LabelScaler
 from pipeline.runtime import device_name, seed_everything
 from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.validation import check_training_labels
 
 log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE = "checkpoints", "state.json"
@@ -278,9 +279,10 @@ def check_inputs(train: Spectra, valid: Spectra,
 
     ``names`` (e.g. the two file paths) say in the messages which input is at fault.
     """
-    if train.n_stars < 2 or valid.n_stars < 1:
-        raise DataError(f"training needs >= 2 training and >= 1 validation spectra, got "
-                        f"{train.n_stars} and {valid.n_stars}; enlarge data.n_train/n_valid")
+    check_training_labels(train.label_array(), names[0])
+    if valid.n_stars < 1:
+        raise DataError(f"'{names[1]}' holds no spectra; validation needs at least one "
+                        "(enlarge data.n_valid)")
     if valid.n_pixels != train.n_pixels or not np.allclose(valid.wave, train.wave, rtol=1e-10,
                                                            atol=0):
         raise GridMismatchError(f"'{names[1]}' ({valid.n_pixels} pixels) is not on the "

@@ -205,14 +205,23 @@ def check_labels(path, spectra, nan_labels):
 
 def check_label_variance(spectra, path="training set") -> None:
     """Raise DataError if a training set has < 2 stars or a label without variance."""
-    y = spectra.label_array()
+    check_training_labels(spectra.label_array(), path)
+
+
+def check_training_labels(y: np.ndarray, path="training set") -> None:
+    """DataError unless labels ``y`` (N, 3) can be learnt: at least 2 stars, each label
+    varying. A label whose (NaN-ignoring) standard deviation is below 1e-12 of its magnitude
+    is constant to float64 round-off."""
+    y = np.asarray(y, np.float64)
     if y.shape[0] < 2:
         raise DataError(f"'{path}': {y.shape[0]} star(s); training needs at least 2")
+    with np.errstate(all="ignore"):
+        mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)
     for j, name in enumerate(LABELS):
-        if not np.nanstd(y[:, j]) > 0:
-            raise DataError(f"'{path}': HDU 'LABELS' column '{name}' has zero variance (every "
-                            f"star has {y[0, j]}); a network cannot learn it: use stars that "
-                            "span the label or drop the label")
+        if not std[j] > 1e-12 * max(abs(mean[j]), 1.0):
+            raise DataError(f"'{path}': HDU 'LABELS' column '{name}' has zero variance: it is "
+                            f"constant (every star has {mean[j]:g}); a network cannot learn it: "
+                            "use stars that span the label or drop the label")
 
 
 # -------------------------------------------------------------------------- grid matching
