@@ -279,3 +279,18 @@ def test_truncated_or_foreign_posterior_files_are_model_file_errors(data, tmp_pa
             Posterior.load(path, model)
     with pytest.raises(ModelFileError, match="absent.npz' does not exist; run the laplace"):
         Posterior.load(tmp_path / "absent.npz", model)
+
+
+def test_options_are_the_config_keys_and_unknown_ones_are_named():
+    from dataclasses import fields
+
+    from pipeline.config import validate
+    from pipeline.laplace.posterior import LaplaceOptions
+
+    cfg = validate({"laplace": {"last_layers": 3, "jitter_max": 1e-3}})["laplace"]
+    options = LaplaceOptions.from_config(cfg)
+    assert {f.name for f in fields(LaplaceOptions)} <= set(cfg)  # every option is a config key
+    assert options.last_layers == 3 and options.jitter_max == 1e-3
+    assert options.with_overrides({"device": "cpu"}).device == "cpu"
+    with pytest.raises(TypeError, match="unknown option.*lastlayers.*valid: last_layers"):
+        options.with_overrides({"lastlayers": 1})

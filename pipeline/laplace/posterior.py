@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import scipy.linalg as sl
@@ -25,6 +26,7 @@ from pipeline.laplace.curvature import Head, curvature_blocks
 from pipeline.laplace.error_budget import predict_standardized
 from pipeline.laplace.scatter import ScatterModel, fit_scatter
 from pipeline.runtime import choose_device
+from pipeline.streaming import batches
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,8 @@ class Posterior:
         """
         phi = self.head.features(x, batch_size)
         out = []
-        for s in range(0, len(phi), batch_size):
-            jac = self.head.jacobian(phi[s:s + batch_size])[0].numpy()  # (B, K, P)
+        for s in batches(len(phi), batch_size):
+            jac = self.head.jacobian(phi[s])[0].numpy()  # (B, K, P)
             b, k, p = jac.shape
             v = _solve_lower(self.cholesky, jac.reshape(b * k, p).T, self.device)
             v = v.T.reshape(b, k, p)
@@ -184,74 +186,110 @@ class Posterior:
 
 
 # -------------------------------------------------------------------------------------- fit
-def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str = "ggn",
-                prior: str = "scalar", hyperparameters: str = "evidence", x_valid=None,
-                y_valid=None, extra_covariance_valid=None, indefinite: str = "clip",
-                batch_size: int = 256, jitter_initial: float = 1e-10, jitter_max: float = 1e-2,
-                jitter_factor: float = 10.0, device: str = "auto", hessian_chunk_size: int = 256,
-                max_iterations: int = 200, validation_iterations: int = 10,
-                prior_precision_init: float | None = None,
-                evidence_curve_points: int = 61, evidence_curve_decades: float = 3.0,
-                reference_stars: int = 2000, max_weights: int = 50000) -> Posterior:
-    """Fit the Laplace posterior of the last ``last_layers`` Dense layers of ``model``.
+@dataclass(frozen=True)
+class LaplaceOptions:
+    """Settings of :func:`fit_laplace`; each is the config key ``laplace.<name>``.
+
+    curvature: 'ggn' or 'hessian' (``indefinite``: 'fail' | 'clip' | 'ggn' for an indefinite
+    Hessian); prior: 'scalar' or 'layer' (one prior precision per Dense layer);
+    hyperparameters: 'evidence' (training data) or 'validation'; ``max_weights`` bounds the
+    head size (the curvature blocks take 3 x 8 P_L^2 bytes), so reaching into the wide first
+    layer is a ConfigError, not an out-of-memory crash.
+    """
+
+    last_layers: int = 2
+    curvature: str = "ggn"
+    prior: str = "scalar"
+    hyperparameters: str = "evidence"
+    indefinite: str = "clip"
+    batch_size: int = 256
+    jitter_initial: float = 1e-10
+    jitter_max: float = 1e-2
+    jitter_factor: float = 10.0
+    device: str = "auto"
+    hessian_chunk_size: int = 256
+    max_iterations: int = 200
+    validation_iterations: int = 10
+    prior_precision_init: float | None = None
+    evidence_curve_points: int = 61
+    evidence_curve_decades: float = 3.0
+    reference_stars: int = 2000
+    max_weights: int = 50000
+
+    @classmethod
+    def from_config(cls, laplace_cfg: dict) -> LaplaceOptions:
+        """The options of the validated ``laplace`` config section."""
+        return cls(**{f.name: laplace_cfg[f.name] for f in fields(cls) if f.name in laplace_cfg})
+
+    def with_overrides(self, overrides: dict) -> LaplaceOptions:
+        """A copy with ``overrides`` replaced; TypeError naming an unknown option."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"fit_laplace got unknown option(s) {', '.join(unknown)}; valid: "
+                            f"{', '.join(f.name for f in fields(self))}")
+        return replace(self, **overrides)
+
+
+def fit_laplace(model, x, y, options: LaplaceOptions | None = None, *, weights=None,
+                x_valid=None, y_valid=None, extra_covariance_valid=None,
+                **overrides) -> Posterior:
+    """Fit the Laplace posterior of the last ``options.last_layers`` Dense layers of ``model``.
 
     Parameters
     ----------
     model : trained Keras model, (N, P) flux -> (N, K) standardized labels.
     x, y : training inputs and standardized labels (N, K).
+    options : :class:`LaplaceOptions` (defaults if None); keyword ``overrides`` replace single
+        options, e.g. ``fit_laplace(model, x, y, last_layers=1, device="cpu")``.
     weights : optional subset of the head kernels/biases (variables or path names).
-    curvature : 'ggn' or 'hessian' (``indefinite``: 'fail' | 'clip' | 'ggn').
-    prior : 'scalar' or 'layer' (one prior precision per Dense layer).
-    hyperparameters : 'evidence' (training data) or 'validation' (needs x_valid, y_valid;
-        ``extra_covariance_valid`` (N_v, K, K) adds e.g. flux noise to each star's covariance).
-    Other arguments mirror the config keys ``laplace.*``; ``max_weights`` bounds the head size
-    (the curvature blocks take 3 x 8 P_L^2 bytes) so that reaching into the wide first layer is
-    a ConfigError, not an out-of-memory crash.
+    x_valid, y_valid : validation stars, needed by ``hyperparameters='validation'``;
+        ``extra_covariance_valid`` (N_v, K, K) adds e.g. flux noise to each star's covariance.
     """
-    if hyperparameters not in HYPERPARAMETERS:
-        raise ConfigError(f"config key 'laplace.hyperparameters' = {hyperparameters!r}; valid: "
-                          f"{', '.join(HYPERPARAMETERS)}")
-    if hyperparameters == "validation" and (x_valid is None or y_valid is None):
+    o = (options or LaplaceOptions()).with_overrides(overrides)
+    if o.hyperparameters not in HYPERPARAMETERS:
+        raise ConfigError(f"config key 'laplace.hyperparameters' = {o.hyperparameters!r}; "
+                          f"valid: {', '.join(HYPERPARAMETERS)}")
+    if o.hyperparameters == "validation" and (x_valid is None or y_valid is None):
         raise ValueError("hyperparameters='validation' needs x_valid and y_valid")
-    device = choose_device(device)
-    head = Head(model, last_layers, weights)
-    if head.map_values().size > max_weights:
+    device = choose_device(o.device)
+    head = Head(model, o.last_layers, weights)
+    if head.map_values().size > o.max_weights:
         n = head.map_values().size
         raise ConfigError(
-            f"config key 'laplace.last_layers' = {last_layers} puts {n} weights in the Laplace "
+            f"config key 'laplace.last_layers' = {o.last_layers} puts {n} weights in the Laplace "
             f"head (curvature blocks of {3 * 8 * n**2 / 1e9:.1f} GB); use fewer last layers or "
-            f"raise laplace.max_weights (now {max_weights}) on a machine with that memory")
-    head.check(x, batch_size)
-    phi = head.features(x, batch_size)
+            f"raise laplace.max_weights (now {o.max_weights}) on a machine with that memory")
+    head.check(x, o.batch_size)
+    phi = head.features(x, o.batch_size)
     y = np.asarray(y, np.float64)
-    blocks, report = curvature_blocks(head, phi, y, curvature, batch_size, indefinite,
-                                      hessian_chunk_size)
+    blocks, report = curvature_blocks(head, phi, y, o.curvature, o.batch_size, o.indefinite,
+                                      o.hessian_chunk_size)
     theta = head.map_values()
-    f = np.concatenate([head.jacobian(phi[s:s + batch_size])[1].numpy()
-                        for s in range(0, len(phi), batch_size)])
+    f = np.concatenate([head.jacobian(phi[s])[1].numpy()
+                        for s in batches(len(phi), o.batch_size)])
     rss, n = np.sum((f - y) ** 2, axis=0), len(y)
-    groups = evidence.prior_groups(head.layer_index, prior)
-    if hyperparameters == "evidence":
-        fit = evidence.fit_evidence(blocks, theta, rss, n, groups, max_iterations,
-                                    prior_precision_init)
+    groups = evidence.prior_groups(head.layer_index, o.prior)
+    if o.hyperparameters == "evidence":
+        fit = evidence.fit_evidence(blocks, theta, rss, n, groups, o.max_iterations,
+                                    o.prior_precision_init)
     else:
-        phi_v = head.features(x_valid, batch_size)
-        parts = [head.jacobian(phi_v[s:s + batch_size]) for s in range(0, len(phi_v), batch_size)]
+        phi_v = head.features(x_valid, o.batch_size)
+        parts = [head.jacobian(phi_v[s]) for s in batches(len(phi_v), o.batch_size)]
         jac_v = np.concatenate([p[0].numpy() for p in parts])
         res_v = np.concatenate([p[1].numpy() for p in parts]) - np.asarray(y_valid, np.float64)
         fit = evidence.fit_validation(blocks, theta, rss, n, groups, jac_v, res_v,
-                                      extra_covariance_valid, validation_iterations,
-                                      delta_init=prior_precision_init)
+                                      extra_covariance_valid, o.validation_iterations,
+                                      delta_init=o.prior_precision_init)
     precision = evidence.precision_matrix(blocks, fit["beta"], fit["delta"], groups)
-    chol, jitter = cholesky_with_jitter(precision, device, jitter_initial, jitter_max,
-                                        jitter_factor)
+    chol, jitter = cholesky_with_jitter(precision, device, o.jitter_initial, o.jitter_max,
+                                        o.jitter_factor)
     eig = np.linalg.eigvalsh(np.tensordot(fit["beta"], blocks, axes=1))
     centre = np.exp(np.mean(np.log(fit["delta"])))
-    grid = centre * np.logspace(-evidence_curve_decades, evidence_curve_decades,
-                                evidence_curve_points)
+    grid = centre * np.logspace(-o.evidence_curve_decades, o.evidence_curve_decades,
+                                o.evidence_curve_points)
     curve = evidence.evidence_curve(eig, theta, rss, n, fit["beta"], grid)
-    info = {"device": device, "jitter": jitter, "last_layers": last_layers,
-            "hyperparameters": hyperparameters, "prior": prior, "n_train": n,
+    info = {"device": device, "jitter": jitter, "last_layers": o.last_layers,
+            "hyperparameters": o.hyperparameters, "prior": o.prior, "n_train": n,
             "curvature_report": report,
             **{k: v for k, v in fit.items() if k in ("validation_nll", "n_evaluations")}}
     log.info("Laplace posterior: %d weights, prior precision %s, noise std %s, log Z %.6g, "
@@ -259,11 +297,11 @@ def fit_laplace(model, x, y, last_layers: int = 2, weights=None, curvature: str 
              fit["log_evidence"], device, jitter)
     posterior = Posterior(head, chol, prior_precision=fit["delta"], groups=groups,
                           noise_std=fit["beta"] ** -0.5, log_evidence=fit["log_evidence"],
-                          curvature=curvature, eigenvalues=eig,
+                          curvature=o.curvature, eigenvalues=eig,
                           evidence_curve={"prior_precision": grid, "log_evidence": curve},
                           info=info)
     posterior.info["train_model_std_q99"] = reference_model_std(
-        posterior, x, reference_stars, batch_size).tolist()
+        posterior, x, o.reference_stars, o.batch_size).tolist()
     return posterior
 
 
@@ -282,8 +320,8 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
 def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
     """Fit the scatter model (pipeline.scatter) on validation stars, given the other terms."""
     batch = cfg["batch_size"]
-    z = np.concatenate([predict_standardized(model, x_valid[s:s + batch])
-                        for s in range(0, len(x_valid), batch)])
+    z = np.concatenate([predict_standardized(model, x_valid[s])
+                        for s in batches(len(x_valid), batch)])
     model_var = np.diagonal(posterior.predictive_covariance(x_valid, batch_size=batch),
                             axis1=1, axis2=2)
     noise_var = np.diagonal(noise_valid, axis1=1, axis2=2)
@@ -291,12 +329,3 @@ def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid
     log.info("scatter model (%s) fitted on %d validation stars: coefficients %s",
              cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4))
     return scatter
-
-
-def options_from_config(laplace_cfg: dict) -> dict:
-    """Keyword arguments of :func:`fit_laplace` from the validated ``laplace`` config section."""
-    keys = ("last_layers", "curvature", "prior", "hyperparameters", "indefinite", "batch_size",
-            "jitter_initial", "jitter_max", "jitter_factor", "device", "hessian_chunk_size",
-            "max_iterations", "validation_iterations", "evidence_curve_points",
-            "evidence_curve_decades", "prior_precision_init", "reference_stars", "max_weights")
-    return {k: laplace_cfg[k] for k in keys if k in laplace_cfg}

@@ -15,7 +15,7 @@ from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.laplace.error_budget import noise_covariances
-from pipeline.laplace.posterior import calibrate_scatter, fit_laplace, options_from_config
+from pipeline.laplace.posterior import LaplaceOptions, calibrate_scatter, fit_laplace
 from pipeline.spectra.fits import read_options, read_spectra
 from pipeline.spectra.validation import bad_pixel_mask, match_grid
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
         model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,
         y_valid=y_valid,
         extra_covariance_valid=noise_valid if cfg["hyperparameters"] == "validation" else None,
-        **options_from_config(cfg))
+        options=LaplaceOptions.from_config(cfg))
     if cfg["scatter"] != "likelihood":
         posterior.info["scatter"] = calibrate_scatter(
             posterior, model, valid.flux, y_valid, noise_valid, cfg).to_dict()
