@@ -32,7 +32,7 @@ def model_error_ratio(model_cov: np.ndarray, scaler, posterior) -> np.ndarray:
 
     Zeros when the posterior records no training reference (files from older versions).
     """
-    reference = getattr(posterior, "info", {}).get("train_model_std_q99")
+    reference = getattr(posterior, "train_model_std_q99", None)
     if reference is None:
         return np.zeros(model_cov.shape[0])
     std = np.sqrt(np.diagonal(model_cov, axis1=1, axis2=2)) / np.asarray(scaler.scale)

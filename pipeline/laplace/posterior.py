@@ -106,6 +106,23 @@ class Posterior:
     def n_params(self) -> int:
         return self.theta_map.size
 
+    # ``info`` is what the file stores (JSON); these properties are its typed view.
+    @property
+    def scatter_model(self) -> ScatterModel | None:
+        """The validation-calibrated scatter model (pipeline.laplace.scatter), if fitted."""
+        doc = self.info.get("scatter")
+        return None if doc is None else ScatterModel.from_dict(doc)
+
+    @scatter_model.setter
+    def scatter_model(self, model: ScatterModel | None) -> None:
+        self.info["scatter"] = None if model is None else model.to_dict()
+
+    @property
+    def train_model_std_q99(self) -> np.ndarray | None:
+        """(K,) 99th percentile of the training stars' model errors (standardized), if known."""
+        value = self.info.get("train_model_std_q99")
+        return None if value is None else np.asarray(value, np.float64)
+
     def scatter_std(self, z, model_var, noise_var) -> np.ndarray:
         """Aleatoric scatter (N, K), standardized, of stars with standardized predicted labels
         z and model and flux-noise variances (N, K, standardized units).
@@ -114,9 +131,10 @@ class Posterior:
         the laplace step fitted one, else the Laplace noise ``noise_std`` for every star.
         """
         z = np.asarray(z, np.float64)
-        if self.info.get("scatter") is None:
+        scatter = self.scatter_model
+        if scatter is None:
             return np.broadcast_to(self.noise_std, z.shape).copy()
-        return ScatterModel.from_dict(self.info["scatter"]).std(z, model_var, noise_var)
+        return scatter.std(z, model_var, noise_var)
 
     def predictive_covariance(self, x, scaler=None, batch_size: int = 256) -> np.ndarray:
         """Epistemic covariance J_n A^-1 J_n^T (N, K, K) float64, streamed over batches.

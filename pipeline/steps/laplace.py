@@ -51,8 +51,8 @@ def run(args: argparse.Namespace, config: dict) -> None:
         extra_covariance_valid=noise_valid if cfg["hyperparameters"] == "validation" else None,
         options=LaplaceOptions.from_config(cfg))
     if cfg["scatter"] != "likelihood":
-        posterior.info["scatter"] = calibrate_scatter(
-            posterior, model, valid.flux, y_valid, noise_valid, cfg).to_dict()
+        posterior.scatter_model = calibrate_scatter(
+            posterior, model, valid.flux, y_valid, noise_valid, cfg)
     posterior.save(args.out, provenance=provenance(config, device=runtime.device_name()))
     log.info("wrote %s", args.out)
 
