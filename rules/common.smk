@@ -58,7 +58,7 @@ def spectra_input(wildcards):
 
 def spectra_format(wildcards):
     return (
-        INPUTS[wildcards.name].get("format", "fits")
+        INPUTS[wildcards.name].get("format", "auto")
         if wildcards.name in INPUTS
         else "fits"
     )

@@ -229,10 +229,11 @@ def test_missing_model_or_posterior_exits_nonzero(stars, tiny_model_dir, tmp_pat
     assert not out.exists()
 
 
-def test_predict_real_apstar(tiny_model_dir, posterior, tmp_path):
+@pytest.mark.parametrize("fmt", [["--format", "apstar"], []], ids=["named", "detected"])
+def test_predict_real_apstar(tiny_model_dir, posterior, tmp_path, fmt):
     out = tmp_path / "pred"
-    assert run_predict(["--model", tiny_model_dir, "--posterior", "p.npz", "--format",
-                        "apstar", "--out", out, APSTAR_FILE]) == 0
+    assert run_predict(["--model", tiny_model_dir, "--posterior", "p.npz", *fmt,
+                        "--out", out, APSTAR_FILE]) == 0
     table = Table.read(out / f"{APSTAR_FILE.stem}.fits", hdu="CATALOG")
     assert len(table) == 1 and "2M19485057+5005279" in table["STAR_ID"][0]
     assert np.all(np.isfinite([table[c][0] for c in ("TEFF", "TEFF_ERR", "FE_H_ERR_NOISE")]))
@@ -281,3 +282,28 @@ def test_posterior_of_another_model_fails(tiny_model_dir, stars, posterior_file,
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ format detection
+def test_formats_are_detected_by_content_and_anything_else_is_named(stars, tmp_path):
+    from astropy.io import fits
+
+    from pipeline.exceptions import DataError
+    from pipeline.spectra.inputs import detect_format
+
+    path, _ = stars
+    renamed = tmp_path / "apStar-looks-like-one.fits"  # the name does not decide
+    renamed.write_bytes(path.read_bytes())
+    assert detect_format(path) == detect_format(renamed) == "fits"
+    assert detect_format(APSTAR_FILE) == "apstar"
+    assert detect_format(APSTAR_FILE.parent) == "apstar"  # a directory of apStar files
+    odd = tmp_path / "odd.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((2, 5)), name="SPEC")]).writeto(odd)
+    with pytest.raises(DataError, match=r"odd.fits' is neither.*found HDUs.*SPEC \(2, 5\)"):
+        detect_format(odd)
+    (tmp_path / "notes.txt").write_text("not FITS")
+    with pytest.raises(DataError, match="notes.txt' is not a readable FITS"):
+        detect_format(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no apStar"):
+        detect_format(tmp_path / "empty")

@@ -1,10 +1,20 @@
-"""Any input of the predict and jacobian steps, read onto the model's wavelength grid."""
+"""Any input of the predict and jacobian steps, recognized by content and read onto the
+model's wavelength grid.
+
+Formats (``--format`` overrides the detection):
+
+* ``fits``: a canonical dataset FITS, recognized by its HDUs FLUX, FLUX_ERR, WAVE, LABELS;
+* ``apstar``: an SDSS APOGEE apStar file, recognized by a log-linear grid in the primary
+  header (CRVAL1, CDELT1) and flux, error and bitmask images in HDUs 1-3 whose rows have
+  the header's NWAVE (or NAXIS1) pixels; or a directory of ``apStar*.fits`` files.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.spectra.apogee import read_apstar_files
@@ -13,22 +23,59 @@ from pipeline.spectra.fits import read_spectra
 from pipeline.spectra.validation import match_grid
 
 FORMATS = ("fits", "apstar")
+CANONICAL_HDUS = ("FLUX", "FLUX_ERR", "WAVE", "LABELS")
 
 
-def load_input(path: str | Path, fmt: str, wave: np.ndarray, config: dict,
-               rows: slice | None = None) -> tuple[Spectra, bool]:
-    """Spectra of ``path`` on the model grid ``wave`` and whether they were interpolated.
-
-    ``fmt`` 'fits' reads a canonical dataset FITS and maps it with
-    ``match_grid`` (GridMismatchError when the grid does not cover the model's); 'apstar'
-    reads one apStar file or a directory of them (``pipeline.spectra.apogee.read_apstar_files``).
-    ``rows`` reads only that slice of a canonical FITS (memory-mapped), for streaming.
-    """
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format '{fmt}' is not valid; valid choices: {', '.join(FORMATS)}")
+def detect_format(path: str | Path) -> str:
+    """'fits' or 'apstar' from the content of ``path``; DataError saying what was found."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"input '{path}' does not exist")
+    if path.is_dir():
+        if any(path.glob("apStar*.fits")) or any(path.glob("apStar*.fits.gz")):
+            return "apstar"
+        raise DataError(f"input directory '{path}' holds no apStar*.fits files; pass a "
+                        "canonical dataset FITS, an apStar file or a directory of them")
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            names = [hdu.name for hdu in hdul]
+            if all(name in names for name in CANONICAL_HDUS):
+                return "fits"
+            header = hdul[0].header
+            images = [hdu.header.get("NAXIS1") for hdu in hdul[1:4]
+                      if hdu.header.get("NAXIS", 0) >= 1]
+            n_wave = header.get("NWAVE", images[0] if images else None)
+            if ("CRVAL1" in header and "CDELT1" in header and len(images) == 3
+                    and all(n == n_wave for n in images)):
+                return "apstar"
+            found = ", ".join(f"{i}:{hdu.name or '(no name)'} {getattr(hdu.data, 'shape', '')}"
+                              for i, hdu in enumerate(hdul))
+    except OSError as exc:
+        raise DataError(f"input '{path}' is not a readable FITS file ({exc})") from None
+    raise DataError(f"input '{path}' is neither a canonical dataset FITS (HDUs "
+                    f"{', '.join(CANONICAL_HDUS)}) nor an apStar file (CRVAL1/CDELT1 in the "
+                    f"primary header, flux, error and bitmask images in HDUs 1-3); found HDUs "
+                    f"{found}")
+
+
+def load_input(path: str | Path, fmt: str | None, wave: np.ndarray, config: dict,
+               rows: slice | None = None) -> tuple[Spectra, bool]:
+    """Spectra of ``path`` on the model grid ``wave`` and whether they were interpolated.
+
+    ``fmt`` None (or 'auto') detects the format (:func:`detect_format`); 'fits' reads a
+    canonical dataset FITS and maps it with ``match_grid`` (GridMismatchError when the grid
+    does not cover the model's); 'apstar' reads one apStar file or a directory of them
+    (``pipeline.spectra.apogee.read_apstar_files``).
+    ``rows`` reads only that slice of a canonical FITS (memory-mapped), for streaming.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input '{path}' does not exist")
+    if fmt in (None, "auto"):
+        fmt = detect_format(path)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format '{fmt}' is not valid; valid choices: auto, "
+                          f"{', '.join(FORMATS)}")
     if fmt == "apstar":
         spectra = read_apstar_files([path], wave, config)
         return spectra, bool(spectra.meta.get("RESAMPLD", False))

@@ -1,6 +1,6 @@
 """Step ``jacobian``: input Jacobians d label / d flux of one shard of stars, streamed to FITS.
 
-    python -m pipeline.steps.jacobian [--config-json J] --model DIR --format fits|apstar \
+    python -m pipeline.steps.jacobian [--config-json J] --model DIR [--format auto|fits|apstar] \
         --shard i --shards n --out results/jacobians/<name>/shard-<i>.fits INPUT
 
 The shard layout and row split are those of :mod:`pipeline.artifacts.jacobian_shards`.
@@ -20,7 +20,7 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.nn.derivatives import input_jacobian
 from pipeline.spectra.fits import read_labels
-from pipeline.spectra.inputs import FORMATS, load_input
+from pipeline.spectra.inputs import FORMATS, detect_format, load_input
 from pipeline.streaming import batches, progress
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def shard_flux(path, fmt: str, wave: np.ndarray, config: dict, rows: np.ndarray,
 def build_parser():
     parser = base_parser("Input Jacobians d label / d flux of one shard of stars.")
     parser.add_argument("--model", required=True, help="trained model directory")
-    parser.add_argument("--format", choices=FORMATS, default="fits")
+    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                        help="input format (default: recognized from the input's content)")
     parser.add_argument("--shard", type=int, default=0, help="shard index i (0-based)")
     parser.add_argument("--shards", type=int, default=1, help="number of shards n")
     parser.add_argument("--out", required=True, help="shard FITS to write")
@@ -82,12 +83,13 @@ def run(args, config: dict) -> None:
     runtime.configure(config, args.threads)
     shard_rows(1, args.shards, args.shard)  # fail on a bad shard index before any work
     model, scaler, wave = load_trained(args.model)
-    star_id = shard_star_ids(args.input, args.format, wave, config)
+    fmt = detect_format(args.input) if args.format == "auto" else args.format
+    star_id = shard_star_ids(args.input, fmt, wave, config)
     rows = shard_rows(star_id.size, args.shards, args.shard)
     cfg = config["jacobian"]
     header = provenance(config, device=runtime.device_name(), model=str(args.model),
                         input=str(args.input), shard=args.shard, nshards=args.shards)
-    flux = shard_flux(args.input, args.format, wave, config, rows, cfg["chunk_size"])
+    flux = shard_flux(args.input, fmt, wave, config, rows, cfg["chunk_size"])
     write_jacobian_shard(
         args.out, jacobian_batches(model, scaler, flux, cfg["batch_size"]),
         len(rows), star_id[rows], rows, wave, header)

@@ -1,7 +1,7 @@
 """Step ``predict``: labels with a full 3x3 error budget for every star of one or more inputs.
 
     python -m pipeline.predict [--config-json J] --model DIR --posterior FILE \
-        --format fits|apstar [--name NAME] --out DIR INPUT...
+        [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
 
 writes ``DIR/<name>.{fits,parquet,csv}`` per input (name defaults to the input's file stem, or
 the directory name for a directory of apStar files). Inputs on another wavelength grid are
@@ -73,7 +73,8 @@ def build_parser():
     parser = base_parser("Predict labels with a full 3x3 error budget (model, scatter, noise).")
     parser.add_argument("--model", required=True, help="trained model directory")
     parser.add_argument("--posterior", required=True, help="Laplace posterior (.npz)")
-    parser.add_argument("--format", choices=FORMATS, default="fits", help="input format")
+    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                        help="input format (default: recognized from each input's content)")
     parser.add_argument("--name", help="catalog name (one input only; default: input stem)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("inputs", nargs="+", help="canonical FITS, apStar files or directories")
