@@ -44,7 +44,7 @@ rule tables:
         ENV
     threads: config["threads"]  # BLAS threads of the baseline fits (OPENBLAS_NUM_THREADS)
     resources:
-        mem_mb=6000,
+        mem_mb=4000,
     params:
         config=step_config("predict", "jacobian", "tables"),
         summary=lambda w, output: os.path.splitext(output.summary[0])[0],

@@ -14,6 +14,7 @@ from scipy.spatial.distance import cdist
 from pipeline.artifacts import catalog as export
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import main
+from pipeline.config import validate
 from pipeline.evaluation import calibration
 from pipeline.evaluation import precision as pr
 from pipeline.spectra.fits import read_spectra, write_spectra
@@ -222,7 +223,7 @@ def test_tables_step_writes_precision_to_explicit_paths(results, tmp_path):
     valid = read_spectra(root / "data" / "valid.fits", require_labels=True)
     test = read_spectra(root / "data" / "test.fits")
     ridge = pr.fit_ridge(train.flux, train.label_array(), valid.flux, valid.label_array(),
-                         [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0], chunk=64)
+                         validate({})["tables"]["baselines"]["ridge_alphas"], chunk=64)
     pred = ridge.predict(test.flux)
     for k, label in enumerate(("TEFF", "LOGG", "FE_H")):
         row = table[(table["LABEL"] == label) & (table["BIN"] == "all")].iloc[0]

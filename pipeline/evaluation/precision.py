@@ -42,6 +42,7 @@ unbiased estimator; no unbiased estimator can do better on average) and the medi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,7 +145,7 @@ def gram(X: np.ndarray, mean: np.ndarray, Y: np.ndarray | None = None, *, dual: 
 
 def _solve_shifted(A: np.ndarray, shift: float, B: np.ndarray) -> np.ndarray:
     """(A + shift I)^-1 B by Cholesky; raises numpy's LinAlgError if not positive definite."""
-    M = A.copy()
+    M = A.copy(order="F")  # LAPACK's layout: factorized in place, no hidden copy
     M[np.diag_indices_from(M)] += shift
     factor = linalg.cho_factor(M, lower=True, overwrite_a=True, check_finite=False)
     return linalg.cho_solve(factor, B, check_finite=False)
@@ -192,7 +193,11 @@ def fit_ridge(X: np.ndarray, Y: np.ndarray, X_valid: np.ndarray, Y_valid: np.nda
     Ys = (np.asarray(Y, np.float64) - y_mean) / y_std
     Yv = (np.asarray(Y_valid, np.float64) - y_mean) / y_std
     dual = p > n
+    start = time.perf_counter()
     A, xty = gram(X, x_mean, Ys, dual=dual, chunk=chunk)
+    log.info("ridge: %s Gram matrix of %d x %d flux in %.1f s", "dual" if dual else "primal",
+             n, p, time.perf_counter() - start)
+    start = time.perf_counter()
     scale = np.trace(A) / p
     if not scale > 0:
         raise DataError("fit_ridge: the training flux has no variance")
@@ -219,6 +224,7 @@ def fit_ridge(X: np.ndarray, Y: np.ndarray, X_valid: np.ndarray, Y_valid: np.nda
         weights[i] = w
         log.info("ridge alpha=%g: validation MSE (standardized) %s", alpha,
                  np.array2string(errors[i], precision=4))
+    log.info("ridge: %d penalties in %.1f s", alphas.size, time.perf_counter() - start)
     best = select(errors, "ridge")
     w = np.stack([weights[b, :, j] for j, b in enumerate(best)], axis=1)
     return RidgeFit(x_mean, y_mean, y_std, w, alphas[best], alphas[best] * scale, alphas,
@@ -302,12 +308,16 @@ def fit_kernel_ridge(X: np.ndarray, Y: np.ndarray, X_valid: np.ndarray, Y_valid:
     y_mean, y_std = standardize(np.asarray(Y, np.float64)[rows])
     Ys = (np.asarray(Y, np.float64)[rows] - y_mean) / y_std
     Yv = (np.asarray(Y_valid, np.float64) - y_mean) / y_std
+    start = time.perf_counter()
     D = squared_distances(Xs, Xs, chunk)
     np.fill_diagonal(D, 0.0)
     Dv = np.empty((X_valid.shape[0], Xs.shape[0]))
     for sl in _blocks(X_valid.shape[0], chunk):
         Dv[sl] = squared_distances(_centred(X_valid, x_mean, sl), Xs, chunk)
     l0 = median_distance(D)
+    log.info("kernel ridge: distances of %d training and %d validation stars in %.1f s",
+             Xs.shape[0], Dv.shape[0], time.perf_counter() - start)
+    start = time.perf_counter()
     k = Ys.shape[1]
     errors = np.full((factors.size, alphas.size, k), np.inf)
     coefs = {}
@@ -325,6 +335,8 @@ def fit_kernel_ridge(X: np.ndarray, Y: np.ndarray, X_valid: np.ndarray, Y_valid:
             log.info("kernel ridge length=%g x %.4g, alpha=%g: validation MSE %s", f, l0,
                      alpha, np.array2string(errors[i, a], precision=4))
         del K, Kv
+    log.info("kernel ridge: %d grid points in %.1f s", errors.shape[0] * errors.shape[1],
+             time.perf_counter() - start)
     best = select(errors.reshape(-1, k), "kernel ridge", errors.shape[:2])
     idx = [np.unravel_index(b, errors.shape[:2]) for b in best]
     coef = np.stack([coefs[i, a][:, j] for j, (i, a) in enumerate(idx)], axis=1)
