@@ -75,20 +75,16 @@ def catalog_rows(table: Table, data, data_path: Path) -> np.ndarray:
     return row
 
 
-def crb_of(table: Table, data, data_path: Path, config: dict) -> np.ndarray | None:
-    """(N, 3) Cramér–Rao 1-sigma bounds of the catalog's stars from their dataset ``data``."""
-    if config["data"]["source"] != "synthetic" or not data.has_labels:
-        return None
-    row = catalog_rows(table, data, data_path)
-    bound = cramer_rao_bound(data.label_array()[row], data.flux_err[row], wave=data.wave)
-    return np.sqrt(np.einsum("nii->ni", np.asarray(bound, np.float64)))
-
-
 def crb_sigma(table: Table, data_path: Path, config: dict) -> np.ndarray | None:
     """(N, 3) Cramér–Rao 1-sigma bounds of the catalog's stars, or None when not computable."""
     if config["data"]["source"] != "synthetic" or not data_path.is_file():
         return None
-    return crb_of(table, read_dataset(data_path, config), data_path, config)
+    data = read_dataset(data_path, config)
+    if not data.has_labels:
+        return None
+    row = catalog_rows(table, data, data_path)
+    bound = cramer_rao_bound(data.label_array()[row], data.flux_err[row], wave=data.wave)
+    return np.sqrt(np.einsum("nii->ni", np.asarray(bound, np.float64)))
 
 
 def calibration_rows(name: str, table: Table, crb: np.ndarray | None, n_bins: int) -> list:
@@ -136,8 +132,10 @@ def baselines(train_path: Path, valid_path: Path, config: dict):
 
 
 def precision_table(name: str, table: Table, data_path: Path, train_path: Path | None,
-                    valid_path: Path | None, config: dict) -> pd.DataFrame:
-    """precision.csv of catalog ``table`` (see docs/outputs.md)."""
+                    valid_path: Path | None, crb: np.ndarray | None,
+                    config: dict) -> pd.DataFrame:
+    """precision.csv of catalog ``table`` (see docs/outputs.md); ``crb``: its stars'
+    Cramér–Rao bounds (:func:`crb_sigma`) or None."""
     truth = np.stack([np.asarray(table[f"{label}_TRUE"], np.float64) for label in LABELS], 1)
     predictions = {"NN": np.stack([np.asarray(table[label], np.float64) for label in LABELS], 1)}
     data = read_dataset(data_path, config) if data_path.is_file() else None
@@ -166,7 +164,6 @@ def precision_table(name: str, table: Table, data_path: Path, train_path: Path |
         snr = np.asarray(table["SNR"], np.float64)
     elif data is not None and "SNR" in data.labels.colnames:
         snr = np.asarray(data.labels["SNR"], np.float64)[catalog_rows(table, data, data_path)]
-    crb = None if data is None else crb_of(table, data, data_path, config)
     rows = precision.precision_rows(truth, predictions, snr=snr, crb=crb,
                                     n_bins=config["tables"]["snr_bins"], extra=extra)
     return pd.DataFrame([{"CATALOG": name, **r} for r in rows])
@@ -241,15 +238,15 @@ def run(args, config: dict) -> None:
     if not truth:
         raise DataError(f"none of the catalogs {args.predictions} has true labels "
                         "(TEFF_TRUE, LOGG_TRUE, FE_H_TRUE): calibration needs labelled splits")
-    rows = []
+    rows, crbs = [], {}
     for name, path, table in truth:
-        crb = crb_sigma(table, data_file_for(path, data_paths), config)
-        rows += calibration_rows(name, table, crb, config["predict"]["calibration_bins"])
+        crbs[name] = crb_sigma(table, data_file_for(path, data_paths), config)
+        rows += calibration_rows(name, table, crbs[name], config["predict"]["calibration_bins"])
     test = next((c for c in truth if c[0] == "test"), truth[-1])
     metrics = {"provenance": header, **accuracy(test[0], test[2])}
     train_path, valid_path = baseline_data(args, test[1], data_paths)
     precise = precision_table(test[0], test[2], data_file_for(test[1], data_paths), train_path,
-                              valid_path, config)
+                              valid_path, crbs[test[0]], config)
     summary = jacobian_summary(args.jacobians, config["jacobian"]["summary_memory_mb"])
     write_table(summary, paths["summary"], header, extname="JACOBIAN_SUMMARY")
     with atomic_path(paths["calibration"]) as tmp:
