@@ -136,7 +136,11 @@ def test_kernel_ridge_equals_the_explicit_solve(rng):
 def test_selection_ignores_failed_fits_and_warns_on_the_edge(caplog):
     errors = np.array([[np.nan, 3.0], [1.0, 2.0], [2.0, 1.0]])
     assert list(pr.select(errors, "x")) == [1, 2]
-    assert "edge" in caplog.text and "LOGG" in caplog.text and "TEFF" not in caplog.text
+    assert "LOGG lies on the edge of the alpha grid" in caplog.text and "TEFF" not in caplog.text
+    caplog.clear()
+    grid = np.array([[3.0], [2.0], [1.0], [0.5]])  # (length, alpha) grid 2 x 2, flattened
+    assert list(pr.select(grid, "k", (2, 2), ("length factor", "alpha"))) == [3]
+    assert "edge of the length factor and alpha grid" in caplog.text
 
 
 def test_precision_rows_bin_by_snr_and_match_accuracy_metrics(rng):

@@ -87,11 +87,12 @@ def mse(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.mean((np.asarray(pred, np.float64) - np.asarray(true, np.float64)) ** 2, axis=0)
 
 
-def select(errors: np.ndarray, name: str = "", grid_shape: tuple | None = None) -> np.ndarray:
+def select(errors: np.ndarray, name: str = "", grid_shape: tuple | None = None,
+           axes: tuple = ("alpha",)) -> np.ndarray:
     """Index of the smallest validation error per label: ``errors`` (n_grid, k) -> (k,).
 
     Non-finite errors (a failed fit) never win; warns when a label's minimizer lies on an edge
-    of the grid (``grid_shape`` for a flattened product grid).
+    of the grid (``grid_shape`` for a flattened product grid whose axes are named ``axes``).
     """
     errors = np.where(np.isfinite(errors), errors, np.inf)
     if not np.isfinite(errors).any(axis=0).all():
@@ -100,11 +101,12 @@ def select(errors: np.ndarray, name: str = "", grid_shape: tuple | None = None) 
     shape = grid_shape or (errors.shape[0],)
     for k, b in enumerate(best):
         index = np.unravel_index(b, shape)
-        edge = [i for i, (j, n) in enumerate(zip(index, shape, strict=True))
+        edge = [axes[i] for i, (j, n) in enumerate(zip(index, shape, strict=True))
                 if n > 1 and j in (0, n - 1)]
         if edge:
-            log.warning("%s: the validation minimizer of %s lies on the edge of grid axis %s; "
-                        "widen the grid", name, LABELS[k] if k < len(LABELS) else k, edge)
+            log.warning("%s: the validation minimizer of %s lies on the edge of the %s grid; "
+                        "widen it", name, LABELS[k] if k < len(LABELS) else k,
+                        " and ".join(edge))
     return best
 
 
@@ -337,7 +339,8 @@ def fit_kernel_ridge(X: np.ndarray, Y: np.ndarray, X_valid: np.ndarray, Y_valid:
         del K, Kv
     log.info("kernel ridge: %d grid points in %.1f s", errors.shape[0] * errors.shape[1],
              time.perf_counter() - start)
-    best = select(errors.reshape(-1, k), "kernel ridge", errors.shape[:2])
+    best = select(errors.reshape(-1, k), "kernel ridge", errors.shape[:2],
+                  ("length factor", "alpha"))
     idx = [np.unravel_index(b, errors.shape[:2]) for b in best]
     coef = np.stack([coefs[i, a][:, j] for j, (i, a) in enumerate(idx)], axis=1)
     return KernelFit(x_mean, Xs, y_mean, y_std, coef,
