@@ -42,6 +42,7 @@ rule all:
         expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=TABLE_FORMATS),
         f"{OUT}/tables/calibration.csv",
         f"{OUT}/tables/metrics.json",
+        f"{OUT}/tables/precision.csv",
         expand(f"{OUT}/figures/{{fig}}.{{ext}}", fig=FIGURES, ext=FIGURE_FORMATS),
 
 

@@ -10,6 +10,8 @@ rule tables:
             f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits", name=JACOBIAN_SPLIT, i=SHARDS
         ),
         data=expand(f"{OUT}/data/{{name}}.fits", name=config["predict"]["splits"]),
+        train=f"{OUT}/data/train.fits",  # the baselines of precision.csv
+        valid=f"{OUT}/data/valid.fits",
     output:
         summary=report(
             expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["csv"]),
@@ -29,22 +31,29 @@ rule tables:
             caption="../docs/report/metrics.rst",
             category="Tables",
         ),
+        precision=report(
+            f"{OUT}/tables/precision.csv",
+            caption="../docs/report/precision.rst",
+            category="Tables",
+        ),
     log:
         f"{OUT}/logs/tables.log",
     benchmark:
         f"{OUT}/benchmarks/tables.tsv"
     conda:
         ENV
-    threads: 1
+    threads: config["threads"]  # BLAS threads of the baseline fits (OPENBLAS_NUM_THREADS)
     resources:
         mem_mb=4000,
     params:
-        config=step_config("predict", "jacobian"),
-        outdir=lambda w, output: os.path.dirname(output.calibration),
+        config=step_config("predict", "jacobian", "tables"),
+        summary=lambda w, output: os.path.splitext(output.summary[0])[0],
     shell:
         "python -m pipeline.steps.tables --config-json {params.config} "
         "--predictions {input.predictions} --jacobians {input.jacobians} --data {input.data} "
-        "--outdir {params.outdir} > {log} 2>&1"
+        "--train {input.train} --valid {input.valid} --summary {params.summary} "
+        "--calibration {output.calibration} --metrics {output.metrics} "
+        "--precision {output.precision} > {log} 2>&1"
 
 
 rule figure:

@@ -117,3 +117,26 @@ def test_tensorflow_steps_get_the_rule_threads(dry_run):
     for step in ("train", "laplace", "predict", "jacobian"):
         lines = [line for line in text.splitlines() if f"pipeline.steps.{step} " in line]
         assert lines and all("--threads 1" in line for line in lines), step  # --cores 1
+
+
+def test_tables_rule_reads_every_split_and_names_every_output(dry_run):
+    """The baselines of precision.csv read the train and valid datasets: both are inputs of
+    the tables rule (also when predict.splits has no valid), and every output path is passed
+    to the step instead of a directory with fixed names."""
+    text = dry_run("--printshellcmds", "--config", "predict={splits: [test]}")
+    block = text.split("rule tables:")[1].split("\n\n")[0]
+    inputs = block.split("input:")[1].split("\n")[0]
+    outputs = block.split("output:")[1].split("\n")[0]
+    for path in ("results/data/train.fits", "results/data/valid.fits", "results/data/test.fits"):
+        assert path in inputs, path
+    assert "results/tables/precision.csv" in outputs
+    command = next(line for line in text.splitlines() if "pipeline.steps.tables" in line)
+    for option, path in (("--train", "results/data/train.fits"),
+                         ("--valid", "results/data/valid.fits"),
+                         ("--summary", "results/tables/jacobian_summary "),
+                         ("--calibration", "results/tables/calibration.csv"),
+                         ("--metrics", "results/tables/metrics.json"),
+                         ("--precision", "results/tables/precision.csv")):
+        assert f"{option} {path}" in command, option
+    assert "--outdir" not in command
+    assert '"tables": {' in command  # its config section reaches the step

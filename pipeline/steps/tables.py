@@ -1,9 +1,11 @@
-"""Step ``tables``: Jacobian summary, calibration table and test-split accuracy metrics.
+"""Step ``tables``: Jacobian summary, calibration, accuracy and precision tables.
 
     python -m pipeline.steps.tables [--config-json J] --predictions F... --jacobians F... \
-        [--data F...] --outdir results/tables
+        [--data F...] [--train F --valid F] --outdir results/tables
 
-writes
+or with every output path explicit (what the Snakemake rule passes): ``--summary STEM
+--calibration F --metrics F --precision F`` (each defaults to its fixed name in ``--outdir``).
+Writes
 
 * ``jacobian_summary.{fits,parquet,csv}``: one row per pixel over all stars of all shards
   (:mod:`pipeline.evaluation.jacobian_summary`, in at most ``jacobian.summary_memory_mb``).
@@ -13,6 +15,12 @@ writes
   ``<results>/data/<name>.fits`` beside the catalog's ``<results>/predictions`` directory).
 * ``metrics.json``: bias, RMSE and robust scatter per label on the catalog named ``test``
   (else the last catalog with true labels), in physical units.
+* ``precision.csv``: RMSE and robust scatter of the network on that catalog next to two
+  baselines fitted here on the training split with hyperparameters chosen on the validation
+  split (linear ridge, RBF kernel ridge: :mod:`pipeline.evaluation.precision`), over all stars
+  and per SNR bin, with the ratios to the Cramér–Rao bound for synthetic data. ``--train`` and
+  ``--valid`` default to ``<results>/data/{train,valid}.fits`` beside the catalogs; without
+  them (or with ``tables.baselines.enabled: false``) the table holds the network only.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ from pipeline.artifacts.atomic import atomic_path
 from pipeline.artifacts.catalog import read_catalog, write_table
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
-from pipeline.evaluation import calibration
+from pipeline.evaluation import calibration, precision
 from pipeline.evaluation.jacobian_summary import jacobian_summary
-from pipeline.exceptions import DataError
+from pipeline.exceptions import ConfigError, DataError
 from pipeline.spectra.fits import read_spectra
 from pipeline.spectra.synthetic import cramer_rao_bound
 
@@ -52,18 +60,29 @@ def data_file_for(catalog_path: Path, data_paths: dict) -> Path:
     return catalog_path.parent.parent / "data" / f"{name}.fits"
 
 
-def crb_sigma(table: Table, data_path: Path, config: dict) -> np.ndarray | None:
-    """(N, 3) Cramér–Rao 1-sigma bounds of the catalog's stars, or None when not computable."""
-    if config["data"]["source"] != "synthetic" or not data_path.is_file():
-        return None
-    data = read_spectra(data_path, bad_pixel_err=config["data"]["bad_pixel_err"],
-                        max_bad_pixel_fraction=config["data"]["max_bad_pixel_fraction"])
-    if not data.has_labels:
-        return None
+def read_dataset(path: Path, config: dict, **kwargs):
+    return read_spectra(path, bad_pixel_err=config["data"]["bad_pixel_err"],
+                        max_bad_pixel_fraction=config["data"]["max_bad_pixel_fraction"],
+                        **kwargs)
+
+
+def catalog_rows(table: Table, data, data_path: Path) -> np.ndarray:
+    """Row of each catalog star (by STAR_ID) in the dataset ``data`` read from ``data_path``."""
     row = pd.Index(data.star_id).get_indexer(np.asarray(table["STAR_ID"]).astype(str))
     if np.any(row < 0):
         raise DataError(f"'{data_path}': has no star '{table['STAR_ID'][np.argmin(row)]}' "
                         "of the catalog; pass the catalog's own dataset with --data")
+    return row
+
+
+def crb_sigma(table: Table, data_path: Path, config: dict) -> np.ndarray | None:
+    """(N, 3) Cramér–Rao 1-sigma bounds of the catalog's stars, or None when not computable."""
+    if config["data"]["source"] != "synthetic" or not data_path.is_file():
+        return None
+    data = read_dataset(data_path, config)
+    if not data.has_labels:
+        return None
+    row = catalog_rows(table, data, data_path)
     bound = cramer_rao_bound(data.label_array()[row], data.flux_err[row], wave=data.wave)
     return np.sqrt(np.einsum("nii->ni", np.asarray(bound, np.float64)))
 
@@ -91,6 +110,65 @@ def accuracy(name: str, table: Table) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- precision
+def baselines(train_path: Path, valid_path: Path, config: dict):
+    """Ridge and kernel ridge fitted on the training split, tuned on the validation split."""
+    cfg = config["tables"]["baselines"]
+    chunk = cfg["chunk_size"]
+    options = {"require_labels": True, "nan_labels": config["data"]["nan_labels"]}
+    train = read_dataset(train_path, config, **options)
+    train.flux_err = None  # N x P x 4 bytes the fits never use
+    valid = read_dataset(valid_path, config, **options)
+    valid.flux_err = None
+    if train.n_pixels != valid.n_pixels or not np.allclose(train.wave, valid.wave):
+        raise DataError(f"'{valid_path}' is not on the wavelength grid of '{train_path}'")
+    ridge = precision.fit_ridge(train.flux, train.label_array(), valid.flux,
+                                valid.label_array(), cfg["ridge_alphas"], chunk=chunk)
+    kernel = precision.fit_kernel_ridge(
+        train.flux, train.label_array(), valid.flux, valid.label_array(),
+        cfg["kernel_length_factors"], cfg["kernel_alphas"], max_stars=cfg["kernel_stars"],
+        seed=config["seed"], chunk=chunk)
+    return ridge, kernel, train.wave
+
+
+def precision_table(name: str, table: Table, data_path: Path, train_path: Path | None,
+                    valid_path: Path | None, crb: np.ndarray | None,
+                    config: dict) -> pd.DataFrame:
+    """precision.csv of catalog ``table`` (see docs/outputs.md); ``crb``: its stars'
+    Cramér–Rao bounds (:func:`crb_sigma`) or None."""
+    truth = np.stack([np.asarray(table[f"{label}_TRUE"], np.float64) for label in LABELS], 1)
+    predictions = {"NN": np.stack([np.asarray(table[label], np.float64) for label in LABELS], 1)}
+    data = read_dataset(data_path, config) if data_path.is_file() else None
+    extra = {}
+    cfg = config["tables"]["baselines"]
+    if cfg["enabled"] and train_path is not None and valid_path is not None:
+        if data is None:
+            raise DataError(f"'{data_path}': the dataset of catalog '{name}' is needed for the "
+                            "baselines of precision.csv; pass it with --data")
+        ridge, kernel, wave = baselines(train_path, valid_path, config)
+        if data.n_pixels != wave.size or not np.allclose(data.wave, wave):
+            raise DataError(f"'{data_path}' is not on the wavelength grid of '{train_path}'")
+        row = catalog_rows(table, data, data_path)
+        flux = data.flux[row]
+        predictions["RIDGE"] = ridge.predict(flux, cfg["chunk_size"])
+        predictions["KRR"] = kernel.predict(flux, cfg["chunk_size"])
+        for k, label in enumerate(LABELS):
+            extra[label] = {"RIDGE_ALPHA": ridge.alpha[k], "KRR_ALPHA": kernel.alpha[k],
+                            "KRR_LENGTH_SCALE": kernel.length[k],
+                            "KRR_N_TRAIN": kernel.n_train}
+    elif cfg["enabled"]:
+        log.warning("precision.csv: no training/validation dataset (--train, --valid); "
+                    "the table holds the network only, without baselines")
+    snr = None
+    if "SNR" in table.colnames:
+        snr = np.asarray(table["SNR"], np.float64)
+    elif data is not None and "SNR" in data.labels.colnames:
+        snr = np.asarray(data.labels["SNR"], np.float64)[catalog_rows(table, data, data_path)]
+    rows = precision.precision_rows(truth, predictions, snr=snr, crb=crb,
+                                    n_bins=config["tables"]["snr_bins"], extra=extra)
+    return pd.DataFrame([{"CATALOG": name, **r} for r in rows])
+
+
 def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
@@ -106,12 +184,49 @@ def build_parser():
     parser.add_argument("--jacobians", nargs="+", required=True, help="Jacobian shard files")
     parser.add_argument("--data", nargs="*", default=[],
                         help="dataset FITS of the catalogs (matched by file stem)")
-    parser.add_argument("--outdir", required=True, help="output directory")
+    parser.add_argument("--train", help="training dataset FITS of the baselines "
+                        "(default: <results>/data/train.fits beside the catalogs)")
+    parser.add_argument("--valid", help="validation dataset FITS of the baselines "
+                        "(default: <results>/data/valid.fits beside the catalogs)")
+    parser.add_argument("--outdir", help="output directory: default of every output below")
+    parser.add_argument("--summary", help="Jacobian summary path without extension "
+                        "(.fits, .parquet, .csv are written); default OUTDIR/jacobian_summary")
+    parser.add_argument("--calibration", help="default OUTDIR/calibration.csv")
+    parser.add_argument("--metrics", help="default OUTDIR/metrics.json")
+    parser.add_argument("--precision", help="default OUTDIR/precision.csv")
     return parser
 
 
+OUTPUT_NAMES = {"summary": "jacobian_summary", "calibration": "calibration.csv",
+                "metrics": "metrics.json", "precision": "precision.csv"}
+
+
+def output_paths(args) -> dict:
+    """Every output path: the explicit option, else its fixed name in --outdir."""
+    out = {}
+    for key, name in OUTPUT_NAMES.items():
+        given = getattr(args, key)
+        if given is None and args.outdir is None:
+            raise ConfigError(f"tables: no path for the {key} output; pass --{key} or --outdir")
+        out[key] = Path(given) if given is not None else Path(args.outdir) / name
+    return out
+
+
+def baseline_data(args, catalog_path: Path, data_paths: dict) -> tuple:
+    """The --train / --valid datasets; defaults beside the catalogs when those files exist."""
+    found = []
+    for split in ("train", "valid"):
+        given = getattr(args, split)
+        if given is not None:
+            found.append(Path(given))
+            continue
+        path = data_file_for(catalog_path.with_name(f"{split}.fits"), data_paths)
+        found.append(path if path.is_file() else None)
+    return tuple(found)
+
+
 def run(args, config: dict) -> None:
-    outdir = Path(args.outdir)
+    paths = output_paths(args)
     data_paths = {Path(p).stem: Path(p) for p in args.data}
     header = provenance(config)
     catalogs = [(Path(p).stem, Path(p), read_catalog(Path(p))) for p in args.predictions]
@@ -123,20 +238,25 @@ def run(args, config: dict) -> None:
     if not truth:
         raise DataError(f"none of the catalogs {args.predictions} has true labels "
                         "(TEFF_TRUE, LOGG_TRUE, FE_H_TRUE): calibration needs labelled splits")
-    rows = []
+    rows, crbs = [], {}
     for name, path, table in truth:
-        crb = crb_sigma(table, data_file_for(path, data_paths), config)
-        rows += calibration_rows(name, table, crb, config["predict"]["calibration_bins"])
+        crbs[name] = crb_sigma(table, data_file_for(path, data_paths), config)
+        rows += calibration_rows(name, table, crbs[name], config["predict"]["calibration_bins"])
     test = next((c for c in truth if c[0] == "test"), truth[-1])
     metrics = {"provenance": header, **accuracy(test[0], test[2])}
+    train_path, valid_path = baseline_data(args, test[1], data_paths)
+    precise = precision_table(test[0], test[2], data_file_for(test[1], data_paths), train_path,
+                              valid_path, crbs[test[0]], config)
     summary = jacobian_summary(args.jacobians, config["jacobian"]["summary_memory_mb"])
-    write_table(summary, outdir / "jacobian_summary", header, extname="JACOBIAN_SUMMARY")
-    with atomic_path(outdir / "calibration.csv") as tmp:
+    write_table(summary, paths["summary"], header, extname="JACOBIAN_SUMMARY")
+    with atomic_path(paths["calibration"]) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.8g")
-    with atomic_path(outdir / "metrics.json") as tmp:
+    with atomic_path(paths["metrics"]) as tmp:
         tmp.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
-    log.info("tables: %d pixels, %d calibration rows, metrics of '%s' -> %s",
-             len(summary), len(rows), test[0], outdir)
+    with atomic_path(paths["precision"]) as tmp:
+        precise.to_csv(tmp, index=False, float_format="%.8g")
+    log.info("tables: %d pixels, %d calibration rows, metrics and precision of '%s' -> %s",
+             len(summary), len(rows), test[0], ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":
