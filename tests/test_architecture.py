@@ -165,3 +165,38 @@ main(step.build_parser, step.run, args + (["input"] if positional else []))
                          cwd=REPO, timeout=300)
     assert "THREADS 1 1" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "cuInit" not in out.stderr and "cuda drivers" not in out.stderr, out.stderr
+
+
+# --------------------------------------------------------------------------- console command
+def test_console_command_is_installed_and_names_itself():
+    import tomllib
+
+    from pipeline.steps import console
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["stellar-laplace"] == "pipeline.steps.console:main"
+    for name in [*console.STEPS, "info"]:
+        with pytest.raises(SystemExit) as stop:
+            console.main([name, "--help"])
+        assert stop.value.code == 0
+    assert console.main(["no-such-command"]) == 2
+
+
+def test_console_help_shows_the_command_as_typed(capsys):
+    from pipeline.steps import console
+
+    with pytest.raises(SystemExit):
+        console.main(["predict", "--help"])
+    assert capsys.readouterr().out.startswith("usage: stellar-laplace predict ")
+    assert console.main([]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in console.SUMMARY)
+
+
+def test_console_info_describes_a_model(tiny_model_dir, tiny_posterior_file, capsys):
+    from pipeline.steps import console
+
+    assert console.main(["info", str(tiny_model_dir), "--posterior",
+                         str(tiny_posterior_file)]) == 0
+    out = capsys.readouterr().out
+    assert "wavelength grid" in out and "TEFF" in out and "posterior" in out
