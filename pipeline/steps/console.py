@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LABELS, __version__, cli
+from pipeline.artifacts.model_dir import load_trained
+from pipeline.laplace import Posterior
 from pipeline.steps import data, figures, jacobian, laplace, predict, tables, train
 
 PROG = "stellar-laplace"
@@ -43,9 +45,6 @@ def info_parser() -> argparse.ArgumentParser:
 
 def run_info(args, config: dict) -> None:
     """Print what a model directory holds: network, grid, label ranges, provenance."""
-    from pipeline.artifacts.model_dir import load_trained
-    from pipeline.laplace import Posterior
-
     model, scaler, wave = load_trained(args.model)
     print(f"model directory  {Path(args.model)}")
     print(f"network          {model.name}: {model.count_params():,} weights, "
