@@ -36,22 +36,24 @@ def detect_format(path: str | Path) -> str:
             return "apstar"
         raise DataError(f"input directory '{path}' holds no apStar*.fits files; pass a "
                         "canonical dataset FITS, an apStar file or a directory of them")
-    try:
-        with fits.open(path, memmap=True) as hdul:
-            names = [hdu.name for hdu in hdul]
-            if all(name in names for name in CANONICAL_HDUS):
-                return "fits"
-            header = hdul[0].header
-            images = [hdu.header.get("NAXIS1") for hdu in hdul[1:4]
-                      if hdu.header.get("NAXIS", 0) >= 1]
-            n_wave = header.get("NWAVE", images[0] if images else None)
-            if ("CRVAL1" in header and "CDELT1" in header and len(images) == 3
-                    and all(n == n_wave for n in images)):
-                return "apstar"
-            found = ", ".join(f"{i}:{hdu.name or '(no name)'} {getattr(hdu.data, 'shape', '')}"
-                              for i, hdu in enumerate(hdul))
-    except OSError as exc:
+    try:  # headers only: a damaged data block is the format reader's to report
+        with fits.open(path, memmap=True, lazy_load_hdus=False) as hdul:
+            headers = [(hdu.name, hdu.header) for hdu in hdul]
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError on damage
         raise DataError(f"input '{path}' is not a readable FITS file ({exc})") from None
+    names = [name for name, _ in headers]
+    if any(name in names for name in CANONICAL_HDUS):
+        return "fits"  # the canonical reader names any missing HDU precisely
+    primary = headers[0][1]
+    sizes = [h.get("NAXIS1") for _, h in headers[1:4] if h.get("NAXIS", 0) >= 1]
+    n_wave = primary.get("NWAVE", sizes[0] if sizes else None)
+    if ("CRVAL1" in primary and "CDELT1" in primary and len(sizes) == 3
+            and all(n == n_wave for n in sizes)):
+        return "apstar"
+    found = ", ".join(
+        f"{i}:{name or '(no name)'} "
+        f"{tuple(h.get(f'NAXIS{a}') for a in range(h.get('NAXIS', 0), 0, -1))}"
+        for i, (name, h) in enumerate(headers))
     raise DataError(f"input '{path}' is neither a canonical dataset FITS (HDUs "
                     f"{', '.join(CANONICAL_HDUS)}) nor an apStar file (CRVAL1/CDELT1 in the "
                     f"primary header, flux, error and bitmask images in HDUs 1-3); found HDUs "
