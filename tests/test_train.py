@@ -79,6 +79,13 @@ def test_loss_decreases_and_outputs(toy, tmp_path):
     np.testing.assert_array_equal(scaler2.scale, scaler.scale)
     assert weights_equal(model, loaded)
     assert getattr(loaded, "optimizer", None) is None  # the deliverable is for inference
+    # the input normalization learned on the training flux travels inside model.keras
+    flux64 = train.flux.astype(np.float64)
+    norm = loaded.get_layer("flux_norm")
+    np.testing.assert_allclose(norm.adapt_mean.numpy(), flux64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(norm.adapt_variance.numpy(), flux64.var(0), rtol=1e-5)
+    np.testing.assert_array_equal(loaded.predict(valid.flux, verbose=0),
+                                  model.predict(valid.flux, verbose=0))
     on_disk = np.loadtxt(tmp_path / "history.csv", delimiter=",", skiprows=1)
     np.testing.assert_allclose(on_disk[:, 2], history["val_loss"], rtol=1e-8)
 

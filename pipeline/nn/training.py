@@ -40,7 +40,12 @@ from pipeline.artifacts.model_dir import MODEL_FILE, load_model_file, write_mode
 from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import DataError, GridMismatchError, NumericalError, OutputError
 from pipeline.laplace.curvature import Head
-from pipeline.nn.model import build_model
+from pipeline.nn.model import (
+    build_model,
+    flux_statistics,
+    refresh_normalization,
+    set_input_normalization,
+)
 from pipeline.nn.scaler import LabelScaler
 from pipeline.runtime import device_name, seed_everything
 from pipeline.spectra.dataset import Spectra
@@ -203,7 +208,8 @@ class TrainingMonitor(keras.callbacks.Callback):
             raise NumericalError(f"non-finite validation loss at epoch {epoch + 1}; the last "
                                  f"good checkpoint (epoch {state.epoch}) is kept in "
                                  f"'{self.root}'; lower train.learning_rate")
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.variables):
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.variables
+                   if v.dtype in ("float16", "bfloat16", "float32", "float64")):
             # ReLU maps NaN to 0, so NaN weights can hide behind a finite loss.
             raise NumericalError(f"non-finite weights after epoch {epoch + 1}; the last good "
                                  f"checkpoint (epoch {state.epoch}) is kept in '{self.root}'; "
@@ -262,10 +268,16 @@ def validation_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int) -> tf.d
 
 
 # ---------------------------------------------------------------------------------- main entry
-def compiled_model(n_pixels: int, config: dict):
-    """The config's network, compiled with Adam and MSE (a fresh optimizer, not yet built)."""
+def compiled_model(n_pixels: int, config: dict, flux_stats=None):
+    """The config's network, compiled with Adam and MSE (a fresh optimizer, not yet built).
+
+    ``flux_stats`` = (mean, variance) per pixel of the training flux go into the input
+    normalization layer (``model.input_normalization``).
+    """
     tcfg = config["train"]
     model = build_model(n_pixels, config["model"], int(config["seed"]))
+    if flux_stats is not None:
+        set_input_normalization(model, *flux_stats)
     optimizer = keras.optimizers.Adam(learning_rate=tcfg["learning_rate"], beta_1=tcfg["beta_1"],
                                       beta_2=tcfg["beta_2"], epsilon=tcfg["epsilon"])
     model.compile(optimizer=optimizer, loss="mse", jit_compile=tcfg.get("jit_compile", "auto"))
@@ -341,11 +353,13 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     fingerprint = run_fingerprint(config, train, valid)
     root = outdir / CHECKPOINTS
 
-    model = compiled_model(train.n_pixels, config)
+    stats = (flux_statistics(flux_train) if config["model"].get("input_normalization", True)
+             else None)
+    model = compiled_model(train.n_pixels, config, stats)
     state = resume(root, model, fingerprint)
     if state is None:
         shutil.rmtree(root, ignore_errors=True)  # stale checkpoints must never be resumed
-        model, state = compiled_model(train.n_pixels, config), TrainingState(fingerprint)
+        model, state = compiled_model(train.n_pixels, config, stats), TrainingState(fingerprint)
     if state.stopped or state.epoch >= tcfg["epochs"]:
         log.info("training had already finished after epoch %d", state.epoch)
     else:
@@ -364,6 +378,7 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     es = tcfg["early_stopping"]
     if es["enabled"] and es["restore_best_weights"] and state.best_epoch != state.epoch:
         model.set_weights(state.best_weights)
+        refresh_normalization(model)
         log.info("restored the weights of epoch %d (val_loss %.5f)", state.best_epoch,
                  state.best_loss)
     if tcfg["refit_last_layer"]:
@@ -407,6 +422,7 @@ def write_outputs(outdir: Path, model, scaler: LabelScaler, wave: np.ndarray,
                   history: pd.DataFrame, config: dict) -> None:
     """The model directory, with an inference copy of ``model`` (no optimizer state)."""
     export = build_model(model.input_shape[-1], config["model"], int(config["seed"]))
-    export.set_weights(model.get_weights())
+    export.set_weights(model.get_weights())  # includes the input normalization statistics
+    refresh_normalization(export)
     write_model_dir(outdir, export, scaler, wave, history,
                     provenance(config, device=device_name()))
