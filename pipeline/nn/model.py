@@ -63,6 +63,20 @@ def flux_statistics(flux, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarra
     return mean, variance
 
 
+def input_statistics(flux, scale: str = "pixel") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance (P,) for the ``flux_norm`` layer (config ``model.input_scale``).
+
+    'pixel': each pixel's own variance (full standardization). 'global': every pixel is
+    centred by its own mean but divided by one common standard deviation, the root mean of
+    the per-pixel variances: the relative weight of the pixels (strong lines vary most) is kept
+    while the input is centred and of unit size.
+    """
+    mean, variance = flux_statistics(flux)
+    if _choice(scale, ("pixel", "global"), "model.input_scale") == "global":
+        variance = np.full_like(variance, float(np.mean(variance)))
+    return mean, variance
+
+
 def set_input_normalization(model, mean, variance) -> bool:
     """Store per-pixel ``mean`` and ``variance`` in the model's ``flux_norm`` layer.
 
