@@ -468,7 +468,11 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
         lam = ridge * n
         if prior:
             lam += sigma2[k] * d / max(float(np.sum(current[:-1, k] ** 2)), 1e-300)
-        w[:, k] = np.linalg.solve(gram + np.diag(np.r_[np.full(d, lam), 0.0]), rhs[:, k])
+        system = gram + np.diag(np.r_[np.full(d, lam), 0.0])
+        try:
+            w[:, k] = np.linalg.solve(system, rhs[:, k])
+        except np.linalg.LinAlgError:  # no ridge and dead units: the minimum-norm solution
+            w[:, k] = np.linalg.lstsq(system, rhs[:, k], rcond=None)[0]
     report = {"train_mse_before": float(np.mean(sigma2)),
               "train_mse_after": float(np.mean((design @ w - z) ** 2))}
     accepted = True
