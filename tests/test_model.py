@@ -131,6 +131,14 @@ def test_flux_statistics_match_numpy_and_guard_constant_pixels(rng):
     expected = ((ref - ref.mean(0)) ** 2).mean(0)
     expected[[3, 5]] = 1.0
     np.testing.assert_allclose(var, expected, rtol=1e-11)
+    from pipeline.nn.model import input_statistics
+
+    mean_g, var_g = input_statistics(flux, "global")
+    np.testing.assert_array_equal(mean_g, mean)
+    varying = np.ones(9, bool)
+    varying[[3, 5]] = False  # constant pixels do not enter the common divisor
+    np.testing.assert_allclose(var_g, np.full(9, expected[varying].mean()), rtol=1e-11)
+    np.testing.assert_allclose(input_statistics(flux, "pixel")[1], expected, rtol=1e-11)
 
 
 @pytest.mark.parametrize("kind", ["dense", "cnn"])

@@ -12,7 +12,8 @@ standardized labels ``z = (y - mean) / scale`` as ``(N, 3)`` in the order of
   one max-pooling by ``model.cnn.pool_size``, is flattened and enters the same dense head.
 
 With ``model.input_normalization`` (default true) a ``keras.layers.Normalization`` layer
-(``flux_norm``) follows the input: ``(flux - mean) / sqrt(variance)`` per pixel, with the
+(``flux_norm``) follows the input: ``(flux - mean) / sqrt(variance)`` per pixel (one common
+variance with ``model.input_scale: global``, the default), with the
 mean and variance of the training flux (:func:`flux_statistics`, set by
 :func:`set_input_normalization`) stored as non-trainable weights inside the model. The model
 still takes the normalized flux as read, so predict, input Jacobians and the Laplace head are
@@ -40,13 +41,8 @@ MIN_PIXEL_STD = 1e-6  # below this a training pixel counts as constant: centred,
 
 
 # ------------------------------------------------------------------------ input normalization
-def flux_statistics(flux, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel mean and variance (ddof 0) of the training flux, float64 (P,) each.
-
-    Summed in float64 over row chunks (no float64 copy of the whole flux). A pixel whose
-    standard deviation is below ``MIN_PIXEL_STD`` (constant over the training set, e.g. bad in
-    every star and set to 1) gets variance 1: it is centred, never divided by ~0.
-    """
+def _moments(flux, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and variance (ddof 0), float64, summed over row chunks."""
     flux = np.asarray(flux)
     if flux.ndim != 2 or len(flux) < 1:
         raise DataError(f"flux statistics need an (N, P) array with N >= 1, got {flux.shape}")
@@ -58,23 +54,36 @@ def flux_statistics(flux, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarra
     sq = np.zeros(flux.shape[1])
     for s in range(0, n, chunk_size):
         sq += ((flux[s:s + chunk_size].astype(np.float64) - mean) ** 2).sum(axis=0)
-    variance = sq / n
+    return mean, sq / n
+
+
+def flux_statistics(flux, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and variance (ddof 0) of the training flux, float64 (P,) each.
+
+    Summed in float64 over row chunks (no float64 copy of the whole flux). A pixel whose
+    standard deviation is below ``MIN_PIXEL_STD`` (constant over the training set, e.g. bad in
+    every star and set to 1) gets variance 1: it is centred, never divided by ~0.
+    """
+    mean, variance = _moments(flux, chunk_size)
     variance[~(variance >= MIN_PIXEL_STD**2)] = 1.0
     return mean, variance
 
 
-def input_statistics(flux, scale: str = "pixel") -> tuple[np.ndarray, np.ndarray]:
+def input_statistics(flux, scale: str = "global") -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance (P,) for the ``flux_norm`` layer (config ``model.input_scale``).
 
-    'pixel': each pixel's own variance (full standardization). 'global': every pixel is
-    centred by its own mean but divided by one common standard deviation, the root mean of
-    the per-pixel variances: the relative weight of the pixels (strong lines vary most) is kept
-    while the input is centred and of unit size.
+    'pixel': :func:`flux_statistics`, each pixel's own variance (full standardization).
+    'global': every pixel is centred by its own mean but divided by one common standard
+    deviation, the root mean of the variances of the non-constant pixels: the relative weight
+    of the pixels (strong lines vary most, continuum pixels only by noise) is kept while the
+    input is centred and of unit size.
     """
-    mean, variance = flux_statistics(flux)
-    if _choice(scale, ("pixel", "global"), "model.input_scale") == "global":
-        variance = np.full_like(variance, float(np.mean(variance)))
-    return mean, variance
+    if _choice(scale, ("pixel", "global"), "model.input_scale") == "pixel":
+        return flux_statistics(flux)
+    mean, variance = _moments(flux)
+    varying = variance >= MIN_PIXEL_STD**2
+    common = float(np.mean(variance[varying])) if varying.any() else 1.0
+    return mean, np.full_like(variance, common)
 
 
 def set_input_normalization(model, mean, variance) -> bool:

@@ -385,7 +385,7 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     fingerprint = run_fingerprint(config, train, valid)
     root = outdir / CHECKPOINTS
 
-    stats = (input_statistics(flux_train, config["model"].get("input_scale", "pixel"))
+    stats = (input_statistics(flux_train, config["model"].get("input_scale", "global"))
              if config["model"].get("input_normalization", True) else None)
     steps = math.ceil(train.n_stars / tcfg["batch_size"])
     model = compiled_model(train.n_pixels, config, stats, steps)
