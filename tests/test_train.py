@@ -201,7 +201,8 @@ def test_cosine_schedule_warms_up_and_decays():
     np.testing.assert_allclose([lr(0), lr(5), lr(10)], [1e-4, 5.5e-4, 1e-3], rtol=1e-5)
     np.testing.assert_allclose(lr(30), 1e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)  # t = 1/2
     np.testing.assert_allclose(lr(50), 1e-4, rtol=1e-5)
-    assert train_mod.learning_rate(tiny_config()["train"]) == pytest.approx(2e-3)  # plateau
+    plateau = tiny_config(schedule={"type": "plateau"})["train"]
+    assert train_mod.learning_rate(plateau) == pytest.approx(2e-3)
 
 
 def test_cosine_schedule_resumes_identically(tmp_path):
@@ -286,7 +287,8 @@ class _StopAfter(keras.callbacks.Callback):
 def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
     train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
     cfg = tiny_config(model={"hidden": [64, 64]}, epochs=12, batch_size=16,
-                      learning_rate=3e-3, early_stopping={"patience": 20})
+                      learning_rate=3e-3, early_stopping={"patience": 20},
+                      schedule={"type": "plateau"})
     caplog.set_level("INFO", logger="pipeline.nn.training")
     ref, _, ref_hist = train_mod.train_model(cfg, train, valid, tmp_path / "ref")
     assert "learning rate" in caplog.text, "the case must also resume a reduced learning rate"
