@@ -15,7 +15,7 @@ def test_defaults_filled_recursively():
     assert cfg["laplace"]["last_layers"] == 2
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml", "paper.yaml", "dwarfs.yaml"])
 def test_shipped_configs_validate(name):
     path = REPO / "config" / name
     if not path.exists():
@@ -53,3 +53,20 @@ def test_string_overrides_coerced_to_schema_types():
     assert cfg["jacobian"]["shards"] == 5
     assert cfg["train"]["learning_rate"] == pytest.approx(1e-3)
     assert cfg["data"]["synthetic"]["teff_range"] == [4000, 6000]
+
+
+def test_dwarfs_config_is_the_dwarf_box():
+    cfg = load_config(REPO / "config" / "dwarfs.yaml")
+    data, syn = cfg["data"], cfg["data"]["synthetic"]
+    assert (data["n_train"], data["n_valid"], data["n_test"]) == (4200, 900, 900)
+    assert (syn["snr_min"], syn["snr_max"]) == (40, 200)
+    assert syn["teff_range"] == [4340, 6860] and syn["logg_range"] == [4.05, 4.94]
+    assert syn["feh_range"] == [-0.73, 0.32]
+    import numpy as np
+
+    from pipeline.spectra.synthetic import sample_labels
+
+    labels = sample_labels(5000, np.random.default_rng(0), cfg)
+    for j, (lo, hi) in enumerate((syn["teff_range"], syn["logg_range"], syn["feh_range"])):
+        assert lo <= labels[:, j].min() and labels[:, j].max() <= hi
+        assert np.ptp(labels[:, j]) > 0.5 * (hi - lo)  # the box is filled, not one corner

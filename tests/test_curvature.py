@@ -136,3 +136,74 @@ def test_indefinite_hessian_is_reported_and_handled(rng):
     np.testing.assert_allclose(fallback, ggn_blocks(head, phi), rtol=1e-12)
     with pytest.raises(ConfigError, match="laplace.curvature"):
         curvature_blocks(head, phi, y, "kfac")
+
+
+# ------------------------------------------------------------------ head check tolerance
+def cancelling_model(m: int = 32, seed: int = 0):
+    """float32 16 -> 2m (relu) -> 3 whose output terms of size ~40 cancel to an output ~1.
+
+    The hidden units come in identical pairs (a_j = a_{j+m} bit for bit); the output weights
+    are 20 + d_j and -20, so f = sum_j a_j d_j ~ 1 while sum_j |a_j w_j| ~ 2400, as in the
+    least-squares refit on the dwarf-star data (weights up to 22).
+    """
+    rng = np.random.default_rng(seed)
+    inp = keras.Input((16,))
+    h = keras.layers.Dense(2 * m, "relu", name="hidden")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="labels")(h))
+    k = np.abs(rng.normal(0, 0.25, (16, m)))
+    model.get_layer("hidden").set_weights([np.hstack([k, k]).astype("f4"), np.zeros(2 * m, "f4")])
+    w = np.vstack([20 + rng.normal(0, 0.05, (m, 3)), np.full((m, 3), -20.0)])
+    model.get_layer("labels").set_weights([w.astype("f4"), np.zeros(3, "f4")])
+    return model
+
+
+def test_head_check_allows_float32_rounding_of_cancelling_terms():
+    model = cancelling_model()
+    x = np.random.default_rng(1).uniform(0, 1, (8, 16)).astype("f4")
+    ref = np.asarray(model(x), np.float64)
+    # reference in float64 numpy, independent of the head code
+    a = np.maximum(x.astype(np.float64) @ model.get_layer("hidden").kernel.numpy(), 0)
+    kernel = model.get_layer("labels").kernel.numpy().astype(np.float64)
+    f64 = a @ kernel
+    terms = np.abs(a) @ np.abs(kernel)
+    assert np.abs(ref).max() < 2 and 1500 < terms.max() < 4000
+    # the fixed rtol = 1e-4 (relative to max(|f|, 1)) of the old check fails on this model
+    scale = max(np.abs(ref).max(), 1.0)
+    assert not np.allclose(f64, ref, rtol=1e-4, atol=1e-4 * scale)
+    for last_layers in (1, 2):
+        head = Head(model, last_layers)
+        extra = (np.abs(x) @ np.abs(model.get_layer("hidden").kernel.numpy())) @ np.abs(kernel)
+        expected = terms + extra * (last_layers == 2)  # |x||W1| carried through the relu
+        np.testing.assert_allclose(head.rounding_scale(head.features(x)), expected, rtol=1e-6)
+        head.check(x)
+
+
+def test_head_check_still_rejects_a_wrong_head():
+    from pipeline.exceptions import ModelFileError
+
+    x = np.random.default_rng(1).uniform(0, 1, (8, 16)).astype("f4")
+    # a kernel of the head differing by 1e-3 relative from the model's
+    model = cancelling_model()
+    head = Head(model, 1)
+    params = head.params()
+    params[0] = params[0] * (1 + 1e-3 * np.random.default_rng(2).standard_normal(params[0].shape))
+    head.params = lambda theta=None: params
+    with pytest.raises(ModelFileError, match="do not form a chain"):
+        head.check(x)
+    # a skip connection: the output is not a chain of the last Dense layers
+    inp = keras.Input((16,))
+    h0 = keras.layers.Dense(3, "tanh")(inp)
+    out = keras.layers.Add()([keras.layers.Dense(3)(h0), h0])
+    with pytest.raises(ModelFileError, match="do not form a chain"):
+        Head(keras.Model(inp, out), 1).check(x)
+    # an ordinary float32 network passes, and a 1e-3 perturbation of it fails
+    set_seed(3)
+    plain = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, "relu"),
+                              keras.layers.Dense(3)])
+    Head(plain, 2).check(x)
+    head = Head(plain, 2)
+    params = head.params()
+    params[2] = params[2] * (1 + 1e-3)
+    head.params = lambda theta=None: params
+    with pytest.raises(ModelFileError, match="differs from the model"):
+        head.check(x)

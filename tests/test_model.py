@@ -51,7 +51,8 @@ def test_reference_network_size_and_layers():
     model = build_model(7213, model_cfg(), seed=0)
     widths = [7213, 2048, 1024, 512, 256, 128, 32, 3]
     expected = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    assert model.count_params() == expected == 17_565_699  # the reference network: 17.6 M
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == expected == 17_565_699  # the reference network: 17.6 M
     layers = dense_layers(model)
     assert [layer.units for layer in layers] == widths[1:]
     assert all(type(layer) is keras.layers.Dense for layer in layers)  # the Laplace subset
@@ -100,11 +101,12 @@ def test_initializer_is_seeded_and_scaled():
     c = build_model(2000, model_cfg(hidden=[500, 8]), seed=5)
     assert all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights(),
                                                     strict=True))
-    assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+    first = lambda m: m.get_layer("dense_0").kernel.numpy()  # noqa: E731
+    assert not np.array_equal(first(a), first(c))
     # he_normal: truncated normal with standard deviation sqrt(2 / fan_in); 1e6 draws.
-    np.testing.assert_allclose(a.get_weights()[0].std(), np.sqrt(2 / 2000), rtol=5e-3)
+    np.testing.assert_allclose(first(a).std(), np.sqrt(2 / 2000), rtol=5e-3)
     glorot = build_model(2000, model_cfg(hidden=[500, 8], initializer="glorot_uniform"), 4)
-    np.testing.assert_allclose(glorot.get_weights()[0].std(), np.sqrt(2 / 2500), rtol=5e-3)
+    np.testing.assert_allclose(first(glorot).std(), np.sqrt(2 / 2500), rtol=5e-3)
 
 
 def test_unknown_choices_are_config_errors():
@@ -114,6 +116,60 @@ def test_unknown_choices_are_config_errors():
         validate({"model": {"activation": "rleu"}})
     with pytest.raises(ConfigError, match="model.type"):
         build_model(10, {"type": "transformer"}, seed=0)
+
+
+# ----------------------------------------------------------------------- input normalization
+def test_flux_statistics_match_numpy_and_guard_constant_pixels(rng):
+    from pipeline.nn.model import flux_statistics
+
+    flux = rng.normal(1.0, 0.05, (1000, 9)).astype(np.float32)
+    flux[:, 3] = 1.0  # bad in every training star
+    flux[:, 5] = 0.7
+    mean, var = flux_statistics(flux, chunk_size=300)  # 4 chunks, the last one short
+    ref = flux.astype(np.float64)
+    np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-13)
+    expected = ((ref - ref.mean(0)) ** 2).mean(0)
+    expected[[3, 5]] = 1.0
+    np.testing.assert_allclose(var, expected, rtol=1e-11)
+    from pipeline.nn.model import input_statistics
+
+    mean_g, var_g = input_statistics(flux, "global")
+    np.testing.assert_array_equal(mean_g, mean)
+    varying = np.ones(9, bool)
+    varying[[3, 5]] = False  # constant pixels do not enter the common divisor
+    np.testing.assert_allclose(var_g, np.full(9, expected[varying].mean()), rtol=1e-11)
+    np.testing.assert_allclose(input_statistics(flux, "pixel")[1], expected, rtol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["dense", "cnn"])
+def test_input_normalization_layer_standardizes_and_survives_copies(kind, rng, tmp_path):
+    from pipeline.nn.model import flux_statistics, refresh_normalization, set_input_normalization
+
+    p = 24
+    cfg = model_cfg(type=kind, hidden=[6], cnn={"filters": [2], "kernel_size": 3})
+    train = rng.normal(0.9, 0.1, (200, p)).astype(np.float32) * np.linspace(0.2, 3, p)
+    train[:, 7] = 1.0  # constant pixel
+    mean, var = flux_statistics(train)
+    model = build_model(p, cfg, seed=1)
+    assert model.layers[1].name == "flux_norm"
+    assert set_input_normalization(model, mean, var)
+    x = rng.normal(0.9, 0.1, (5, p)).astype(np.float32)
+    x[:, 7] = 0.5
+    norm = keras.Model(model.inputs[0], model.get_layer("flux_norm").output)
+    expected = (x.astype(np.float64) - mean) / np.sqrt(var)
+    np.testing.assert_allclose(norm(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.isclose(norm(x).numpy()[0, 7], -0.5, atol=1e-6)  # centred, not divided by ~0
+    # The inference copy of write_outputs: a fresh build + set_weights (+ refresh).
+    copy = build_model(p, cfg, seed=1)
+    copy.set_weights(model.get_weights())
+    refresh_normalization(copy)
+    np.testing.assert_array_equal(copy(x).numpy(), model(x).numpy())
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+    off = build_model(p, model_cfg(type=kind, hidden=[6], input_normalization=False), seed=1)
+    assert "flux_norm" not in [layer.name for layer in off.layers]
+    assert not set_input_normalization(off, mean, var)
 
 
 # ------------------------------------------------------------------------------ label scaler

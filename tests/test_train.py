@@ -79,6 +79,20 @@ def test_loss_decreases_and_outputs(toy, tmp_path):
     np.testing.assert_array_equal(scaler2.scale, scaler.scale)
     assert weights_equal(model, loaded)
     assert getattr(loaded, "optimizer", None) is None  # the deliverable is for inference
+    # the input normalization learned on the training flux travels inside model.keras
+    flux64 = train.flux.astype(np.float64)
+    norm = loaded.get_layer("flux_norm")
+    np.testing.assert_allclose(norm.adapt_mean.numpy(), flux64.mean(0), rtol=1e-6)
+    # default model.input_scale = global: one divisor, the root mean per-pixel variance
+    np.testing.assert_allclose(norm.adapt_variance.numpy(), flux64.var(0).mean(), rtol=1e-5)
+    np.testing.assert_array_equal(loaded.predict(valid.flux, verbose=0),
+                                  model.predict(valid.flux, verbose=0))
+    from pipeline.artifacts.model_dir import read_diagnostics
+
+    diag = read_diagnostics(tmp_path)
+    assert [la["name"] for la in diag["layers"]] == ["dense_0", "dense_1"]
+    assert diag["n_stars"] == valid.n_stars and diag["last_hidden"]["units"] == 16
+    assert {"accepted", "valid_mse_before", "valid_mse_after"} <= set(diag["refit"])
     on_disk = np.loadtxt(tmp_path / "history.csv", delimiter=",", skiprows=1)
     np.testing.assert_allclose(on_disk[:, 2], history["val_loss"], rtol=1e-8)
 
@@ -113,18 +127,93 @@ def test_update_early_stopping_hand_worked_sequence():
 
 
 def test_last_layer_refit_is_the_least_squares_solution(toy, tmp_path):
-    """After the refit the output layer solves the normal equations: residuals of the
-    training set are orthogonal to every penultimate feature and have zero mean."""
+    """Without the prior the refit solves the normal equations: residuals of the training set
+    are orthogonal to every penultimate feature and have zero mean."""
     from pipeline.laplace.curvature import Head
 
     train, valid = toy
-    model, scaler, _ = train_mod.train_model(tiny_config(epochs=2), train, valid, tmp_path)
+    cfg = tiny_config(epochs=2, refit_prior=False)
+    model, scaler, _ = train_mod.train_model(cfg, train, valid, tmp_path)
+    diag = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert diag["refit"]["accepted"], diag["refit"]
+    assert diag["refit"]["valid_mse_after"] < diag["refit"]["valid_mse_before"]
     phi = Head(model, last_layers=1).features(train.flux)
     z = scaler.transform(train.label_array())
     resid = np.asarray(model.predict(train.flux, verbose=0), np.float64) - z
     np.testing.assert_allclose(resid.mean(axis=0), 0.0, atol=1e-5)
     gradient = phi.T @ resid / len(phi)  # d MSE / d W up to a factor 2
     assert np.abs(gradient).max() < 1e-4 * np.abs(phi).max()
+
+
+def _refit_case(seed=0, n=300, p=40):
+    cfg = tiny_config(seed=seed)
+    model = train_mod.compiled_model(p, cfg)
+    rng = np.random.default_rng(seed)
+    flux = rng.normal(1, 0.2, (n, p)).astype(np.float32)
+    z = rng.normal(size=(n, 3))
+    return model, flux, z
+
+
+def test_refit_with_prior_matches_numpy_ridge():
+    """Reference: per-label ridge in float64 numpy, penalty ridge N + sigma_k^2 d / |w_k|^2
+    with sigma_k^2 the training MSE of the trained weights, bias unpenalized."""
+    from pipeline.laplace.curvature import Head
+
+    model, flux, z = _refit_case()
+    layer = model.get_layer("labels")
+    w0 = np.vstack([layer.kernel.numpy(), layer.bias.numpy()[None]]).astype(np.float64)
+    phi = Head(model, last_layers=1).features(flux)
+    n, d = phi.shape
+    a = np.hstack([phi, np.ones((n, 1))])
+    sigma2 = ((a @ w0 - z) ** 2).mean(0)
+    report = train_mod.refit_last_layer(model, flux, z, 64, ridge=1e-3, prior=True)
+    assert report["accepted"]
+    for k in range(3):
+        lam = 1e-3 * n + sigma2[k] * d / np.sum(w0[:-1, k] ** 2)
+        pen = np.diag(np.r_[np.full(d, lam), 0.0])
+        ref = np.linalg.solve(a.T @ a + pen, a.T @ z[:, k])
+        np.testing.assert_allclose(layer.kernel.numpy()[:, k], ref[:-1], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(layer.bias.numpy()[k], ref[-1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(report["train_mse_before"], sigma2.mean(), rtol=1e-10)
+
+
+def test_refit_is_rejected_when_validation_loss_rises():
+    model, flux, z = _refit_case(seed=1)
+    before = [w.copy() for w in model.get_layer("labels").get_weights()]
+    # validation targets = the current predictions: any change of the weights raises its MSE
+    zv = np.asarray(model.predict(flux[:100], verbose=0), np.float64)
+    report = train_mod.refit_last_layer(model, flux, z, 64, ridge=0.0, prior=False,
+                                        valid=(flux[:100], zv))
+    assert not report["accepted"]
+    assert report["valid_mse_after"] > report["valid_mse_before"] < 1e-10
+    assert report["train_mse_after"] < report["train_mse_before"]
+    for got, ref in zip(model.get_layer("labels").get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_cosine_schedule_warms_up_and_decays():
+    """lr(step): linear from f*lr to lr over the warm-up, then lr (f + (1-f)(1+cos(pi t))/2)
+    with t the fraction of the decay steps done (worked by hand)."""
+    tcfg = tiny_config(epochs=10, learning_rate=1e-3,
+                       schedule={"type": "cosine", "warmup_epochs": 2, "min_factor": 0.1})["train"]
+    sched = train_mod.learning_rate(tcfg, steps_per_epoch=5)  # 50 steps, 10 of warm-up
+    lr = lambda step: float(keras.ops.convert_to_numpy(sched(step)))  # noqa: E731
+    np.testing.assert_allclose([lr(0), lr(5), lr(10)], [1e-4, 5.5e-4, 1e-3], rtol=1e-5)
+    np.testing.assert_allclose(lr(30), 1e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)  # t = 1/2
+    np.testing.assert_allclose(lr(50), 1e-4, rtol=1e-5)
+    plateau = tiny_config(schedule={"type": "plateau"})["train"]
+    assert train_mod.learning_rate(plateau) == pytest.approx(2e-3)
+
+
+def test_cosine_schedule_resumes_identically(tmp_path):
+    train, valid = make_spectra(48, 40, 3), make_spectra(32, 40, 4)
+    cfg = tiny_config(epochs=5, batch_size=16, schedule={"type": "cosine"},
+                      early_stopping={"enabled": False})
+    ref, _, ref_hist = train_mod.train_model(cfg, train, valid, tmp_path / "ref")
+    with pytest.raises(_Interrupt):
+        train_mod.train_model(cfg, train, valid, tmp_path / "run", callbacks=[_StopAfter(2)])
+    model, _, hist = train_mod.train_model(cfg, train, valid, tmp_path / "run")
+    assert weights_equal(model, ref) and hist.equals(ref_hist)
 
 
 def test_learning_rate_halves_after_each_plateau():
@@ -198,7 +287,8 @@ class _StopAfter(keras.callbacks.Callback):
 def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
     train, valid = make_spectra(48, 40, 3, noise_labels=True), make_spectra(96, 40, 4)
     cfg = tiny_config(model={"hidden": [64, 64]}, epochs=12, batch_size=16,
-                      learning_rate=3e-3, early_stopping={"patience": 20})
+                      learning_rate=3e-3, early_stopping={"patience": 20},
+                      schedule={"type": "plateau"})
     caplog.set_level("INFO", logger="pipeline.nn.training")
     ref, _, ref_hist = train_mod.train_model(cfg, train, valid, tmp_path / "ref")
     assert "learning rate" in caplog.text, "the case must also resume a reduced learning rate"

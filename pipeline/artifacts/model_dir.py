@@ -5,11 +5,16 @@
     scaler.json   the label scaler (pipeline.nn.scaler.LabelScaler)
     wave.npy      the training wavelength grid, float64 (P,)
     history.csv   epoch, loss, val_loss of the training run
+    diagnostics.json  health of the trained network on the validation spectra: active units
+                  per hidden layer, conditioning of the last hidden features, the output-layer
+                  refit's losses (pipeline.nn.diagnostics)
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from pipeline.nn.scaler import LabelScaler
 log = logging.getLogger(__name__)
 
 MODEL_FILE, SCALER_FILE, WAVE_FILE = "model.keras", "scaler.json", "wave.npy"
-HISTORY_FILE = "history.csv"
+HISTORY_FILE, DIAGNOSTICS_FILE = "history.csv", "diagnostics.json"
 
 
 def write_model_dir(outdir: str | Path, model, scaler: LabelScaler, wave: np.ndarray,
@@ -46,6 +51,47 @@ def write_model_dir(outdir: str | Path, model, scaler: LabelScaler, wave: np.nda
         tmp.unlink(missing_ok=True)
     log.info("wrote %s, %s, %s and %s in %s", WAVE_FILE, SCALER_FILE, HISTORY_FILE, MODEL_FILE,
              outdir)
+
+
+def _json_ready(obj):
+    """NaN and infinities become None: diagnostics.json stays strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_diagnostics(outdir: str | Path, diagnostics: dict) -> Path:
+    """Write ``diagnostics.json`` (strict JSON, non-finite numbers as null) atomically."""
+    path = Path(outdir) / DIAGNOSTICS_FILE
+    text = json.dumps(_json_ready(diagnostics), indent=1, allow_nan=False)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text + "\n")
+    return path
+
+
+def read_diagnostics(path: str | Path) -> dict:
+    """The training diagnostics of a model directory (or of the ``diagnostics.json`` given)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIAGNOSTICS_FILE
+    if not path.is_file():
+        raise ModelFileError(f"'{path}': training diagnostics do not exist; rerun the train "
+                             "step with the current pipeline version")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"'{path}': not readable JSON ({exc}); rerun the train step") \
+            from None
+    if not isinstance(doc, dict) or "layers" not in doc:
+        raise ModelFileError(f"'{path}': no 'layers' entry; rerun the train step with the "
+                             "current pipeline version")
+    return doc
 
 
 def read_history(path: str | Path) -> pd.DataFrame:

@@ -36,11 +36,22 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.artifacts.model_dir import MODEL_FILE, load_model_file, write_model_dir
+from pipeline.artifacts.model_dir import (
+    MODEL_FILE,
+    load_model_file,
+    write_diagnostics,
+    write_model_dir,
+)
 from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import DataError, GridMismatchError, NumericalError, OutputError
 from pipeline.laplace.curvature import Head
-from pipeline.nn.model import build_model
+from pipeline.nn.diagnostics import log_diagnostics, unit_diagnostics
+from pipeline.nn.model import (
+    build_model,
+    input_statistics,
+    refresh_normalization,
+    set_input_normalization,
+)
 from pipeline.nn.scaler import LabelScaler
 from pipeline.runtime import device_name, seed_everything
 from pipeline.spectra.dataset import Spectra
@@ -184,6 +195,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.state, self.root, self.n_stars = state, root, n_stars
         self.es_cfg, self.epochs = config["train"]["early_stopping"], config["train"]["epochs"]
         self.lr_cfg = config["train"]["reduce_lr"]
+        self.plateau = config["train"]["schedule"]["type"] == "plateau"
         self._t0 = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -204,7 +216,8 @@ class TrainingMonitor(keras.callbacks.Callback):
             raise NumericalError(f"non-finite validation loss at epoch {epoch + 1}; the last "
                                  f"good checkpoint (epoch {state.epoch}) is kept in "
                                  f"'{self.root}'; lower train.learning_rate")
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.variables):
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.variables
+                   if v.dtype in ("float16", "bfloat16", "float32", "float64")):
             # ReLU maps NaN to 0, so NaN weights can hide behind a finite loss.
             raise NumericalError(f"non-finite weights after epoch {epoch + 1}; the last good "
                                  f"checkpoint (epoch {state.epoch}) is kept in '{self.root}'; "
@@ -212,12 +225,15 @@ class TrainingMonitor(keras.callbacks.Callback):
         state.epoch = epoch + 1
         state.history.append({"epoch": state.epoch, "loss": loss, "val_loss": val_loss})
         update_early_stopping(state, val_loss, self.model.get_weights, self.es_cfg)
-        update_learning_rate(state, self.model.optimizer, self.lr_cfg)
+        if self.plateau:  # a cosine schedule sets the rate from the step count itself
+            update_learning_rate(state, self.model.optimizer, self.lr_cfg)
         save_checkpoint(self.root, self.model, state)
         seconds = time.perf_counter() - self._t0
-        log.info("epoch %d/%d: loss %.5f, val_loss %.5f (best %.5f at epoch %d), %.1f s, "
-                 "%.0f spectra/s", state.epoch, self.epochs, loss, val_loss, state.best_loss,
-                 state.best_epoch, seconds, self.n_stars / max(seconds, 1e-9))
+        log.info("epoch %d/%d: loss %.5f, val_loss %.5f (best %.5f at epoch %d), lr %.3g, "
+                 "%.1f s, %.0f spectra/s", state.epoch, self.epochs, loss, val_loss,
+                 state.best_loss, state.best_epoch,
+                 float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)), seconds,
+                 self.n_stars / max(seconds, 1e-9))
         if state.stopped:
             log.info("early stopping: no improvement for %d epochs", state.wait)
             self.model.stop_training = True
@@ -263,11 +279,39 @@ def validation_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int) -> tf.d
 
 
 # ---------------------------------------------------------------------------------- main entry
-def compiled_model(n_pixels: int, config: dict):
-    """The config's network, compiled with Adam and MSE (a fresh optimizer, not yet built)."""
+def learning_rate(tcfg: dict, steps_per_epoch: int = 1):
+    """The optimizer's learning rate for config ``train``: a number or a schedule.
+
+    ``schedule.type`` 'plateau': the constant ``learning_rate``, halved on plateaus by
+    ``reduce_lr``. 'cosine': a linear warm-up from ``min_factor * learning_rate`` to
+    ``learning_rate`` over ``warmup_epochs``, then a cosine decay to ``min_factor *
+    learning_rate`` at the last of ``epochs``; a pure function of the optimizer's step count,
+    which every checkpoint saves, so a resumed run continues on the same curve.
+    """
+    sched, lr = tcfg["schedule"], float(tcfg["learning_rate"])
+    if sched["type"] == "plateau":
+        return lr
+    total = max(int(tcfg["epochs"] * steps_per_epoch), 1)
+    warmup = min(int(round(sched["warmup_epochs"] * steps_per_epoch)), total - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr * sched["min_factor"] if warmup else lr,
+        decay_steps=max(total - warmup, 1), alpha=sched["min_factor"],
+        warmup_target=lr if warmup else None, warmup_steps=warmup)
+
+
+def compiled_model(n_pixels: int, config: dict, flux_stats=None, steps_per_epoch: int = 1):
+    """The config's network, compiled with Adam and MSE (a fresh optimizer, not yet built).
+
+    ``flux_stats`` = (mean, variance) per pixel of the training flux go into the input
+    normalization layer (``model.input_normalization``).
+    """
     tcfg = config["train"]
     model = build_model(n_pixels, config["model"], int(config["seed"]))
-    optimizer = keras.optimizers.Adam(learning_rate=tcfg["learning_rate"], beta_1=tcfg["beta_1"],
+    if flux_stats is not None:
+        set_input_normalization(model, *flux_stats)
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate(tcfg, steps_per_epoch),
+                                      weight_decay=tcfg.get("weight_decay") or None,
+                                      beta_1=tcfg["beta_1"],
                                       beta_2=tcfg["beta_2"], epsilon=tcfg["epsilon"])
     model.compile(optimizer=optimizer, loss="mse", jit_compile=tcfg.get("jit_compile", "auto"))
     return model
@@ -343,15 +387,18 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     fingerprint = run_fingerprint(config, train, valid)
     root = outdir / CHECKPOINTS
 
-    model = compiled_model(train.n_pixels, config)
+    stats = (input_statistics(flux_train, config["model"].get("input_scale", "global"))
+             if config["model"].get("input_normalization", True) else None)
+    steps = math.ceil(train.n_stars / tcfg["batch_size"])
+    model = compiled_model(train.n_pixels, config, stats, steps)
     state = resume(root, model, fingerprint)
     if state is None:
         shutil.rmtree(root, ignore_errors=True)  # stale checkpoints must never be resumed
-        model, state = compiled_model(train.n_pixels, config), TrainingState(fingerprint)
+        model = compiled_model(train.n_pixels, config, stats, steps)
+        state = TrainingState(fingerprint)
     if state.stopped or state.epoch >= tcfg["epochs"]:
         log.info("training had already finished after epoch %d", state.epoch)
     else:
-        steps = math.ceil(train.n_stars / tcfg["batch_size"])
         log.info("training %s (%d weights) on %d spectra of %d pixels, %d steps per epoch",
                  model.name, model.count_params(), train.n_stars, train.n_pixels, steps)
         model.fit(
@@ -366,49 +413,104 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     es = tcfg["early_stopping"]
     if es["enabled"] and es["restore_best_weights"] and state.best_epoch != state.epoch:
         model.set_weights(state.best_weights)
+        refresh_normalization(model)
         log.info("restored the weights of epoch %d (val_loss %.5f)", state.best_epoch,
                  state.best_loss)
+    flux_valid = np.asarray(valid.flux, np.float32)
+    refit = None
     if tcfg["refit_last_layer"]:
-        refit_last_layer(model, flux_train, z_train, tcfg["batch_size"], tcfg["refit_ridge"])
+        refit = refit_last_layer(model, flux_train, z_train, tcfg["batch_size"],
+                                 tcfg["refit_ridge"], valid=(flux_valid, z_valid),
+                                 prior=tcfg["refit_prior"])
+    diagnostics = unit_diagnostics(model, flux_valid, tcfg["batch_size"])
+    diagnostics["refit"] = refit
+    log_diagnostics(diagnostics)
     history = pd.DataFrame(state.history, columns=["epoch", "loss", "val_loss"])
-    write_outputs(outdir, model, scaler, train.wave, history, config)
+    write_outputs(outdir, model, scaler, train.wave, history, config, diagnostics)
     return model, scaler, history
 
 
 def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
-                     ridge: float) -> None:
-    """Move the linear output layer to the exact minimizer of the training MSE.
+                     ridge: float, valid=None, prior: bool = True) -> dict:
+    """Move the linear output layer to the regularized least-squares minimizer, if it helps.
 
     The output is linear in the last Dense layer, f = W^T phi(x) + b. Adam with early stopping
     leaves (W, b) near but not at the minimum (on the default run, a mean training residual of
     0.05 sigma in [Fe/H], which then shows up as a bias on every star), while the Laplace
-    approximation takes theta* to be a mode of the loss. With Phi = [phi, 1] (N, d + 1), the
-    normal equations (Phi^T Phi + ridge N I) w = Phi^T z, solved in float64 per label, put it
-    there: the training residuals then have zero mean. ``ridge`` only guards against
-    collinear features (dead ReLUs).
+    approximation takes theta* to be a mode of the loss. Per label k, with Phi = [phi, 1]
+    (N, d + 1), the refit solves in float64
+
+        (Phi^T Phi + diag(lambda_k, ..., lambda_k, 0)) w_k = Phi^T z_k
+
+    (the bias is not penalized, so the training residuals have zero mean). ``lambda_k =
+    ridge N`` plus, with ``prior``, the Gaussian prior of the Laplace step at MacKay's point
+    for the current weights: noise variance sigma_k^2 (the current training MSE of label k)
+    over prior variance |w_k|^2 / d, i.e. lambda_k += sigma_k^2 d / |w_k|^2. Without it,
+    nearly collinear features (dead or duplicate units) get weights of +-20 whose terms cancel
+    and do not generalize.
+
+    With ``valid = (flux, z)`` the refit is kept only if it lowers the validation MSE;
+    otherwise the trained weights stay. Returns the training and validation MSE before and
+    after and whether the refit was accepted (both losses are logged).
     """
     head = Head(model, last_layers=1)
     layer = head.layers[0]
     if layer.activation not in (keras.activations.linear, None):
         log.warning("output layer is not linear: last-layer refit skipped")
-        return
+        return {"accepted": False}
+    z = np.asarray(z, np.float64)
     phi = head.features(flux, batch_size)
-    design = np.hstack([phi, np.ones((len(phi), 1))])
-    gram = design.T @ design + ridge * len(phi) * np.eye(design.shape[1])
-    w = np.linalg.solve(gram, design.T @ np.asarray(z, np.float64))
-    current = np.vstack([layer.kernel.numpy(), layer.bias.numpy()[None]])
-    before = np.mean((design @ current - z) ** 2)
-    layer.kernel.assign(w[:-1].astype(layer.kernel.dtype))
-    layer.bias.assign(w[-1].astype(layer.bias.dtype))
-    after = np.mean((design @ w - z) ** 2)
-    log.info("refitted the output layer by least squares: training MSE %.5f -> %.5f",
-             before, after)
+    n, d = phi.shape
+    design = np.hstack([phi, np.ones((n, 1))])
+    current = np.vstack([layer.kernel.numpy(), layer.bias.numpy()[None]]).astype(np.float64)
+    gram, rhs = design.T @ design, design.T @ z
+    sigma2 = np.mean((design @ current - z) ** 2, axis=0)
+    w = np.empty_like(current)
+    for k in range(z.shape[1]):
+        lam = ridge * n
+        if prior:
+            lam += sigma2[k] * d / max(float(np.sum(current[:-1, k] ** 2)), 1e-300)
+        system = gram + np.diag(np.r_[np.full(d, lam), 0.0])
+        try:
+            w[:, k] = np.linalg.solve(system, rhs[:, k])
+        except np.linalg.LinAlgError:  # no ridge and dead units: the minimum-norm solution
+            w[:, k] = np.linalg.lstsq(system, rhs[:, k], rcond=None)[0]
+    report = {"train_mse_before": float(np.mean(sigma2)),
+              "train_mse_after": float(np.mean((design @ w - z) ** 2))}
+    accepted = True
+    if valid is not None:
+        zv = np.asarray(valid[1], np.float64)
+        dv = np.hstack([head.features(valid[0], batch_size), np.ones((len(zv), 1))])
+        report["valid_mse_before"] = float(np.mean((dv @ current - zv) ** 2))
+        report["valid_mse_after"] = float(np.mean((dv @ w - zv) ** 2))
+        accepted = report["valid_mse_after"] < report["valid_mse_before"]
+    report["accepted"] = accepted
+    if accepted:
+        layer.kernel.assign(w[:-1].astype(layer.kernel.dtype))
+        layer.bias.assign(w[-1].astype(layer.bias.dtype))
+    log.info("output-layer refit (%s): training MSE %.5f -> %.5f, validation MSE %s -> %s; %s",
+             "prior-regularized" if prior else "least squares", report["train_mse_before"],
+             report["train_mse_after"], _fmt(report.get("valid_mse_before")),
+             _fmt(report.get("valid_mse_after")),
+             "accepted" if accepted else "rejected, the trained weights stay")
+    return report
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.5f}"
 
 
 def write_outputs(outdir: Path, model, scaler: LabelScaler, wave: np.ndarray,
-                  history: pd.DataFrame, config: dict) -> None:
-    """The model directory, with an inference copy of ``model`` (no optimizer state)."""
+                  history: pd.DataFrame, config: dict, diagnostics: dict | None = None) -> None:
+    """The model directory, with an inference copy of ``model`` (no optimizer state).
+
+    ``diagnostics.json`` is written before the files of :func:`write_model_dir`, whose
+    ``model.keras`` (last) marks a complete directory.
+    """
+    if diagnostics is not None:
+        write_diagnostics(outdir, diagnostics)
     export = build_model(model.input_shape[-1], config["model"], int(config["seed"]))
-    export.set_weights(model.get_weights())
+    export.set_weights(model.get_weights())  # includes the input normalization statistics
+    refresh_normalization(export)
     write_model_dir(outdir, export, scaler, wave, history,
                     provenance(config, device=device_name()))
