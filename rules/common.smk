@@ -6,6 +6,7 @@ import shlex
 import yaml
 
 from pipeline.artifacts.model_dir import (
+    DIAGNOSTICS_FILE,
     HISTORY_FILE,
     MODEL_FILE,
     SCALER_FILE,
@@ -38,6 +39,7 @@ MODEL_FILES = {
     "wave": f"{MODEL_DIR}/{WAVE_FILE}",
 }
 HISTORY = f"{MODEL_DIR}/{HISTORY_FILE}"
+DIAGNOSTICS = f"{MODEL_DIR}/{DIAGNOSTICS_FILE}"
 
 
 def step_config(*sections):

@@ -8,6 +8,7 @@ rule train:
     output:
         **MODEL_FILES,
         history=HISTORY,
+        diagnostics=DIAGNOSTICS,
     log:
         f"{OUT}/logs/train.log",
     benchmark:

@@ -49,8 +49,9 @@ def dwarfs():
 @pytest.fixture(scope="module")
 def trained(dwarfs, tmp_path_factory):
     train, valid = dwarfs
-    cfg = validate({"seed": 3, "model": {"hidden": [64, 32]},
+    cfg = validate({"seed": 3, "model": {"hidden": [64, 32], "input_normalization": True},
                     "train": {"epochs": 40, "batch_size": 32, "learning_rate": 1e-3,
+                              "schedule": {"type": "cosine"},
                               "early_stopping": {"patience": 10}}})
     out = tmp_path_factory.mktemp("dwarfs")
     model, scaler, history = train_mod.train_model(cfg, train, valid, out)

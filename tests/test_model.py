@@ -146,7 +146,8 @@ def test_input_normalization_layer_standardizes_and_survives_copies(kind, rng, t
     from pipeline.nn.model import flux_statistics, refresh_normalization, set_input_normalization
 
     p = 24
-    cfg = model_cfg(type=kind, hidden=[6], cnn={"filters": [2], "kernel_size": 3})
+    cfg = model_cfg(type=kind, hidden=[6], cnn={"filters": [2], "kernel_size": 3},
+                    input_normalization=True)
     train = rng.normal(0.9, 0.1, (200, p)).astype(np.float32) * np.linspace(0.2, 3, p)
     train[:, 7] = 1.0  # constant pixel
     mean, var = flux_statistics(train)

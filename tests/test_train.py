@@ -62,7 +62,8 @@ def toy():
 # ------------------------------------------------------------------------------- learning
 def test_loss_decreases_and_outputs(toy, tmp_path):
     train, valid = toy
-    model, scaler, history = train_mod.train_model(tiny_config(), train, valid, tmp_path)
+    config = tiny_config(model={"input_normalization": True})
+    model, scaler, history = train_mod.train_model(config, train, valid, tmp_path)
     assert list(history.columns) == ["epoch", "loss", "val_loss"]
     assert history["loss"].iloc[-1] < 0.3 * history["loss"].iloc[0]
     assert history["val_loss"].min() < 0.3 * history["val_loss"].iloc[0]
