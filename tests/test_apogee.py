@@ -42,6 +42,41 @@ def test_real_apstar_is_normalized_on_the_training_grid(cfg):
     assert median_snr == pytest.approx(137.5, rel=0.25)
 
 
+def _continuum_statistics(flux, err, good):
+    """Per detector chip of a 7514-pixel spectrum: (p75 - 1) / sigma and (p90 - 1) / sigma of
+    the good pixels' normalized flux, sigma the chip's median normalized error."""
+    edges = np.cumsum([0] + [b - a for a, b in GRIDS["apogee-dr17-7514"].chips])
+    out = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        f, sigma = flux[a:b][good[a:b]], np.median(err[a:b][good[a:b]])
+        out.append(((np.percentile(f, 75) - 1) / sigma, (np.percentile(f, 90) - 1) / sigma))
+    return np.array(out)
+
+
+def test_real_continuum_sits_at_one(cfg):
+    """On each chip of the shipped DR17 spectrum (SNR 137, sigma ~ 0.7-0.9% per pixel) the
+    normalized continuum is at 1 within about one sigma, a reference that needs no continuum
+    fit: absorption lines only lower the flux, so above the continuum lies noise alone.
+
+    * upper tail: p90 <= 1 + 2.5 sigma. Gaussian noise on a continuum at 1 puts p90 at
+      1 + 1.28 sigma or lower (lines pull it down); 2.5 allows the apStar errors to be
+      underestimated by up to a factor 2 (measured here: 1.2-1.6 sigma);
+    * lower side: p75 >= 1 - 0.5 sigma: holds while continuum pixels are at least 36% of a
+      chip (a fraction c of them gives >= 0.69 c above 1 - 0.5 sigma; measured 0.05-0.4).
+
+    A continuum off by 1% (1.1-1.5 sigma here) breaks one of the bounds on some chip, which
+    the last lines check, so the test can fail.
+    """
+    spectra = apogee.read_apstar(APSTAR_FILE, GRIDS["apogee-dr17-7514"].wave(), cfg)
+    flux, err = spectra.flux[0].astype(float), spectra.flux_err[0].astype(float)
+    good = err < cfg["data"]["bad_pixel_err"]
+    stats = _continuum_statistics(flux, err, good)
+    assert np.all(stats[:, 0] >= -0.5) and np.all(stats[:, 1] <= 2.5), stats
+    for scale in (0.99, 1.01):  # the continuum placed 1% high, then 1% low
+        off = _continuum_statistics(flux * scale, err * scale, good)
+        assert np.any(off[:, 0] < -0.5) or np.any(off[:, 1] > 2.5), (scale, off)
+
+
 def test_pixmask_bits_by_name(cfg):
     wave, idx = synthetic.apogee_grid(), GRIDS["apogee-7213"].index
     default = apogee.read_apstar(APSTAR_FILE, wave, cfg).meta["N_BADPIX"]
