@@ -42,15 +42,26 @@ def test_real_apstar_is_normalized_on_the_training_grid(cfg):
     assert median_snr == pytest.approx(137.5, rel=0.25)
 
 
-def _continuum_statistics(flux, err, good):
-    """Per detector chip of a 7514-pixel spectrum: (p75 - 1) / sigma and (p90 - 1) / sigma of
-    the good pixels' normalized flux, sigma the chip's median normalized error."""
+def continuum_statistics(flux, err, good):
+    """Per detector chip of a 7514-pixel spectrum: sigma (the chip's median normalized error),
+    (p75 - 1) / sigma and (p90 - 1) / sigma of the good pixels' normalized flux, (3, 3)."""
     edges = np.cumsum([0] + [b - a for a, b in GRIDS["apogee-dr17-7514"].chips])
     out = []
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         f, sigma = flux[a:b][good[a:b]], np.median(err[a:b][good[a:b]])
-        out.append(((np.percentile(f, 75) - 1) / sigma, (np.percentile(f, 90) - 1) / sigma))
+        out.append((sigma, (np.percentile(f, 75) - 1) / sigma,
+                    (np.percentile(f, 90) - 1) / sigma))
     return np.array(out)
+
+
+def real_continuum_statistics(cfg=None):
+    """:func:`continuum_statistics` of the shipped DR17 spectrum normalized on the DR17 grid,
+    and its flux, errors and good-pixel mask (docs/data.md quotes the first)."""
+    cfg = cfg or validate({})
+    spectra = apogee.read_apstar(APSTAR_FILE, GRIDS["apogee-dr17-7514"].wave(), cfg)
+    flux, err = spectra.flux[0].astype(float), spectra.flux_err[0].astype(float)
+    good = err < cfg["data"]["bad_pixel_err"]
+    return continuum_statistics(flux, err, good), flux, err, good
 
 
 def test_real_continuum_sits_at_one(cfg):
@@ -67,14 +78,11 @@ def test_real_continuum_sits_at_one(cfg):
     A continuum off by 1% (1.1-1.5 sigma here) breaks one of the bounds on some chip, which
     the last lines check, so the test can fail.
     """
-    spectra = apogee.read_apstar(APSTAR_FILE, GRIDS["apogee-dr17-7514"].wave(), cfg)
-    flux, err = spectra.flux[0].astype(float), spectra.flux_err[0].astype(float)
-    good = err < cfg["data"]["bad_pixel_err"]
-    stats = _continuum_statistics(flux, err, good)
-    assert np.all(stats[:, 0] >= -0.5) and np.all(stats[:, 1] <= 2.5), stats
+    stats, flux, err, good = real_continuum_statistics(cfg)
+    assert np.all(stats[:, 1] >= -0.5) and np.all(stats[:, 2] <= 2.5), stats
     for scale in (0.99, 1.01):  # the continuum placed 1% high, then 1% low
-        off = _continuum_statistics(flux * scale, err * scale, good)
-        assert np.any(off[:, 0] < -0.5) or np.any(off[:, 1] > 2.5), (scale, off)
+        off = continuum_statistics(flux * scale, err * scale, good)
+        assert np.any(off[:, 1] < -0.5) or np.any(off[:, 2] > 2.5), (scale, off)
 
 
 def test_pixmask_bits_by_name(cfg):

@@ -5,8 +5,9 @@
 ``data.source``:
 
 * ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.spectra.synthetic`
-  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels
-  and SNR of a split come from seed ``(seed, split)``; the noise of chunk ``c`` from seed
+  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated
+  ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels and SNR
+  of a split come from seed ``(seed, split)``; the noise of chunk ``c`` from seed
   ``(seed, split, c)``. Labels table: STAR_ID, TEFF, LOGG, FE_H, SNR.
 * ``fits``: one canonical dataset FITS (``data.fits.path``), validated with labels required,
   split by ``data.split`` fractions.
