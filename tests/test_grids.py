@@ -58,6 +58,7 @@ def test_synthetic_data_follow_the_grid(tmp_path, name):
     train = read_spectra(paths["train"], require_labels=True)
     assert train.flux.shape == (6, EXPECTED[name][0])  # the network's input size
     np.testing.assert_array_equal(train.wave, GRIDS[name].wave())
+    assert train.meta["GRID"] == name
     # the noise pattern finds the three chips of this grid
     pattern = synthetic.error_pattern(train.wave)
     edges = np.cumsum([b - a for a, b in EXPECTED[name][1]])[:-1]

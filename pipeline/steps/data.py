@@ -18,7 +18,8 @@
 The split is a seeded permutation (seed ``(seed, 1)``): same config, same split. Every input
 is read and validated before anything is written, so a bad input leaves no output; each file
 is written atomically with provenance cards (:mod:`pipeline.artifacts.provenance`) plus SOURCE,
-SPLIT and NBADPIX (bad pixels in that file).
+SPLIT, NBADPIX (bad pixels in that file) and GRID (``data.grid``; not for a fits source, whose
+grid is the file's).
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def write_datasets(config: dict, outputs) -> dict[str, Path]:
     paths = {}
     for name, part in parts.items():
         paths[name] = Path(outputs[name])
+        grid = {} if source == "fits" else {"GRID": config["data"]["grid"]}
         header = provenance(config, SOURCE=source, SPLIT=name,
-                            NBADPIX=int((part.flux_err >= bad_err).sum()))
+                            NBADPIX=int((part.flux_err >= bad_err).sum()), **grid)
         write_spectra(paths[name], part, header)
         log.info("wrote %s: %d stars x %d pixels", paths[name], part.n_stars, part.n_pixels)
     return paths
@@ -104,7 +106,8 @@ def write_synthetic_split(config: dict, name: str, path: Path) -> Path:
     table = Table({"STAR_ID": [f"{prefix}-{i:07d}" for i in range(n)], "TEFF": labels[:, 0],
                    "LOGG": labels[:, 1], "FE_H": labels[:, 2], "SNR": snr})
     n_bad = 0
-    header = provenance(config, SOURCE="synthetic", SPLIT=name, CHUNK=chunk)
+    header = provenance(config, SOURCE="synthetic", SPLIT=name, CHUNK=chunk,
+                        GRID=data["grid"])
     with SpectraWriter(path, wave, table, header) as out:
         starts = range(0, n, chunk)
         for c, start in enumerate(tqdm(starts, desc=name, disable=not sys.stderr.isatty())):
