@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import validate
-from pipeline.exceptions import ConfigError
+from pipeline.exceptions import ConfigError, GridMismatchError
 from pipeline.spectra import synthetic
-from pipeline.spectra.fits import read_spectra
+from pipeline.spectra.fits import read_spectra, write_spectra
 from pipeline.spectra.grids import GRIDS, grid_wave
 from pipeline.spectra.inputs import detect_format, load_input
 from pipeline.steps import data as data_step
@@ -75,3 +75,18 @@ def test_shipped_real_files_are_detected_and_read_without_a_format(path):
         assert spectra.flux.shape == (1, grid.n_pixels) and not resampled, name
         good = spectra.flux_err[0] < cfg["data"]["bad_pixel_err"]
         assert 0.8 < good.mean() <= 1.0 and np.isfinite(spectra.flux).all()
+
+
+def test_canonical_inputs_serve_a_model_only_where_its_grid_is_covered(tmp_path):
+    """A dataset FITS on the DR17 grid feeds a 7213-pixel model by exact slicing; one on the
+    7213 grid cannot feed a 7514-pixel model (its first and last pixels lie outside)."""
+    cfg = validate({})
+    wide, narrow = GRIDS["apogee-dr17-7514"].wave(), GRIDS["apogee-7213"].wave()
+    for name, wave in (("wide", wide), ("narrow", narrow)):
+        write_spectra(tmp_path / f"{name}.fits", synthetic.generate(4, 5, wave=wave))
+    sliced, resampled = load_input(tmp_path / "wide.fits", None, narrow, cfg)
+    full, _ = load_input(tmp_path / "wide.fits", None, wide, cfg)
+    assert not resampled and sliced.n_pixels == 7213
+    np.testing.assert_array_equal(sliced.flux, full.flux[:, np.searchsorted(wide, narrow)])
+    with pytest.raises(GridMismatchError, match="narrow.fits"):
+        load_input(tmp_path / "narrow.fits", None, wide, cfg)
