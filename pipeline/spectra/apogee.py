@@ -241,8 +241,8 @@ def ingest(paths, catalog, wave, cfg: dict | None = None) -> Spectra:
     Stars absent from the catalog are dropped (logged count); for an ID listed more than once
     the first catalog row is used. NaN labels are kept for the caller's ``nan_labels`` policy.
     """
+    table = read_catalog(catalog, cfg)  # first: a bad catalog or cut fails before the spectra
     spectra = read_apstar_files(paths, wave, cfg)
-    table = read_catalog(catalog, cfg)
     ids, first = np.unique(np.asarray(table["STAR_ID"]), return_index=True)
     if len(ids) < len(table):
         log.warning("%s: %d duplicate APOGEE_IDs, first row used", catalog, len(table) - len(ids))
