@@ -1,2 +1,3 @@
 """Spectra: the Spectra model, canonical FITS I/O and validation, wavelength grids, the
-synthetic generator and its line list, and APOGEE apStar ingest. No TensorFlow here."""
+synthetic generator and its line list, APOGEE apStar and allStar ingest with the DR17 bitmasks.
+No TensorFlow here."""

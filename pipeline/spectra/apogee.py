@@ -6,10 +6,13 @@ log-linear vacuum grid is ``10**(CRVAL1 + CDELT1 * i)`` from the primary header 
 
 Ingest of one star (:func:`read_apstar`):
 
-1. take row 0; a pixel is bad if ``PIXMASK & data.apstar.bitmask`` is nonzero, its error is
-   not positive or not finite, or its flux is not finite;
-2. normalize the continuum per detector chip (apStar pixels [322, 3242), [3648, 6048),
-   [6412, 8305)) by an **iteratively sigma-clipped Legendre polynomial** of order
+1. take row 0; a pixel is bad if its APOGEE_PIXMASK has any bit named in
+   ``data.apstar.bad_pixel_bits``, its error is not positive or not finite, or its flux is not
+   finite; a pixel with a bit of ``data.apstar.persist_bits`` (persistence) keeps its flux
+   but its error is multiplied by ``data.apstar.persist_error_factor``;
+2. normalize the continuum per detector chip (apStar pixels [246, 3274), [3585, 6080),
+   [6344, 8335), the widest ranges of any release, whatever the training grid) by an
+   **iteratively sigma-clipped Legendre polynomial** of order
    ``continuum_order`` fitted (unweighted least squares) to the good pixels of the chip:
    after each fit, pixels whose residual is below ``-continuum_clip`` or above
    ``continuum_clip_high`` robust sigmas (1.4826 x median absolute deviation of the kept
@@ -20,11 +23,12 @@ Ingest of one star (:func:`read_apstar`):
    marks some bad pixels only by an error ~1e10 times the flux), are bad; bad pixels get
    flux 1 and error ``data.bad_pixel_err``;
 4. map onto the training grid ``wave`` with :func:`pipeline.spectra.validation.match_grid` (an exact
-   slice for the default 7213-pixel grid, linear interpolation otherwise).
+   slice for the named grids of :mod:`pipeline.spectra.grids`, linear interpolation otherwise).
 
 STAR_ID comes from the header APOGEE_ID or OBJID, else from the file name
 (``apStar-<release>-<id>.fits``). :func:`ingest` joins the spectra with a label catalog
-(CSV or FITS with APOGEE_ID, TEFF, LOGG, FE_H and optional ``*_ERR``) into a training set.
+(CSV or FITS with APOGEE_ID, TEFF, LOGG, FE_H and optional ``*_ERR``; an SDSS allStar table
+goes through the quality cuts of :mod:`pipeline.spectra.allstar`) into a training set.
 """
 
 from __future__ import annotations
@@ -40,14 +44,17 @@ from numpy.polynomial import legendre
 
 from pipeline import LABELS
 from pipeline.exceptions import DataError
+from pipeline.spectra import allstar
+from pipeline.spectra.bitmasks import has_bits, mask_value
 from pipeline.spectra.dataset import Spectra
-from pipeline.spectra.synthetic import APSTAR_CHIPS, apstar_wave, synthetic_config
+from pipeline.spectra.grids import DETECTOR_CHIPS, apstar_wave
+from pipeline.spectra.synthetic import synthetic_config
 from pipeline.spectra.validation import check_star_ids, match_grid
 
 log = logging.getLogger(__name__)
 
 CATALOG_ID = "APOGEE_ID"
-MISSING = -9999.0  # APOGEE catalog convention for an unknown value
+MISSING = allstar.MISSING
 
 
 def normalize_continuum(flux, flux_err, bad, order: int, iterations: int, clip_low: float,
@@ -72,6 +79,18 @@ def normalize_continuum(flux, flux_err, bad, order: int, iterations: int, clip_l
     if not np.all(continuum[good] > 0):
         raise DataError("the continuum fit is not positive")
     return flux / continuum, flux_err / continuum
+
+
+def inflate_persistence(err, bits, opts: dict) -> np.ndarray:
+    """Errors (P,) times ``persist_error_factor`` where PIXMASK has a ``persist_bits`` bit.
+
+    Persistence (charge left by earlier bright exposures, blue chip of APOGEE-N) adds an
+    unknown positive offset to the flux, so the pixel is kept but weighted down: a factor
+    ``f`` on the error divides its weight ``1 / err**2`` in any chi-square by ``f**2``.
+    """
+    persist = has_bits(bits, mask_value("APOGEE_PIXMASK", opts["persist_bits"],
+                                        "data.apstar.persist_bits"))
+    return np.where(persist, err * opts["persist_error_factor"], err)
 
 
 def _star_id(path: Path, header) -> str:
@@ -118,11 +137,14 @@ def read_apstar(path, wave, cfg: dict | None = None) -> Spectra:
     if not (flux.shape == err.shape == bits.shape):
         raise DataError(f"'{path}': apStar HDUs 1-3 have shapes {flux.shape}, {err.shape}, "
                         f"{bits.shape}; they must match")
-    bad = ((bits & opts["bitmask"]) != 0) | ~(err > 0) | ~np.isfinite(flux) | ~np.isfinite(err)
+    bad = (has_bits(bits, mask_value("APOGEE_PIXMASK", opts["bad_pixel_bits"],
+                                     "data.apstar.bad_pixel_bits"))
+           | ~(err > 0) | ~np.isfinite(flux) | ~np.isfinite(err))
+    err = inflate_persistence(err, bits, opts)
     norm_flux, norm_err = np.ones_like(flux), np.full_like(err, data["bad_pixel_err"])
     off_chip = np.ones(flux.size, bool)
     reference = apstar_wave()
-    for a, b in APSTAR_CHIPS:  # chip edges by wavelength, so a shifted grid still works
+    for a, b in DETECTOR_CHIPS:  # chip edges by wavelength, so a shifted grid still works
         chip = (native >= reference[a] * (1 - 1e-9)) & (native <= reference[b - 1] * (1 + 1e-9))
         off_chip &= ~chip
         try:
@@ -177,18 +199,19 @@ def read_apstar_files(paths_or_dirs, wave, cfg: dict | None = None) -> Spectra:
     return Spectra(np.concatenate([s.flux for s in stars]), flux_err, wave, labels, meta=meta)
 
 
-def read_catalog(path) -> Table:
-    """Label catalog (CSV or FITS) with APOGEE_ID, TEFF, LOGG, FE_H; -9999 becomes NaN."""
+def read_catalog(path, cfg: dict | None = None) -> Table:
+    """Label catalog (CSV or FITS) with APOGEE_ID, TEFF, LOGG, FE_H; -9999 becomes NaN.
+
+    An SDSS allStar FITS table (STARFLAG and ASPCAPFLAG columns) first goes through the
+    quality cuts of ``data.apstar.allstar`` (:mod:`pipeline.spectra.allstar`).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"label catalog '{path}' does not exist (config data.apstar.catalog)")
-    try:
-        fmt = "ascii.csv" if path.suffix.lower() == ".csv" else None
-        table = Table.read(path, format=fmt) if fmt else Table.read(path)
-    except Exception as exc:
-        raise DataError(f"label catalog '{path}' is not a readable CSV or FITS table "
-                        f"({type(exc).__name__}: {exc})") from None
-    table.rename_columns(table.colnames, [c.upper() for c in table.colnames])
+    if allstar.is_allstar(path):
+        table, _ = allstar.read_allstar(path, synthetic_config(cfg)["apstar"]["allstar"])
+    else:
+        table = _read_table(path)
     for name in (CATALOG_ID, *LABELS):
         if name not in table.colnames:
             raise DataError(f"label catalog '{path}' lacks column '{name}' (needs {CATALOG_ID},"
@@ -201,14 +224,25 @@ def read_catalog(path) -> Table:
     return out
 
 
+def _read_table(path: Path) -> Table:
+    try:
+        fmt = "ascii.csv" if path.suffix.lower() == ".csv" else None
+        table = Table.read(path, format=fmt) if fmt else Table.read(path)
+    except Exception as exc:
+        raise DataError(f"label catalog '{path}' is not a readable CSV or FITS table "
+                        f"({type(exc).__name__}: {exc})") from None
+    table.rename_columns(table.colnames, [c.upper() for c in table.colnames])
+    return table
+
+
 def ingest(paths, catalog, wave, cfg: dict | None = None) -> Spectra:
     """Training set from apStar files and a label catalog, joined on STAR_ID = APOGEE_ID.
 
     Stars absent from the catalog are dropped (logged count); for an ID listed more than once
     the first catalog row is used. NaN labels are kept for the caller's ``nan_labels`` policy.
     """
+    table = read_catalog(catalog, cfg)  # first: a bad catalog or cut fails before the spectra
     spectra = read_apstar_files(paths, wave, cfg)
-    table = read_catalog(catalog)
     ids, first = np.unique(np.asarray(table["STAR_ID"]), return_index=True)
     if len(ids) < len(table):
         log.warning("%s: %d duplicate APOGEE_IDs, first row used", catalog, len(table) - len(ids))

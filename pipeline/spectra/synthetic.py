@@ -44,26 +44,11 @@ from pipeline.config import validate
 from pipeline.exceptions import DataError, NumericalError
 from pipeline.spectra import linelist
 from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.grids import APSTAR_CHIPS, apogee_grid, apstar_wave  # noqa: F401 (API)
 
 C_KMS = 299792.458
-APSTAR_CRVAL1 = 4.179
-APSTAR_CDELT1 = 6.0e-6
-APSTAR_NWAVE = 8575
-APSTAR_CHIPS = ((322, 3242), (3648, 6048), (6412, 8305))
-"""apStar pixel ranges [start, stop) of the blue, green and red detectors."""
 SOLAR = (5777.0, 4.44, 0.0)
 _COMPLEX_STEP = 1.0e-20
-
-
-def apstar_wave() -> np.ndarray:
-    """The full apStar log-linear vacuum grid, float64 (8575,) in Angstrom."""
-    return 10.0 ** (APSTAR_CRVAL1 + APSTAR_CDELT1 * np.arange(APSTAR_NWAVE))
-
-
-def apogee_grid() -> np.ndarray:
-    """The default training grid: apStar restricted to the three chips, float64 (7213,)."""
-    idx = np.concatenate([np.arange(a, b) for a, b in APSTAR_CHIPS])
-    return apstar_wave()[idx]
 
 
 def _check_wave(wave) -> np.ndarray:

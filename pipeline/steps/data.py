@@ -4,19 +4,22 @@
 
 ``data.source``:
 
-* ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.spectra.synthetic`,
-  generated ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels
-  and SNR of a split come from seed ``(seed, split)``; the noise of chunk ``c`` from seed
+* ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.spectra.synthetic`
+  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated
+  ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels and SNR
+  of a split come from seed ``(seed, split)``; the noise of chunk ``c`` from seed
   ``(seed, split, c)``. Labels table: STAR_ID, TEFF, LOGG, FE_H, SNR.
 * ``fits``: one canonical dataset FITS (``data.fits.path``), validated with labels required,
   split by ``data.split`` fractions.
 * ``apstar``: apStar files (``data.apstar.paths``) joined with a label catalog
-  (``data.apstar.catalog``), normalized onto the training grid, split likewise.
+  (``data.apstar.catalog``; an SDSS allStar table passes the counted cuts of
+  ``data.apstar.allstar`` first), normalized onto the grid ``data.grid``, split likewise.
 
 The split is a seeded permutation (seed ``(seed, 1)``): same config, same split. Every input
 is read and validated before anything is written, so a bad input leaves no output; each file
 is written atomically with provenance cards (:mod:`pipeline.artifacts.provenance`) plus SOURCE,
-SPLIT and NBADPIX (bad pixels in that file).
+SPLIT, NBADPIX (bad pixels in that file) and GRID (``data.grid``; not for a fits source, whose
+grid is the file's).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.exceptions import ConfigError, DataError
-from pipeline.spectra import apogee, synthetic, validation
+from pipeline.spectra import apogee, grids, synthetic, validation
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.fits import SpectraWriter, read_options, read_spectra, write_spectra
 
@@ -81,8 +84,9 @@ def write_datasets(config: dict, outputs) -> dict[str, Path]:
     paths = {}
     for name, part in parts.items():
         paths[name] = Path(outputs[name])
+        grid = {} if source == "fits" else {"GRID": config["data"]["grid"]}
         header = provenance(config, SOURCE=source, SPLIT=name,
-                            NBADPIX=int((part.flux_err >= bad_err).sum()))
+                            NBADPIX=int((part.flux_err >= bad_err).sum()), **grid)
         write_spectra(paths[name], part, header)
         log.info("wrote %s: %d stars x %d pixels", paths[name], part.n_stars, part.n_pixels)
     return paths
@@ -97,12 +101,13 @@ def write_synthetic_split(config: dict, name: str, path: Path) -> Path:
     rng = np.random.default_rng([config["seed"], index])
     labels = synthetic.sample_labels(n, rng, data)
     snr = synthetic.sample_snr(n, rng, data)
-    wave = synthetic.apogee_grid()
+    wave = grids.grid_wave(config)
     prefix = f"SYN-{name.upper()}"
     table = Table({"STAR_ID": [f"{prefix}-{i:07d}" for i in range(n)], "TEFF": labels[:, 0],
                    "LOGG": labels[:, 1], "FE_H": labels[:, 2], "SNR": snr})
     n_bad = 0
-    header = provenance(config, SOURCE="synthetic", SPLIT=name, CHUNK=chunk)
+    header = provenance(config, SOURCE="synthetic", SPLIT=name, CHUNK=chunk,
+                        GRID=data["grid"])
     with SpectraWriter(path, wave, table, header) as out:
         starts = range(0, n, chunk)
         for c, start in enumerate(tqdm(starts, desc=name, disable=not sys.stderr.isatty())):
@@ -130,8 +135,7 @@ def load_labelled(config: dict) -> Spectra:
     if not opts["paths"] or not opts["catalog"]:
         raise ConfigError("config keys 'data.apstar.paths' and 'data.apstar.catalog' must be "
                           "set when data.source is apstar")
-    wave = synthetic.apogee_grid() if opts["grid"] == "synthetic" else synthetic.apstar_wave()
-    spectra = apogee.ingest(opts["paths"], opts["catalog"], wave, config)
+    spectra = apogee.ingest(opts["paths"], opts["catalog"], grids.grid_wave(config), config)
     where = f"apStar set ({opts['catalog']})"
     spectra = validation.flag_bad_pixels(where, spectra, data["bad_pixel_err"],
                                          data["max_bad_pixel_fraction"])
