@@ -7,8 +7,9 @@ fills those not given from a results directory laid out by the Snakefile for thi
 Writes ``OUTDIR/NAME.<fmt>`` for every format in config ``figures.formats`` (at
 ``figures.dpi``; ``--preset journal`` draws it at a journal's column or page width with one
 font size instead of ``figures.width`` and ``font_size``, as the paper rules do), atomically:
-all formats are rendered to temporary files and renamed only when every one succeeded. The figure names are the keys of docs/report/captions.yaml, which the
-Snakefile reads to make one job per figure; each name maps to one plotting function below.
+all formats are rendered to temporary files and renamed only when every one succeeded. The
+figure names are the keys of docs/report/captions.yaml, which the Snakefile reads to make one
+job per figure; each name maps to one plotting function below.
 Inputs are the result files of the other steps (see :mod:`pipeline.plots.inputs`); a missing
 or malformed one is a DataError naming the file, and no output is written.
 """
