@@ -246,7 +246,11 @@ def block_values(block: str) -> list[str]:
     """The values a reader sees in a rendered block: table cells after the label column, the
     items of the run-time and version lines, and the configuration line's numbers."""
     values = []
-    for line in block.splitlines():
+    lines = []
+    for paragraph in block.split("\n\n"):  # prose is wrapped: one line per paragraph
+        table = paragraph.startswith("| ")
+        lines += paragraph.splitlines() if table else [paragraph.replace("\n", " ")]
+    for line in lines:
         if line.startswith("| ") and not line.startswith("| label"):
             values += [c.strip() for c in line.strip("|").split("|")[1:]]
         elif line.startswith("Wall-clock"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -320,7 +321,9 @@ def render_block(numbers: dict[str, str], catalog: str = "test") -> str:
     if shown:
         lines += ["", "Versions: " + ", ".join(shown) + "."]
     lines += ["", END]
-    return "\n".join(lines)
+    # prose wrapped at 96 characters like the rest of the README; tables and markers as they are
+    return "\n".join(line if line.startswith(("|", "<!--")) or not line
+                     else textwrap.fill(line, 96, break_on_hyphens=False) for line in lines)
 
 
 def block_config(text: str, source: str = "README") -> tuple[str | None, str]:
@@ -357,13 +360,19 @@ def run_readme(args, config: dict) -> None:
     except OSError as exc:
         raise DataError(f"'{readme}': cannot read ({exc.strerror})") from None
     new = replace_block(text, render_block(numbers), str(readme))
+    block_name = block_config(text, str(readme))[0]
+    made_from = tex_to_text(numbers.get("ConfigName", "unknown"))
+    other = (f" (the block is from config '{block_name}', the numbers file from "
+             f"'{made_from}')" if block_name != made_from else "")
     if args.check:
         if new != text:
-            raise DataError(f"'{readme}': the numbers block differs from '{args.numbers}'; "
-                            "rewrite it with `python -m pipeline.steps.paper readme --numbers "
-                            f"{args.numbers}`")
+            raise DataError(f"'{readme}': the numbers block differs from '{args.numbers}'"
+                            f"{other}; rewrite it with `python -m pipeline.steps.paper readme "
+                            f"--numbers {args.numbers}`")
         log.info("%s: the numbers block matches %s", readme, args.numbers)
         return
+    if other:
+        log.warning("%s: replacing the numbers block%s", readme, other)
     with atomic_path(readme) as tmp:
         tmp.write_text(new)
     log.info("rewrote the numbers block of %s from %s", readme, args.numbers)
