@@ -226,6 +226,16 @@ def test_non_finite_metric_is_refused(tree, tmp_path, capsys):
     assert "labels.LOGG.rmse is missing or not finite" in capsys.readouterr().err
 
 
+def test_catalog_names_that_spell_the_same_macro_are_refused(tree, tmp_path, capsys):
+    broken = tmp_path / "tables"
+    shutil.copytree(tree["tables"], broken)
+    table = pd.read_csv(broken / "calibration.csv")
+    table["CATALOG"] = table["CATALOG"].map({"valid": "set1", "test": "set-1"})
+    table.to_csv(broken / "calibration.csv", index=False)
+    assert paper.main(numbers_args({**tree, "tables": broken}, tmp_path / "n.tex")) == 1
+    assert "catalogs ['set-1', 'set1'] would all be quoted as 'SetOne'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ LaTeX compile
 def test_numbers_compile_in_a_minimal_document(numbers_file, tmp_path):
     latex = shutil.which("pdflatex") or shutil.which("latex")

@@ -159,8 +159,20 @@ def accuracy_numbers(metrics_path: Path) -> dict[str, str]:
     return out
 
 
+def distinct_catalogs(table: pd.DataFrame, path: Path) -> None:
+    """Refuse catalogs whose names spell the same macro part ('set1', 'set-1')."""
+    stems = sorted(table["CATALOG"].astype(str).unique())
+    parts = [macro_name(stem) for stem in stems]
+    for part in set(parts):
+        same = [stem for stem, p in zip(stems, parts, strict=True) if p == part]
+        if len(same) > 1:
+            raise DataError(f"'{path}': catalogs {same} would all be quoted as '{part}'; "
+                            "rename the inputs so their names differ in letters or digits")
+
+
 def calibration_numbers(path: Path) -> dict[str, str]:
     table = read_csv(path, ("CATALOG", "LABEL", "Z_MEAN", "Z_STD", "ENCE", *COVERAGE))
+    distinct_catalogs(table, path)
     out = {}
     for row in table.to_dict("records"):
         label, catalog = row["LABEL"], macro_name(row["CATALOG"])
