@@ -1,7 +1,8 @@
 # stellar-laplace: spectra -> labels with Laplace error bars and input Jacobians.
 # Rules (rules/*.smk, one file per stage) are thin: each shells out to
 # `python -m pipeline.steps.<step>`; no TensorFlow here.
-# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures.
+# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures; `snakemake paper`
+# adds the paper numbers (LaTeX macros) and the figures as journal PDFs (rules/paper.smk).
 from snakemake.utils import min_version, validate
 
 from pipeline.config import coerce_types
@@ -50,3 +51,4 @@ include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/inference.smk"
 include: "rules/report.smk"
+include: "rules/paper.smk"

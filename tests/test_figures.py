@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -377,3 +378,42 @@ def test_map_cells_tile_each_chip_and_leave_the_gaps_blank():
     ratio = 10.0**3e-6
     np.testing.assert_allclose(edges[[120, 121]], [wave[119] * ratio, wave[120] / ratio],
                                rtol=1e-12)
+
+
+# ------------------------------------------------------------------- journal page layout
+def pdf_text_sizes_and_fonts(pdf: bytes) -> tuple[set[float], set[str]]:
+    """Font sizes of every text operator (``/F1 8 Tf``) in the PDF's Flate content streams,
+    and the base font names (subset prefix removed)."""
+    import zlib
+
+    sizes = set()
+    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        try:
+            text = zlib.decompress(stream)
+        except zlib.error:  # an image or font program, not a content stream
+            continue
+        sizes |= {float(s) for s in re.findall(rb"/F\d+ ([\d.]+) Tf", text)}
+    fonts = {name.split(b"+")[-1].decode() for name in re.findall(rb"/BaseFont /(\S+)", pdf)}
+    return sizes, fonts
+
+
+@pytest.mark.parametrize("figure, width", [("training_curves", 3.35), ("pred_vs_true", 7.0)])
+def test_journal_preset_sets_page_widths_and_one_font(results_tree, tmp_path, figure, width):
+    """--preset journal: a one-column figure is exactly 3.35 in wide, a page-wide one 7.0 in
+    (PDF MediaBox in points of 1/72 in); every text is DejaVu Serif, the largest at the
+    preset's font size and tick labels one point smaller."""
+    from pipeline.plots.style import PRESETS
+    from pipeline.steps.figures import main
+
+    config = {"data": {"source": "fits"}, "jacobian": {"splits": ["test"]},
+              "figures": {"formats": ["png"], "dpi": 60, "max_points": 40}}
+    out = tmp_path / f"{figure}.pdf"
+    assert main(["--config-json", json.dumps(config), "--figure", figure, "--results",
+                 str(results_tree), "--preset", "journal", "--out", str(out)]) == 0
+    pdf = out.read_bytes()
+    box = re.search(rb"/MediaBox \[ *0 0 ([\d.]+) ([\d.]+) *\]", pdf)
+    assert float(box[1]) == pytest.approx(72 * width, abs=0.01)
+    sizes, fonts = pdf_text_sizes_and_fonts(pdf)
+    size = PRESETS["journal"]["font_size"]
+    assert max(sizes) == size and size - 1 in sizes
+    assert fonts and all(f.startswith("DejaVuSerif") for f in fonts), fonts

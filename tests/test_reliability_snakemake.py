@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -332,3 +333,35 @@ def test_report_holds_every_figure_with_its_caption(reference, tmp_path):
     if loaded is None:
         pytest.skip("Chromium is not installed: figures checked as PNG only")
     assert loaded == len(found)
+
+
+# ------------------------------------------------------------------------------ paper
+def test_paper_numbers_and_zip_report_from_the_run(reference):
+    """The paper rules on the reference run: numbers.tex from the tables, datasets,
+    benchmark files and catalog provenance the run wrote, a one-column journal PDF, and
+    `--report NAME.zip` (Snakemake writes a zip archive when the name ends in .zip)."""
+    import zipfile
+
+    from pipeline.artifacts.latex_numbers import read_numbers, tex_to_text
+    from pipeline.steps.paper import LABEL_MACRO, render_block
+
+    targets = ("results/paper/numbers.tex", "results/paper/figures/training_curves.pdf")
+    done = snakemake(reference, *targets)
+    assert done.returncode == 0, done.stderr[-4000:]
+    numbers = read_numbers(reference / targets[0])
+    assert (numbers["ConfigName"], numbers["ConfigSeed"]) == ("tiny", "5")
+    assert [numbers[f"NStars{s}"] for s in ("Train", "Valid", "Test")] == ["120", "60", "60"]
+    metrics = json.loads((reference / "results/tables/metrics.json").read_text())
+    for label, macro in LABEL_MACRO.items():  # 2 significant figures of the table's value
+        shown = float(tex_to_text(numbers[f"{macro}RMSETest"]).split()[0])
+        assert shown == pytest.approx(metrics["labels"][label]["rmse"], rel=0.05), label
+    for rule in ("Data", "Train", "Laplace", "Predict", "Jacobian", "Tables"):
+        assert re.fullmatch(r"[\d.]+\\,(s|min|h)", numbers[f"Runtime{rule}"]), rule
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", numbers["TensorFlowVersion"])
+    assert "| Teff |" in render_block(numbers)
+    report = snakemake(reference, *targets, "--report", "results/paper/report.zip")
+    assert report.returncode == 0, report.stderr[-4000:]
+    with zipfile.ZipFile(reference / "results/paper/report.zip") as archive:
+        names = archive.namelist()
+    for name in ("numbers.tex", "training_curves.pdf", "metrics.json", "report.html"):
+        assert any(n.endswith(f"/{name}") for n in names), (name, names)

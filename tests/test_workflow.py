@@ -140,3 +140,28 @@ def test_tables_rule_reads_every_split_and_names_every_output(dry_run):
         assert f"{option} {path}" in command, option
     assert "--outdir" not in command
     assert '"tables": {' in command  # its config section reaches the step
+
+
+def test_paper_target_plans_the_numbers_and_every_figure_as_pdf(dry_run):
+    """`snakemake paper`: one numbers job reading the tables, the datasets, the test catalog
+    and the benchmark file of every heavy job; one journal-PDF job per figure."""
+    text = dry_run("paper", "--printshellcmds", "--configfile", "config/quick.yaml")
+    counts = job_counts(text)
+    assert counts["paper_numbers"] == 1 and counts["paper_figure"] == 9
+    command = next(line for line in text.splitlines() if "pipeline.steps.paper " in line)
+    assert "numbers --config-name quick " in command
+    assert "--out results/paper/numbers.tex" in command
+    benchmarks = re.findall(r"(\w+)=results/benchmarks/(\S+)\.tsv", command)
+    assert sorted(benchmarks) == sorted(
+        [("data", "data"), ("train", "train"), ("laplace", "laplace"), ("tables", "tables"),
+         ("predict", "predict/valid"), ("predict", "predict/test")]
+        + [("jacobian", f"jacobian/{s}-{i}") for s in ("valid", "test") for i in (0, 1)])
+    figures = [line for line in text.splitlines() if "pipeline.steps.figures" in line]
+    assert len(figures) == 9
+    assert all(re.search(r"--preset journal .*--out results/paper/figures/\w+\.pdf ", line)
+               for line in figures)
+
+
+def test_paper_numbers_name_a_run_with_overrides(dry_run):
+    text = dry_run("results/paper/numbers.tex", "--printshellcmds", "--config", "seed=3")
+    assert "--config-name config+overrides " in text

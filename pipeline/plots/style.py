@@ -36,6 +36,13 @@ LABEL_NAME = {"TEFF": r"$T_\mathrm{eff}$", "LOGG": r"$\log g$", "FE_H": "[Fe/H]"
 LABEL_UNIT = {"TEFF": "K", "LOGG": "dex", "FE_H": "dex"}
 LABEL_COLOR = dict(zip(LABELS, (OKABE_ITO["vermillion"], OKABE_ITO["blue"],
                                 OKABE_ITO["green"]), strict=True))
+# Page layouts: figure width (inches), the width of one-column figures and the one font size
+# (pt) of every figure. "journal" is a two-column journal page (AAS, MNRAS, A&A): 7.0 in text
+# width, 3.35 in columns, 8 pt text as in the captions, serif like the body text.
+PRESETS = {
+    "journal": {"width": 7.0, "column_width": 3.35, "font_size": 8.0, "font_family": "serif"},
+}
+
 WAVE_AXIS = r"wavelength [$\mathrm{\AA}$]"
 SNR_AXIS = "S/N"
 
@@ -45,10 +52,20 @@ def axis_label(label: str, prefix: str = "", suffix: str = "") -> str:
     return f"{prefix}{LABEL_NAME[label]}{suffix} [{LABEL_UNIT[label]}]"
 
 
+def apply_preset(cfg: dict, preset: str | None) -> dict:
+    """``cfg`` (the ``figures`` config section) with the sizes and font of a page layout."""
+    if preset is None:
+        return cfg
+    return {**cfg, **PRESETS[preset]}
+
+
 def rc_params(cfg: dict) -> dict:
     """Matplotlib settings of every figure (``cfg`` is the ``figures`` config section)."""
     size = cfg["font_size"]
+    serif = cfg.get("font_family") == "serif"
     return {
+        "font.family": "serif" if serif else "sans-serif",
+        "mathtext.fontset": "dejavuserif" if serif else "dejavusans",  # maths as the text
         "font.size": size, "axes.titlesize": size, "axes.labelsize": size,
         "xtick.labelsize": size - 1, "ytick.labelsize": size - 1,
         "legend.fontsize": size - 1, "legend.frameon": False,
@@ -58,7 +75,10 @@ def rc_params(cfg: dict) -> dict:
         "xtick.top": True, "ytick.right": True,
         "xtick.minor.visible": True, "ytick.minor.visible": True,
         "image.cmap": SEQUENTIAL, "figure.dpi": cfg["dpi"], "savefig.dpi": cfg["dpi"],
-        "savefig.bbox": "tight", "savefig.pad_inches": 0.03,
+        # a page layout needs the exact width: constrained layout already keeps every label
+        # inside the figure, a tight box would crop it to a width of its own
+        "savefig.bbox": "standard" if "column_width" in cfg else "tight",
+        "savefig.pad_inches": 0.03,
         "pdf.fonttype": 42,  # TrueType in PDFs so journals can edit the text
         "mathtext.default": "regular",
     }
@@ -66,8 +86,15 @@ def rc_params(cfg: dict) -> dict:
 
 def new_figure(cfg: dict, nrows: int, ncols: int, height: float, width_fraction: float = 1.0,
                **kwargs):
-    """``plt.subplots`` at ``width_fraction`` of the configured width; ``height`` in inches."""
-    return plt.subplots(nrows, ncols, figsize=(width_fraction * cfg["width"], height),
+    """``plt.subplots`` at ``width_fraction`` of the configured width; ``height`` in inches.
+
+    A figure of at most half the width is a one-column figure: with a page layout that names
+    a ``column_width`` (:data:`PRESETS`) it gets exactly that width.
+    """
+    width = width_fraction * cfg["width"]
+    if "column_width" in cfg and width_fraction <= 0.5:
+        width = cfg["column_width"]
+    return plt.subplots(nrows, ncols, figsize=(width, height),
                         squeeze=False, layout="constrained", **kwargs)
 
 

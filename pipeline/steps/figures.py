@@ -5,9 +5,11 @@ Inputs are named one by one (``--train``, ``--jacobian-data``, ``--history``, ``
 fills those not given from a results directory laid out by the Snakefile for this config.
 
 Writes ``OUTDIR/NAME.<fmt>`` for every format in config ``figures.formats`` (at
-``figures.dpi``), atomically: all formats are rendered to temporary files and renamed only when
-every one succeeded. The figure names are the keys of docs/report/captions.yaml, which the
-Snakefile reads to make one job per figure; each name maps to one plotting function below.
+``figures.dpi``; ``--preset journal`` draws it at a journal's column or page width with one
+font size instead of ``figures.width`` and ``font_size``, as the paper rules do), atomically:
+all formats are rendered to temporary files and renamed only when every one succeeded. The
+figure names are the keys of docs/report/captions.yaml, which the Snakefile reads to make one
+job per figure; each name maps to one plotting function below.
 Inputs are the result files of the other steps (see :mod:`pipeline.plots.inputs`); a missing
 or malformed one is a DataError naming the file, and no output is written.
 """
@@ -24,7 +26,7 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import ConfigError
 from pipeline.plots import accuracy, calibration, jacobians, spectra, training
 from pipeline.plots.inputs import FigureInputs
-from pipeline.plots.style import rc_params, save_figure
+from pipeline.plots.style import PRESETS, apply_preset, rc_params, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ def build_parser():
                         help="output files, one per format (the suffix names the format); "
                              "default: OUTDIR/NAME.<fmt> for every format of figures.formats")
     parser.add_argument("--outdir", default="results/figures", help="output directory")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="page layout replacing figures.width and font_size (paper.preset: "
+                             "'journal' = 7.0 in pages, 3.35 in columns, one font size)")
     return parser
 
 
@@ -79,15 +84,17 @@ def output_paths(name: str, config: dict, outdir, out=None) -> list[Path]:
     return [Path(p) for p in out]
 
 
-def make_figure(name: str, results: FigureInputs, config: dict, outdir, out=None) -> list:
-    """Draw figure ``name`` from ``results`` and write it to every output path."""
+def make_figure(name: str, results: FigureInputs, config: dict, outdir, out=None,
+                preset: str | None = None) -> list:
+    """Draw figure ``name`` from ``results`` and write it to every output path, in the page
+    layout ``preset`` of :data:`pipeline.plots.style.PRESETS` if given."""
     import matplotlib.pyplot as plt
 
     if name not in FIGURES:
         raise ConfigError(f"--figure '{name}' is unknown (valid choices: {', '.join(FIGURES)})")
     paths = output_paths(name, config, outdir, out)
-    cfg = dict(config["figures"], seed=config["seed"], source=config["data"]["source"],
-               bad_pixel_err=config["data"]["bad_pixel_err"])
+    cfg = dict(apply_preset(config["figures"], preset), seed=config["seed"],
+               source=config["data"]["source"], bad_pixel_err=config["data"]["bad_pixel_err"])
     with plt.rc_context(rc_params(cfg)):
         fig = FIGURES[name](results, cfg)
         paths = save_figure(fig, paths, name, cfg, provenance(config, figure=name))
@@ -106,7 +113,7 @@ def figure_inputs(args, config: dict) -> FigureInputs:
 
 def run(args, config: dict) -> None:
     results = figure_inputs(args, config)
-    make_figure(args.figure, results, config, args.outdir, args.out)
+    make_figure(args.figure, results, config, args.outdir, args.out, args.preset)
 
 
 def main(argv: list[str] | None = None) -> int:
