@@ -295,7 +295,7 @@ def test_readme_command_rewrites_only_the_block(numbers_file, tmp_path):
     assert paper.main(check) == 1  # stale
     assert paper.main(check[:-1]) == 0
     first = readme.read_text()
-    assert first.startswith("# title\n\ntext before\n<!-- numbers:begin config=quick -->")
+    assert first.startswith("# title\n\ntext before\n<!-- numbers:begin config=quick hash=")
     assert first.endswith("<!-- numbers:end -->\ntext after\n") and "old numbers" not in first
     assert paper.main(check[:-1]) == 0
     assert readme.read_text() == first  # rendering twice changes nothing
@@ -323,6 +323,12 @@ def test_repository_readme_matches_the_numbers_of_its_configuration():
     made_from = tex_to_text(numbers.get("ConfigName", ""))
     if made_from != name:
         pytest.skip(f"{path} comes from config '{made_from}', the README block from '{name}'")
+    # The same configuration file with other values (a user's seed or sizes) is another run.
+    readme_hash = re.search(r"hash=(\S+)", block.splitlines()[0])
+    run_hash = tex_to_text(numbers.get("ConfigHash", ""))
+    if readme_hash is None or readme_hash[1] != run_hash:
+        pytest.skip(f"{path} comes from config hash {run_hash}, the README block from "
+                    f"{readme_hash[1] if readme_hash else 'a run before the numbers file'}")
     assert block == paper.render_block(numbers), (
         "README.md's numbers block differs from results/paper/numbers.tex: rewrite it with "
         "`python -m pipeline.steps.paper readme --numbers results/paper/numbers.tex`")

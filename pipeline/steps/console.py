@@ -3,7 +3,7 @@
     stellar-laplace <command> [options]
 
 Commands are the pipeline steps (``data``, ``train``, ``laplace``, ``predict``, ``jacobian``,
-``tables``, ``figures``; the same options as ``python -m pipeline.steps.<command>``) and
+``tables``, ``figures``, ``paper``; the same options as ``python -m pipeline.steps.<command>``) and
 ``info``, which describes a trained model directory (and its posterior). ``--help`` after a
 command shows that command's options under the name typed.
 """
@@ -19,11 +19,11 @@ import numpy as np
 from pipeline import LABELS, __version__, cli
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.laplace import Posterior
-from pipeline.steps import data, figures, jacobian, laplace, predict, tables, train
+from pipeline.steps import data, figures, jacobian, laplace, paper, predict, tables, train
 
 PROG = "stellar-laplace"
 STEPS = {"data": data, "train": train, "laplace": laplace, "predict": predict,
-         "jacobian": jacobian, "tables": tables, "figures": figures}
+         "jacobian": jacobian, "tables": tables, "figures": figures, "paper": paper}
 SUMMARY = {
     "data": "build the train / valid / test spectra files from the configured source",
     "train": "train the label network (resumes from its checkpoints)",
@@ -32,6 +32,7 @@ SUMMARY = {
     "jacobian": "input Jacobians d label / d flux of one shard of stars",
     "tables": "Jacobian summary, calibration, accuracy and precision tables",
     "figures": "one paper figure",
+    "paper": "numbers.tex for a paper, and the README tables rendered from it",
     "info": "describe a trained model directory and its posterior",
 }
 
