@@ -193,6 +193,15 @@ def test_console_help_shows_the_command_as_typed(capsys):
     assert all(f"  {name} " in out for name in console.SUMMARY)
 
 
+def test_console_help_starts_tensorflow_quietly():
+    """The installed command imports the steps; TensorFlow's CUDA probing stays off stderr."""
+    out = subprocess.run([sys.executable, "-c", "from pipeline.steps import console; "
+                          "console.main(['paper', '--help'])"], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0 and "stellar-laplace paper" in out.stdout, out.stderr[-3000:]
+    assert "cuda drivers" not in out.stderr and "cpu_feature_guard" not in out.stderr, out.stderr
+
+
 def test_console_info_describes_a_model(tiny_model_dir, tiny_posterior_file, capsys):
     from pipeline.steps import console
 

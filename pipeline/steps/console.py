@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import LABELS, __version__, cli
+# runtime before anything that imports TensorFlow: it imports it with the start-up lines hidden
+from pipeline import LABELS, __version__, cli, runtime  # noqa: F401
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.laplace import Posterior
 from pipeline.steps import data, figures, jacobian, laplace, paper, predict, tables, train
