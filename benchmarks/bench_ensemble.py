@@ -11,7 +11,8 @@ split and on a shifted set (Teff 7000-7800 K, above the 3500-7000 K the networks
 on; log g 3.8-4.5, other labels and SNR as the test split) with the single model and with the
 ensemble. Rows per label and set: z std and 68.3% coverage of the total error, RMSE and the
 median model (epistemic) error; value = ensemble, baseline = single model, ratio =
-ensemble / single. Numbers hold for this tiny network and data size only (docs/laplace.md).
+ensemble / single; and the fraction of stars with any FLAG bit set (the metrics above include
+them). Numbers hold for this tiny network and data size only (docs/laplace.md).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _metrics(catalog: Path) -> dict:
     from pipeline.evaluation.calibration import accuracy_metrics, calibration_metrics
 
     table = read_table(catalog)
-    out = {}
+    out = {"all stars": {"flagged fraction": float(np.mean(np.asarray(table["FLAG"]) != 0))}}
     for label in LABELS:
         pred, err, true = (np.asarray(table[c]) for c in (label, f"{label}_ERR",
                                                            f"{label}_TRUE"))
@@ -113,9 +114,10 @@ def run(quick: bool = False) -> list[dict]:
             models, posteriors = _fit_members(config, tmp / kind, members)
             for name, path in sets.items():
                 out = tmp / kind / "predictions"
-                _step(predict, ["--config-json", json.dumps(config), "--model", *models,
-                                "--posterior", *posteriors, "--name", "cat", "--out", out,
-                                path])
+                pairs = [a for m, p in zip(models, posteriors, strict=True)
+                         for a in ("--model", m, "--posterior", p)]
+                _step(predict, ["--config-json", json.dumps(config), *pairs, "--name", "cat",
+                                "--out", out, path])
                 metrics[kind, name] = _metrics(out / "cat.fits")
     size = SIZES[quick]
     where = (f"{size['n_train']} train stars, 64-32-16, {size['epochs']} epochs, "

@@ -18,13 +18,16 @@ rule predict:
         mem_mb=6000,
     params:
         config=step_config("predict"),
-        models=lambda w, input: " ".join(os.path.dirname(m) for m in input.model),
+        # one --model DIR --posterior FILE pair per ensemble member
+        members=lambda w, input: " ".join(
+            f"--model {os.path.dirname(m)} --posterior {p}"
+            for m, p in zip(input.model, input.posterior)
+        ),
         outdir=lambda w, output: os.path.dirname(output[0]),
         format=spectra_format,
     shell:
         "python -m pipeline.steps.predict --config-json {params.config} --threads {threads} "
-        "--model {params.models} "
-        "--posterior {input.posterior} --format {params.format} --name {wildcards.name} "
+        "{params.members} --format {params.format} --name {wildcards.name} "
         "--out {params.outdir} {input.spectra} > {log} 2>&1"
 
 

@@ -178,7 +178,9 @@ def test_predict_cli_two_members_is_the_mixture_of_their_catalogs(
                                 ([second_model_dir], ["p1.npz"], "m1"),
                                 ([tiny_model_dir, second_model_dir], ["p0.npz", "p1.npz"],
                                  "ens")):
-        argv = ["--model", *models, "--posterior", *posts, "--name", name,
+        pairs = [a for m, p in zip(models, posts, strict=True) for a in ("--model", m,
+                                                                         "--posterior", p)]
+        argv = [*pairs, "--name", name,
                 "--out", tmp_path / "pred", tmp_path / "stars.fits"]
         assert main(predict.build_parser, predict.run, [str(a) for a in argv]) == 0
         tables.append(Table.read(tmp_path / "pred" / f"{name}.fits", hdu="CATALOG"))
@@ -199,7 +201,7 @@ def test_predict_cli_two_members_is_the_mixture_of_their_catalogs(
 
 
 def test_predict_needs_one_posterior_per_model(tiny_model_dir, spectra, tmp_path, capsys):
-    argv = ["--model", tiny_model_dir, tiny_model_dir, "--posterior", "p0.npz",
+    argv = ["--model", tiny_model_dir, "--model", tiny_model_dir, "--posterior", "p0.npz",
             "--out", tmp_path / "pred", tmp_path / "x.fits"]
     from pipeline.spectra.fits import write_spectra
 

@@ -185,3 +185,10 @@ def test_one_member_keeps_the_single_model_dag(dry_run):
     text = dry_run("-p")
     assert "results/laplace/posterior.npz" in text and "member-" not in text
     assert "--model results/model --posterior results/laplace/posterior.npz" in text
+
+
+def test_ensemble_predict_gets_one_model_and_posterior_per_member(dry_run):
+    text = dry_run("-p", "--config", "ensemble={members: 2}")
+    assert ("--model results/model/member-0 --posterior results/laplace/member-0/posterior.npz "
+            "--model results/model/member-1 --posterior results/laplace/member-1/posterior.npz "
+            "--format") in text

@@ -1,6 +1,6 @@
 """Step ``predict``: labels with a full 3x3 error budget for every star of one or more inputs.
 
-    python -m pipeline.predict [--config-json J] --model DIR... --posterior FILE... \
+    python -m pipeline.predict [--config-json J] --model DIR --posterior FILE \
         [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
 
 writes ``DIR/<name>.{fits,parquet,csv}`` per input (name defaults to the input's file stem, or
@@ -9,7 +9,7 @@ mapped onto the model's grid (``pipeline.spectra.validation.match_grid``) and fl
 needed interpolation. Catalog columns and FLAG bits: ``pipeline.artifacts.catalog`` and
 docs/outputs.md.
 
-Several ``--model`` directories with as many ``--posterior`` files (in the same order) are an
+Repeated ``--model DIR`` with as many ``--posterior FILE`` (in the same order) are an
 ensemble: the catalog reports their equally weighted mixture (``pipeline.laplace.ensemble``),
 with the between-member spread in the L_ERR_ENSEMBLE columns.
 
@@ -85,7 +85,8 @@ def load_members(model_dirs: list[str], posterior_files: list[str]) -> tuple[lis
     """(model, posterior, scaler) of each ensemble member, and their common wavelength grid."""
     if len(model_dirs) != len(posterior_files):
         raise ConfigError(f"{len(model_dirs)} --model directories but {len(posterior_files)} "
-                          "--posterior files; give one posterior per model, in the same order")
+                          "--posterior files; give one posterior per model, in the same order "
+                          "(--model D0 --posterior P0 --model D1 --posterior P1 ...)")
     members, first_wave = [], None
     for model_dir, posterior_file in zip(model_dirs, posterior_files, strict=True):
         model, scaler, wave = load_trained(model_dir)
@@ -99,10 +100,10 @@ def load_members(model_dirs: list[str], posterior_files: list[str]) -> tuple[lis
 
 def build_parser():
     parser = base_parser("Predict labels with a full 3x3 error budget (model, scatter, noise).")
-    parser.add_argument("--model", required=True, nargs="+",
-                        help="trained model directory; several: an ensemble")
-    parser.add_argument("--posterior", required=True, nargs="+",
-                        help="Laplace posterior (.npz) of each --model, in the same order")
+    parser.add_argument("--model", required=True, action="append",
+                        help="trained model directory; repeated: the members of an ensemble")
+    parser.add_argument("--posterior", required=True, action="append",
+                        help="Laplace posterior (.npz); repeated: one per --model, same order")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format (default: recognized from each input's content)")
     parser.add_argument("--name", help="catalog name (one input only; default: input stem)")
