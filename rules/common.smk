@@ -60,30 +60,29 @@ FIRST_MEMBER = {
 }
 
 
-def step_config(*sections):
+def step_config(*sections, seed=None):
     """The validated config sections a step reads, as a shell-quoted JSON argument.
 
     Passing only these sections means Snakemake reruns a step when its own settings change.
+    ``seed`` replaces the config seed (an ensemble member's).
     """
     keys = ("seed", "deterministic", "data") + sections
-    return shlex.quote(json.dumps({k: config[k] for k in dict.fromkeys(keys)}))
+    cfg = {k: config[k] for k in dict.fromkeys(keys)}
+    if seed is not None:
+        cfg["seed"] = seed
+    return shlex.quote(json.dumps(cfg))
 
 
 def member_step_config(*sections):
-    """``step_config`` of an ensemble member's job: the member's seed in place of ``seed``.
+    """``step_config`` of an ensemble member's job, with the member's seed.
 
     A string with one member (the seed is unchanged), else a function of the wildcards.
     """
     if MEMBERS == 1:
         return step_config(*sections)
-
-    def params(wildcards):
-        keys = ("seed", "deterministic", "data") + sections
-        cfg = {k: config[k] for k in dict.fromkeys(keys)}
-        cfg["seed"] = member_seed(config["seed"], MEMBERS, int(wildcards.member))
-        return shlex.quote(json.dumps(cfg))
-
-    return params
+    return lambda w: step_config(
+        *sections, seed=member_seed(config["seed"], MEMBERS, int(w.member))
+    )
 
 
 def spectra_input(wildcards):

@@ -33,6 +33,8 @@ def test_member_seeds_are_distinct_reproducible_and_from_seedsequence():
     assert seeds == [member_seed(42, 4, m) for m in range(4)]
     assert seeds[2] == int(np.random.SeedSequence([42, 0x454E53, 2]).generate_state(1)[0])
     assert member_seed(43, 4, 0) != seeds[0]
+    # growing the ensemble keeps the members already trained
+    assert [member_seed(42, 6, m) for m in range(4)] == seeds
     with pytest.raises(ValueError, match="ensemble.members"):
         member_seed(42, 4, 4)
 

@@ -16,6 +16,7 @@ steps) is ``member_seed(seed, m)``: the first 32-bit word of
 ``numpy.random.SeedSequence([seed, ENSEMBLE_STREAM, m])``. SeedSequence hashes the whole entropy
 list, so members get statistically independent streams, distinct from each other and from the
 single model's seed; the data (generated from ``seed`` alone) are the same for every member.
+The seed does not depend on M, so growing an ensemble keeps the members already trained.
 """
 
 from __future__ import annotations
