@@ -212,3 +212,9 @@ def test_predict_needs_one_posterior_per_model(tiny_model_dir, spectra, tmp_path
     assert "one posterior per model" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="one posterior per model"):
         predict.load_members(["a", "b"], ["p"])
+
+
+def test_members_below_one_is_a_config_error_naming_the_key():
+    assert CONFIG["ensemble"]["members"] == 1  # the single model by default
+    with pytest.raises(ConfigError, match="ensemble.members"):
+        validate({"ensemble": {"members": 0}})
