@@ -1,8 +1,10 @@
 # stellar-laplace: spectra -> labels with Laplace error bars and input Jacobians.
 # Rules (rules/*.smk, one file per stage) are thin: each shells out to
 # `python -m pipeline.steps.<step>`; no TensorFlow here.
-# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures; `snakemake paper`
-# adds the paper numbers (LaTeX macros) and the figures as journal PDFs (rules/paper.smk).
+# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures; with
+# ensemble.members > 1, train and laplace run once per member and predict combines them.
+# `snakemake paper` adds the paper numbers (LaTeX macros) and the figures as journal PDFs
+# (rules/paper.smk).
 from snakemake.utils import min_version, validate
 
 from pipeline.config import coerce_types
@@ -26,6 +28,7 @@ include: "rules/common.smk"
 wildcard_constraints:
     name="[A-Za-z0-9_.-]+",
     i=r"\d+",
+    member=r"\d+",
     fig="|".join(FIGURES),
 
 

@@ -12,6 +12,7 @@ from pipeline.artifacts.model_dir import (
     SCALER_FILE,
     WAVE_FILE,
 )
+from pipeline.artifacts.members import log_name, member_seed, model_dir, posterior_path
 
 OUT = "results"
 SPLITS = ["train", "valid", "test"]
@@ -31,8 +32,11 @@ FIGURE_FORMATS = config["figures"]["formats"]
 TABLE_FORMATS = ["fits", "parquet", "csv"]
 # conda environment, relative to the rule files
 ENV = "../config/envs/pipeline.yaml"
-# the model directory, file names from its one writer and reader (pipeline.artifacts.model_dir)
-MODEL_DIR = f"{OUT}/model"
+# the model directories and posteriors of the ensemble members (pipeline.artifacts.members):
+# with ensemble.members = 1 the single-model paths, else patterns over the {member} wildcard
+MEMBERS = config["ensemble"]["members"]
+MEMBER_IDS = range(MEMBERS)
+MODEL_DIR = model_dir(OUT, MEMBERS)
 MODEL_FILES = {
     "model": f"{MODEL_DIR}/{MODEL_FILE}",
     "scaler": f"{MODEL_DIR}/{SCALER_FILE}",
@@ -40,15 +44,45 @@ MODEL_FILES = {
 }
 HISTORY = f"{MODEL_DIR}/{HISTORY_FILE}"
 DIAGNOSTICS = f"{MODEL_DIR}/{DIAGNOSTICS_FILE}"
+POSTERIOR = posterior_path(OUT, MEMBERS)
+# every member's files (predict combines them) and member 0's (Jacobians and figures)
+ALL_MEMBERS = {
+    key: expand(path, member=MEMBER_IDS)
+    for key, path in {**MODEL_FILES, "posterior": POSTERIOR}.items()
+}
+FIRST_MEMBER = {
+    key: expand(path, member=[0])[0]
+    for key, path in {
+        **MODEL_FILES,
+        "history": HISTORY,
+        "posterior": POSTERIOR,
+    }.items()
+}
 
 
-def step_config(*sections):
+def step_config(*sections, seed=None):
     """The validated config sections a step reads, as a shell-quoted JSON argument.
 
     Passing only these sections means Snakemake reruns a step when its own settings change.
+    ``seed`` replaces the config seed (an ensemble member's).
     """
     keys = ("seed", "deterministic", "data") + sections
-    return shlex.quote(json.dumps({k: config[k] for k in dict.fromkeys(keys)}))
+    cfg = {k: config[k] for k in dict.fromkeys(keys)}
+    if seed is not None:
+        cfg["seed"] = seed
+    return shlex.quote(json.dumps(cfg))
+
+
+def member_step_config(*sections):
+    """``step_config`` of an ensemble member's job, with the member's seed.
+
+    A string with one member (the seed is unchanged), else a function of the wildcards.
+    """
+    if MEMBERS == 1:
+        return step_config(*sections)
+    return lambda w: step_config(
+        *sections, seed=member_seed(config["seed"], MEMBERS, int(w.member))
+    )
 
 
 def spectra_input(wildcards):

@@ -3,9 +3,8 @@
 
 rule predict:
     input:
-        **MODEL_FILES,
+        **ALL_MEMBERS,
         spectra=spectra_input,
-        posterior=rules.laplace.output.posterior,
     output:
         expand(f"{OUT}/predictions/{{{{name}}}}.{{ext}}", ext=TABLE_FORMATS),
     log:
@@ -19,19 +18,24 @@ rule predict:
         mem_mb=6000,
     params:
         config=step_config("predict"),
-        model=lambda w, input: os.path.dirname(input.model),
+        # one --model DIR --posterior FILE pair per ensemble member
+        members=lambda w, input: " ".join(
+            f"--model {os.path.dirname(m)} --posterior {p}"
+            for m, p in zip(input.model, input.posterior)
+        ),
         outdir=lambda w, output: os.path.dirname(output[0]),
         format=spectra_format,
     shell:
         "python -m pipeline.steps.predict --config-json {params.config} --threads {threads} "
-        "--model {params.model} "
-        "--posterior {input.posterior} --format {params.format} --name {wildcards.name} "
+        "{params.members} --format {params.format} --name {wildcards.name} "
         "--out {params.outdir} {input.spectra} > {log} 2>&1"
 
 
 rule jacobian:
     input:
-        **MODEL_FILES,
+        model=FIRST_MEMBER["model"],
+        scaler=FIRST_MEMBER["scaler"],
+        wave=FIRST_MEMBER["wave"],
         spectra=spectra_input,
     output:
         f"{OUT}/jacobians/{{name}}/shard-{{i}}.fits",

@@ -1,4 +1,5 @@
-# Stage 2: the network and the Laplace posterior of its last layers.
+# Stage 2: the network and the Laplace posterior of its last layers; with ensemble.members > 1
+# one train and one laplace job per {member}, independent of each other.
 
 
 rule train:
@@ -10,9 +11,9 @@ rule train:
         history=HISTORY,
         diagnostics=DIAGNOSTICS,
     log:
-        f"{OUT}/logs/train.log",
+        f"{OUT}/logs/{log_name('train', MEMBERS)}.log",
     benchmark:
-        f"{OUT}/benchmarks/train.tsv"
+        f"{OUT}/benchmarks/{log_name('train', MEMBERS)}.tsv"
     conda:
         ENV
     threads: config["threads"]
@@ -20,7 +21,7 @@ rule train:
         mem_mb=8000,
         gpu=config["gpus"],
     params:
-        config=step_config("model", "train"),
+        config=member_step_config("model", "train"),
         outdir=lambda w, output: os.path.dirname(output.model),
     shell:
         "python -m pipeline.steps.train --config-json {params.config} --threads {threads} "
@@ -33,11 +34,11 @@ rule laplace:
         train=f"{OUT}/data/train.fits",
         valid=f"{OUT}/data/valid.fits",
     output:
-        posterior=f"{OUT}/laplace/posterior.npz",
+        posterior=POSTERIOR,
     log:
-        f"{OUT}/logs/laplace.log",
+        f"{OUT}/logs/{log_name('laplace', MEMBERS)}.log",
     benchmark:
-        f"{OUT}/benchmarks/laplace.tsv"
+        f"{OUT}/benchmarks/{log_name('laplace', MEMBERS)}.tsv"
     conda:
         ENV
     threads: config["threads"]
@@ -45,7 +46,7 @@ rule laplace:
         mem_mb=8000,
         gpu=config["gpus"],
     params:
-        config=step_config("laplace"),
+        config=member_step_config("laplace"),
         model=lambda w, input: os.path.dirname(input.model),
     shell:
         "python -m pipeline.steps.laplace --config-json {params.config} --threads {threads} "

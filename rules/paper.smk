@@ -15,8 +15,8 @@ CONFIG_NAME = f"{_STEM}+overrides" if workflow.config_settings.config else _STEM
 # the benchmark file of every job of the heavy rules, as RULE=FILE
 BENCHMARKS = {
     "data": [rules.data.benchmark],
-    "train": [rules.train.benchmark],
-    "laplace": [rules.laplace.benchmark],
+    "train": expand(rules.train.benchmark, member=MEMBER_IDS),
+    "laplace": expand(rules.laplace.benchmark, member=MEMBER_IDS),
     "predict": expand(rules.predict.benchmark, name=PREDICT_NAMES),
     "jacobian": expand(rules.jacobian.benchmark, name=JACOBIAN_NAMES, i=SHARDS),
     "tables": [rules.tables.benchmark],

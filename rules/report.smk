@@ -60,8 +60,8 @@ rule figure:
     input:
         train=f"{OUT}/data/train.fits",
         jacobian_data=f"{OUT}/data/{JACOBIAN_SPLIT}.fits",
-        history=rules.train.output.history,
-        posterior=rules.laplace.output.posterior,
+        history=FIRST_MEMBER["history"],
+        posterior=FIRST_MEMBER["posterior"],
         catalog=f"{OUT}/predictions/{FIGURE_SPLIT}.fits",
         summary=f"{OUT}/tables/jacobian_summary.fits",
         jacobians=rules.tables.input.jacobians,

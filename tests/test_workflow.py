@@ -165,3 +165,55 @@ def test_paper_target_plans_the_numbers_and_every_figure_as_pdf(dry_run):
 def test_paper_numbers_name_a_run_with_overrides(dry_run):
     text = dry_run("results/paper/numbers.tex", "--printshellcmds", "--config", "seed=3")
     assert "--config-name config+overrides " in text
+
+
+def _dag(workflow, *args: str) -> tuple[dict[int, str], set[tuple[int, int]]]:
+    """Nodes (id -> label) and edges (parent, child) of ``snakemake --dag``."""
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--dag",
+                          *args], cwd=workflow, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    nodes = {int(m[1]): m[2] for m in re.finditer(r'^\s*(\d+)\[label = "([^"]*)"', out.stdout,
+                                                    re.M)}
+    edges = {(int(m[1]), int(m[2])) for m in re.finditer(r"^\s*(\d+) -> (\d+)", out.stdout, re.M)}
+    return nodes, edges
+
+
+def test_ensemble_members_train_in_parallel_and_predict_waits_for_all(workflow, dry_run):
+    """ensemble.members = 3: 3 train and 3 laplace jobs that depend on no other member, one
+    predict per split that depends on all of them; Jacobians and figures use member 0."""
+    option = ("--config", "ensemble={members: 3}")
+    text = dry_run(*option)
+    counts = job_counts(text)
+    assert counts["train"] == 3 and counts["laplace"] == 3 and counts["predict"] == 2
+    for m in range(3):
+        assert f"results/laplace/member-{m}/posterior.npz" in text
+        assert f"results/model/member-{m}/model.keras" in text
+    nodes, edges = _dag(workflow, *option)
+    rule = {i: label.split("\\n")[0] for i, label in nodes.items()}
+    parents = {i: {p for p, c in edges if c == i} for i in nodes}
+    train = [i for i in nodes if rule[i] == "train"]
+    laplace = [i for i in nodes if rule[i] == "laplace"]
+    for i in train:
+        assert {rule[p] for p in parents[i]} == {"data"}
+    # each laplace job needs exactly its own member's network
+    assert sorted(next(p for p in parents[i] if rule[p] == "train") for i in laplace) == \
+        sorted(train)
+    assert all(sum(rule[p] == "train" for p in parents[i]) == 1 for i in laplace)
+    for i in (i for i in nodes if rule[i] == "predict"):
+        assert set(train) | set(laplace) <= parents[i]
+    member0 = next(i for i in train if nodes[i].endswith("member: 0"))
+    for i in (i for i in nodes if rule[i] == "jacobian"):
+        assert {p for p in parents[i] if rule[p] == "train"} == {member0}
+
+
+def test_one_member_keeps_the_single_model_dag(dry_run):
+    text = dry_run("-p")
+    assert "results/laplace/posterior.npz" in text and "member-" not in text
+    assert "--model results/model --posterior results/laplace/posterior.npz" in text
+
+
+def test_ensemble_predict_gets_one_model_and_posterior_per_member(dry_run):
+    text = dry_run("-p", "--config", "ensemble={members: 2}")
+    assert ("--model results/model/member-0 --posterior results/laplace/member-0/posterior.npz "
+            "--model results/model/member-1 --posterior results/laplace/member-1/posterior.npz "
+            "--format") in text

@@ -4,6 +4,7 @@ The prediction catalog (docs/outputs.md) has one row per star:
 
     STAR_ID
     L, L_ERR, L_ERR_MODEL, L_ERR_NOISE, L_ERR_SCATTER     for L in TEFF, LOGG, FE_H
+    L_ERR_ENSEMBLE                                           ensembles only: between-member std
     TEFF_LOGG_CORR, TEFF_FE_H_CORR, LOGG_FE_H_CORR          correlations of the total covariance
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
@@ -51,6 +52,8 @@ _DESCRIPTION = {
     "_ERR_NOISE": "flux noise propagated through the input Jacobian, 1-sigma, {label}",
     "_ERR_SCATTER": "fitted scatter (aleatoric) 1-sigma of {label}",
     "_TRUE": "true (input) {label}",
+    "_ERR_ENSEMBLE": "spread of the ensemble members' predictions (between-member 1-sigma, "
+                     "part of the model error) of {label}",
 }
 
 
@@ -88,7 +91,8 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
     Parameters
     ----------
     star_id : (N,) identifiers.
-    budget : dict from ``pipeline.laplace.error_budget.error_budget`` (physical units).
+    budget : dict from ``pipeline.laplace.error_budget.error_budget`` or
+        ``pipeline.laplace.ensemble.ensemble_budget`` (physical units).
     flags : (N,) int FLAG bit field.
     true_labels : optional (N, 3) input labels (NaN where unknown).
     snr : optional (N,) signal-to-noise ratio.
@@ -103,6 +107,9 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
         for part, suffix in _BUDGET_SUFFIX.items():
             cov = scatter if part == "scatter" else budget[part]
             set_label_column(table, label + suffix, label, np.sqrt(cov[:, j, j]), suffix)
+        if "ensemble" in budget:  # pipeline.laplace.ensemble
+            set_label_column(table, f"{label}_ERR_ENSEMBLE", label,
+                             np.sqrt(budget["ensemble"][:, j, j]), "_ERR_ENSEMBLE")
     corr = correlations(budget["total"])
     for i, j in combinations(range(len(LABELS)), 2):
         name = f"{LABELS[i]}_{LABELS[j]}_CORR"

@@ -17,7 +17,8 @@ from astropy.table import Table
 
 from pipeline import LABELS
 from pipeline.artifacts.catalog import read_catalog, read_table, require_columns
-from pipeline.artifacts.model_dir import read_history
+from pipeline.artifacts.members import member_paths
+from pipeline.artifacts.model_dir import HISTORY_FILE, read_history
 from pipeline.artifacts.posterior_file import read_posterior_arrays
 from pipeline.exceptions import DataError
 from pipeline.spectra.fits import read_labels
@@ -52,10 +53,11 @@ class FigureInputs:
         jac_split = config["jacobian"]["splits"][-1]
         shards = tuple(root / "jacobians" / jac_split / f"shard-{i}.fits"
                        for i in range(config["jacobian"]["shards"]))
+        # an ensemble's figures show member 0 (pipeline.artifacts.members)
+        model_dir, posterior = member_paths(root, config["ensemble"]["members"])[0]
         return cls(train=root / "data" / "train.fits",
                    jacobian_data=root / "data" / f"{jac_split}.fits",
-                   history=root / "model" / "history.csv",
-                   posterior=root / "laplace" / "posterior.npz",
+                   history=model_dir / HISTORY_FILE, posterior=posterior,
                    catalog=root / "predictions" / f"{split}.fits",
                    summary=root / "tables" / "jacobian_summary.fits", shards=shards)
 

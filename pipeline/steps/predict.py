@@ -9,6 +9,10 @@ mapped onto the model's grid (``pipeline.spectra.validation.match_grid``) and fl
 needed interpolation. Catalog columns and FLAG bits: ``pipeline.artifacts.catalog`` and
 docs/outputs.md.
 
+Repeated ``--model DIR`` with as many ``--posterior FILE`` (in the same order) are an
+ensemble: the catalog reports their equally weighted mixture (``pipeline.laplace.ensemble``),
+with the between-member spread in the L_ERR_ENSEMBLE columns.
+
 Bad pixels (flux set to the continuum 1, error ``data.bad_pixel_err``) are fixed replacement
 values, not noisy measurements: they add nothing to the flux-noise term (error 0 there), and a
 star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG bit 1).
@@ -29,6 +33,7 @@ from pipeline.cli import base_parser, main
 from pipeline.evaluation.flags import model_error_ratio, star_flags
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace import Posterior
+from pipeline.laplace.ensemble import ensemble_budget
 from pipeline.laplace.error_budget import error_budget
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.inputs import FORMATS, load_input
@@ -39,15 +44,22 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ catalog
 def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
-                    config: dict):
-    """The prediction catalog (astropy Table) of ``spectra`` on the model grid."""
+                    config: dict, *, members: tuple = ()):
+    """The prediction catalog (astropy Table) of ``spectra`` on the model grid.
+
+    ``members``: further ensemble members as (model, posterior, scaler) triples; the catalog is
+    then the mixture of all of them (``pipeline.laplace.ensemble``). The training range and the
+    MODEL_OOD reference are those of the first member.
+    """
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
-    budget = error_budget(model, posterior, scaler, spectra.flux, noise_err,
-                          config["predict"]["batch_size"])
+    budget = ensemble_budget([
+        error_budget(m, p, s, spectra.flux, noise_err, config["predict"]["batch_size"])
+        for m, p, s in ((model, posterior, scaler), *members)])
+    # the flag compares Laplace errors with their training percentile: no ensemble spread in it
+    laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
-                       scaler, config["predict"],
-                       model_error_ratio(budget["model"], scaler, posterior))
+                       scaler, config["predict"], model_error_ratio(laplace_cov, scaler, posterior))
     has_labels = any(name in spectra.labels.colnames for name in ("TEFF", "LOGG", "FE_H"))
     snr = spectra.labels["SNR"] if "SNR" in spectra.labels.colnames else None
     return export.catalog_table(spectra.star_id, budget, flags,
@@ -69,10 +81,29 @@ def catalog_names(inputs: list[str], name: str | None) -> list[str]:
     return names
 
 
+def load_members(model_dirs: list[str], posterior_files: list[str]) -> tuple[list, np.ndarray]:
+    """(model, posterior, scaler) of each ensemble member, and their common wavelength grid."""
+    if len(model_dirs) != len(posterior_files):
+        raise ConfigError(f"{len(model_dirs)} --model directories but {len(posterior_files)} "
+                          "--posterior files; give one posterior per model, in the same order "
+                          "(--model D0 --posterior P0 --model D1 --posterior P1 ...)")
+    members, first_wave = [], None
+    for model_dir, posterior_file in zip(model_dirs, posterior_files, strict=True):
+        model, scaler, wave = load_trained(model_dir)
+        if first_wave is not None and not np.array_equal(wave, first_wave):
+            raise ConfigError(f"ensemble member '{model_dir}' was trained on another wavelength "
+                              f"grid than '{model_dirs[0]}'; train all members on the same data")
+        first_wave = wave
+        members.append((model, Posterior.load(posterior_file, model), scaler))
+    return members, first_wave
+
+
 def build_parser():
     parser = base_parser("Predict labels with a full 3x3 error budget (model, scatter, noise).")
-    parser.add_argument("--model", required=True, help="trained model directory")
-    parser.add_argument("--posterior", required=True, help="Laplace posterior (.npz)")
+    parser.add_argument("--model", required=True, action="append",
+                        help="trained model directory; repeated: the members of an ensemble")
+    parser.add_argument("--posterior", required=True, action="append",
+                        help="Laplace posterior (.npz); repeated: one per --model, same order")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format (default: recognized from each input's content)")
     parser.add_argument("--name", help="catalog name (one input only; default: input stem)")
@@ -87,14 +118,14 @@ def run(args, config: dict) -> None:
     for path in args.inputs:
         if not Path(path).exists():
             raise DataError(f"input '{path}' does not exist")
-    model, scaler, wave = load_trained(args.model)
-    posterior = Posterior.load(args.posterior, model)
+    ((model, posterior, scaler), *members), wave = load_members(args.model, args.posterior)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         spectra, resampled = load_input(path, args.format, wave, config)
-        table = predict_catalog(model, posterior, scaler, spectra, resampled, config)
-        header = provenance(config, device=device, model=str(args.model),
-                            posterior=str(args.posterior), input=str(path),
+        table = predict_catalog(model, posterior, scaler, spectra, resampled, config,
+                                members=tuple(members))
+        header = provenance(config, device=device, model=" ".join(map(str, args.model)),
+                            posterior=" ".join(map(str, args.posterior)), input=str(path),
                             nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
         paths = export.write_table(table, Path(args.out) / name, header)
         log.info("%s: %d stars (%d flagged) -> %s", path, len(table),
