@@ -261,6 +261,12 @@ SHIFTS: dict[str, Shift] = {s.name: s for s in (
 )}
 
 
+def reference_spectra(n: int, seed: int, cfg: dict | None = None, wave=None) -> Spectra:
+    """``n`` in-distribution spectra drawn like the shifted ones (same seeds, no shift): the
+    reference row of the suite."""
+    return _base(n, seed, cfg, synthetic._check_wave(wave), name="ref")[0]
+
+
 def shifted_spectra(name: str, n: int, seed: int, cfg: dict | None = None,
                     wave=None) -> Spectra:
     """``n`` spectra of shift ``name`` (:data:`SHIFTS`) with their true labels and SNR."""
