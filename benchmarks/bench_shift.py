@@ -98,9 +98,10 @@ def write_sets(names, n: int, config: dict, wave: np.ndarray, outdir: Path) -> l
 
 
 def shift_metrics(catalog, mask: int = -1) -> dict:
-    """Flagged fraction (``FLAG & mask != 0``) and, per label, z std and 68.3% coverage (in
-    percent) of the unflagged stars, from a prediction catalog with ``L``, ``L_ERR``,
-    ``L_TRUE`` columns."""
+    """Flagged fraction (``FLAG & mask != 0``) and, per label, z mean, z std (about the mean,
+    as in calibration.csv) and 68.3% coverage (``|z| < 1``, in percent) of the unflagged
+    stars, from a prediction catalog with ``L``, ``L_ERR``, ``L_TRUE`` columns. A shift that
+    biases the labels shows in z mean and coverage more than in z std."""
     from pipeline import LABELS
     from pipeline.evaluation.calibration import calibration_metrics
 
@@ -111,7 +112,8 @@ def shift_metrics(catalog, mask: int = -1) -> dict:
         m = calibration_metrics(np.asarray(catalog[label])[keep],
                                 np.asarray(catalog[f"{label}_ERR"])[keep],
                                 np.asarray(catalog[f"{label}_TRUE"])[keep], n_bins=5)
-        out[label] = {"n": m["N"], "z_std": m["Z_STD"], "coverage": 100.0 * m["COVERAGE_68.3"]}
+        out[label] = {"n": m["N"], "z_mean": m["Z_MEAN"], "z_std": m["Z_STD"],
+                      "coverage": 100.0 * m["COVERAGE_68.3"]}
     return out
 
 
@@ -147,22 +149,24 @@ def rows_of(results: dict) -> list[dict]:
                                None, "", ok))
                 continue
             out.append(row(
-                f"shift {name} {label}: unflagged z std (cov {lab['coverage']:.1f}%, "
-                f"n={lab['n']})", lab["z_std"], ref[label]["z_std"], "z std",
-                lab["z_std"] / ref[label]["z_std"],
+                f"shift {name} {label}: unflagged z std (z mean {lab['z_mean']:+.2f}, "
+                f"cov {lab['coverage']:.1f}%, n={lab['n']})",
+                lab["z_std"], ref[label]["z_std"], "z std", lab["z_std"] / ref[label]["z_std"],
                 "[0.9, 1.1], cov 68.3+-3" if is_ref else "<= 1.2, cov 68.3+-5", ok))
     return out
 
 
 def summary(results: dict) -> str:
-    """A Markdown table: one line per set, flagged %, z std and coverage per label, verdict."""
+    """A Markdown table: one line per set, flagged %, z mean, z std and coverage per label,
+    verdict."""
     from pipeline import LABELS
 
-    head = ("| set | flagged % | " + " | ".join(f"{lab} z std | {lab} cov %" for lab in LABELS)
-            + " | verdict |")
-    lines = [head, "|" + "---|" * (3 + 2 * len(LABELS))]
+    head = ("| set | flagged % | " + " | ".join(f"{lab} z mean | {lab} z std | {lab} cov %"
+                                                for lab in LABELS) + " | verdict |")
+    lines = [head, "|" + "---|" * (3 + 3 * len(LABELS))]
     for name, m in results.items():
-        cells = [f"{m[lab]['z_std']:.2f} | {m[lab]['coverage']:.1f}" for lab in LABELS]
+        cells = [f"{m[lab]['z_mean']:+.2f} | {m[lab]['z_std']:.2f} | {m[lab]['coverage']:.1f}"
+                 for lab in LABELS]
         ok = all(verdict(m, lab, name == "reference") for lab in LABELS)
         lines.append(f"| {name} | {m['flagged']:.1f} | " + " | ".join(cells)
                      + f" | {'pass' if ok else 'FAIL'} |")

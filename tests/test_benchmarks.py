@@ -170,6 +170,7 @@ def test_shift_metrics_and_verdict_against_brute_force(rng):
         zz = z[keep, j]
         assert m[label]["n"] == keep.sum()
         assert m[label]["z_std"] == pytest.approx(np.std(zz, ddof=1), rel=1e-10)
+        assert m[label]["z_mean"] == pytest.approx(np.mean(zz), rel=1e-10)
         assert m[label]["coverage"] == pytest.approx(100 * np.mean(np.abs(zz) < 1), rel=1e-10)
     masked = bench_shift.shift_metrics(shift_catalog(z, flag), mask=0b10)
     assert masked["flagged"] == pytest.approx(100 * np.mean(flag & 2 != 0))
