@@ -13,7 +13,7 @@ in-distribution reference set, drawn the same way without a shift, is the baseli
 Verdict per shift and label (the acceptance criterion of the shift suite): at least 90% of the
 stars flagged, or the unflagged stars have z std <= 1.2 and coverage within 5 points of
 68.3%. The reference row must have at most 2% flagged, z std in [0.9, 1.1] and coverage within
-3 points. Sizes: ``--quick`` a few minutes on 2 cores; the full size about 4x that. The rows
+3 points. Sizes: ``--quick`` 2-3 minutes on 2 shared cores; the full size about 12 minutes. The rows
 measure the small model trained here, not the default run (use ``--model-dir`` for that).
 
     python -m benchmarks --only shift [--quick]
