@@ -42,12 +42,12 @@ FULL = {"n_train": 8000, "n_valid": 1500, "n_shift": 1500, "hidden": [256, 128, 
         "epochs": 40}
 
 
-def bench_config(sizes: dict, configfile=None) -> dict:
-    """The validated config of the benchmark model: config/quick.yaml resized, or
-    ``configfile`` as it is (for ``--model-dir``)."""
+def bench_config(sizes: dict, configfile=None, existing_model: bool = False) -> dict:
+    """The validated config: ``configfile`` as it is; else for an existing model the schema
+    defaults (its data ranges and predict options); else config/quick.yaml resized."""
     from pipeline.config import load_config
 
-    if configfile is not None:
+    if configfile is not None or existing_model:
         return load_config(configfile)
     return load_config(REPO / "config" / "quick.yaml", overrides=[
         f"data.n_train={sizes['n_train']}", f"data.n_valid={sizes['n_valid']}",
@@ -181,13 +181,14 @@ def measure(sizes: dict, names=None, workdir=None, model_dir=None, posterior=Non
     from pipeline.spectra import shifts
 
     names = list(shifts.SHIFTS) if names is None else list(names)
-    config = bench_config(sizes, configfile)
+    if (model_dir is None) != (posterior is None):
+        raise ValueError("--model-dir and --posterior go together (the run's model directory "
+                         "and its Laplace posterior .npz)")
+    config = bench_config(sizes, configfile, existing_model=model_dir is not None)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         if model_dir is None:
             model_dir, posterior = fit_model(config, tmp, threads)
-        elif posterior is None:
-            raise ValueError("--model-dir needs --posterior (the run's Laplace posterior .npz)")
         wave = np.load(Path(model_dir) / "wave.npy")
         inputs = write_sets(names, sizes["n_shift"], config, wave, tmp / "sets")
         _step("predict", ["--config-json", json.dumps(config), "--threads", str(threads),

@@ -196,3 +196,17 @@ def test_shift_rows_tiny_model(tmp_path):
     assert len(rows) == 3 * 4 and names[0] == "shift reference: flagged"
     assert any(n.startswith("shift teff_hot TEFF: unflagged z std") for n in names)
     assert all("n=20" in n for n in names if "z std" in n)
+
+
+def test_shift_rows_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):
+    """``--model-dir``/``--posterior``: no training, the run's model predicts every set."""
+    from tests.conftest import REPO
+
+    sizes = {"n_shift": 15}
+    rows = bench_shift.run(sizes=sizes, names=["snr_12"], workdir=tmp_path,
+                           model_dir=tiny_model_dir, posterior=tiny_posterior_file,
+                           configfile=REPO / "config" / "quick.yaml")
+    check_rows(rows)
+    assert len(rows) == 2 * 4 and all("n=15" in r["benchmark"] for r in rows[1:4])
+    with pytest.raises(ValueError, match="--posterior"):
+        bench_shift.run(sizes=sizes, names=["snr_12"], model_dir=tiny_model_dir)
