@@ -3,6 +3,8 @@
     python -m benchmarks            # the full set (about 10-15 minutes on 2 cores)
     python -m benchmarks --quick    # smaller sizes, a smoke test
     python -m benchmarks --only jacobian --markdown benchmarks/RESULTS.md
+    python -m benchmarks --only shift --model-dir results/model \
+        --posterior results/laplace/posterior.npz --configfile config/config.yaml
 
 Each module ``benchmarks/bench_*.py`` exposes ``run(quick: bool) -> list[dict]`` with rows
 ``{"benchmark", "value", "baseline", "ratio", "target", "unit", "ok"}``. Absolute times depend
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import pkgutil
 import platform
@@ -62,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--only", action="append", default=[], help="run modules matching this")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    run_args = parser.add_argument_group(
+        "an existing run, for the benchmarks that measure a trained model (shift)")
+    run_args.add_argument("--model-dir", help="trained model directory")
+    run_args.add_argument("--posterior", help="its Laplace posterior (.npz)")
+    run_args.add_argument("--configfile", help="the run's configuration")
     args = parser.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("model_dir", "posterior", "configfile")
+             if getattr(args, k) is not None}
 
     sys.path.insert(0, str(HERE.parent))
     rows: list[dict] = []
@@ -72,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
-        rows += module.run(quick=args.quick)
+        accepted = inspect.signature(module.run).parameters
+        rows += module.run(quick=args.quick, **{k: v for k, v in given.items() if k in accepted})
     text = table(rows)
     print(text)
     elapsed = time.perf_counter() - t0

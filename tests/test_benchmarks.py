@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import bench_cholesky, bench_jacobian, bench_laplace_torch, bench_memory
+from benchmarks import (
+    bench_cholesky,
+    bench_jacobian,
+    bench_laplace_torch,
+    bench_memory,
+    bench_shift,
+)
 from benchmarks.run import discover, table
 
 ROW_KEYS = {"benchmark", "value", "baseline", "unit", "ratio", "target", "ok"}
@@ -32,7 +38,8 @@ def check_rows(rows: list[dict]) -> None:
 
 def test_runner_discovers_these_benchmarks():
     names = discover()
-    for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch"):
+    for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch",
+                 "bench_shift"):
         assert name in names
 
 
@@ -137,3 +144,69 @@ def test_memory_rows_tiny(tmp_path):
     rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path)
     check_rows(rows)
     assert rows[0]["unit"] == "MB" and rows[0]["value"] > 50
+
+
+def shift_catalog(z: np.ndarray, flag: np.ndarray):
+    """A prediction catalog whose z values are ``z`` (N, 3): errors 2, truths 10."""
+    from astropy.table import Table
+
+    from pipeline import LABELS
+
+    table = Table({"FLAG": flag.astype(np.int32)})
+    for j, label in enumerate(LABELS):
+        table[label] = 10.0 + 2.0 * z[:, j]
+        table[f"{label}_ERR"] = np.full(len(z), 2.0)
+        table[f"{label}_TRUE"] = np.full(len(z), 10.0)
+    return table
+
+
+def test_shift_metrics_and_verdict_against_brute_force(rng):
+    z = rng.standard_normal((400, 3)) * np.array([1.0, 1.5, 0.5])
+    flag = np.where(rng.random(400) < 0.25, 1 << rng.integers(0, 6, 400), 0)
+    m = bench_shift.shift_metrics(shift_catalog(z, flag))
+    keep = flag == 0
+    assert m["flagged"] == pytest.approx(100 * np.mean(flag != 0))
+    for j, label in enumerate(("TEFF", "LOGG", "FE_H")):
+        zz = z[keep, j]
+        assert m[label]["n"] == keep.sum()
+        assert m[label]["z_std"] == pytest.approx(np.std(zz, ddof=1), rel=1e-10)
+        assert m[label]["z_mean"] == pytest.approx(np.mean(zz), rel=1e-10)
+        assert m[label]["coverage"] == pytest.approx(100 * np.mean(np.abs(zz) < 1), rel=1e-10)
+    masked = bench_shift.shift_metrics(shift_catalog(z, flag), mask=0b10)
+    assert masked["flagged"] == pytest.approx(100 * np.mean(flag & 2 != 0))
+    # the verdict: calibrated unflagged stars, or >= 90% flagged
+    ok = {"flagged": 10.0, "TEFF": {"z_std": 1.1, "coverage": 64.0}}
+    assert bench_shift.verdict(ok, "TEFF")
+    assert not bench_shift.verdict({**ok, "TEFF": {"z_std": 1.3, "coverage": 68.0}}, "TEFF")
+    assert not bench_shift.verdict({**ok, "TEFF": {"z_std": 1.0, "coverage": 62.0}}, "TEFF")
+    assert bench_shift.verdict({"flagged": 90.0, "TEFF": {"z_std": 7.0, "coverage": 5.0}},
+                               "TEFF")
+    assert not bench_shift.verdict(ok, "TEFF", reference=True)  # > 2% flagged
+    assert bench_shift.verdict({"flagged": 2.0, "TEFF": {"z_std": 1.05, "coverage": 70.0}},
+                               "TEFF", reference=True)
+
+
+@pytest.mark.slow
+def test_shift_rows_tiny_model(tmp_path):
+    """The whole suite path (data, train, laplace, predict on two shifts) at the smallest size."""
+    sizes = {"n_train": 120, "n_valid": 40, "n_shift": 20, "hidden": [4], "epochs": 1}
+    rows = bench_shift.run(sizes=sizes, names=["teff_hot", "spikes"], workdir=tmp_path)
+    check_rows(rows)
+    names = [r["benchmark"] for r in rows]
+    assert len(rows) == 3 * 4 and names[0] == "shift reference: flagged"
+    assert any(n.startswith("shift teff_hot TEFF: unflagged z std") for n in names)
+    assert all("n=20" in n for n in names if "z std" in n)
+
+
+def test_shift_rows_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):
+    """``--model-dir``/``--posterior``: no training, the run's model predicts every set."""
+    from tests.conftest import REPO
+
+    sizes = {"n_shift": 15}
+    rows = bench_shift.run(sizes=sizes, names=["snr_12"], workdir=tmp_path,
+                           model_dir=tiny_model_dir, posterior=tiny_posterior_file,
+                           configfile=REPO / "config" / "quick.yaml")
+    check_rows(rows)
+    assert len(rows) == 2 * 4 and all("n=15" in r["benchmark"] for r in rows[1:4])
+    with pytest.raises(ValueError, match="--posterior"):
+        bench_shift.run(sizes=sizes, names=["snr_12"], model_dir=tiny_model_dir)
