@@ -302,7 +302,7 @@ def generate(n: int, seed, cfg: dict | None = None, wave=None, id_prefix: str = 
     FE_H, SNR.
 
     Args:
-        seed: int, sequence of ints (numpy SeedSequence entropy) or a SeedSequence.
+        seed: int or sequence of ints (numpy SeedSequence entropy).
         labels, snr: optional (n, 3) labels and (n,) SNR instead of sampled ones.
         id_prefix, first_id: STAR_IDs are ``f"{id_prefix}-{first_id + i:07d}"``.
     """
