@@ -79,3 +79,31 @@ def test_cramer_rao_ratios(rng):
     m = calibration.crb_metrics(pred, 2.0 * crb, true, crb)
     assert m["ERR_OVER_CRB"] == pytest.approx(2.0, rel=1e-14)
     assert m["SCATTER_OVER_CRB"] == pytest.approx(1.3, rel=0.03)
+
+
+def test_gaussian_crps_matches_a_monte_carlo_estimate(rng):
+    """CRPS(F, y) = E|X - y| - E|X - X'| / 2 with X, X' ~ F independent (Gneiting & Raftery)."""
+    from pipeline.evaluation.calibration import crps_gaussian
+
+    mu, sigma = np.array([0.0, 1.0, -2.0, 5.0]), np.array([1.0, 0.5, 2.0, 0.1])
+    y = np.array([0.3, -1.0, -2.0, 5.4])
+    x, x2 = (mu + sigma * rng.standard_normal((400000, 4)) for _ in range(2))
+    monte_carlo = np.mean(np.abs(x - y), axis=0) - 0.5 * np.mean(np.abs(x - x2), axis=0)
+    # Monte-Carlo standard error ~ sigma / sqrt(400000) ~ 0.002 sigma
+    np.testing.assert_allclose(crps_gaussian(mu - y, sigma), monte_carlo, atol=0.01 * sigma.max(),
+                               rtol=0.01)
+    # at y = mu the closed form is sigma (sqrt 2 - 1) / sqrt(pi)
+    np.testing.assert_allclose(crps_gaussian(0.0, 2.0), 2.0 * (np.sqrt(2) - 1) / np.sqrt(np.pi))
+
+
+def test_calibration_metrics_report_the_mean_crps(rng):
+    from pipeline.evaluation.calibration import calibration_metrics, crps_gaussian
+
+    true = rng.normal(size=500)
+    sigma = np.exp(rng.normal(size=500))
+    pred = true + sigma * rng.standard_normal(500)
+    pred[0] = np.nan  # left out like every other statistic
+    out = calibration_metrics(pred, sigma, true, n_bins=5)
+    assert out["CRPS"] == pytest.approx(np.mean(crps_gaussian(pred[1:] - true[1:], sigma[1:])))
+    # errors twice too large score worse than the right ones
+    assert calibration_metrics(pred, 2 * sigma, true, n_bins=5)["CRPS"] > out["CRPS"]

@@ -102,6 +102,30 @@ def test_error_budget_matches_per_star_loop(smooth_model, scaler, rng):
         np.testing.assert_allclose(whole[key], budget[key], rtol=1e-12, atol=0)
 
 
+def test_error_budget_carries_the_fitted_scatter_model(smooth_model, scaler, rng):
+    """With a fitted scatter model the scatter part is S D R D S, D from each star's own model
+    and flux-noise variances (standardized), and the correlation columns see R."""
+    from pipeline.laplace.scatter import ScatterModel
+
+    corr = np.array([[1.0, 0.5, -0.3], [0.5, 1.0, 0.2], [-0.3, 0.2, 1.0]])
+    fitted = ScatterModel(np.array([[-1.0, 0.3, 0.2]] * 3), np.zeros((3, 2)), np.ones((3, 2)),
+                          np.full((3, 2), -np.inf), np.full((3, 2), np.inf),
+                          np.full(3, np.inf), corr)
+    posterior = FeaturePosterior(smooth_model)
+    posterior.scatter_covariance = fitted.covariance
+    flux, flux_err = spectra(5, rng)
+    budget = error_budget(smooth_model, posterior, scaler, flux, flux_err, batch_size=2)
+    s = np.diag(SCALE)
+    for n in range(5):
+        model_var = np.diag(budget["model"][n]) / SCALE**2
+        noise_var = np.diag(budget["noise"][n]) / SCALE**2
+        d = np.exp(-1.0 + 0.3 * 0.5 * np.log(model_var) + 0.2 * 0.5 * np.log(noise_var))
+        np.testing.assert_allclose(budget["scatter"][n], s @ (np.outer(d, d) * corr) @ s,
+                                   rtol=1e-12)
+        np.testing.assert_allclose(budget["total"][n], budget["model"][n]
+                                   + budget["scatter"][n] + budget["noise"][n], rtol=1e-13)
+
+
 def test_noise_term_matches_monte_carlo(smooth_model, scaler):
     """Covariance of predictions on fluxes drawn with the stated errors = D diag(e^2) D^T."""
     rng = np.random.default_rng(11)

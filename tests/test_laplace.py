@@ -256,6 +256,10 @@ def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
                     "evidence_curve_log_evidence", "info"} <= set(npz.files)
             info = json.loads(str(npz["info"]))
         assert info["hyperparameters"] == mode and "CFGHASH" in info["provenance"]
+        scatter = info["scatter"]  # the default 'linear' scatter model, capped and correlated
+        assert np.all(np.abs(np.asarray(scatter["coef"])[:, 1:]) < 5)
+        assert np.all(np.asarray(scatter["cap"]) > 0)
+        np.testing.assert_allclose(np.diag(scatter["correlation"]), 1.0)
         assert "TFVERS" in info["provenance"] and info["provenance"]["DEVICE"] == "CPU"
     from pipeline.artifacts.model_dir import load_trained
 

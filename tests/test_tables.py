@@ -188,10 +188,24 @@ def test_tables_end_to_end(tmp_path, rng, tiny_model_dir, stars_file):
             "--outdir", results / "tables"]
     assert main(tables.build_parser, tables.run, [str(a) for a in argv]) == 0
 
-    cal = pd.read_csv(results / "tables" / "calibration.csv")
+    everything = pd.read_csv(results / "tables" / "calibration.csv")
+    assert list(everything.columns[:3]) == ["CATALOG", "LABEL", "UNIT"]
+    cal = everything[everything["GROUP"] == "all"]
     assert list(cal["CATALOG"]) == ["valid"] * 3 + ["test"] * 3
     assert {"Z_MEAN", "Z_STD", "COVERAGE_68.3", "COVERAGE_95.4", "COVERAGE_99.7", "NLL",
-            "ENCE", "ERR_OVER_CRB", "SCATTER_OVER_CRB"} <= set(cal.columns)
+            "ENCE", "ERR_OVER_CRB", "SCATTER_OVER_CRB", "CRPS", "BIN", "BIN_LO", "BIN_HI",
+            "IN_SAMPLE"} <= set(cal.columns)
+    assert list(cal["IN_SAMPLE"]) == [True] * 3 + [False] * 3
+    # per catalog and label: 5 SNR bins and 3 terciles of each predicted label, and the bins
+    # of a group partition the stars
+    for (catalog, group), part in everything.groupby(["CATALOG", "GROUP"]):
+        n_bins = {"all": 1, "SNR": 5}.get(group, 3)
+        assert len(part) == 3 * n_bins, (catalog, group)
+        for label, rows in part.groupby("LABEL"):
+            assert rows["N"].sum() == cal[(cal["CATALOG"] == catalog)
+                                          & (cal["LABEL"] == label)]["N"].item()
+    terciles = everything[(everything["GROUP"] == "TEFF") & (everything["CATALOG"] == "test")]
+    assert np.all(terciles["BIN_LO"].to_numpy()[3:] >= terciles["BIN_HI"].to_numpy()[:-3])
     test_rows, valid_rows = cal[cal["CATALOG"] == "test"], cal[cal["CATALOG"] == "valid"]
     np.testing.assert_allclose(test_rows["ERR_OVER_CRB"], 1.0, rtol=1e-6)
     np.testing.assert_allclose(valid_rows["ERR_OVER_CRB"], 2.0, rtol=1e-6)

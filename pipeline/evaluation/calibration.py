@@ -9,11 +9,19 @@ For a label with predictions mu_n, predicted 1-sigma errors s_n and true values 
                                                    (Levi et al. 2022) over B equal-count bins of
                                                    s_n, RMV_b = sqrt(mean s^2), RMSE_b =
                                                    sqrt(mean (mu - y)^2) within bin b
+    CRPS = mean(s_n [z_n (2 Phi(z_n) - 1) + 2 phi(z_n) - 1 / sqrt(pi)])
+                                                   continuous ranked probability score of the
+                                                   Gaussian predictive N(mu_n, s_n^2) (Gneiting &
+                                                   Raftery 2007), = E|X - y| - E|X - X'| / 2;
+                                                   label units, lower is better, rewards sharp
+                                                   and calibrated errors alike
 
 Accuracy: bias = mean(mu - y), RMSE, robust scatter = 1.4826 median(|r - median(r)|).
 Cramér–Rao comparison (synthetic data, where the bound is computable): median of
 s_n / sigma_CRB,n, and the robust scatter of (mu_n - y_n) / sigma_CRB,n (1 for an efficient,
-unbiased estimator; an estimator cannot beat 1 on average).
+unbiased estimator). The bound holds for unbiased estimators only: a network that shrinks its
+predictions towards the centre of the training labels is biased and can scatter less than the
+bound (its mean squared error still includes the bias), so values below 1 are not an error.
 Stars with a non-finite prediction, error or truth are left out of every statistic.
 """
 
@@ -51,6 +59,15 @@ def ence(residual: np.ndarray, sigma: np.ndarray, n_bins: int) -> float:
     return float(np.mean(np.abs(rmv - rmse) / rmv))
 
 
+def crps_gaussian(residual: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """CRPS of Gaussian predictives N(mu, sigma^2) at the truths y, residual = mu - y:
+    sigma [z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)] with z = residual / sigma (symmetric
+    in z, so the sign convention of the residual does not matter)."""
+    z = np.asarray(residual, np.float64) / np.asarray(sigma, np.float64)
+    return sigma * (z * (2.0 * stats.norm.cdf(z) - 1.0) + 2.0 * stats.norm.pdf(z)
+                    - 1.0 / np.sqrt(np.pi))
+
+
 def finite_rows(*arrays: np.ndarray) -> np.ndarray:
     """Boolean mask of entries finite in every array (and sigma > 0 is checked by callers)."""
     good = np.ones(np.shape(arrays[0]), bool)
@@ -82,6 +99,7 @@ def calibration_metrics(pred: np.ndarray, sigma: np.ndarray, true: np.ndarray,
     nll = 0.5 * np.log(2.0 * np.pi * s**2) + 0.5 * z**2
     out["NLL"] = float(np.mean(nll)) if z.size else float("nan")
     out["ENCE"] = ence(residual, s, n_bins)
+    out["CRPS"] = float(np.mean(crps_gaussian(residual, s))) if z.size else float("nan")
     return out
 
 

@@ -4,10 +4,11 @@ For star n with flux x_n (P,) and 1-sigma flux errors e_n (P,) the total covaria
 predicted labels is the sum of three independent parts
 
     C_model   = S J_x Sigma J_x^T S          epistemic: Laplace posterior of the last layers
-    C_scatter = S diag(s_n^2) S              aleatoric: fitted scatter given the star's predicted
-                                             labels and its model and noise variances
-                                             (pipeline.scatter; per-label constant sigma_k when
-                                             the posterior has no scatter model)
+    C_scatter = S D_s R D_s S                aleatoric: fitted scatter D_s = diag(s_n) given the
+                                             star's model and noise variances, with the residual
+                                             correlation R of validation stars
+                                             (pipeline.laplace.scatter; the Laplace noise sigma_k
+                                             when the posterior has no scatter model)
     C_noise   = D_n diag(e_n^2) D_n^T = (D_n * e_n) (D_n * e_n)^T
                                              flux noise propagated through the input Jacobian
 
@@ -67,16 +68,17 @@ def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size:
     return out
 
 
-def scatter_std(posterior, z: np.ndarray, model_var: np.ndarray,
-                noise_var: np.ndarray) -> np.ndarray:
-    """Scatter (N, 3) in standardized units of stars with standardized predictions ``z`` and
-    model and flux-noise variances (N, 3, standardized units).
+def scatter_covariance(posterior, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    """Scatter covariance (N, 3, 3) in standardized units of stars with model and flux-noise
+    variances (N, 3, standardized units).
 
-    The posterior's scatter model when it has one, else its constant ``noise_std``.
+    The posterior's ``scatter_covariance`` (a fitted scatter model D R D, or the Laplace noise
+    without double-counted flux noise) when it has one, else diag(``noise_std``^2).
     """
-    if hasattr(posterior, "scatter_std"):
-        return np.asarray(posterior.scatter_std(z, model_var, noise_var), np.float64)
-    return np.broadcast_to(np.asarray(posterior.noise_std, np.float64), z.shape)
+    if hasattr(posterior, "scatter_covariance"):
+        return np.asarray(posterior.scatter_covariance(model_var, noise_var), np.float64)
+    var = np.broadcast_to(np.asarray(posterior.noise_std, np.float64) ** 2, np.shape(noise_var))
+    return var[:, :, None] * np.eye(var.shape[1])
 
 
 def predict_standardized(model, x: np.ndarray) -> np.ndarray:
@@ -92,8 +94,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     ----------
     model : Keras model mapping flux (B, P) to standardized labels (B, 3).
     posterior : object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units) and
-        ``scatter_std(z) -> (B, 3)`` or ``noise_std`` (3,), the standardized per-label scatter
-        (``pipeline.laplace.Posterior``).
+        ``scatter_covariance(model_var, noise_var) -> (B, 3, 3)`` or ``noise_std`` (3,), the
+        standardized scatter (``pipeline.laplace.Posterior``).
     scaler : ``pipeline.nn.scaler.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
     flux : (N, P) normalized flux.
     flux_err : (N, P) 1-sigma flux errors; pass 0 for pixels whose flux is a fixed
@@ -127,9 +129,9 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
             np.asarray(posterior.predictive_covariance(x), np.float64))
         jac = jacobian_fn(model, x, batch_size=batch_size, scaler=scaler)
         cov_noise[s] = noise_covariance(jac, flux_err[s])
-        var = scatter_std(posterior, z, np.diagonal(cov_model[s], axis1=1, axis2=2) / scale2,
-                          np.diagonal(cov_noise[s], axis1=1, axis2=2) / scale2) ** 2
-        cov_scatter[s] = scaler.covariance_to_physical(var[:, :, None] * np.eye(3))
+        cov_scatter[s] = scaler.covariance_to_physical(scatter_covariance(
+            posterior, np.diagonal(cov_model[s], axis1=1, axis2=2) / scale2,
+            np.diagonal(cov_noise[s], axis1=1, axis2=2) / scale2))
     total = cov_model + cov_scatter + cov_noise
     return {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
             "noise": cov_noise, "total": total}

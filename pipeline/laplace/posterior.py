@@ -123,18 +123,26 @@ class Posterior:
         value = self.info.get("train_model_std_q99")
         return None if value is None else np.asarray(value, np.float64)
 
-    def scatter_std(self, z, model_var, noise_var) -> np.ndarray:
-        """Aleatoric scatter (N, K), standardized, of stars with standardized predicted labels
-        z and model and flux-noise variances (N, K, standardized units).
+    def scatter_covariance(self, model_var, noise_var) -> np.ndarray:
+        """Aleatoric scatter covariance (N, K, K), standardized, of stars with model and
+        flux-noise variances (N, K, standardized units).
 
-        The validation-calibrated scatter model (``info['scatter']``, pipeline.scatter) when
-        the laplace step fitted one, else the Laplace noise ``noise_std`` for every star.
+        The validation-calibrated scatter model (``info['scatter']``, pipeline.laplace.scatter)
+        when the laplace step fitted one: D R D. Else the Laplace noise: diag(sigma_k^2) when
+        sigma was fitted on validation stars with their flux noise as a separate term
+        (``hyperparameters: validation``), and diag(max(sigma_k^2 - E_nk, 0)) when it was
+        fitted by the evidence on training residuals, which already contain the flux noise
+        E: the scatter is then what the star's own flux noise does not account for, so flux
+        noise is not counted twice (scatter + noise = max(sigma_k^2, E_nk)).
         """
-        z = np.asarray(z, np.float64)
+        noise_var = np.asarray(noise_var, np.float64)
         scatter = self.scatter_model
-        if scatter is None:
-            return np.broadcast_to(self.noise_std, z.shape).copy()
-        return scatter.std(z, model_var, noise_var)
+        if scatter is not None:
+            return scatter.covariance(model_var, noise_var)
+        var = np.broadcast_to(self.noise_std**2, noise_var.shape)
+        if self.info.get("hyperparameters", "evidence") == "evidence":
+            var = np.maximum(var - noise_var, 0.0)
+        return var[:, :, None] * np.eye(var.shape[1])
 
     def predictive_covariance(self, x, scaler=None, batch_size: int = 256) -> np.ndarray:
         """Epistemic covariance J_n A^-1 J_n^T (N, K, K) float64, streamed over batches.
@@ -336,14 +344,16 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
 
 
 def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
-    """Fit the scatter model (pipeline.scatter) on validation stars, given the other terms."""
+    """Fit the scatter model (pipeline.laplace.scatter) on validation stars, given their model
+    and flux-noise covariances."""
     batch = cfg["batch_size"]
     z = np.concatenate([predict_standardized(model, x_valid[s])
                         for s in batches(len(x_valid), batch)])
-    model_var = np.diagonal(posterior.predictive_covariance(x_valid, batch_size=batch),
-                            axis1=1, axis2=2)
-    noise_var = np.diagonal(noise_valid, axis1=1, axis2=2)
-    scatter = fit_scatter(z, z - y_valid, model_var, noise_var, cfg["scatter"])
-    log.info("scatter model (%s) fitted on %d validation stars: coefficients %s",
-             cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4))
+    model_cov = posterior.predictive_covariance(x_valid, batch_size=batch)
+    scatter = fit_scatter(z - y_valid, model_cov, noise_valid, cfg["scatter"],
+                          ridge=cfg["scatter_ridge"], cap_quantile=cfg["scatter_cap_quantile"])
+    log.info("scatter model (%s) fitted on %d validation stars: coefficients %s, cap %s, "
+             "correlation %s", cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4),
+             np.array2string(scatter.cap, precision=4),
+             np.array2string(scatter.correlation, precision=3))
     return scatter

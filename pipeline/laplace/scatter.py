@@ -2,30 +2,47 @@
 
 The Laplace likelihood has one noise level sigma_k per label (``Posterior.noise_std``), fitted
 with the prior precision. The misfit of a real network is not that uniform: it is larger for
-hot dwarfs and metal-poor stars with weak lines than for cool giants with strong ones, and
-larger where the network is poorly constrained. A single level then gives errors that are
-right on average but too large for most stars and too small for the rest (heavy-tailed
-z-scores: interval coverage off even when their standard deviation is 1).
+stars with weak lines and where the network is poorly constrained, so a single level gives
+errors that are right on average but too large for most stars and too small for the rest.
 
-The scatter model lets the level depend on where the star lies and on how well the data
-constrain it, through covariates u (3K,): the standardized predicted labels z, and the logs of
-the star's model (Laplace) and flux-noise standard deviations, each centred on its validation
-mean:
+The scatter model lets the level of label k depend on two covariates of that label only,
 
-    log s_k(u) = a_k + b_k . clip(u, u_lo, u_hi)
+    u_nk = [log m_nk, log e_nk]        m, e: the star's model (Laplace) and flux-noise stds
 
-fitted label by label by minimizing the Gaussian negative log-likelihood of the validation
-residuals r_nk under the per-star variance
+each standardized by its validation mean and standard deviation and clipped to the range the
+validation stars span, and caps the result:
 
-    V_nk = s_k(u_n)^2 + M_nk + E_nk
+    s_k(u) = min(exp(a_k + b_k . clip(u, u_lo, u_hi)), cap_k)
 
-where M is the model variance and E the flux-noise variance of the star: the scatter explains
-what the other two parts do not, and grows where they say the network knows less. Clipping u
-to the range seen in the validation set keeps the scatter of extrapolated stars bounded (they
-are flagged by the predict step).
+Why so few covariates and a penalty: the nine covariates of an earlier design (predicted labels
+and the model and noise stds of all three labels) are nearly collinear (the three noise stds
+correlate at r ~ 0.99), so an unpenalized fit gives large slopes of opposite sign that cancel
+on the validation stars and explode for any other combination inside the clip box. Here a, b
+minimize the mean Gaussian negative log-likelihood of the validation residuals r_nk under the
+per-star variance V_nk = s_k(u_n)^2 + M_nk + E_nk (M, E: model and flux-noise variances) plus a
+ridge penalty 0.5 lambda |b|^2 on the slopes (config ``laplace.scatter_ridge``; the covariates
+are standardized, so lambda is scale free: it is compared with the curvature of the mean NLL,
+at most 2 per unit of log s, and shrinks well-determined slopes by a few per cent (default 0.02)
+but a direction along which two collinear covariates cancel, whose curvature is ~2 (1 - r),
+towards 0).
 
-Kinds (config ``laplace.scatter``): ``likelihood`` uses the Laplace noise sigma_k unchanged;
-``constant`` refits one level per label (b = 0) on validation stars; ``linear`` fits a and b.
+The cap is what the validation stars support: cap_k is the q-quantile of |r_nk| over validation
+stars (q = config ``laplace.scatter_cap_quantile``, 0.99 by default). No star's scatter exceeds
+the size of the largest residuals seen on validation stars.
+
+Correlations: the scatter covariance is D R D with D = diag(s_n) and R a correlation matrix
+fitted on the validation residuals. The correlation rho of the standardized residuals
+w_nk = r_nk / sqrt(V_nk) is estimated robustly (Spearman's rank correlation mapped to Pearson's
+by rho = 2 sin(pi rho_S / 6), exact for Gaussian pairs), and R_ij is the value that makes the
+mean predicted correlation of the total covariance equal it:
+
+    R_ij = (rho_ij - mean_n[(M + E)_nij / sqrt(V_ni V_nj)]) / mean_n[s_ni s_nj / sqrt(V_ni V_nj)]
+
+clipped to [-1, 1] and projected onto the positive semi-definite correlation matrices.
+
+Kinds (config ``laplace.scatter``): ``likelihood`` uses the Laplace noise sigma_k
+(``Posterior.scatter_covariance``); ``constant`` refits one level per label (b = 0) on
+validation stars; ``linear`` fits a and b. Both fitted kinds fit R and the cap.
 """
 
 from __future__ import annotations
@@ -33,69 +50,132 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 from scipy.optimize import minimize
 
-from pipeline.exceptions import ConfigError, NumericalError
+from pipeline.exceptions import ConfigError, DataError, NumericalError
 
 KINDS = ("likelihood", "constant", "linear")
+FIELDS = ("coef", "u_centre", "u_scale", "u_lo", "u_hi", "cap", "correlation")
+TINY_VAR = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
 
 
-def covariates(z: np.ndarray, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
-    """u = [z, log model std, log noise std] (N, 3K), all standardized units, uncentred."""
-    tiny = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
-    return np.hstack([np.asarray(z, np.float64),
-                      0.5 * np.log(np.maximum(np.asarray(model_var, np.float64), tiny)),
-                      0.5 * np.log(np.maximum(np.asarray(noise_var, np.float64), tiny))])
+def covariates(model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    """u (N, K, 2) = [log model std, log noise std] of each label, uncentred."""
+    return 0.5 * np.log(np.maximum(np.stack([np.asarray(model_var, np.float64),
+                                             np.asarray(noise_var, np.float64)], axis=-1),
+                                   TINY_VAR))
 
 
 @dataclass
 class ScatterModel:
-    """Coefficients ``coef`` (K, 1 + 3K) = [a_k, b_k]; covariate centre and clip range (3K,)."""
+    """Per label k: ``coef`` (K, 3) = [a_k, b_k]; covariate centre, scale and clip range
+    (K, 2); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R."""
 
     coef: np.ndarray
     u_centre: np.ndarray
+    u_scale: np.ndarray
     u_lo: np.ndarray
     u_hi: np.ndarray
-
-    def std(self, z: np.ndarray, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
-        """Scatter s_k (N, K), standardized units, from standardized predictions z (N, K) and
-        the stars' model and flux-noise variances (N, K), standardized units."""
-        return np.exp(self.design(covariates(z, model_var, noise_var)) @ self.coef.T)
+    cap: np.ndarray
+    correlation: np.ndarray
 
     def design(self, u: np.ndarray) -> np.ndarray:
-        """Design matrix [1, clip(u) - centre] (N, 1 + 3K)."""
-        u = np.clip(u, self.u_lo, self.u_hi) - self.u_centre
-        return np.hstack([np.ones((u.shape[0], 1)), u])
+        """Design (N, K, 3) = [1, clip(standardized u)] of covariates u (N, K, 2)."""
+        u = np.clip((u - self.u_centre) / self.u_scale, self.u_lo, self.u_hi)
+        return np.concatenate([np.ones(u.shape[:-1] + (1,)), u], axis=-1)
+
+    def std(self, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+        """Scatter s (N, K), standardized units, of stars with model and flux-noise variances
+        (N, K), standardized units; never above ``cap``."""
+        log_s = np.einsum("nkc,kc->nk", self.design(covariates(model_var, noise_var)), self.coef)
+        return np.minimum(np.exp(log_s), self.cap)
+
+    def covariance(self, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+        """Scatter covariance D R D (N, K, K), D = diag(``std``), standardized units."""
+        s = self.std(model_var, noise_var)
+        return s[:, :, None] * self.correlation * s[:, None, :]
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k).tolist() for k in ("coef", "u_centre", "u_lo", "u_hi")}
+        return {k: getattr(self, k).tolist() for k in FIELDS}
 
     @classmethod
     def from_dict(cls, doc: dict) -> ScatterModel:
-        return cls(*(np.asarray(doc[k], np.float64)
-                     for k in ("coef", "u_centre", "u_lo", "u_hi")))
+        missing = [k for k in FIELDS if k not in doc]
+        if missing:
+            raise DataError(f"posterior info['scatter'] lacks {missing}: it was written by an "
+                            "older scatter model; rerun the laplace step to refit it")
+        return cls(*(np.asarray(doc[k], np.float64) for k in FIELDS))
 
 
-def _nll(c, f, r2, extra):
-    """Gaussian NLL (up to a constant) of residuals with variance exp(2 f c) + extra; gradient."""
+def _objective(c, f, r2, extra, ridge):
+    """Mean Gaussian NLL (up to a constant) of residuals with variance exp(2 f c) + extra,
+    plus 0.5 ridge |slopes|^2; and its gradient."""
     s2 = np.exp(2.0 * f @ c)
     v = s2 + extra
-    value = 0.5 * np.sum(np.log(v) + r2 / v)
-    grad = f.T @ ((1.0 / v - r2 / v**2) * s2)
+    n = len(r2)
+    slopes = np.concatenate([[0.0], c[1:]])
+    value = 0.5 * np.sum(np.log(v) + r2 / v) / n + 0.5 * ridge * slopes @ slopes
+    grad = f.T @ ((1.0 / v - r2 / v**2) * s2) / n + ridge * slopes
     return value, grad
 
 
-def fit_scatter(z: np.ndarray, residual: np.ndarray, model_var: np.ndarray,
-                noise_var: np.ndarray, kind: str = "linear") -> ScatterModel:
+def robust_correlation(w: np.ndarray) -> np.ndarray:
+    """Pearson correlation (K, K) of Gaussian columns of ``w`` (N, K) from Spearman's rho:
+    2 sin(pi rho_S / 6), insensitive to a few outlying residuals."""
+    rho_s = np.atleast_2d(stats.spearmanr(w).statistic)
+    if w.shape[1] == 2:  # spearmanr returns a scalar for two columns
+        rho_s = np.array([[1.0, rho_s[0, 0]], [rho_s[0, 0], 1.0]])
+    return 2.0 * np.sin(np.pi * rho_s / 6.0)
+
+
+def nearest_correlation(r: np.ndarray) -> np.ndarray:
+    """Symmetric ``r`` clipped to [-1, 1], eigenvalues floored at 0, unit diagonal restored."""
+    r = np.clip(0.5 * (r + r.T), -1.0, 1.0)
+    vals, vecs = np.linalg.eigh(r)
+    r = (vecs * np.maximum(vals, 0.0)) @ vecs.T
+    d = np.sqrt(np.maximum(np.diag(r), TINY_VAR))
+    r = r / d[:, None] / d[None, :]
+    np.fill_diagonal(r, 1.0)
+    return r
+
+
+def fit_correlation(residual, s, model_cov, noise_cov) -> np.ndarray:
+    """R (K, K) such that the mean predicted correlation of model + noise + D R D equals the
+    robust correlation of the standardized validation residuals (module docstring)."""
+    other = model_cov + noise_cov
+    var = s**2 + np.diagonal(other, axis1=1, axis2=2)
+    sd = np.sqrt(var)
+    rho = robust_correlation(residual / sd)
+    norm = sd[:, :, None] * sd[:, None, :]
+    given = np.mean(other / norm, axis=0)
+    share = np.mean(s[:, :, None] * s[:, None, :] / norm, axis=0)
+    return nearest_correlation((rho - given) / np.maximum(share, TINY_VAR))
+
+
+def _as_covariance(a: np.ndarray, name: str, shape: tuple) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    if a.shape == shape[:2]:
+        return a[:, :, None] * np.eye(shape[1])
+    if a.shape != shape:
+        raise DataError(f"scatter fit: {name} has shape {a.shape}; expected {shape} "
+                        f"(or variances {shape[:2]})")
+    return a
+
+
+def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
+                kind: str = "linear", ridge: float = 0.02,
+                cap_quantile: float = 0.99) -> ScatterModel:
     """Fit the scatter model to validation stars.
 
     Parameters
     ----------
-    z : (N, K) standardized predicted labels.
     residual : (N, K) predicted minus true labels, standardized.
-    model_var, noise_var : (N, K) each star's model (Laplace) and flux-noise variances,
-        standardized units.
+    model_cov, noise_cov : (N, K, K) each star's model (Laplace) and flux-noise covariances
+        (or (N, K) variances, taken as diagonal), standardized units.
     kind : 'constant' or 'linear' ('likelihood' needs no fit).
+    ridge : penalty lambda on the slopes (standardized covariates).
+    cap_quantile : q of the cap, the q-quantile of |residual| per label.
 
     Returns
     -------
@@ -105,21 +185,30 @@ def fit_scatter(z: np.ndarray, residual: np.ndarray, model_var: np.ndarray,
         raise ConfigError(f"config key 'laplace.scatter' = {kind!r} is not fitted on validation "
                           f"stars; valid kinds: {', '.join(KINDS)}")
     residual = np.asarray(residual, np.float64)
-    extra_var = np.asarray(model_var, np.float64) + np.asarray(noise_var, np.float64)
-    u = covariates(z, model_var, noise_var)
-    model = ScatterModel(np.zeros((residual.shape[1], 1 + u.shape[1])), u.mean(axis=0),
-                         u.min(axis=0), u.max(axis=0))
-    f = model.design(u)
-    if kind == "constant":
-        f = f[:, :1]
-    coef = model.coef
-    for k in range(z.shape[1]):
+    n, k_labels = residual.shape
+    model_cov = _as_covariance(model_cov, "model_cov", (n, k_labels, k_labels))
+    noise_cov = _as_covariance(noise_cov, "noise_cov", (n, k_labels, k_labels))
+    model_var = np.diagonal(model_cov, axis1=1, axis2=2)
+    noise_var = np.diagonal(noise_cov, axis1=1, axis2=2)
+    u = covariates(model_var, noise_var)
+    centre, scale = u.mean(axis=0), u.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant covariate: its slope stays 0
+    std_u = (u - centre) / scale
+    model = ScatterModel(np.zeros((k_labels, 3)), centre, scale, std_u.min(axis=0),
+                         std_u.max(axis=0), np.quantile(np.abs(residual), cap_quantile, axis=0),
+                         np.eye(k_labels))
+    f_all = model.design(u)
+    extra_var = model_var + noise_var
+    for k in range(k_labels):
+        f = f_all[:, k, :1] if kind == "constant" else f_all[:, k]
         r2 = residual[:, k] ** 2
         start = np.zeros(f.shape[1])
         start[0] = 0.5 * np.log(max(np.mean(np.maximum(r2 - extra_var[:, k], 0.0)), 1e-12))
-        res = minimize(_nll, start, args=(f, r2, extra_var[:, k]), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 500, "ftol": 1e-14, "gtol": 1e-9})
+        res = minimize(_objective, start, args=(f, r2, extra_var[:, k], ridge), jac=True,
+                       method="L-BFGS-B", options={"maxiter": 500, "ftol": 1e-14, "gtol": 1e-10})
         if not np.all(np.isfinite(res.x)):
             raise NumericalError(f"the scatter fit of label {k} did not converge: {res.message}")
-        coef[k, :f.shape[1]] = res.x
+        model.coef[k, :f.shape[1]] = res.x
+    model.correlation = fit_correlation(residual, model.std(model_var, noise_var),
+                                        model_cov, noise_cov)
     return model

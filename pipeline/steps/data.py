@@ -5,17 +5,18 @@
 ``data.source``:
 
 * ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.spectra.synthetic`
-  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated
-  ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels and SNR
-  of a split come from seed ``(seed, split)``; the noise of chunk ``c`` from seed
-  ``(seed, split, c)``. Labels table: STAR_ID, TEFF, LOGG, FE_H, SNR.
+  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels
+  and SNR of a split come from the stream ``random_stream(seed, "labels", split)``, the noise of
+  chunk ``c`` from ``random_stream(seed, "noise", split, c)``. Labels table: STAR_ID, TEFF,
+  LOGG, FE_H, SNR.
 * ``fits``: one canonical dataset FITS (``data.fits.path``), validated with labels required,
   split by ``data.split`` fractions.
 * ``apstar``: apStar files (``data.apstar.paths``) joined with a label catalog
   (``data.apstar.catalog``; an SDSS allStar table passes the counted cuts of
   ``data.apstar.allstar`` first), normalized onto the grid ``data.grid``, split likewise.
 
-The split is a seeded permutation (seed ``(seed, 1)``): same config, same split. Every input
+The split is a seeded permutation (stream ``random_stream(seed, "split")``): same config, same
+split. Every input
 is read and validated before anything is written, so a bad input leaves no output; each file
 is written atomically with provenance cards (:mod:`pipeline.artifacts.provenance`) plus SOURCE,
 SPLIT, NBADPIX (bad pixels in that file) and GRID (``data.grid``; not for a fits source, whose
@@ -93,12 +94,26 @@ def write_datasets(config: dict, outputs) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------- synthetic
+STREAMS = ("labels", "noise", "split")
+
+
+def random_stream(seed: int, purpose: str, *key: int) -> np.random.SeedSequence:
+    """The SeedSequence of one use of randomness: entropy ``seed``, spawn key
+    (1 + index of ``purpose``, *key).
+
+    Each purpose has its own leading spawn-key word, so no two streams coincide. (Entropy
+    tuples would not do: numpy pads entropy shorter than its pool with zeros, so ``[seed, s]``
+    and ``[seed, s, 0]`` are the same SeedSequence and would share their random bits.)
+    """
+    return np.random.SeedSequence(seed, spawn_key=(1 + STREAMS.index(purpose), *key))
+
+
 def write_synthetic_split(config: dict, name: str, path: Path) -> Path:
     """Generate one split chunk by chunk into ``path`` (atomic, memory flat)."""
     data = config["data"]
     n, chunk = data[f"n_{name}"], data["synthetic"]["chunk_size"]
     index = SPLITS.index(name)
-    rng = np.random.default_rng([config["seed"], index])
+    rng = np.random.default_rng(random_stream(config["seed"], "labels", index))
     labels = synthetic.sample_labels(n, rng, data)
     snr = synthetic.sample_snr(n, rng, data)
     wave = grids.grid_wave(config)
@@ -112,7 +127,8 @@ def write_synthetic_split(config: dict, name: str, path: Path) -> Path:
         starts = range(0, n, chunk)
         for c, start in enumerate(tqdm(starts, desc=name, disable=not sys.stderr.isatty())):
             stop = min(start + chunk, n)
-            part = synthetic.generate(stop - start, [config["seed"], index, c], data, wave,
+            part = synthetic.generate(stop - start,
+                                      random_stream(config["seed"], "noise", index, c), data, wave,
                                       prefix, labels[start:stop], snr[start:stop], start)
             out.write(start, part.flux, part.flux_err)
             n_bad += part.meta["N_BADPIX"]
@@ -153,7 +169,7 @@ def split_spectra(spectra: Spectra, config: dict) -> dict[str, Spectra]:
                         f"data.split.valid_fraction={fractions['valid_fraction']} and "
                         f"test_fraction={fractions['test_fraction']}; supply more stars or "
                         "change the fractions")
-    order = np.random.default_rng([config["seed"], 1]).permutation(n)
+    order = np.random.default_rng(random_stream(config["seed"], "split")).permutation(n)
     bounds = {"valid": order[:n_valid], "test": order[n_valid:n_valid + n_test],
               "train": order[n_valid + n_test:]}
     return {name: spectra.subset(np.sort(bounds[name])) for name in SPLITS}

@@ -9,10 +9,13 @@ Writes
 
 * ``jacobian_summary.{fits,parquet,csv}``: one row per pixel over all stars of all shards
   (:mod:`pipeline.evaluation.jacobian_summary`, in at most ``jacobian.summary_memory_mb``).
-* ``calibration.csv``: one row per prediction catalog (that has true labels) and label, with the
-  statistics of ``pipeline.evaluation.calibration``; for synthetic data also the ratios to the
-  Cramér–Rao bound, computed from the catalog's dataset FITS (``--data``, else
-  ``<results>/data/<name>.fits`` beside the catalog's ``<results>/predictions`` directory).
+* ``calibration.csv``: per prediction catalog (that has true labels), group of stars (all;
+  equal-count bins of SNR; equal-count bins of each predicted label) and label, the
+  statistics of ``pipeline.evaluation.calibration`` and whether the catalog is in-sample
+  (train, valid); for synthetic data also the ratios to the Cramér–Rao bound, computed from
+  the catalog's dataset FITS (``--data``, else ``<results>/data/<name>.fits`` beside the
+  catalog's ``<results>/predictions`` directory), which also gives the SNR of a catalog
+  without an SNR column.
 * ``metrics.json``: bias, RMSE and robust scatter per label on the catalog named ``test``
   (else the last catalog with true labels), in physical units.
 * ``precision.csv``: RMSE and robust scatter of the network on that catalog next to two
@@ -75,29 +78,67 @@ def catalog_rows(table: Table, data, data_path: Path) -> np.ndarray:
     return row
 
 
-def crb_sigma(table: Table, data_path: Path, config: dict) -> np.ndarray | None:
+def catalog_dataset(table: Table, data_path: Path, config: dict):
+    """The dataset of a catalog when it exists and is needed (the Cramér–Rao bounds of
+    synthetic data, or the SNR of a catalog without an SNR column); else None."""
+    needed = config["data"]["source"] == "synthetic" or "SNR" not in table.colnames
+    return read_dataset(data_path, config) if needed and data_path.is_file() else None
+
+
+def crb_sigma(table: Table, data, data_path: Path, config: dict) -> np.ndarray | None:
     """(N, 3) Cramér–Rao 1-sigma bounds of the catalog's stars, or None when not computable."""
-    if config["data"]["source"] != "synthetic" or not data_path.is_file():
-        return None
-    data = read_dataset(data_path, config)
-    if not data.has_labels:
+    if config["data"]["source"] != "synthetic" or data is None or not data.has_labels:
         return None
     row = catalog_rows(table, data, data_path)
     bound = cramer_rao_bound(data.label_array()[row], data.flux_err[row], wave=data.wave)
     return np.sqrt(np.einsum("nii->ni", np.asarray(bound, np.float64)))
 
 
-def calibration_rows(name: str, table: Table, crb: np.ndarray | None, n_bins: int) -> list:
+IN_SAMPLE = ("train", "valid")  # catalogs whose stars fitted the network or its error model
+
+
+def calibration_groups(table: Table, snr: np.ndarray | None, config: dict) -> list:
+    """(GROUP, BIN, BIN_LO, BIN_HI, rows) of calibration.csv: every star; equal-count bins of
+    SNR; equal-count bins (terciles by default) of each predicted label."""
+    cfg = config["tables"]
+    out = [("all", "all", math.nan, math.nan, np.arange(len(table)))]
+    variables = [("SNR", snr, cfg["snr_bins"])] + [
+        (label, np.asarray(table[label], np.float64), cfg["label_bins"]) for label in LABELS]
+    for group, values, n_bins in variables:
+        for name, index in precision.snr_bins(values, n_bins)[1:]:
+            out.append((group, name, float(values[index].min()), float(values[index].max()),
+                        index))
+    return out
+
+
+def calibration_rows(name: str, table: Table, crb: np.ndarray | None, snr: np.ndarray | None,
+                     config: dict) -> list:
+    """Rows of calibration.csv for one catalog: per group, bin and label (docs/outputs.md)."""
+    n_bins = config["predict"]["calibration_bins"]
+    columns = {label: [np.asarray(table[c], np.float64)
+                       for c in (label, f"{label}_ERR", f"{label}_TRUE")] for label in LABELS}
     rows = []
-    for k, label in enumerate(LABELS):
-        pred, err, true = (np.asarray(table[c], np.float64)
-                           for c in (label, f"{label}_ERR", f"{label}_TRUE"))
-        row = {"CATALOG": name, "LABEL": label, "UNIT": LABEL_UNITS[label]}
-        row.update(calibration.calibration_metrics(pred, err, true, n_bins))
-        if crb is not None:
-            row.update(calibration.crb_metrics(pred, err, true, crb[:, k]))
-        rows.append(row)
+    for group, bin_name, lo, hi, index in calibration_groups(table, snr, config):
+        for k, label in enumerate(LABELS):
+            pred, err, true = (a[index] for a in columns[label])
+            row = {"CATALOG": name, "LABEL": label, "UNIT": LABEL_UNITS[label]}
+            row.update(calibration.calibration_metrics(pred, err, true, n_bins))
+            if crb is not None:
+                row.update(calibration.crb_metrics(pred, err, true, crb[index, k]))
+            row["CRPS"] = row.pop("CRPS")  # new columns after the existing ones
+            row.update({"GROUP": group, "BIN": bin_name, "BIN_LO": lo, "BIN_HI": hi,
+                        "IN_SAMPLE": name in IN_SAMPLE})
+            rows.append(row)
     return rows
+
+
+def catalog_snr(table: Table, data=None, data_path: Path | None = None) -> np.ndarray | None:
+    """SNR of the catalog's stars: its SNR column, else the dataset's labels, else None."""
+    if "SNR" in table.colnames:
+        return np.asarray(table["SNR"], np.float64)
+    if data is not None and "SNR" in data.labels.colnames:
+        return np.asarray(data.labels["SNR"], np.float64)[catalog_rows(table, data, data_path)]
+    return None
 
 
 def accuracy(name: str, table: Table) -> dict:
@@ -159,11 +200,7 @@ def precision_table(name: str, table: Table, data_path: Path, train_path: Path |
     elif cfg["enabled"]:
         log.warning("precision.csv: no training/validation dataset (--train, --valid); "
                     "the table holds the network only, without baselines")
-    snr = None
-    if "SNR" in table.colnames:
-        snr = np.asarray(table["SNR"], np.float64)
-    elif data is not None and "SNR" in data.labels.colnames:
-        snr = np.asarray(data.labels["SNR"], np.float64)[catalog_rows(table, data, data_path)]
+    snr = catalog_snr(table, data, data_path)
     rows = precision.precision_rows(truth, predictions, snr=snr, crb=crb,
                                     n_bins=config["tables"]["snr_bins"], extra=extra)
     return pd.DataFrame([{"CATALOG": name, **r} for r in rows])
@@ -240,8 +277,12 @@ def run(args, config: dict) -> None:
                         "(TEFF_TRUE, LOGG_TRUE, FE_H_TRUE): calibration needs labelled splits")
     rows, crbs = [], {}
     for name, path, table in truth:
-        crbs[name] = crb_sigma(table, data_file_for(path, data_paths), config)
-        rows += calibration_rows(name, table, crbs[name], config["predict"]["calibration_bins"])
+        data_path = data_file_for(path, data_paths)
+        data = catalog_dataset(table, data_path, config)
+        crbs[name] = crb_sigma(table, data, data_path, config)
+        rows += calibration_rows(name, table, crbs[name], catalog_snr(table, data, data_path),
+                                 config)
+        del data  # one dataset in memory at a time
     test = next((c for c in truth if c[0] == "test"), truth[-1])
     metrics = {"provenance": header, **accuracy(test[0], test[2])}
     train_path, valid_path = baseline_data(args, test[1], data_paths)
