@@ -5,10 +5,11 @@
 ``data.source``:
 
 * ``synthetic``: ``n_train``, ``n_valid``, ``n_test`` stars of :mod:`pipeline.spectra.synthetic`
-  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels
-  and SNR of a split come from the stream ``random_stream(seed, "labels", split)``, the noise of
-  chunk ``c`` from ``random_stream(seed, "noise", split, c)``. Labels table: STAR_ID, TEFF,
-  LOGG, FE_H, SNR.
+  on the named grid ``data.grid`` (:mod:`pipeline.spectra.grids`), generated
+  ``data.synthetic.chunk_size`` at a time and streamed to disk (memory flat). Labels and SNR of
+  a split come from the stream ``random_stream(seed, "labels", split)``, the noise of chunk
+  ``c`` from ``random_stream(seed, "noise", split, c)``. Labels table: STAR_ID, TEFF, LOGG,
+  FE_H, SNR.
 * ``fits``: one canonical dataset FITS (``data.fits.path``), validated with labels required,
   split by ``data.split`` fractions.
 * ``apstar``: apStar files (``data.apstar.paths``) joined with a label catalog
@@ -16,11 +17,10 @@
   ``data.apstar.allstar`` first), normalized onto the grid ``data.grid``, split likewise.
 
 The split is a seeded permutation (stream ``random_stream(seed, "split")``): same config, same
-split. Every input
-is read and validated before anything is written, so a bad input leaves no output; each file
-is written atomically with provenance cards (:mod:`pipeline.artifacts.provenance`) plus SOURCE,
-SPLIT, NBADPIX (bad pixels in that file) and GRID (``data.grid``; not for a fits source, whose
-grid is the file's).
+split. Every input is read and validated before anything is written, so a bad input leaves no
+output; each file is written atomically with provenance cards
+(:mod:`pipeline.artifacts.provenance`) plus SOURCE, SPLIT, NBADPIX (bad pixels in that file)
+and GRID (``data.grid``; not for a fits source, whose grid is the file's).
 """
 
 from __future__ import annotations
