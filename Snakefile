@@ -1,7 +1,7 @@
 # stellar-laplace: spectra -> labels with Laplace error bars and input Jacobians.
 # Rules (rules/*.smk, one file per stage) are thin: each shells out to
 # `python -m pipeline.steps.<step>`; no TensorFlow here.
-# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures.
+# DAG: data -> train -> laplace, emulator -> predict / jacobian -> tables -> figures.
 from snakemake.utils import min_version, validate
 
 from pipeline.config import coerce_types

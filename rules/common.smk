@@ -12,6 +12,7 @@ from pipeline.artifacts.model_dir import (
     SCALER_FILE,
     WAVE_FILE,
 )
+from pipeline.evaluation.shift import EMULATOR_FILE
 
 OUT = "results"
 SPLITS = ["train", "valid", "test"]
@@ -40,6 +41,8 @@ MODEL_FILES = {
 }
 HISTORY = f"{MODEL_DIR}/{HISTORY_FILE}"
 DIAGNOSTICS = f"{MODEL_DIR}/{DIAGNOSTICS_FILE}"
+# reference of the label-free shift flags (pipeline.evaluation.shift)
+EMULATOR = f"{MODEL_DIR}/{EMULATOR_FILE}"
 
 
 def step_config(*sections):

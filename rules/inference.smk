@@ -6,6 +6,7 @@ rule predict:
         **MODEL_FILES,
         spectra=spectra_input,
         posterior=rules.laplace.output.posterior,
+        emulator=rules.emulator.output.emulator,
     output:
         expand(f"{OUT}/predictions/{{{{name}}}}.{{ext}}", ext=TABLE_FORMATS),
     log:
@@ -25,7 +26,8 @@ rule predict:
     shell:
         "python -m pipeline.steps.predict --config-json {params.config} --threads {threads} "
         "--model {params.model} "
-        "--posterior {input.posterior} --format {params.format} --name {wildcards.name} "
+        "--posterior {input.posterior} --emulator {input.emulator} "
+        "--format {params.format} --name {wildcards.name} "
         "--out {params.outdir} {input.spectra} > {log} 2>&1"
 
 

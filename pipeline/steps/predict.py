@@ -1,7 +1,7 @@
 """Step ``predict``: labels with a full 3x3 error budget for every star of one or more inputs.
 
     python -m pipeline.predict [--config-json J] --model DIR --posterior FILE \
-        [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
+        [--emulator FILE] [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
 
 writes ``DIR/<name>.{fits,parquet,csv}`` per input (name defaults to the input's file stem, or
 the directory name for a directory of apStar files). Inputs on another wavelength grid are
@@ -12,6 +12,11 @@ docs/outputs.md.
 Bad pixels (flux set to the continuum 1, error ``data.bad_pixel_err``) are fixed replacement
 values, not noisy measurements: they add nothing to the flux-noise term (error 0 there), and a
 star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG bit 1).
+
+Label-free shift statistics (``pipeline.evaluation.shift``: chi^2 against the label -> flux
+emulator, distance of the last hidden features from the training cloud) and their FLAG bits 5
+and 6 come from the emulator file, by default ``DIR/emulator.npz`` beside the model; without
+one their columns are NaN and those bits are never set (a warning says so).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.evaluation.flags import model_error_ratio, star_flags
+from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference, shift_statistics
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace import Posterior
 from pipeline.laplace.error_budget import error_budget
@@ -39,20 +45,25 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ catalog
 def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
-                    config: dict):
-    """The prediction catalog (astropy Table) of ``spectra`` on the model grid."""
+                    config: dict, reference: ShiftReference | None = None):
+    """The prediction catalog (astropy Table) of ``spectra`` on the model grid;
+    ``reference`` (the emulator file) gives the shift columns and FLAG bits 5-6."""
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
     budget = error_budget(model, posterior, scaler, spectra.flux, noise_err,
                           config["predict"]["batch_size"])
+    shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
+                             budget["prediction"], config["predict"]["batch_size"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
                        scaler, config["predict"],
-                       model_error_ratio(budget["model"], scaler, posterior))
+                       model_error_ratio(budget["model"], scaler, posterior), shift,
+                       None if reference is None else (reference.chi2_threshold,
+                                                       reference.feature_threshold))
     has_labels = any(name in spectra.labels.colnames for name in ("TEFF", "LOGG", "FE_H"))
     snr = spectra.labels["SNR"] if "SNR" in spectra.labels.colnames else None
     return export.catalog_table(spectra.star_id, budget, flags,
                                 true_labels=spectra.label_array() if has_labels else None,
-                                snr=snr)
+                                snr=snr, shift=shift)
 
 
 def catalog_names(inputs: list[str], name: str | None) -> list[str]:
@@ -69,10 +80,24 @@ def catalog_names(inputs: list[str], name: str | None) -> list[str]:
     return names
 
 
+def load_reference(path: str | None, model_dir: str) -> ShiftReference | None:
+    """The emulator file: ``path``, else the model directory's one, else None (warned)."""
+    if path is not None:
+        return ShiftReference.load(path)
+    default = Path(model_dir) / EMULATOR_FILE
+    if default.is_file():
+        return ShiftReference.load(default)
+    log.warning("no emulator file (%s): the shift columns are NaN and FLAG bits 5-6 are "
+                "never set; run the emulator step or pass --emulator", default)
+    return None
+
+
 def build_parser():
     parser = base_parser("Predict labels with a full 3x3 error budget (model, scatter, noise).")
     parser.add_argument("--model", required=True, help="trained model directory")
     parser.add_argument("--posterior", required=True, help="Laplace posterior (.npz)")
+    parser.add_argument("--emulator", help=f"emulator file of the shift flags (default: "
+                        f"MODEL/{EMULATOR_FILE} when it exists)")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format (default: recognized from each input's content)")
     parser.add_argument("--name", help="catalog name (one input only; default: input stem)")
@@ -89,10 +114,11 @@ def run(args, config: dict) -> None:
             raise DataError(f"input '{path}' does not exist")
     model, scaler, wave = load_trained(args.model)
     posterior = Posterior.load(args.posterior, model)
+    reference = load_reference(args.emulator, args.model)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         spectra, resampled = load_input(path, args.format, wave, config)
-        table = predict_catalog(model, posterior, scaler, spectra, resampled, config)
+        table = predict_catalog(model, posterior, scaler, spectra, resampled, config, reference)
         header = provenance(config, device=device, model=str(args.model),
                             posterior=str(args.posterior), input=str(path),
                             nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
