@@ -252,3 +252,108 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         ShiftReference.load(tmp_path / "broken.npz")
     with pytest.raises(Exception, match="does not exist"):
         ShiftReference.load(tmp_path / "missing.npz")
+
+
+# ------------------------------------------------------------ the step and the catalog
+@pytest.fixture(scope="module")
+def emulator_file(tiny_model_dir, tmp_path_factory):
+    """The emulator step run on 240 training and 150 validation synthetic spectra."""
+    from pipeline.cli import main
+    from pipeline.spectra.fits import write_spectra
+    from pipeline.spectra.synthetic import generate
+    from pipeline.steps import emulator
+
+    wave = np.load(tiny_model_dir / "wave.npy")
+    root = tmp_path_factory.mktemp("emulator")
+    write_spectra(root / "train.fits", generate(240, 31, wave=wave))
+    write_spectra(root / "valid.fits", generate(150, 32, wave=wave))
+    out = root / "emulator.npz"
+    assert main(emulator.build_parser, emulator.run, [
+        "--model", str(tiny_model_dir), "--train", str(root / "train.fits"),
+        "--valid", str(root / "valid.fits"), "--out", str(out),
+        "--set", "emulator.regions=3", "--set", "emulator.chi2_quantile=0.99"]) == 0
+    return out
+
+
+def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file):
+    ref = ShiftReference.load(emulator_file)
+    info = ref.info
+    assert info["n_train"] == 240 and info["n_valid"] == 150
+    assert 1 <= info["regions"] <= 3  # regions under 40 stars (4 per term) merged away
+    assert ref.emulator.coef.shape == (info["regions"], 10, 7213)
+    assert ref.features.mean.shape == (8,)
+    # a quantile q of 150 stars leaves at most ceil((1 - q) 150) of them above it
+    assert info["valid_flagged_chi2"] <= np.ceil(0.01 * 150) / 150 + 1e-9
+    assert info["valid_flagged_feature"] <= np.ceil(0.005 * 150) / 150 + 1e-9
+    assert info["provenance"]["MODEL"] and "CFGHASH" in info["provenance"]
+
+
+def test_predict_writes_shift_columns_and_bits(tiny_model_dir, emulator_file, tmp_path,
+                                               monkeypatch):
+    """Catalogs from the real writers: the columns, and bits 5-6 exactly where the columns
+    pass the file's thresholds; a continuum-shifted copy of the stars is flagged more."""
+    from astropy.table import Table
+
+    from pipeline.cli import main
+    from pipeline.spectra.fits import write_spectra
+    from pipeline.spectra.synthetic import generate, synthesize
+    from pipeline.steps import predict
+    from tests.test_predict import StandInPosterior
+
+    monkeypatch.setattr(predict.Posterior, "load",
+                        classmethod(lambda cls, path, model: StandInPosterior()))
+    wave = np.load(tiny_model_dir / "wave.npy")
+    stars = generate(40, 33, wave=wave, snr=np.full(40, 200.0))
+    write_spectra(tmp_path / "plain.fits", stars)
+    model = synthesize(stars.label_array(), wave)
+    stars.flux = (0.97 * model + (stars.flux - model)).astype(np.float32)
+    write_spectra(tmp_path / "shifted.fits", stars)
+    ref = ShiftReference.load(emulator_file)
+    tables = {}
+    for name in ("plain", "shifted"):
+        assert main(predict.build_parser, predict.run, [
+            "--model", str(tiny_model_dir), "--posterior", "p.npz", "--emulator",
+            str(emulator_file), "--out", str(tmp_path / "out"), str(tmp_path / f"{name}.fits")
+        ]) == 0
+        for fmt in ("fits", "parquet", "csv"):
+            table = Table.read(tmp_path / "out" / f"{name}.{fmt}",
+                               **({"hdu": "CATALOG"} if fmt == "fits" else {}))
+            assert set(export.SHIFT_COLUMNS) <= set(table.colnames)
+        flag = np.asarray(table["FLAG"])
+        np.testing.assert_array_equal(
+            (flag & export.FLAG_SPECTRUM_OOD) > 0,
+            np.asarray(table["CHI2_EMULATOR_REL"]) > ref.chi2_threshold)
+        np.testing.assert_array_equal(
+            (flag & export.FLAG_FEATURE_OOD) > 0,
+            np.asarray(table["FEATURE_DISTANCE"]) > ref.feature_threshold)
+        tables[name] = table
+    assert np.all(np.isfinite(tables["plain"]["CHI2_EMULATOR"]))
+    assert np.median(tables["shifted"]["CHI2_EMULATOR"]) > 2 * np.median(
+        tables["plain"]["CHI2_EMULATOR"])
+    header = Table.read(tmp_path / "out" / "plain.fits", hdu="CATALOG").meta
+    assert "CFGHASH" in header
+
+
+def test_predict_without_emulator_file_leaves_shift_columns_nan(tiny_model_dir, tmp_path,
+                                                                monkeypatch, caplog):
+    from astropy.table import Table
+
+    from pipeline.cli import main
+    from pipeline.spectra.fits import write_spectra
+    from pipeline.spectra.synthetic import generate
+    from pipeline.steps import predict
+    from tests.test_predict import StandInPosterior
+
+    monkeypatch.setattr(predict.Posterior, "load",
+                        classmethod(lambda cls, path, model: StandInPosterior()))
+    write_spectra(tmp_path / "s.fits", generate(5, 34, wave=np.load(tiny_model_dir /
+                                                                     "wave.npy")))
+    assert main(predict.build_parser, predict.run, [
+        "--model", str(tiny_model_dir), "--posterior", "p.npz", "--out", str(tmp_path / "o"),
+        str(tmp_path / "s.fits")]) == 0
+    table = Table.read(tmp_path / "o" / "s.fits", hdu="CATALOG")
+    for name in export.SHIFT_COLUMNS:  # astropy reads FITS NaN as masked
+        assert np.all(np.isnan(np.ma.filled(table[name], np.nan))), name
+    assert not np.any(np.asarray(table["FLAG"]) & (export.FLAG_SPECTRUM_OOD
+                                                   | export.FLAG_FEATURE_OOD))
+    assert "no emulator file" in caplog.text
