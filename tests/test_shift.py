@@ -10,6 +10,7 @@ import pytest
 from scipy.optimize import least_squares
 
 from pipeline.artifacts import catalog as export
+from pipeline.artifacts.model_dir import load_trained
 from pipeline.config import validate
 from pipeline.evaluation.emulator import LabelEmulator, SnrTrend, design, spectrum_snr
 from pipeline.evaluation.feature_distance import FeatureReference, ledoit_wolf
@@ -331,7 +332,21 @@ def test_predict_writes_shift_columns_and_bits(tiny_model_dir, emulator_file, tm
     assert np.median(tables["shifted"]["CHI2_EMULATOR"]) > 2 * np.median(
         tables["plain"]["CHI2_EMULATOR"])
     header = Table.read(tmp_path / "out" / "plain.fits", hdu="CATALOG").meta
-    assert "CFGHASH" in header
+    assert "CFGHASH" in header and header["EMULATOR"] == str(emulator_file)
+
+
+def test_predict_refuses_an_emulator_file_of_another_grid(tiny_model_dir, emulator_file,
+                                                          tmp_path, monkeypatch):
+    from pipeline.exceptions import ModelFileError
+    from pipeline.steps import predict
+
+    ref = ShiftReference.load(emulator_file)
+    ref.emulator.coef = ref.emulator.coef[..., :100]
+    ref.save(tmp_path / "other.npz")
+    model, _, wave = load_trained(tiny_model_dir)
+    with pytest.raises(ModelFileError, match="100 pixels.*rerun the emulator step"):
+        predict.load_reference(str(tmp_path / "other.npz"), str(tiny_model_dir), model,
+                               wave.size)
 
 
 def test_predict_without_emulator_file_leaves_shift_columns_nan(tiny_model_dir, tmp_path,

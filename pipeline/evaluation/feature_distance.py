@@ -69,6 +69,14 @@ class FeatureReference:
         return np.sqrt(np.sum(w**2, axis=0) / len(self.mean))
 
 
+def last_hidden_units(model) -> int:
+    """d: the width of the input of the network's last Dense layer."""
+    import keras
+
+    last = [la for la in model.layers if isinstance(la, keras.layers.Dense)][-1]
+    return int(last.input.shape[-1])
+
+
 def last_hidden_features(model, flux, batch_size: int = 256) -> np.ndarray:
     """(N, d) float64 activations entering the network's last Dense layer (inference mode)."""
     import keras

@@ -58,6 +58,14 @@ class ShiftReference:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
+    def check(self, path, n_pixels: int, n_features: int) -> None:
+        """ModelFileError unless fitted for a grid of ``n_pixels`` and ``n_features`` units."""
+        have = (self.emulator.coef.shape[-1], len(self.features.mean))
+        if have != (n_pixels, n_features):
+            raise ModelFileError(f"emulator file '{path}' was fitted for {have[0]} pixels and "
+                                 f"{have[1]} last-hidden units, the model has {n_pixels} and "
+                                 f"{n_features}; rerun the emulator step for this model")
+
     @classmethod
     def load(cls, path: str | Path) -> ShiftReference:
         path = Path(path)

@@ -31,6 +31,7 @@ from pipeline.artifacts import catalog as export
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
+from pipeline.evaluation.feature_distance import last_hidden_units
 from pipeline.evaluation.flags import model_error_ratio, star_flags
 from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference, shift_statistics
 from pipeline.exceptions import ConfigError, DataError
@@ -80,16 +81,19 @@ def catalog_names(inputs: list[str], name: str | None) -> list[str]:
     return names
 
 
-def load_reference(path: str | None, model_dir: str) -> ShiftReference | None:
-    """The emulator file: ``path``, else the model directory's one, else None (warned)."""
-    if path is not None:
-        return ShiftReference.load(path)
-    default = Path(model_dir) / EMULATOR_FILE
-    if default.is_file():
-        return ShiftReference.load(default)
-    log.warning("no emulator file (%s): the shift columns are NaN and FLAG bits 5-6 are "
-                "never set; run the emulator step or pass --emulator", default)
-    return None
+def load_reference(path: str | None, model_dir: str, model,
+                   n_pixels: int) -> tuple[ShiftReference | None, str]:
+    """The emulator file and its path: ``path``, else the one beside the model, else
+    (None, '') with a warning. ModelFileError when it was fitted for another grid or network."""
+    if path is None:
+        path = Path(model_dir) / EMULATOR_FILE
+        if not path.is_file():
+            log.warning("no emulator file (%s): the shift columns are NaN and FLAG bits 5-6 "
+                        "are never set; run the emulator step or pass --emulator", path)
+            return None, ""
+    reference = ShiftReference.load(path)
+    reference.check(path, n_pixels, last_hidden_units(model))
+    return reference, str(path)
 
 
 def build_parser():
@@ -114,13 +118,14 @@ def run(args, config: dict) -> None:
             raise DataError(f"input '{path}' does not exist")
     model, scaler, wave = load_trained(args.model)
     posterior = Posterior.load(args.posterior, model)
-    reference = load_reference(args.emulator, args.model)
+    reference, reference_path = load_reference(args.emulator, args.model, model, wave.size)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         spectra, resampled = load_input(path, args.format, wave, config)
         table = predict_catalog(model, posterior, scaler, spectra, resampled, config, reference)
         header = provenance(config, device=device, model=str(args.model),
                             posterior=str(args.posterior), input=str(path),
+                            emulator=reference_path,
                             nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
         paths = export.write_table(table, Path(args.out) / name, header)
         log.info("%s: %d stars (%d flagged) -> %s", path, len(table),
