@@ -233,19 +233,36 @@ def test_label_range_flag_uses_a_small_margin():
                      [5000, 3, 0.5 + 1.1 * margin[2]]])
     flags = star_flags(pred, np.ones((4, 3, 3)), np.zeros(4), False, scaler, CONFIG["predict"])
     assert flags.tolist() == [0] + 3 * [export.FLAG_OOD]
+    # a wider margin from the validation overshoot (emulator file) takes over where larger
+    wide = np.array([1.2 * margin[0], 0.0, 0.0])
+    flags = star_flags(pred, np.ones((4, 3, 3)), np.zeros(4), False, scaler, CONFIG["predict"],
+                       range_margin=wide)
+    assert flags.tolist() == [0, 0, export.FLAG_OOD, export.FLAG_OOD]
+
+
+def test_range_margin_is_the_validation_overshoot_quantile(rng):
+    from pipeline.evaluation.shift import range_overshoot
+
+    lo, hi = np.array([0.0, 1.0]), np.array([1.0, 2.0])
+    pred = np.column_stack([rng.uniform(-0.1, 1.1, 1000), rng.uniform(1.2, 1.8, 1000)])
+    over = range_overshoot(pred, lo, hi)
+    assert np.all(over[:, 1] == 0)
+    brute = [max(lo[0] - p, p - hi[0], 0.0) for p in pred[:, 0]]
+    np.testing.assert_allclose(over[:, 0], brute)
 
 
 # ---------------------------------------------------------------------- file and catalog
 def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     _, em, trend, threshold, _ = synthetic_reference
     ref = ShiftReference(em, trend, float(threshold), FeatureReference.fit(rng.normal(
-        size=(100, 5))), 1.7, {"n_train": 1500})
+        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), {"n_train": 1500})
     ref.save(tmp_path / "emulator.npz")
     back = ShiftReference.load(tmp_path / "emulator.npz")
     assert not list(tmp_path.glob(".*tmp*"))
     for k in ("coef", "scatter", "usable", "centres"):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
+    np.testing.assert_array_equal(back.range_margin, ref.range_margin)
     assert back.info == {"n_train": 1500}
     np.testing.assert_array_equal(back.features.cholesky, ref.features.cholesky)
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
@@ -287,6 +304,8 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert info["valid_flagged_chi2"] <= np.ceil(0.01 * 150) / 150 + 1e-9
     assert info["valid_flagged_feature"] <= np.ceil(0.005 * 150) / 150 + 1e-9
     assert info["provenance"]["MODEL"] and "CFGHASH" in info["provenance"]
+    assert ref.range_margin.shape == (3,) and np.all(ref.range_margin >= 0)
+    assert info["valid_flagged_range"] <= 3 * np.ceil(0.002 * 150) / 150 + 1e-9
 
 
 def test_predict_writes_shift_columns_and_bits(tiny_model_dir, emulator_file, tmp_path,

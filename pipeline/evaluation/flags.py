@@ -54,15 +54,21 @@ def shift_flags(shift: dict, chi2_threshold: float, feature_threshold: float) ->
 def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarray,
                resampled: bool, scaler, predict_cfg: dict,
                model_ratio: np.ndarray | None = None, shift: dict | None = None,
-               shift_thresholds: tuple[float, float] | None = None) -> np.ndarray:
+               shift_thresholds: tuple[float, float] | None = None,
+               range_margin: np.ndarray | None = None) -> np.ndarray:
     """FLAG bit field (N,) int32; bits documented in ``pipeline.FLAG_BITS``.
 
     ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
     ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (chi^2, feature
-    distance) set bits 5 and 6 (:func:`shift_flags`).
+    distance) set bits 5 and 6 (:func:`shift_flags`). Bit 0's margin beyond the training
+    range is ``predict.ood_sigma`` training standard deviations per label, or
+    ``range_margin`` (3,) physical units (the validation overshoot quantile of the emulator
+    file) where that is larger.
     """
     lo, hi = training_range(scaler)
     margin = predict_cfg["ood_sigma"] * np.asarray(scaler.scale, np.float64)
+    if range_margin is not None:
+        margin = np.maximum(margin, np.asarray(range_margin, np.float64))
     ood = np.any((prediction < lo - margin) | (prediction > hi + margin), axis=1)
     nonfinite = ~(np.all(np.isfinite(prediction), axis=1)
                   & np.all(np.isfinite(total), axis=(1, 2)))

@@ -14,8 +14,14 @@ The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``), the SNR trend
 (``snr_log``, ``snr_median``), ``chi2_threshold``, the feature reference
 (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
-``feature_threshold`` and ``info`` (JSON: validation medians and flagged fractions,
-provenance).
+``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
+flagged fractions, provenance).
+
+The label-range flag (bit 0) also takes its margin from here when the file is present: per
+label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
+training range (0 where they stay inside), at least ``predict.ood_sigma`` training standard
+deviations (``pipeline.evaluation.flags``): a network whose errors scatter edge stars beyond
+the grid does not flag them, one that extrapolates further than that does.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class ShiftReference:
     chi2_threshold: float
     features: FeatureReference
     feature_threshold: float
+    range_margin: np.ndarray
     info: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -53,7 +60,7 @@ class ShiftReference:
                       feature_mean=self.features.mean, feature_scale=self.features.scale,
                       feature_cholesky=self.features.cholesky,
                       feature_shrinkage=self.features.shrinkage,
-                      feature_threshold=self.feature_threshold,
+                      feature_threshold=self.feature_threshold, range_margin=self.range_margin,
                       info=json.dumps(self.info, default=str))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -81,7 +88,8 @@ class ShiftReference:
                        float(a["chi2_threshold"]),
                        FeatureReference(a["feature_mean"], a["feature_scale"],
                                         a["feature_cholesky"], float(a["feature_shrinkage"])),
-                       float(a["feature_threshold"]), json.loads(str(a["info"])))
+                       float(a["feature_threshold"]), a["range_margin"],
+                       json.loads(str(a["info"])))
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ModelFileError(f"'{path}': not a readable emulator file ({exc}); rerun the "
                                  "emulator step") from None
@@ -102,13 +110,18 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
             "FEATURE_DISTANCE": reference.features.distance(features)}
 
 
+def range_overshoot(prediction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(N, L) distance of each predicted label beyond [lo, hi] (0 inside)."""
+    return np.maximum(np.maximum(lo - prediction, prediction - hi), 0.0)
+
+
 def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
                   cfg: dict, seed: int = 0) -> ShiftReference:
     """The reference: emulator and feature cloud from ``train`` (Spectra with labels),
     SNR trend and thresholds from the ``valid`` spectra at their predicted labels.
 
     ``cfg`` is the ``emulator`` config section (order, ridge, regions, snr_bins,
-    chi2_quantile, feature_quantile, batch_size).
+    chi2_quantile, feature_quantile, range_quantile, batch_size).
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
@@ -122,6 +135,9 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     dist = features.distance(last_hidden_features(model, valid.flux, cfg["batch_size"]))
     chi2_threshold = float(np.nanquantile(rel, cfg["chi2_quantile"]))
     feature_threshold = float(np.nanquantile(dist, cfg["feature_quantile"]))
+    labels = train.label_array()
+    overshoot = range_overshoot(valid_prediction, labels.min(axis=0), labels.max(axis=0))
+    range_margin = np.nanquantile(overshoot, cfg["range_quantile"], axis=0)
     info = {"n_train": len(train.flux), "n_valid": len(valid.flux),
             "regions": len(emulator.centres), "feature_dim": len(features.mean),
             "valid_chi2_median": float(np.nanmedian(chi2)),
@@ -129,5 +145,8 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
             "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
             "valid_flagged_feature": float(np.mean(dist > feature_threshold)),
             "valid_flagged_either": float(np.mean((rel > chi2_threshold)
-                                                  | (dist > feature_threshold)))}
-    return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold, info)
+                                                  | (dist > feature_threshold))),
+            "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
+            "range_margin": range_margin.tolist()}
+    return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,
+                          range_margin, info)

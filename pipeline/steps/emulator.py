@@ -50,11 +50,13 @@ def run(args: argparse.Namespace, config: dict) -> None:
     reference.info["provenance"] = provenance(config, device=runtime.device_name(),
                                               model=str(args.model))
     reference.save(args.out)
+    info = reference.info
     log.info("wrote %s: %d regions; validation flagged %.2f%% (chi2), %.2f%% (features), "
-             "%.2f%% (either); chi2 median %.3g", args.out, reference.info["regions"],
-             100 * reference.info["valid_flagged_chi2"],
-             100 * reference.info["valid_flagged_feature"],
-             100 * reference.info["valid_flagged_either"], reference.info["valid_chi2_median"])
+             "%.2f%% (either), %.2f%% (label range, margins %s); chi2 median %.3g", args.out,
+             info["regions"], 100 * info["valid_flagged_chi2"],
+             100 * info["valid_flagged_feature"], 100 * info["valid_flagged_either"],
+             100 * info["valid_flagged_range"], np.round(reference.range_margin, 3),
+             info["valid_chi2_median"])
 
 
 if __name__ == "__main__":

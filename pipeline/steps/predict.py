@@ -59,7 +59,8 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
                        scaler, config["predict"],
                        model_error_ratio(budget["model"], scaler, posterior), shift,
                        None if reference is None else (reference.chi2_threshold,
-                                                       reference.feature_threshold))
+                                                       reference.feature_threshold),
+                       None if reference is None else reference.range_margin)
     has_labels = any(name in spectra.labels.colnames for name in ("TEFF", "LOGG", "FE_H"))
     snr = spectra.labels["SNR"] if "SNR" in spectra.labels.colnames else None
     return export.catalog_table(spectra.star_id, budget, flags,
