@@ -391,3 +391,18 @@ def test_predict_without_emulator_file_leaves_shift_columns_nan(tiny_model_dir, 
     assert not np.any(np.asarray(table["FLAG"]) & (export.FLAG_SPECTRUM_OOD
                                                    | export.FLAG_FEATURE_OOD))
     assert "no emulator file" in caplog.text
+
+
+def test_spectrum_snr_and_snr_trend(rng):
+    flux, err = rng.uniform(0.5, 1, (250, 40)), rng.uniform(0.01, 0.02, (250, 40))
+    good = rng.random((250, 40)) > 0.1
+    good[3] = False
+    snr = spectrum_snr(flux, err, good, batch_size=100)
+    brute = [np.median(f[g] / e[g]) if g.any() else np.nan for f, e, g in zip(
+        flux, err, good, strict=True)]
+    np.testing.assert_allclose(snr, brute)
+    assert np.isnan(snr[3])
+    trend = SnrTrend.fit(np.array([40.0] * 60 + [160.0] * 60), np.array([1.0] * 60 + [3.0] * 60),
+                         n_bins=8)  # 120 stars: 2 bins of 50+
+    np.testing.assert_allclose(trend(np.array([20.0, 40.0, 80.0, 160.0, 999.0])),
+                               [1.0, 1.0, 2.0, 3.0, 3.0])

@@ -58,17 +58,21 @@ def design(z: np.ndarray, order: int) -> np.ndarray:
                             for c in monomials(z.shape[1], order)])
 
 
-def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray) -> np.ndarray:
+def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
+                 batch_size: int = 1024) -> np.ndarray:
     """(N,) median over good pixels of flux / flux_err (NaN for a star with none).
 
     Measured from the spectrum itself, so that stars without an SNR column (real inputs) are
-    compared with validation stars on the same footing.
+    compared with validation stars on the same footing. Streams ``batch_size`` stars.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(good, np.asarray(flux, np.float64) / flux_err, np.nan)
-    out = np.full(len(ratio), np.nan)
-    some = good.any(axis=1)
-    out[some] = np.nanmedian(ratio[some], axis=1)
+    out = np.full(len(flux), np.nan)
+    for s in range(0, len(flux), batch_size):
+        sl = slice(s, s + batch_size)
+        g = np.asarray(good[sl], bool)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(g, np.asarray(flux[sl], np.float64) / flux_err[sl], np.nan)
+        some = g.any(axis=1)
+        out[s:s + len(g)][some] = np.nanmedian(ratio[some], axis=1)
     return out
 
 
