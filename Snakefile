@@ -1,7 +1,7 @@
 # stellar-laplace: spectra -> labels with Laplace error bars and input Jacobians.
 # Rules (rules/*.smk, one file per stage) are thin: each shells out to
 # `python -m pipeline.steps.<step>`; no TensorFlow here.
-# DAG: data -> train -> laplace -> predict / jacobian -> tables -> figures; with
+# DAG: data -> train -> laplace, emulator -> predict / jacobian -> tables -> figures; with
 # ensemble.members > 1, train and laplace run once per member and predict combines them.
 # `snakemake paper` adds the paper numbers (LaTeX macros) and the figures as journal PDFs
 # (rules/paper.smk).

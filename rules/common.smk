@@ -13,6 +13,7 @@ from pipeline.artifacts.model_dir import (
     WAVE_FILE,
 )
 from pipeline.artifacts.members import log_name, member_seed, model_dir, posterior_path
+from pipeline.evaluation.shift import EMULATOR_FILE
 
 OUT = "results"
 SPLITS = ["train", "valid", "test"]
@@ -58,6 +59,8 @@ FIRST_MEMBER = {
         "posterior": POSTERIOR,
     }.items()
 }
+# reference of the label-free shift flags (pipeline.evaluation.shift), fitted for member 0
+EMULATOR = f"{expand(MODEL_DIR, member=[0])[0]}/{EMULATOR_FILE}"
 
 
 def step_config(*sections, seed=None):

@@ -5,6 +5,7 @@ rule predict:
     input:
         **ALL_MEMBERS,
         spectra=spectra_input,
+        emulator=rules.emulator.output.emulator,
     output:
         expand(f"{OUT}/predictions/{{{{name}}}}.{{ext}}", ext=TABLE_FORMATS),
     log:
@@ -27,7 +28,8 @@ rule predict:
         format=spectra_format,
     shell:
         "python -m pipeline.steps.predict --config-json {params.config} --threads {threads} "
-        "{params.members} --format {params.format} --name {wildcards.name} "
+        "{params.members} --emulator {input.emulator} "
+        "--format {params.format} --name {wildcards.name} "
         "--out {params.outdir} {input.spectra} > {log} 2>&1"
 
 

@@ -52,3 +52,28 @@ rule laplace:
         "python -m pipeline.steps.laplace --config-json {params.config} --threads {threads} "
         "--model {params.model} --train {input.train} --valid {input.valid} "
         "--out {output.posterior} > {log} 2>&1"
+
+
+rule emulator:
+    input:
+        **{key: FIRST_MEMBER[key] for key in MODEL_FILES},
+        train=f"{OUT}/data/train.fits",
+        valid=f"{OUT}/data/valid.fits",
+    output:
+        emulator=EMULATOR,
+    log:
+        f"{OUT}/logs/emulator.log",
+    benchmark:
+        f"{OUT}/benchmarks/emulator.tsv"
+    conda:
+        ENV
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+    params:
+        config=step_config("emulator"),
+        model=lambda w, input: os.path.dirname(input.model),
+    shell:
+        "python -m pipeline.steps.emulator --config-json {params.config} --threads {threads} "
+        "--model {params.model} --train {input.train} --valid {input.valid} "
+        "--out {output.emulator} > {log} 2>&1"

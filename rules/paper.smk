@@ -17,6 +17,7 @@ BENCHMARKS = {
     "data": [rules.data.benchmark],
     "train": expand(rules.train.benchmark, member=MEMBER_IDS),
     "laplace": expand(rules.laplace.benchmark, member=MEMBER_IDS),
+    "emulator": [rules.emulator.benchmark],
     "predict": expand(rules.predict.benchmark, name=PREDICT_NAMES),
     "jacobian": expand(rules.jacobian.benchmark, name=JACOBIAN_NAMES, i=SHARDS),
     "tables": [rules.tables.benchmark],

@@ -70,15 +70,22 @@ FLAG_CFG = dict(CONFIG["predict"], ood_sigma=4.0, flag_bad_pixel_fraction=0.1,
                 ood_model_factor=3.0)
 
 
+SHIFT_THRESHOLDS = (2.0, 1.5)  # CHI2_EMULATOR_REL, FEATURE_DISTANCE
+
+
 def _one_star(prediction=(4.9, 0.0, -4.9), total=None, bad_fraction=0.1, resampled=False,
-              model_ratio=3.0):
+              model_ratio=3.0, chi2_rel=2.0, feature_distance=1.5):
     """star_flags of one star; the defaults sit just inside every threshold of FLAG_CFG
-    (4 sigma around the training range [-1, 1], bad-pixel fraction 0.1, model-error ratio 3)."""
+    (4 sigma around the training range [-1, 1], bad-pixel fraction 0.1, model-error ratio 3)
+    and of SHIFT_THRESHOLDS."""
     scaler = _unit_scaler()
     total = np.eye(3) if total is None else total
     ratio = None if model_ratio is None else np.array([model_ratio], float)
+    shift = {"CHI2_EMULATOR_REL": np.array([chi2_rel]),
+             "FEATURE_DISTANCE": np.array([feature_distance])}
     flags = star_flags(np.array([prediction], float), np.array([total], float),
-                       np.array([bad_fraction], float), resampled, scaler, FLAG_CFG, ratio)
+                       np.array([bad_fraction], float), resampled, scaler, FLAG_CFG, ratio,
+                       shift, SHIFT_THRESHOLDS)
     assert flags.dtype == np.int32 and flags.shape == (1,)
     return int(flags[0])
 
@@ -97,6 +104,8 @@ FLAG_CAUSES = {
     "RESAMPLED": [{"resampled": True}],
     "NONFINITE": [{"prediction": (np.nan, 0.0, 0.0)}, {"total": _inf_variance()}],
     "MODEL_OOD": [{"model_ratio": 3.1}],
+    "SPECTRUM_OOD": [{"chi2_rel": 2.01}],
+    "FEATURE_OOD": [{"feature_distance": 1.51}],
 }
 
 
@@ -116,7 +125,7 @@ def test_each_flag_bit_is_set_by_its_own_cause_alone(name):
 
 def test_flag_bits_combine_and_rows_are_independent():
     every = dict(prediction=(5.1, 0.0, 0.0), total=_inf_variance(), bad_fraction=0.5,
-                 resampled=True, model_ratio=10.0)
+                 resampled=True, model_ratio=10.0, chi2_rel=9.0, feature_distance=9.0)
     all_bits = sum(1 << bit for bit in FLAG_BITS)
     assert _one_star(**every) == all_bits
     # no posterior reference (model_ratio None, older files): bit 4 is never set
@@ -130,14 +139,19 @@ def test_flag_bits_combine_and_rows_are_independent():
     total[3, 1, 1] = np.inf
     bad_fraction = np.array([0.0, 0.0, 0.2, 0.05, 0.0, 0.0])
     ratio = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
-    flags = star_flags(pred, total, bad_fraction, False, scaler, FLAG_CFG, ratio)
-    assert flags.tolist() == [0, export.FLAG_OOD, export.FLAG_BADPIX, export.FLAG_NONFINITE,
-                              export.FLAG_NONFINITE, export.FLAG_MODEL_OOD]
+    shift = {"CHI2_EMULATOR_REL": np.array([3.0, 0, 0, 0, 0, 0]),
+             "FEATURE_DISTANCE": np.array([0, 0, 0, 0, 0, 2.0])}
+    flags = star_flags(pred, total, bad_fraction, False, scaler, FLAG_CFG, ratio, shift,
+                       SHIFT_THRESHOLDS)
+    assert flags.tolist() == [export.FLAG_SPECTRUM_OOD, export.FLAG_OOD, export.FLAG_BADPIX,
+                              export.FLAG_NONFINITE, export.FLAG_NONFINITE,
+                              export.FLAG_MODEL_OOD | export.FLAG_FEATURE_OOD]
 
 
 def test_flag_without_stored_range_uses_mean():
     scaler = LabelScaler(mean=np.array([5000.0, 3.0, 0.0]), scale=np.array([500.0, 1.0, 0.3]))
-    pred = np.array([[5000 + 3.9 * 500, 3, 0], [5000 + 4.1 * 500, 3, 0]])
+    sigma = CONFIG["predict"]["ood_sigma"]
+    pred = np.array([[5000 + 0.9 * sigma * 500, 3, 0], [5000 + 1.1 * sigma * 500, 3, 0]])
     flags = star_flags(pred, np.ones((2, 3, 3)), np.zeros(2), False, scaler,
                        CONFIG["predict"])
     assert flags.tolist() == [0, export.FLAG_OOD]

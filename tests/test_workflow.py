@@ -63,9 +63,29 @@ def test_dry_run_ignores_results_of_the_checkout(workflow, dry_run):
 
 def test_default_dag_has_every_rule(dry_run):
     counts = job_counts(dry_run())
-    for rule in ("data", "train", "laplace", "predict", "jacobian", "tables", "figure", "all"):
+    for rule in ("data", "train", "laplace", "emulator", "predict", "jacobian", "tables",
+                 "figure", "all"):
         assert counts.get(rule, 0) >= 1, rule
     assert counts["jacobian"] == 2 * 2  # splits valid, test x 2 shards
+
+
+def test_predict_reads_the_emulator_rules_output(dry_run):
+    """The emulator rule fits on train + valid with the model; every predict job waits for
+    its file and passes it on (the shift columns and FLAG bits 5-6)."""
+    text = dry_run("--printshellcmds")
+    assert job_counts(text)["emulator"] == 1
+    block = text.split("rule emulator:")[1].split("\n\n")[0]
+    inputs = block.split("input:")[1].split("\n")[0]
+    for path in ("results/model/model.keras", "results/data/train.fits",
+                 "results/data/valid.fits"):
+        assert path in inputs, path
+    assert "output: results/model/emulator.npz" in block
+    predicts = text.split("rule predict:")[1:]
+    assert predicts
+    for block in predicts:
+        assert "results/model/emulator.npz" in block.split("input:")[1].split("\n")[0]
+    commands = [line for line in text.splitlines() if "pipeline.steps.predict " in line]
+    assert commands and all("--emulator results/model/emulator.npz" in c for c in commands)
 
 
 def test_config_overrides_reach_the_dag(dry_run):
@@ -114,7 +134,7 @@ def test_fewer_shards_than_on_disk_are_the_ones_tables_and_figures_read(workflow
 
 def test_tensorflow_steps_get_the_rule_threads(dry_run):
     text = dry_run("--printshellcmds", "--config", "threads=3")
-    for step in ("train", "laplace", "predict", "jacobian"):
+    for step in ("train", "laplace", "emulator", "predict", "jacobian"):
         lines = [line for line in text.splitlines() if f"pipeline.steps.{step} " in line]
         assert lines and all("--threads 1" in line for line in lines), step  # --cores 1
 
@@ -153,7 +173,8 @@ def test_paper_target_plans_the_numbers_and_every_figure_as_pdf(dry_run):
     assert "--out results/paper/numbers.tex" in command
     benchmarks = re.findall(r"(\w+)=results/benchmarks/(\S+)\.tsv", command)
     assert sorted(benchmarks) == sorted(
-        [("data", "data"), ("train", "train"), ("laplace", "laplace"), ("tables", "tables"),
+        [("data", "data"), ("train", "train"), ("laplace", "laplace"),
+         ("emulator", "emulator"), ("tables", "tables"),
          ("predict", "predict/valid"), ("predict", "predict/test")]
         + [("jacobian", f"jacobian/{s}-{i}") for s in ("valid", "test") for i in (0, 1)])
     figures = [line for line in text.splitlines() if "pipeline.steps.figures" in line]

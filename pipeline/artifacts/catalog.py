@@ -8,6 +8,7 @@ The prediction catalog (docs/outputs.md) has one row per star:
     TEFF_LOGG_CORR, TEFF_FE_H_CORR, LOGG_FE_H_CORR          correlations of the total covariance
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
+    CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE      shift statistics (SHIFT_COLUMNS)
     FLAG                                                     bit field (FLAG_BITS)
 
 'dex' is not a FITS unit, so columns in dex or log10(cm s-2) carry their unit in the column
@@ -40,9 +41,22 @@ FLAG_BITS = {
     3: "NONFINITE: the prediction or its covariance is not finite",
     4: "MODEL_OOD: the model (epistemic) error exceeds predict.ood_model_factor times the 99th "
        "percentile of the training stars' model errors",
+    5: "SPECTRUM_OOD: CHI2_EMULATOR_REL exceeds its validation emulator.chi2_quantile: no "
+       "labels of the training set reproduce this spectrum",
+    6: "FEATURE_OOD: FEATURE_DISTANCE exceeds its validation emulator.feature_quantile: the "
+       "network's last hidden features lie outside the training cloud",
 }
-FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD = (
-    1 << bit for bit in FLAG_BITS)
+(FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD, FLAG_SPECTRUM_OOD,
+ FLAG_FEATURE_OOD) = (1 << bit for bit in FLAG_BITS)
+
+SHIFT_COLUMNS = {
+    "CHI2_EMULATOR": "chi^2 per good pixel of the spectrum against the label -> flux emulator "
+                     "at the predicted labels (flux errors + emulator scatter)",
+    "CHI2_EMULATOR_REL": "CHI2_EMULATOR divided by the validation median at the star's SNR",
+    "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
+                        "training features, sqrt(D^2 / d) (about 1 in distribution)",
+}
+"""Label-free shift statistics (pipeline.evaluation.shift), dimensionless."""
 
 _BUDGET_SUFFIX = {"model": "_ERR_MODEL", "noise": "_ERR_NOISE", "scatter": "_ERR_SCATTER"}
 _DESCRIPTION = {
@@ -85,7 +99,7 @@ def set_label_column(table: Table, name: str, label: str, values: np.ndarray,
 
 
 def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
-                  snr=None) -> Table:
+                  snr=None, shift: dict | None = None) -> Table:
     """The prediction catalog (see module docstring) from an ``error_budget`` result.
 
     Parameters
@@ -96,6 +110,7 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
     flags : (N,) int FLAG bit field.
     true_labels : optional (N, 3) input labels (NaN where unknown).
     snr : optional (N,) signal-to-noise ratio.
+    shift : optional dict of (N,) arrays keyed by the names of SHIFT_COLUMNS.
     """
     table = Table()
     table["STAR_ID"] = np.asarray(star_id).astype(str)
@@ -121,6 +136,9 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
     if snr is not None:
         table["SNR"] = np.asarray(snr, np.float64)
         table["SNR"].description = "signal-to-noise ratio per pixel (from the input)"
+    for name, description in SHIFT_COLUMNS.items() if shift is not None else ():
+        table[name] = np.asarray(shift[name], np.float64)
+        table[name].description = description
     table["FLAG"] = np.asarray(flags, np.int32)
     table["FLAG"].description = "bit field: " + "; ".join(
         f"bit {bit} {text.split(':')[0]}" for bit, text in FLAG_BITS.items())

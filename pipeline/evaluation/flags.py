@@ -8,10 +8,12 @@ import numpy as np
 
 from pipeline.artifacts.catalog import (
     FLAG_BADPIX,
+    FLAG_FEATURE_OOD,
     FLAG_MODEL_OOD,
     FLAG_NONFINITE,
     FLAG_OOD,
     FLAG_RESAMPLED,
+    FLAG_SPECTRUM_OOD,
 )
 
 log = logging.getLogger(__name__)
@@ -39,16 +41,34 @@ def model_error_ratio(model_cov: np.ndarray, scaler, posterior) -> np.ndarray:
     return np.max(std / np.maximum(np.asarray(reference, np.float64), 1e-300), axis=1)
 
 
+def shift_flags(shift: dict, chi2_threshold: float, feature_threshold: float) -> np.ndarray:
+    """(N,) int32 bits 5 and 6 from the statistics of ``pipeline.evaluation.shift``: set where
+    CHI2_EMULATOR_REL or FEATURE_DISTANCE exceeds its validation threshold (NaN never flags)."""
+    with np.errstate(invalid="ignore"):
+        far_spectrum = np.asarray(shift["CHI2_EMULATOR_REL"]) > chi2_threshold
+        far_features = np.asarray(shift["FEATURE_DISTANCE"]) > feature_threshold
+    return (np.where(far_spectrum, FLAG_SPECTRUM_OOD, 0)
+            | np.where(far_features, FLAG_FEATURE_OOD, 0)).astype(np.int32)
+
+
 def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarray,
                resampled: bool, scaler, predict_cfg: dict,
-               model_ratio: np.ndarray | None = None) -> np.ndarray:
+               model_ratio: np.ndarray | None = None, shift: dict | None = None,
+               shift_thresholds: tuple[float, float] | None = None,
+               range_margin: np.ndarray | None = None) -> np.ndarray:
     """FLAG bit field (N,) int32; bits documented in ``pipeline.FLAG_BITS``.
 
     ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
-    ``predict.ood_model_factor``.
+    ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (chi^2, feature
+    distance) set bits 5 and 6 (:func:`shift_flags`). Bit 0's margin beyond the training
+    range is ``predict.ood_sigma`` training standard deviations per label, or
+    ``range_margin`` (3,) physical units (the validation overshoot quantile of the emulator
+    file) where that is larger.
     """
     lo, hi = training_range(scaler)
     margin = predict_cfg["ood_sigma"] * np.asarray(scaler.scale, np.float64)
+    if range_margin is not None:
+        margin = np.maximum(margin, np.asarray(range_margin, np.float64))
     ood = np.any((prediction < lo - margin) | (prediction > hi + margin), axis=1)
     nonfinite = ~(np.all(np.isfinite(prediction), axis=1)
                   & np.all(np.isfinite(total), axis=(1, 2)))
@@ -62,4 +82,6 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
     if model_ratio is not None:
         far = model_ratio > predict_cfg["ood_model_factor"]
         flags |= np.where(far, FLAG_MODEL_OOD, 0).astype(np.int32)
+    if shift is not None and shift_thresholds is not None:
+        flags |= shift_flags(shift, *shift_thresholds)
     return flags

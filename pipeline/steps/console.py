@@ -2,10 +2,11 @@
 
     stellar-laplace <command> [options]
 
-Commands are the pipeline steps (``data``, ``train``, ``laplace``, ``predict``, ``jacobian``,
-``tables``, ``figures``, ``paper``; the same options as ``python -m pipeline.steps.<command>``) and
-``info``, which describes a trained model directory (and its posterior). ``--help`` after a
-command shows that command's options under the name typed.
+Commands are the pipeline steps (``data``, ``train``, ``laplace``, ``emulator``, ``predict``,
+``jacobian``, ``tables``, ``figures``, ``paper``; the same options as
+``python -m pipeline.steps.<command>``) and ``info``, which describes a trained model
+directory (and its posterior). ``--help`` after a command shows that command's options under
+the name typed.
 """
 
 from __future__ import annotations
@@ -20,15 +21,27 @@ import numpy as np
 from pipeline import LABELS, __version__, cli, runtime  # noqa: F401
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.laplace import Posterior
-from pipeline.steps import data, figures, jacobian, laplace, paper, predict, tables, train
+from pipeline.steps import (
+    data,
+    emulator,
+    figures,
+    jacobian,
+    laplace,
+    paper,
+    predict,
+    tables,
+    train,
+)
 
 PROG = "stellar-laplace"
-STEPS = {"data": data, "train": train, "laplace": laplace, "predict": predict,
-         "jacobian": jacobian, "tables": tables, "figures": figures, "paper": paper}
+STEPS = {"data": data, "train": train, "laplace": laplace, "emulator": emulator,
+         "predict": predict, "jacobian": jacobian, "tables": tables, "figures": figures,
+         "paper": paper}
 SUMMARY = {
     "data": "build the train / valid / test spectra files from the configured source",
     "train": "train the label network (resumes from its checkpoints)",
     "laplace": "fit the Laplace posterior of the network's last layers",
+    "emulator": "label -> flux emulator and thresholds of the label-free shift flags",
     "predict": "labels with a full 3x3 error budget for any spectra (FITS or apStar)",
     "jacobian": "input Jacobians d label / d flux of one shard of stars",
     "tables": "Jacobian summary, calibration, accuracy and precision tables",

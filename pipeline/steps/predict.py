@@ -1,7 +1,7 @@
 """Step ``predict``: labels with a full 3x3 error budget for every star of one or more inputs.
 
     python -m pipeline.predict [--config-json J] --model DIR --posterior FILE \
-        [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
+        [--emulator FILE] [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
 
 writes ``DIR/<name>.{fits,parquet,csv}`` per input (name defaults to the input's file stem, or
 the directory name for a directory of apStar files). Inputs on another wavelength grid are
@@ -16,6 +16,11 @@ with the between-member spread in the L_ERR_ENSEMBLE columns.
 Bad pixels (flux set to the continuum 1, error ``data.bad_pixel_err``) are fixed replacement
 values, not noisy measurements: they add nothing to the flux-noise term (error 0 there), and a
 star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG bit 1).
+
+Label-free shift statistics (``pipeline.evaluation.shift``: chi^2 against the label -> flux
+emulator, distance of the last hidden features from the training cloud) and their FLAG bits 5
+and 6 come from the emulator file, by default ``DIR/emulator.npz`` beside the model; without
+one their columns are NaN and those bits are never set (a warning says so).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from pipeline.artifacts import catalog as export
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
+from pipeline.evaluation.feature_distance import last_hidden_units
 from pipeline.evaluation.flags import model_error_ratio, star_flags
+from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference, shift_statistics
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace import Posterior
 from pipeline.laplace.ensemble import ensemble_budget
@@ -44,27 +51,35 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ catalog
 def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
-                    config: dict, *, members: tuple = ()):
+                    config: dict, reference: ShiftReference | None = None, *,
+                    members: tuple = ()):
     """The prediction catalog (astropy Table) of ``spectra`` on the model grid.
 
-    ``members``: further ensemble members as (model, posterior, scaler) triples; the catalog is
-    then the mixture of all of them (``pipeline.laplace.ensemble``). The training range and the
-    MODEL_OOD reference are those of the first member.
+    ``reference`` (the emulator file) gives the shift columns and FLAG bits 5-6. ``members``:
+    further ensemble members as (model, posterior, scaler) triples; the catalog is then the
+    mixture of all of them (``pipeline.laplace.ensemble``). The training range, the MODEL_OOD
+    reference and the last-hidden-layer features of the shift flags are the first member's.
     """
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
     budget = ensemble_budget([
         error_budget(m, p, s, spectra.flux, noise_err, config["predict"]["batch_size"])
         for m, p, s in ((model, posterior, scaler), *members)])
+    shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
+                             budget["prediction"], config["predict"]["batch_size"])
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
     laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
-                       scaler, config["predict"], model_error_ratio(laplace_cov, scaler, posterior))
+                       scaler, config["predict"], model_error_ratio(laplace_cov, scaler, posterior),
+                       shift,
+                       None if reference is None else (reference.chi2_threshold,
+                                                       reference.feature_threshold),
+                       None if reference is None else reference.range_margin)
     has_labels = any(name in spectra.labels.colnames for name in ("TEFF", "LOGG", "FE_H"))
     snr = spectra.labels["SNR"] if "SNR" in spectra.labels.colnames else None
     return export.catalog_table(spectra.star_id, budget, flags,
                                 true_labels=spectra.label_array() if has_labels else None,
-                                snr=snr)
+                                snr=snr, shift=shift)
 
 
 def catalog_names(inputs: list[str], name: str | None) -> list[str]:
@@ -98,12 +113,29 @@ def load_members(model_dirs: list[str], posterior_files: list[str]) -> tuple[lis
     return members, first_wave
 
 
+def load_reference(path: str | None, model_dir: str, model,
+                   n_pixels: int) -> tuple[ShiftReference | None, str]:
+    """The emulator file and its path: ``path``, else the one beside the model, else
+    (None, '') with a warning. ModelFileError when it was fitted for another grid or network."""
+    if path is None:
+        path = Path(model_dir) / EMULATOR_FILE
+        if not path.is_file():
+            log.warning("no emulator file (%s): the shift columns are NaN and FLAG bits 5-6 "
+                        "are never set; run the emulator step or pass --emulator", path)
+            return None, ""
+    reference = ShiftReference.load(path)
+    reference.check(path, n_pixels, last_hidden_units(model))
+    return reference, str(path)
+
+
 def build_parser():
     parser = base_parser("Predict labels with a full 3x3 error budget (model, scatter, noise).")
     parser.add_argument("--model", required=True, action="append",
                         help="trained model directory; repeated: the members of an ensemble")
     parser.add_argument("--posterior", required=True, action="append",
                         help="Laplace posterior (.npz); repeated: one per --model, same order")
+    parser.add_argument("--emulator", help=f"emulator file of the shift flags (default: "
+                        f"MODEL/{EMULATOR_FILE} of the first --model when it exists)")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="input format (default: recognized from each input's content)")
     parser.add_argument("--name", help="catalog name (one input only; default: input stem)")
@@ -119,13 +151,15 @@ def run(args, config: dict) -> None:
         if not Path(path).exists():
             raise DataError(f"input '{path}' does not exist")
     ((model, posterior, scaler), *members), wave = load_members(args.model, args.posterior)
+    reference, reference_path = load_reference(args.emulator, args.model[0], model, wave.size)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         spectra, resampled = load_input(path, args.format, wave, config)
-        table = predict_catalog(model, posterior, scaler, spectra, resampled, config,
+        table = predict_catalog(model, posterior, scaler, spectra, resampled, config, reference,
                                 members=tuple(members))
         header = provenance(config, device=device, model=" ".join(map(str, args.model)),
                             posterior=" ".join(map(str, args.posterior)), input=str(path),
+                            emulator=reference_path,
                             nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
         paths = export.write_table(table, Path(args.out) / name, header)
         log.info("%s: %d stars (%d flagged) -> %s", path, len(table),

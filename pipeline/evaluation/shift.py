@@ -1,0 +1,152 @@
+"""Label-free shift detection: its reference (``emulator.npz``) and each star's statistics.
+
+Two statistics, each compared with a threshold set on validation stars (no labels needed):
+
+* ``CHI2_EMULATOR``: chi^2 per pixel of the spectrum against the label -> flux emulator
+  (:mod:`pipeline.evaluation.emulator`) at the predicted labels, and ``CHI2_EMULATOR_REL``, that
+  value divided by the validation median at the star's SNR (:class:`SnrTrend`, the SNR
+  measured from the spectrum). Flag when REL exceeds its validation ``chi2_quantile``.
+* ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
+  training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
+  validation ``feature_quantile``.
+
+The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
+``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``), the SNR trend
+(``snr_log``, ``snr_median``), ``chi2_threshold``, the feature reference
+(``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
+``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
+flagged fractions, provenance).
+
+The label-range flag (bit 0) also takes its margin from here when the file is present: per
+label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
+training range (0 where they stay inside), at least ``predict.ood_sigma`` training standard
+deviations (``pipeline.evaluation.flags``): a network whose errors scatter edge stars beyond
+the grid does not flag them, one that extrapolates further than that does.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts.atomic import atomic_path
+from pipeline.evaluation.emulator import LabelEmulator, SnrTrend, spectrum_snr
+from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
+from pipeline.exceptions import ModelFileError
+
+EMULATOR_FILE = "emulator.npz"
+_EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable")
+
+
+@dataclass
+class ShiftReference:
+    emulator: LabelEmulator
+    snr_trend: SnrTrend
+    chi2_threshold: float
+    features: FeatureReference
+    feature_threshold: float
+    range_margin: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temp file, then rename)."""
+        arrays = {k: getattr(self.emulator, k) for k in _EMULATOR_KEYS}
+        arrays.update(snr_log=self.snr_trend.log_snr, snr_median=self.snr_trend.median,
+                      chi2_threshold=self.chi2_threshold,
+                      feature_mean=self.features.mean, feature_scale=self.features.scale,
+                      feature_cholesky=self.features.cholesky,
+                      feature_shrinkage=self.features.shrinkage,
+                      feature_threshold=self.feature_threshold, range_margin=self.range_margin,
+                      info=json.dumps(self.info, default=str))
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    def check(self, path, n_pixels: int, n_features: int) -> None:
+        """ModelFileError unless fitted for a grid of ``n_pixels`` and ``n_features`` units."""
+        have = (self.emulator.coef.shape[-1], len(self.features.mean))
+        if have != (n_pixels, n_features):
+            raise ModelFileError(f"emulator file '{path}' was fitted for {have[0]} pixels and "
+                                 f"{have[1]} last-hidden units, the model has {n_pixels} and "
+                                 f"{n_features}; rerun the emulator step for this model")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShiftReference:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"emulator file '{path}' does not exist; run the emulator "
+                                 "step (snakemake results/model/emulator.npz) first")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                a = {k: npz[k] for k in npz.files}
+            emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
+            emulator.order = int(emulator.order)
+            return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
+                       float(a["chi2_threshold"]),
+                       FeatureReference(a["feature_mean"], a["feature_scale"],
+                                        a["feature_cholesky"], float(a["feature_shrinkage"])),
+                       float(a["feature_threshold"]), a["range_margin"],
+                       json.loads(str(a["info"])))
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ModelFileError(f"'{path}': not a readable emulator file ({exc}); rerun the "
+                                 "emulator step") from None
+
+
+def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
+                     prediction, batch_size: int = 256) -> dict:
+    """Per-star (N,) CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE (NaN without a
+    reference) for spectra with ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool."""
+    n = len(flux)
+    if reference is None:
+        return {k: np.full(n, np.nan) for k in ("CHI2_EMULATOR", "CHI2_EMULATOR_REL",
+                                                 "FEATURE_DISTANCE")}
+    chi2 = reference.emulator.chi2(flux, flux_err, good, prediction)
+    snr = spectrum_snr(flux, flux_err, good)
+    features = last_hidden_features(model, flux, batch_size)
+    return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
+            "FEATURE_DISTANCE": reference.features.distance(features)}
+
+
+def range_overshoot(prediction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(N, L) distance of each predicted label beyond [lo, hi] (0 inside)."""
+    return np.maximum(np.maximum(lo - prediction, prediction - hi), 0.0)
+
+
+def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
+                  cfg: dict, seed: int = 0) -> ShiftReference:
+    """The reference: emulator and feature cloud from ``train`` (Spectra with labels),
+    SNR trend and thresholds from the ``valid`` spectra at their predicted labels.
+
+    ``cfg`` is the ``emulator`` config section (order, ridge, regions, snr_bins,
+    chi2_quantile, feature_quantile, range_quantile, batch_size).
+    """
+    emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
+                                 order=cfg["order"], ridge=cfg["ridge"],
+                                 regions=cfg["regions"], seed=seed)
+    chi2 = emulator.chi2(valid.flux, valid.flux_err, valid_good, valid_prediction)
+    trend = SnrTrend.fit(spectrum_snr(valid.flux, valid.flux_err, valid_good), chi2,
+                         cfg["snr_bins"])
+    features = FeatureReference.fit(last_hidden_features(model, train.flux,
+                                                         cfg["batch_size"]))
+    rel = chi2 / trend(spectrum_snr(valid.flux, valid.flux_err, valid_good))
+    dist = features.distance(last_hidden_features(model, valid.flux, cfg["batch_size"]))
+    chi2_threshold = float(np.nanquantile(rel, cfg["chi2_quantile"]))
+    feature_threshold = float(np.nanquantile(dist, cfg["feature_quantile"]))
+    labels = train.label_array()
+    overshoot = range_overshoot(valid_prediction, labels.min(axis=0), labels.max(axis=0))
+    range_margin = np.nanquantile(overshoot, cfg["range_quantile"], axis=0)
+    info = {"n_train": len(train.flux), "n_valid": len(valid.flux),
+            "regions": len(emulator.centres), "feature_dim": len(features.mean),
+            "valid_chi2_median": float(np.nanmedian(chi2)),
+            "valid_feature_distance_median": float(np.nanmedian(dist)),
+            "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
+            "valid_flagged_feature": float(np.mean(dist > feature_threshold)),
+            "valid_flagged_either": float(np.mean((rel > chi2_threshold)
+                                                  | (dist > feature_threshold))),
+            "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
+            "range_margin": range_margin.tolist()}
+    return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,
+                          range_margin, info)

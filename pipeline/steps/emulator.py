@@ -1,0 +1,63 @@
+"""Step ``emulator``: the reference of the label-free shift flags (``emulator.npz``).
+
+    python -m pipeline.steps.emulator --config-json J --model DIR --train F --valid F --out F
+
+Fits the label -> flux emulator and the last-hidden-feature cloud on the training split, then
+sets the SNR trend of the emulator chi^2 and the two flag thresholds on the validation split at
+the network's predicted labels (``pipeline.evaluation.shift``). The predict step reads the
+file; docs/outputs.md describes the columns and FLAG bits 5-6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from pipeline import runtime
+from pipeline.artifacts.model_dir import load_trained
+from pipeline.artifacts.provenance import provenance
+from pipeline.cli import base_parser, main
+from pipeline.evaluation.shift import fit_reference
+from pipeline.spectra.fits import read_options, read_spectra
+from pipeline.spectra.validation import bad_pixel_mask, match_grid
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Fit the label -> flux emulator and the thresholds of the shift flags.")
+    parser.add_argument("--model", required=True, help="trained model directory")
+    parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
+    parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
+    parser.add_argument("--out", required=True, help="emulator file (.npz)")
+    return parser
+
+
+def run(args: argparse.Namespace, config: dict) -> None:
+    cfg, data = config["emulator"], config["data"]
+    runtime.configure(config, args.threads)
+    model, scaler, wave = load_trained(args.model)
+    train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
+                               wave, path=p, bad_pixel_err=data["bad_pixel_err"])
+                    for p in (args.train, args.valid))
+    good = [~bad_pixel_mask(s, data["bad_pixel_err"]) for s in (train, valid)]
+    prediction = scaler.inverse_transform(np.asarray(
+        model.predict(valid.flux, batch_size=cfg["batch_size"], verbose=0), np.float64))
+    reference = fit_reference(model, train, valid, *good, prediction, cfg,
+                              seed=int(config["seed"]))
+    reference.info["provenance"] = provenance(config, device=runtime.device_name(),
+                                              model=str(args.model))
+    reference.save(args.out)
+    info = reference.info
+    log.info("wrote %s: %d regions; validation flagged %.2f%% (chi2), %.2f%% (features), "
+             "%.2f%% (either), %.2f%% (label range, margins %s); chi2 median %.3g", args.out,
+             info["regions"], 100 * info["valid_flagged_chi2"],
+             100 * info["valid_flagged_feature"], 100 * info["valid_flagged_either"],
+             100 * info["valid_flagged_range"], np.round(reference.range_margin, 3),
+             info["valid_chi2_median"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_parser, run))
