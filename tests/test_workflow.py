@@ -237,4 +237,4 @@ def test_ensemble_predict_gets_one_model_and_posterior_per_member(dry_run):
     text = dry_run("-p", "--config", "ensemble={members: 2}")
     assert ("--model results/model/member-0 --posterior results/laplace/member-0/posterior.npz "
             "--model results/model/member-1 --posterior results/laplace/member-1/posterior.npz "
-            "--format") in text
+            "--emulator results/model/member-0/emulator.npz --format") in text
