@@ -11,6 +11,7 @@ import pytest
 from benchmarks import (
     bench_cholesky,
     bench_jacobian,
+    bench_laplace,
     bench_laplace_torch,
     bench_memory,
     bench_shift,
@@ -137,6 +138,23 @@ def test_laplace_torch_rows_or_skip_note():
         assert rows[0]["ok"] is None
     else:
         assert all(r["ok"] is not False for r in rows), rows
+
+
+def test_evidence_rows_tiny():
+    rows = bench_laplace.bench_evidence(quick=True, n=80, hidden=[12, 8, 4])
+    check_rows(rows)
+    assert rows[0]["unit"] == "max rel. diff" and rows[0]["ok"] is True, rows[0]
+    assert "Cholesky + inverse evaluations" in rows[1]["benchmark"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("laplace") is None, reason="laplace-torch absent")
+def test_last_two_layer_rows_have_equal_variances():
+    rows = bench_laplace_torch.run_last2(quick=True, n_pixels=12, hidden=(10, 8, 6),
+                                         n_train=60, n_test=5)
+    check_rows(rows)
+    assert "SKIPPED" not in rows[0]["benchmark"]
+    assert rows[0]["value"] < 1e-10 and rows[0]["ok"] is True  # same posterior, float64
+    assert rows[1]["ok"] is None and "at 4096 stars" in rows[1]["target"]  # not judged here
 
 
 @pytest.mark.slow

@@ -218,7 +218,8 @@ class LaplaceOptions:
 
     curvature: 'ggn' or 'hessian' (``indefinite``: 'fail' | 'clip' | 'ggn' for an indefinite
     Hessian); prior: 'scalar' or 'layer' (one prior precision per Dense layer);
-    hyperparameters: 'evidence' (training data) or 'validation'; ``max_weights`` bounds the
+    hyperparameters: 'evidence' (training data) or 'validation'; evidence_solver: 'fixed_point'
+    or 'lbfgs' (pipeline.laplace.evidence.fit_evidence); ``max_weights`` bounds the
     head size (the curvature blocks take 3 x 8 P_L^2 bytes), so reaching into the wide first
     layer is a ConfigError, not an out-of-memory crash.
     """
@@ -227,6 +228,7 @@ class LaplaceOptions:
     curvature: str = "ggn"
     prior: str = "scalar"
     hyperparameters: str = "evidence"
+    evidence_solver: str = "fixed_point"
     indefinite: str = "clip"
     batch_size: int = 256
     jitter_initial: float = 1e-10
@@ -297,7 +299,7 @@ def fit_laplace(model, x, y, options: LaplaceOptions | None = None, *, weights=N
     groups = evidence.prior_groups(head.layer_index, o.prior)
     if o.hyperparameters == "evidence":
         fit = evidence.fit_evidence(blocks, theta, rss, n, groups, o.max_iterations,
-                                    o.prior_precision_init)
+                                    o.prior_precision_init, o.evidence_solver, device)
     else:
         phi_v = head.features(x_valid, o.batch_size)
         parts = [head.jacobian(phi_v[s]) for s in batches(len(phi_v), o.batch_size)]
