@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import row
+from pipeline.evaluation.shift import EMULATOR_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 NOMINAL = 68.27
@@ -68,7 +69,8 @@ def _step(module: str, argv: list[str]) -> None:
 
 
 def fit_model(config: dict, workdir: Path, threads: int) -> tuple[Path, Path]:
-    """data -> train -> laplace with the pipeline's commands; the model dir and posterior."""
+    """data -> train -> laplace, emulator with the pipeline's commands; the model dir (holding
+    the emulator file of the shift flags) and the posterior."""
     cfg = ["--config-json", json.dumps(config), "--threads", str(threads)]
     data = workdir / "data"
     _step("data", [*cfg, "--outdir", str(data)])
@@ -78,6 +80,9 @@ def fit_model(config: dict, workdir: Path, threads: int) -> tuple[Path, Path]:
     posterior = workdir / "posterior.npz"
     _step("laplace", [*cfg, "--model", str(model), "--train", str(data / "train.fits"),
                       "--valid", str(data / "valid.fits"), "--out", str(posterior)])
+    _step("emulator", [*cfg, "--model", str(model), "--train", str(data / "train.fits"),
+                       "--valid", str(data / "valid.fits"), "--out",
+                       str(model / EMULATOR_FILE)])
     return model, posterior
 
 

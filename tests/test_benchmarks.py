@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import numpy as np
 import pytest
@@ -207,13 +208,15 @@ def test_shift_metrics_and_verdict_against_brute_force(rng):
 @pytest.mark.slow
 def test_shift_rows_tiny_model(tmp_path):
     """The whole suite path (data, train, laplace, predict on two shifts) at the smallest size."""
-    sizes = {"n_train": 120, "n_valid": 40, "n_shift": 20, "hidden": [4], "epochs": 1}
+    # 16 units: with 4 every last-hidden unit can die in one epoch (the emulator step refuses)
+    sizes = {"n_train": 120, "n_valid": 40, "n_shift": 20, "hidden": [16], "epochs": 1}
     rows = bench_shift.run(sizes=sizes, names=["teff_hot", "spikes"], workdir=tmp_path)
     check_rows(rows)
     names = [r["benchmark"] for r in rows]
     assert len(rows) == 3 * 4 and names[0] == "shift reference: flagged"
-    assert any(n.startswith("shift teff_hot TEFF: unflagged z std") for n in names)
-    assert all("n=20" in n for n in names if "z std" in n)
+    assert any(n.startswith("shift teff_hot TEFF: ") for n in names)
+    # unflagged stars only: at most the 20 of a set
+    assert all(0 < int(re.search(r"n=(\d+)", n)[1]) <= 20 for n in names if "z std" in n)
 
 
 def test_shift_rows_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):

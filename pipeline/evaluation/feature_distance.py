@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_factor, solve_triangular
 
+from pipeline.exceptions import NumericalError
+
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     """(Sigma (d, d), shrinkage a) of the rows of ``x`` (n, d), centred here."""
@@ -55,8 +57,10 @@ class FeatureReference:
         features = np.asarray(features, np.float64)
         sd = features.std(axis=0)
         if not np.any(sd > 0):
-            raise ValueError("feature distance: the training features are constant (every "
-                             "last-hidden unit is dead); retrain the network")
+            raise NumericalError("feature distance: the training features are constant (every "
+                                 "last-hidden unit is dead on every training star, so the "
+                                 "network predicts one value for all stars); retrain it "
+                                 "(docs/training.md, diagnostics.json)")
         scale = np.maximum(sd, 1e-3 * np.median(sd[sd > 0]))
         mean = features.mean(axis=0)
         cov, a = ledoit_wolf((features - mean) / scale)
