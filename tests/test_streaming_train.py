@@ -123,3 +123,28 @@ def test_streamed_run_resumes_to_the_in_memory_result(files, tmp_path):
     model, _, hist = train_mod.train_model(cfg, train_s, valid_s, tmp_path / "run")
     assert weights_equal(model, ref)
     assert hist.equals(ref_hist)
+
+
+@pytest.fixture
+def op_determinism_off():
+    """XLA needs op determinism off (Keras refuses it otherwise); restore the process state."""
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    yield
+    if was:
+        tf_config.enable_op_determinism()
+
+
+def test_xla_train_step_is_deterministic(op_determinism_off, tmp_path):
+    """Same seed, XLA-compiled train step: bit-identical weights twice (the bench_train row
+    'XLA train step vs plain' reports the time)."""
+    train, valid = make_spectra(256, 40, seed=1), make_spectra(64, 40, seed=2)
+    cfg = tiny_config(epochs=2, jit_compile=True)
+    cfg["deterministic"] = False
+    m1, _, h1 = train_mod.train_model(cfg, train, valid, tmp_path / "a")
+    assert m1.jit_compile is True, "the step must really be XLA-compiled"
+    m2, _, h2 = train_mod.train_model(cfg, train, valid, tmp_path / "b")
+    assert weights_equal(m1, m2)
+    assert h1.equals(h2)

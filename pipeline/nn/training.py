@@ -61,6 +61,7 @@ from pipeline.streaming import batches
 log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE = "checkpoints", "state.json"
 FINGERPRINT_ROWS = 4096  # rows of flux hashed at a time
+REFIT_ROWS = 2048  # rows of flux per chunk of the output-layer refit (59 MB at 7213 px)
 
 
 # ------------------------------------------------------------------------------ training state
@@ -485,13 +486,10 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
     if layer.activation not in (keras.activations.linear, None):
         log.warning("output layer is not linear: last-layer refit skipped")
         return {"accepted": False}
-    z = np.asarray(z, np.float64)
-    phi = _features(head, flux, batch_size)
-    n, d = phi.shape
-    design = np.hstack([phi, np.ones((n, 1))])
     current = np.vstack([layer.kernel.numpy(), layer.bias.numpy()[None]]).astype(np.float64)
-    gram, rhs = design.T @ design, design.T @ z
-    sigma2 = np.mean((design @ current - z) ** 2, axis=0)
+    train = _NormalEquations.of(head, flux, z, batch_size)
+    gram, rhs, n, d = train.gram, train.rhs, train.n, len(current) - 1
+    sigma2 = train.mse(current)
     w = np.empty_like(current)
     for k in range(z.shape[1]):
         lam = ridge * n
@@ -503,13 +501,12 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
         except np.linalg.LinAlgError:  # no ridge and dead units: the minimum-norm solution
             w[:, k] = np.linalg.lstsq(system, rhs[:, k], rcond=None)[0]
     report = {"train_mse_before": float(np.mean(sigma2)),
-              "train_mse_after": float(np.mean((design @ w - z) ** 2))}
+              "train_mse_after": float(np.mean(train.mse(w)))}
     accepted = True
     if valid is not None:
-        zv = np.asarray(valid[1], np.float64)
-        dv = np.hstack([_features(head, valid[0], batch_size), np.ones((len(zv), 1))])
-        report["valid_mse_before"] = float(np.mean((dv @ current - zv) ** 2))
-        report["valid_mse_after"] = float(np.mean((dv @ w - zv) ** 2))
+        held_out = _NormalEquations.of(head, valid[0], valid[1], batch_size)
+        report["valid_mse_before"] = float(np.mean(held_out.mse(current)))
+        report["valid_mse_after"] = float(np.mean(held_out.mse(w)))
         accepted = report["valid_mse_after"] < report["valid_mse_before"]
     report["accepted"] = accepted
     if accepted:
@@ -523,16 +520,38 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
     return report
 
 
-def _features(head: Head, flux, batch_size: int) -> np.ndarray:
-    """``head.features`` of an array or a row reader, read ``64 x batch_size`` rows at a time.
+@dataclass
+class _NormalEquations:
+    """Sums of the least-squares problem z ~ Phi w with Phi = [phi, 1] (N, d + 1), float64.
 
-    The chunks are whole multiples of ``batch_size``, so the network sees the same batches
-    (and gives the same bits) as on the whole array.
+    ``gram`` = Phi^T Phi, ``rhs`` = Phi^T z, ``zz`` = diag(z^T z) (per label), accumulated over
+    chunks of about ``REFIT_ROWS`` stars (whole batches, so the network sees the same batches
+    as on the whole array) of an array or a row reader: memory holds (d + 1)^2 numbers instead
+    of the N x d features, and the refit's memory does not grow with the number of stars.
     """
-    flux = as_rows(flux, None)
-    chunk = 64 * batch_size
-    return np.concatenate([head.features(flux[s], batch_size)
-                           for s in batches(len(flux), chunk)])
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    zz: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, head: Head, flux, z, batch_size: int) -> _NormalEquations:
+        flux, z = as_rows(flux, None), np.asarray(z, np.float64)
+        gram = rhs = zz = 0.0
+        for s in batches(len(flux), max(1, REFIT_ROWS // batch_size) * batch_size):
+            phi = head.features(flux[s], batch_size)
+            design = np.hstack([phi, np.ones((len(phi), 1))])
+            gram = gram + design.T @ design
+            rhs = rhs + design.T @ z[s]
+            zz = zz + np.sum(z[s] ** 2, axis=0)
+        return cls(gram, rhs, zz, len(flux))
+
+    def mse(self, w: np.ndarray) -> np.ndarray:
+        """Mean squared residual per label of weights ``w`` (d + 1, K):
+        (w_k^T G w_k - 2 w_k^T r_k + z_k^T z_k) / N, the expanded square, summed in float64."""
+        quad = np.einsum("ik,ij,jk->k", w, self.gram, w)
+        return np.maximum(quad - 2 * np.einsum("ik,ik->k", w, self.rhs) + self.zz, 0) / self.n
 
 
 def _fmt(x) -> str:
