@@ -212,22 +212,30 @@ def open_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_E
                  chunk_size: int = 2048) -> Spectra:
     """Validate a canonical dataset FITS like :func:`read_spectra`, but keep the flux on disk.
 
-    Every check of :func:`read_spectra` runs, over row slices of ``chunk_size`` stars (a
-    failing spectrum is named by its STAR_ID; its row number counts from the slice start).
-    The returned Spectra has ``flux`` a :class:`FluxRows` (read on demand, bad pixels
-    replaced), no ``flux_err`` or ``mask`` (training never uses them), and the labels, with
-    rows of NaN labels dropped as ``nan_labels`` says. Memory: the labels plus one slice.
+    Every check of :func:`read_spectra` runs, the pixel checks over row slices of
+    ``chunk_size`` stars of the open file (a failing spectrum is named by its STAR_ID; its row
+    number counts from the slice start). The returned Spectra has ``flux`` a
+    :class:`FluxRows` (read on demand, bad pixels replaced), no ``flux_err`` or ``mask``
+    (training never uses them), and the labels, with rows of NaN labels dropped as
+    ``nan_labels`` says. Memory: the labels plus one slice.
     """
     path = Path(path)
+    labels = read_labels(path)  # STAR_IDs checked once, file-wide
     n_bad = 0
-    labels = read_labels(path)
-    for start in range(0, max(len(labels), 1), chunk_size):
-        part = read_spectra(path, bad_pixel_err=bad_pixel_err,
-                            max_bad_pixel_fraction=max_bad_pixel_fraction,
-                            rows=slice(start, start + chunk_size))
-        n_bad += part.meta["N_BADPIX"]
-        wave, meta = part.wave, part.meta
-        del part  # one slice in memory at a time
+    with _open_fits(path) as hdul:
+        validation.check_image_rows(path, hdul, ("FLUX", "FLUX_ERR", "MASK"))
+        wave = _image(hdul, path, "WAVE", np.float64)
+        validation.check_wave(path, wave)
+        meta = {k: v for k, v in dict(hdul[0].header).items() if k not in ("COMMENT", "HISTORY")}
+        for start in range(0, max(len(labels), 1), chunk_size):
+            rows = slice(start, start + chunk_size)
+            part = Spectra(_image(hdul, path, "FLUX", np.float32, rows),
+                           _image(hdul, path, "FLUX_ERR", np.float32, rows), wave, labels[rows],
+                           _image(hdul, path, "MASK", np.int32, rows) if "MASK" in hdul else None)
+            validation.check_shapes(path, part)
+            n_bad += validation.flag_bad_pixels(path, part, bad_pixel_err,
+                                                max_bad_pixel_fraction).meta["N_BADPIX"]
+            del part  # one slice in memory at a time
     meta["N_BADPIX"] = n_bad
     spectra = Spectra(FluxRows(path), None, wave, labels, None, meta)
     if require_labels:

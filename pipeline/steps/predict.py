@@ -12,6 +12,9 @@ docs/outputs.md.
 Bad pixels (flux set to the continuum 1, error ``data.bad_pixel_err``) are fixed replacement
 values, not noisy measurements: they add nothing to the flux-noise term (error 0 there), and a
 star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG bit 1).
+
+A canonical FITS input is read ``predict.chunk_size`` stars at a time (memory-mapped row
+slices): only the catalog rows (~0.2 kB a star) accumulate, so a survey of any size fits.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from astropy.table import vstack
 
 from pipeline import runtime
 from pipeline.artifacts import catalog as export
@@ -31,7 +35,7 @@ from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace import Posterior
 from pipeline.laplace.error_budget import error_budget
 from pipeline.spectra.dataset import Spectra
-from pipeline.spectra.inputs import FORMATS, load_input
+from pipeline.spectra.inputs import FORMATS, detect_format, input_chunks
 from pipeline.spectra.validation import bad_pixel_mask
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,13 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     return export.catalog_table(spectra.star_id, budget, flags,
                                 true_labels=spectra.label_array() if has_labels else None,
                                 snr=snr)
+
+
+def chunk_stars(cfg: dict) -> int:
+    """Stars per chunk: ``chunk_size`` rounded down to whole batches of ``batch_size`` (at
+    least one), so the network sees the same batches, and gives the same float32 bits, as on
+    the whole input."""
+    return max(1, cfg["chunk_size"] // cfg["batch_size"]) * cfg["batch_size"]
 
 
 def catalog_names(inputs: list[str], name: str | None) -> list[str]:
@@ -91,8 +102,11 @@ def run(args, config: dict) -> None:
     posterior = Posterior.load(args.posterior, model)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
-        spectra, resampled = load_input(path, args.format, wave, config)
-        table = predict_catalog(model, posterior, scaler, spectra, resampled, config)
+        fmt = detect_format(path) if args.format == "auto" else args.format
+        table = vstack([predict_catalog(model, posterior, scaler, spectra, resampled, config)
+                        for spectra, resampled in input_chunks(
+                            path, fmt, wave, config, chunk_stars(config["predict"]),
+                            desc="predict")], metadata_conflicts="silent")
         header = provenance(config, device=device, model=str(args.model),
                             posterior=str(args.posterior), input=str(path),
                             nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
