@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import bench_cholesky, bench_jacobian, bench_laplace_torch, bench_memory
+from benchmarks import (
+    bench_cholesky,
+    bench_jacobian,
+    bench_laplace_torch,
+    bench_memory,
+    bench_survey,
+)
 from benchmarks.run import discover, table
 
 ROW_KEYS = {"benchmark", "value", "baseline", "unit", "ratio", "target", "ok"}
@@ -32,7 +38,8 @@ def check_rows(rows: list[dict]) -> None:
 
 def test_runner_discovers_these_benchmarks():
     names = discover()
-    for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch"):
+    for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch",
+                 "bench_survey"):
         assert name in names
 
 
@@ -134,6 +141,17 @@ def test_laplace_torch_rows_or_skip_note():
 
 @pytest.mark.slow
 def test_memory_rows_tiny(tmp_path):
-    rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path)
+    rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path,
+                            train_sizes=(20, 200), train_pixels=30)
     check_rows(rows)
     assert rows[0]["unit"] == "MB" and rows[0]["value"] > 50
+    assert any("train step" in r["benchmark"] and "streamed" in r["benchmark"] for r in rows)
+
+
+@pytest.mark.slow
+def test_survey_rows_tiny(tmp_path):
+    rows = bench_survey.run(quick=True, sizes=(64, 256), n_pixels=30, hidden=(8,),
+                            workdir=tmp_path)
+    check_rows(rows)
+    assert len(rows) == 5 and all(r["value"] > 0 for r in rows)
+    assert rows[0]["unit"] == "MB" and rows[2]["unit"] == "stars/s"
