@@ -118,7 +118,7 @@ def run(quick: bool = False) -> list[dict]:
         {"benchmark": f"train step with jit_compile=True vs default ({tag})", "value": xla_time,
          "baseline": fit_time, "unit": "s/epoch", "ratio": xla_time / fit_time,
          "target": "informational (< 1 means XLA helps)"},
-        {"benchmark": f"XLA train step run twice, same seed: max |weight difference| ({tag}, "
+        {"benchmark": f"XLA train step run twice, same seed: max abs weight difference ({tag}, "
                       f"{epochs} epochs)", "value": spread, "baseline": None, "unit": "abs",
          "ratio": None, "target": "== 0 (deterministic)", "ok": spread == 0.0},
     ]
