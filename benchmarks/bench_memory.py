@@ -16,6 +16,10 @@ batches keeps its anonymous peak within ``RSS_TARGET`` of the small run (TensorF
   ``pipeline.artifacts.model_dir.load_trained`` (model.keras, scaler.json, wave.npy).
 * ``data``: ``python -m pipeline.steps.data`` generating the synthetic splits of ``small`` and
   ``large`` stars in all.
+* ``train``: one epoch of ``python -m pipeline.steps.train`` (small dense network, batch 256) on
+  20000 and 200000 training stars (plus a tenth as many validation stars) of a reduced grid,
+  streamed from the memory-mapped files (``train.stream: true``, target <= 1.2x) and, as the
+  baseline in the same run, read into memory (``train.stream: false``).
 
 Command line, for the paper-size check recorded in docs/performance.md::
 
@@ -179,14 +183,51 @@ def data_step(root: Path, n_stars: int, keep: bool = False, chunk: int | None = 
             split.unlink()
 
 
-def train_step(root: Path, data_dir: Path, epochs: int = 1) -> Peak:
+def train_step(root: Path, data_dir: Path, epochs: int = 1, stream: bool = True,
+               batch_size: int = 64) -> Peak:
     """Peak memory of ``python -m pipeline.steps.train`` for ``epochs`` epochs of the small dense
-    network on ``data_dir/{train,valid}.fits`` (the data, not the network, sets the memory)."""
-    config = {"model": {"hidden": list(SMALL_MODEL)}, "train": {"epochs": epochs}}
+    network on ``data_dir/{train,valid}.fits`` (the data, not the network, sets the memory);
+    ``stream`` is config ``train.stream`` (False: both files read into memory first)."""
+    config = {"model": {"hidden": list(SMALL_MODEL)},
+              "train": {"epochs": epochs, "stream": stream, "batch_size": batch_size}}
+    outdir = root / f"model-trained-{data_dir.name}-{'stream' if stream else 'memory'}"
     return peak_rss(["-m", "pipeline.steps.train", "--config-json", json.dumps(config),
                      "--train", str(data_dir / "train.fits"), "--valid",
-                     str(data_dir / "valid.fits"), "--outdir", str(root / "model-trained")],
-                    timeout=3600)
+                     str(data_dir / "valid.fits"), "--outdir", str(outdir)], timeout=3600)
+
+
+def train_rows(root: Path, sizes: tuple[int, int], wave: np.ndarray,
+               batch_size: int = 256) -> list[dict]:
+    """One epoch of the train step on ``sizes`` training stars (plus a tenth as many validation
+    stars), streamed (``train.stream: true``, the target: flat) and read into memory (the
+    baseline, measured in the same run: it grows with the stars)."""
+    peaks = {}
+    for n in sizes:
+        data_dir = root / f"train-{n}-{wave.size}"
+        data_dir.mkdir(exist_ok=True)
+        make_dataset(data_dir / "train.fits", n, wave)
+        make_dataset(data_dir / "valid.fits", max(1, n // 10), wave)
+        for stream in (True, False):
+            peaks[n, stream] = train_step(root, data_dir, stream=stream, batch_size=batch_size)
+        for split in data_dir.glob("*.fits"):
+            split.unlink()
+    small, large = sizes
+    tag = f"train step, 1 epoch, {large} vs {small} training stars x {wave.size} px"
+    streamed = peaks[large, True].anon / peaks[small, True].anon
+    in_memory = peaks[large, False].anon / peaks[small, False].anon
+    return [
+        row(f"peak anonymous memory of {tag}, streamed ({peaks[large, True].seconds:.0f} s vs "
+            f"{peaks[small, True].seconds:.0f} s)", peaks[large, True].anon,
+            peaks[small, True].anon, "MB", streamed, f"<= {RSS_TARGET:g}x",
+            bool(streamed <= RSS_TARGET)),
+        row(f"peak anonymous memory of {tag}, read into memory (train.stream: false; "
+            f"{peaks[large, False].seconds:.0f} s vs {peaks[small, False].seconds:.0f} s)",
+            peaks[large, False].anon, peaks[small, False].anon, "MB", in_memory, "report", None),
+        row(f"peak anonymous memory at {large} training stars x {wave.size} px, streamed vs "
+            "read into memory", peaks[large, True].anon, peaks[large, False].anon, "MB",
+            peaks[large, True].anon / peaks[large, False].anon, "report (< 1: streaming saves)",
+            None),
+    ]
 
 
 def data_rows(root: Path, sizes: tuple[int, int], chunk: int | None = None) -> list[dict]:
@@ -197,12 +238,18 @@ def data_rows(root: Path, sizes: tuple[int, int], chunk: int | None = None) -> l
 
 
 def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None = None,
-        workdir: str | Path | None = None) -> list[dict]:
+        workdir: str | Path | None = None, train_sizes: tuple[int, int] | None = None,
+        train_pixels: int | None = None) -> list[dict]:
     """Benchmark rows; ``sizes`` (small, large) stars and ``n_pixels`` shrink it for tests.
 
     The full run uses the default chunk sizes (2000 and 20000 stars, each at least about one
-    chunk); smaller runs shrink the chunks so that the small size still fills one.
+    chunk); smaller runs shrink the chunks so that the small size still fills one. The train
+    step runs on ``train_sizes`` (default 20000 and 200000) training stars of the first
+    ``train_pixels`` pixels (default 256 in quick mode, 1024 in full: 0.2 and 0.8 GB per image
+    at 200000 stars, so that the in-memory baseline visibly grows while the run takes minutes).
     """
+    train_sizes = train_sizes or (20000, 200000)
+    train_pixels = train_pixels or (256 if quick else 1024)
     sizes = sizes or ((300, 3000) if quick else (2000, 20000))
     small_run = quick or sizes[0] < 2000
     jacobian_chunk = max(1, sizes[0] // 2) if small_run else None
@@ -212,6 +259,7 @@ def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None 
         rows = jacobian_rows(root, sizes, grid(n_pixels), jacobian_chunk)
         if n_pixels is None:  # the data step always writes the full grid
             rows += data_rows(root, sizes, data_chunk)
+        rows += train_rows(root, train_sizes, grid(train_pixels))
     return rows
 
 

@@ -10,7 +10,10 @@ Rows:
   the model stays close to 1 (target < 1.15).
 * ``train step with jit_compile=True``: the fit epoch with an XLA-compiled step against the
   default (Keras 'auto': no XLA on CPU-only machines). Informational: it decides the
-  ``train.jit_compile`` default for CPUs (docs/training.md).
+  ``train.jit_compile`` default for CPUs (docs/training.md). Op determinism is off in this
+  process (Keras refuses XLA while it is on), so both runs are compared on equal terms.
+* ``XLA train step run twice``: the largest weight difference between two XLA runs of the same
+  seed and batches (0: deterministic; tests/test_streaming_train.py checks it on a tiny net).
 
 Both use the reference network (P = 7213 -> 2048-1024-512-256-128-32 -> 3, 17.6 M weights),
 Adam and batch 64 as in the paper configuration; times are the best of the measured epochs
@@ -100,7 +103,10 @@ def run(quick: bool = False) -> list[dict]:
 
     fit_time, model = fit_epoch_time(flux, z, epochs)
     bare = bare_step_time(model, flux, z, repeat=epochs - 1)
-    xla_time, _ = fit_epoch_time(flux, z, epochs, jit_compile=True)
+    xla_time, xla = fit_epoch_time(flux, z, epochs, jit_compile=True)
+    _, xla_again = fit_epoch_time(flux, z, epochs, jit_compile=True)
+    spread = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        xla.get_weights(), xla_again.get_weights(), strict=True))
     overhead = fit_time / bare
     return [
         {"benchmark": f"training input pipeline overhead ({tag})", "value": fit_time,
@@ -112,6 +118,9 @@ def run(quick: bool = False) -> list[dict]:
         {"benchmark": f"train step with jit_compile=True vs default ({tag})", "value": xla_time,
          "baseline": fit_time, "unit": "s/epoch", "ratio": xla_time / fit_time,
          "target": "informational (< 1 means XLA helps)"},
+        {"benchmark": f"XLA train step run twice, same seed: max abs weight difference ({tag}, "
+                      f"{epochs} epochs)", "value": spread, "baseline": None, "unit": "abs",
+         "ratio": None, "target": "== 0 (deterministic)", "ok": spread == 0.0},
     ]
 
 

@@ -130,7 +130,7 @@ def test_all_modules_import_in_any_order_in_a_fresh_interpreter(order):
 
 # --------------------------------------------------------------------------------- threads
 STEP_STOPS = {  # the first thing each TensorFlow step does after configuring the runtime
-    "train": "read_spectra", "laplace": "load_trained", "predict": "catalog_names",
+    "train": "read_split", "laplace": "load_trained", "predict": "catalog_names",
     "jacobian": "shard_rows",
 }
 

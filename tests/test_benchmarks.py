@@ -16,6 +16,7 @@ from benchmarks import (
     bench_laplace_torch,
     bench_memory,
     bench_shift,
+    bench_survey,
 )
 from benchmarks.run import discover, table
 
@@ -41,7 +42,7 @@ def check_rows(rows: list[dict]) -> None:
 def test_runner_discovers_these_benchmarks():
     names = discover()
     for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch",
-                 "bench_shift"):
+                 "bench_shift", "bench_survey"):
         assert name in names
 
 
@@ -160,7 +161,8 @@ def test_last_two_layer_rows_have_equal_variances():
 
 @pytest.mark.slow
 def test_memory_rows_tiny(tmp_path):
-    rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path)
+    rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path,
+                            train_sizes=(20, 200), train_pixels=30)
     check_rows(rows)
     assert rows[0]["unit"] == "MB" and rows[0]["value"] > 50
 
@@ -231,3 +233,23 @@ def test_shift_rows_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tm
     assert len(rows) == 2 * 4 and all("n=15" in r["benchmark"] for r in rows[1:4])
     with pytest.raises(ValueError, match="--posterior"):
         bench_shift.run(sizes=sizes, names=["snr_12"], model_dir=tiny_model_dir)
+
+
+    assert any("train step" in r["benchmark"] and "streamed" in r["benchmark"] for r in rows)
+
+
+@pytest.mark.slow
+def test_survey_steps_tiny(tmp_path):
+    """The survey benchmark's pieces on 40 stars: predict writes a 40-row catalog, both shard
+    jobs run, and the in-process budget/Jacobian timing returns positive times (the full
+    ``run`` is 6 subprocesses: the rows are checked by ``python -m benchmarks --only survey``)."""
+    from astropy.table import Table
+
+    wave = bench_memory.grid(30)
+    model_dir, posterior = bench_survey.make_model_and_posterior(tmp_path, wave, (8,))
+    predict, shards = bench_survey.step_peaks(tmp_path, 40, wave, model_dir, posterior,
+                                              ["--set", "predict.chunk_size=16"])
+    assert len(Table.read(tmp_path / "catalogs" / "survey-40.fits", hdu="CATALOG")) == 40
+    assert predict.anon > 50 and len(shards) == 2 and all(s.anon > 50 for s in shards)
+    full, alone = bench_survey.budget_vs_jacobian(model_dir, posterior, wave, 32, 16)
+    assert full > 0 and alone > 0

@@ -200,6 +200,27 @@ def test_predict_fits_end_to_end(tiny_model_dir, stars, posterior, tmp_path):
     np.testing.assert_allclose(table["FE_H_ERR_SCATTER"], scatter[2], rtol=1e-12)
 
 
+def test_predict_streams_chunks_with_the_one_chunk_result(tiny_model_dir, stars, posterior,
+                                                          tmp_path):
+    """predict.chunk_size 5, rounded to 4 (chunks 4 + 4 + 4), writes the same catalog, bit for
+    bit, as one chunk of all 12 stars: the error budget and flags are per star, and the
+    network sees the same batches of 4."""
+    path = stars[0]
+    assert predict.chunk_stars({"chunk_size": 5, "batch_size": 4}) == 4
+    assert predict.chunk_stars({"chunk_size": 3, "batch_size": 4}) == 4
+    for chunk in (5, 100):
+        assert run_predict(["--model", tiny_model_dir, "--posterior", tmp_path / "p.npz",
+                            "--set", f"predict.chunk_size={chunk}", "--set",
+                            "predict.batch_size=4", "--format", "fits",
+                            "--name", f"c{chunk}", "--out", tmp_path, path]) == 0
+    chunked, whole = (Table.read(tmp_path / f"c{c}.fits", hdu="CATALOG") for c in (5, 100))
+    assert chunked.colnames == whole.colnames and len(chunked) == 12
+    for name in whole.colnames:
+        np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
+        assert chunked[name].unit == whole[name].unit
+        assert chunked[name].description == whole[name].description
+
+
 def test_predict_resamples_other_grid_and_flags_it(tiny_model_dir, stars, posterior,
                                                    tmp_path):
     _, spectra = stars

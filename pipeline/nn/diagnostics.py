@@ -19,6 +19,8 @@ import logging
 
 import numpy as np
 
+from pipeline.spectra.dataset import as_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def unit_diagnostics(model, flux, batch_size: int = 256) -> dict:
 
     dense = [la for la in model.layers if isinstance(la, keras.layers.Dense)]
     hidden = dense[:-1]
-    flux = np.asarray(flux, np.float32)
+    flux = as_rows(flux)  # a row reader streams: only row slices are read
     out = {"n_stars": int(len(flux)), "layers": [], "last_hidden": None}
     if not hidden or len(flux) == 0:
         return out

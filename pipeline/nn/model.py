@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline import LABELS
 from pipeline.exceptions import ConfigError, DataError
+from pipeline.spectra.dataset import as_rows
 
 ACTIVATIONS = ("relu", "gelu", "softplus", "tanh", "sigmoid", "elu", "selu", "silu", "swish",
                "mish", "leaky_relu", "linear")
@@ -43,7 +44,7 @@ MIN_PIXEL_STD = 1e-6  # below this a training pixel counts as constant: centred,
 # ------------------------------------------------------------------------ input normalization
 def _moments(flux, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel mean and variance (ddof 0), float64, summed over row chunks."""
-    flux = np.asarray(flux)
+    flux = as_rows(flux, None)  # a row reader streams: only row slices are read
     if flux.ndim != 2 or len(flux) < 1:
         raise DataError(f"flux statistics need an (N, P) array with N >= 1, got {flux.shape}")
     n = len(flux)

@@ -54,11 +54,14 @@ from pipeline.nn.model import (
 )
 from pipeline.nn.scaler import LabelScaler
 from pipeline.runtime import device_name, seed_everything
-from pipeline.spectra.dataset import Spectra
+from pipeline.spectra.dataset import Spectra, as_rows, is_row_reader
 from pipeline.spectra.validation import check_training_labels
+from pipeline.streaming import batches
 
 log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE = "checkpoints", "state.json"
+FINGERPRINT_ROWS = 4096  # rows of flux hashed at a time
+REFIT_ROWS = 2048  # rows of flux per chunk of the output-layer refit (59 MB at 7213 px)
 
 
 # ------------------------------------------------------------------------------ training state
@@ -243,8 +246,10 @@ class TrainingMonitor(keras.callbacks.Callback):
 def _gather_rows(flux: np.ndarray, z: np.ndarray):
     """tf.data map function: index batch (B,) -> rows (flux (B, P), z (B, 3)) of the arrays.
 
-    The rows are gathered from the NumPy arrays themselves: ``tf.constant(flux)`` would keep
-    a second copy of the flux (1.44 GB for 50000 x 7213 float32) and briefly a third.
+    The rows are gathered from ``flux`` itself, an array or a row reader
+    (``pipeline.spectra.fits.FluxRows``, which reads just those rows of the memory-mapped file,
+    in file order, and returns them in batch order): ``tf.constant(flux)`` would keep a second
+    copy of the flux (1.44 GB for 50000 x 7213 float32) and briefly a third.
     """
     dtypes = (tf.as_dtype(flux.dtype), tf.as_dtype(z.dtype))
 
@@ -263,10 +268,20 @@ def training_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int, seed: int
 
     ``model.fit(..., steps_per_epoch=ceil(N / batch_size))`` keeps one iterator across epochs,
     so epoch e sees exactly ``epoch_permutation(N, seed, e)`` whether or not the run resumed.
+    Each permutation is drawn when its epoch starts (one (N,) index array alive, not one per
+    epoch), and ``flux`` may be a row reader: memory does not grow with N beyond O(N) indices.
     """
-    order = np.stack([epoch_permutation(len(flux), seed, e) for e in range(first_epoch, epochs)])
-    batches = tf.data.Dataset.from_tensor_slices(order).flat_map(
-        lambda perm: tf.data.Dataset.from_tensor_slices(perm).batch(batch_size))
+    n = len(flux)
+
+    def permutation(epoch):
+        return epoch_permutation(n, seed, int(epoch)).astype(np.int64)
+
+    def epoch_batches(epoch):
+        perm = tf.numpy_function(permutation, [epoch], tf.int64, stateful=False)
+        perm.set_shape((n,))
+        return tf.data.Dataset.from_tensor_slices(perm).batch(batch_size)
+
+    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     batches = batches.map(_gather_rows(flux, z), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
@@ -333,6 +348,8 @@ def check_inputs(train: Spectra, valid: Spectra,
                                 f"training grid of '{names[0]}' ({train.n_pixels} pixels); "
                                 "resample them onto the same wavelength grid")
     for split, spectra in (("training", train), ("validation", valid)):
+        if is_row_reader(spectra.flux):
+            continue  # FluxRows replaces every non-finite flux as it reads
         if not np.isfinite(spectra.flux).all():
             row = int(np.argwhere(~np.isfinite(spectra.flux))[0, 0])
             raise DataError(f"{split} flux of row {row} is not finite; read spectra with "
@@ -340,12 +357,23 @@ def check_inputs(train: Spectra, valid: Spectra,
 
 
 def run_fingerprint(config: dict, train: Spectra, valid: Spectra) -> str:
-    """Hash of what determines the trained weights: a checkpoint resumes only on a match."""
+    """Hash of what determines the trained weights: a checkpoint resumes only on a match.
+
+    The flux is hashed in row chunks (the same digest as the whole array: blake2b of a byte
+    string fed in pieces), so a row reader is hashed without loading it. Excluded from the
+    hash: ``train.stream`` (streamed and in-memory training give the same weights).
+    """
     digest = hashlib.blake2b(digest_size=16)
     keys = ("seed", "deterministic", "model", "train")
-    digest.update(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
+    described = {k: config.get(k) for k in keys}
+    described["train"] = {k: v for k, v in (described["train"] or {}).items() if k != "stream"}
+    digest.update(json.dumps(described, sort_keys=True).encode())
     for spectra in (train, valid):
-        for arr in (spectra.flux, spectra.label_array(), spectra.wave):
+        flux = as_rows(spectra.flux, None)
+        digest.update(str(tuple(flux.shape)).encode())
+        for s in batches(len(flux), FINGERPRINT_ROWS):
+            digest.update(np.ascontiguousarray(flux[s]))
+        for arr in (spectra.label_array(), spectra.wave):
             arr = np.ascontiguousarray(arr)
             digest.update(str(arr.shape).encode())
             digest.update(arr)
@@ -383,7 +411,7 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     if not np.isfinite(z_valid).all():
         raise DataError("a validation label is not finite; drop such rows "
                         "(config data.nan_labels: drop)")
-    flux_train = np.asarray(train.flux, dtype=np.float32)
+    flux_train = as_rows(train.flux)  # a row reader stays on disk: batches read its rows
     fingerprint = run_fingerprint(config, train, valid)
     root = outdir / CHECKPOINTS
 
@@ -404,7 +432,7 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
         model.fit(
             training_dataset(flux_train, z_train, tcfg["batch_size"], int(config["seed"]),
                              state.epoch, tcfg["epochs"]),
-            validation_data=validation_dataset(np.asarray(valid.flux, np.float32), z_valid,
+            validation_data=validation_dataset(as_rows(valid.flux), z_valid,
                                                tcfg["batch_size"]),
             epochs=tcfg["epochs"], initial_epoch=state.epoch, steps_per_epoch=steps, shuffle=False,
             callbacks=[TrainingMonitor(state, config, root, train.n_stars), *callbacks],
@@ -416,7 +444,7 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
         refresh_normalization(model)
         log.info("restored the weights of epoch %d (val_loss %.5f)", state.best_epoch,
                  state.best_loss)
-    flux_valid = np.asarray(valid.flux, np.float32)
+    flux_valid = as_rows(valid.flux)
     refit = None
     if tcfg["refit_last_layer"]:
         refit = refit_last_layer(model, flux_train, z_train, tcfg["batch_size"],
@@ -458,13 +486,10 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
     if layer.activation not in (keras.activations.linear, None):
         log.warning("output layer is not linear: last-layer refit skipped")
         return {"accepted": False}
-    z = np.asarray(z, np.float64)
-    phi = head.features(flux, batch_size)
-    n, d = phi.shape
-    design = np.hstack([phi, np.ones((n, 1))])
     current = np.vstack([layer.kernel.numpy(), layer.bias.numpy()[None]]).astype(np.float64)
-    gram, rhs = design.T @ design, design.T @ z
-    sigma2 = np.mean((design @ current - z) ** 2, axis=0)
+    train = _NormalEquations.of(head, flux, z, batch_size)
+    gram, rhs, n, d = train.gram, train.rhs, train.n, len(current) - 1
+    sigma2 = train.mse(current)
     w = np.empty_like(current)
     for k in range(z.shape[1]):
         lam = ridge * n
@@ -476,13 +501,12 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
         except np.linalg.LinAlgError:  # no ridge and dead units: the minimum-norm solution
             w[:, k] = np.linalg.lstsq(system, rhs[:, k], rcond=None)[0]
     report = {"train_mse_before": float(np.mean(sigma2)),
-              "train_mse_after": float(np.mean((design @ w - z) ** 2))}
+              "train_mse_after": float(np.mean(train.mse(w)))}
     accepted = True
     if valid is not None:
-        zv = np.asarray(valid[1], np.float64)
-        dv = np.hstack([head.features(valid[0], batch_size), np.ones((len(zv), 1))])
-        report["valid_mse_before"] = float(np.mean((dv @ current - zv) ** 2))
-        report["valid_mse_after"] = float(np.mean((dv @ w - zv) ** 2))
+        held_out = _NormalEquations.of(head, valid[0], valid[1], batch_size)
+        report["valid_mse_before"] = float(np.mean(held_out.mse(current)))
+        report["valid_mse_after"] = float(np.mean(held_out.mse(w)))
         accepted = report["valid_mse_after"] < report["valid_mse_before"]
     report["accepted"] = accepted
     if accepted:
@@ -494,6 +518,40 @@ def refit_last_layer(model, flux: np.ndarray, z: np.ndarray, batch_size: int,
              _fmt(report.get("valid_mse_after")),
              "accepted" if accepted else "rejected, the trained weights stay")
     return report
+
+
+@dataclass
+class _NormalEquations:
+    """Sums of the least-squares problem z ~ Phi w with Phi = [phi, 1] (N, d + 1), float64.
+
+    ``gram`` = Phi^T Phi, ``rhs`` = Phi^T z, ``zz`` = diag(z^T z) (per label), accumulated over
+    chunks of about ``REFIT_ROWS`` stars (whole batches, so the network sees the same batches
+    as on the whole array) of an array or a row reader: memory holds (d + 1)^2 numbers instead
+    of the N x d features, and the refit's memory does not grow with the number of stars.
+    """
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    zz: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, head: Head, flux, z, batch_size: int) -> _NormalEquations:
+        flux, z = as_rows(flux, None), np.asarray(z, np.float64)
+        gram = rhs = zz = 0.0
+        for s in batches(len(flux), max(1, REFIT_ROWS // batch_size) * batch_size):
+            phi = head.features(flux[s], batch_size)
+            design = np.hstack([phi, np.ones((len(phi), 1))])
+            gram = gram + design.T @ design
+            rhs = rhs + design.T @ z[s]
+            zz = zz + np.sum(z[s] ** 2, axis=0)
+        return cls(gram, rhs, zz, len(flux))
+
+    def mse(self, w: np.ndarray) -> np.ndarray:
+        """Mean squared residual per label of weights ``w`` (d + 1, K):
+        (w_k^T G w_k - 2 w_k^T r_k + z_k^T z_k) / N, the expanded square, summed in float64."""
+        quad = np.einsum("ik,ij,jk->k", w, self.gram, w)
+        return np.maximum(quad - 2 * np.einsum("ik,ik->k", w, self.rhs) + self.zz, 0) / self.n
 
 
 def _fmt(x) -> str:

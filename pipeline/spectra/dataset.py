@@ -1,6 +1,8 @@
 """The Spectra model: N spectra on one wavelength grid of P pixels, with their labels.
 
     flux      float32 (N, P)  continuum-normalized flux
+                              or a row reader (``pipeline.spectra.fits.FluxRows``): read
+                              on demand from a memory-mapped file, bad pixels replaced
     flux_err  float32 (N, P)  1-sigma (None where a consumer dropped it to save memory)
     wave      float64 (P,)    vacuum wavelength in Angstrom
     labels    astropy Table   STAR_ID, TEFF [K], LOGG [log10 cgs], FE_H [dex], extras carried
@@ -63,7 +65,7 @@ class Spectra:
         """A new Spectra holding rows ``index`` (integer array or boolean mask)."""
         index = np.asarray(index)
         return Spectra(
-            flux=self.flux[index],
+            flux=self.flux.take(index) if is_row_reader(self.flux) else self.flux[index],
             flux_err=None if self.flux_err is None else self.flux_err[index], wave=self.wave,
             labels=self.labels[index],
             mask=None if self.mask is None else self.mask[index], meta=dict(self.meta),
@@ -73,3 +75,15 @@ class Spectra:
 def label_columns(labels: Table) -> list[str]:
     """The label columns in ``pipeline.LABELS`` order that ``labels`` has."""
     return [name for name in LABELS if name in labels.colnames]
+
+
+def is_row_reader(flux) -> bool:
+    """Whether ``flux`` is read on demand (``pipeline.spectra.fits.FluxRows``), not an array."""
+    return not isinstance(flux, np.ndarray) and hasattr(flux, "take") and hasattr(
+        flux, "file_rows")
+
+
+def as_rows(flux, dtype=np.float32):
+    """``flux`` as an (N, P) ``dtype`` array, or a row reader unchanged (it reads rows on
+    slicing, so consumers that only slice rows stream it; an array would load everything)."""
+    return flux if is_row_reader(flux) else np.asarray(flux, dtype)

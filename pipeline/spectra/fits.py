@@ -143,6 +143,106 @@ def read_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_E
     )
 
 
+# ------------------------------------------------------------------------- streamed reading
+class FluxRows:
+    """The FLUX of a canonical FITS as an (N, P) float32 array read on demand, row by row.
+
+    ``rows[key]`` (a slice, an integer or an integer array in any order) reads only those rows
+    through the file's memory maps, in ascending file order, converts them to native float32,
+    replaces their bad pixels as :func:`read_spectra` does (flux 1 where the flux is not finite,
+    the error is not finite or <= 0, or MASK is nonzero) and returns them in the order asked
+    for: the values equal ``read_spectra(path).flux[key]`` bit for bit, while memory holds only
+    the rows read. ``file_rows`` maps row i of this array to its row in the file (rows dropped
+    for NaN labels are skipped); :meth:`take` narrows it without reading anything.
+    """
+
+    def __init__(self, path: str | Path, file_rows: np.ndarray | None = None):
+        self.path = Path(path)
+        self._hdul = _open_fits(self.path)  # stays open: the maps need its file handle
+        self._flux, self._err = self._hdul["FLUX"].data, self._hdul["FLUX_ERR"].data
+        self._mask = self._hdul["MASK"].data if "MASK" in self._hdul else None
+        n_file = self._flux.shape[0]
+        self.file_rows = (np.arange(n_file) if file_rows is None
+                          else np.asarray(file_rows, np.int64))
+        self.dtype, self.ndim = np.dtype(np.float32), 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.file_rows), self._flux.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.file_rows)
+
+    def take(self, index) -> FluxRows:
+        """The rows ``index`` (integer array or boolean mask) as a new reader; nothing is read."""
+        out = object.__new__(FluxRows)
+        out.__dict__.update(self.__dict__)
+        out.file_rows = self.file_rows[np.asarray(index)]
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        wanted = self.file_rows[key]
+        order = np.argsort(wanted, kind="stable")
+        ranked = wanted[order]  # ascending: sequential reads of the memory-mapped file
+        if len(ranked) and ranked[-1] - ranked[0] + 1 == len(ranked):
+            ranked = slice(int(ranked[0]), int(ranked[-1]) + 1)  # contiguous: one block read
+        flux = np.array(self._flux[ranked], np.float32)
+        err = np.asarray(self._err[ranked], np.float32)
+        mask = None if self._mask is None else np.asarray(self._mask[ranked])
+        flux[validation._bad_pixels(flux, err, mask)] = 1.0
+        out = np.empty_like(flux)
+        out[order] = flux
+        return out
+
+    def chunks(self, size: int = validation.CHUNK_ROWS):
+        """(slice, rows) pairs covering the array in order, ``size`` rows at a time."""
+        for start in range(0, len(self), size):
+            s = slice(start, min(start + size, len(self)))
+            yield s, self[s]
+
+    def close(self) -> None:
+        self._hdul.close()
+
+
+def open_spectra(path: str | Path, *, bad_pixel_err: float = DEFAULT_BAD_PIXEL_ERR,
+                 require_labels: bool = False, nan_labels: str = "drop",
+                 max_bad_pixel_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                 chunk_size: int = 2048) -> Spectra:
+    """Validate a canonical dataset FITS like :func:`read_spectra`, but keep the flux on disk.
+
+    Every check of :func:`read_spectra` runs, the pixel checks over row slices of
+    ``chunk_size`` stars of the open file (a failing spectrum is named by its STAR_ID; its row
+    number counts from the slice start). The returned Spectra has ``flux`` a
+    :class:`FluxRows` (read on demand, bad pixels replaced), no ``flux_err`` or ``mask``
+    (training never uses them), and the labels, with rows of NaN labels dropped as
+    ``nan_labels`` says. Memory: the labels plus one slice.
+    """
+    path = Path(path)
+    labels = read_labels(path)  # STAR_IDs checked once, file-wide
+    n_bad = 0
+    with _open_fits(path) as hdul:
+        validation.check_image_rows(path, hdul, ("FLUX", "FLUX_ERR", "MASK"))
+        wave = _image(hdul, path, "WAVE", np.float64)
+        validation.check_wave(path, wave)
+        meta = {k: v for k, v in dict(hdul[0].header).items() if k not in ("COMMENT", "HISTORY")}
+        for start in range(0, max(len(labels), 1), chunk_size):
+            rows = slice(start, start + chunk_size)
+            part = Spectra(_image(hdul, path, "FLUX", np.float32, rows),
+                           _image(hdul, path, "FLUX_ERR", np.float32, rows), wave, labels[rows],
+                           _image(hdul, path, "MASK", np.int32, rows) if "MASK" in hdul else None)
+            validation.check_shapes(path, part)
+            n_bad += validation.flag_bad_pixels(path, part, bad_pixel_err,
+                                                max_bad_pixel_fraction).meta["N_BADPIX"]
+            del part  # one slice in memory at a time
+    meta["N_BADPIX"] = n_bad
+    spectra = Spectra(FluxRows(path), None, wave, labels, None, meta)
+    if require_labels:
+        spectra = validation.check_labels(path, spectra, nan_labels)
+    return spectra
+
+
 # --------------------------------------------------------------------------------- writing
 def _primary(header: dict | None, n_stars: int, n_pixels: int) -> fits.PrimaryHDU:
     primary = fits.PrimaryHDU()

@@ -19,8 +19,9 @@ from astropy.io import fits
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.spectra.apogee import read_apstar_files
 from pipeline.spectra.dataset import Spectra
-from pipeline.spectra.fits import read_spectra
+from pipeline.spectra.fits import read_labels, read_spectra
 from pipeline.spectra.validation import match_grid
+from pipeline.streaming import progress
 
 FORMATS = ("fits", "apstar")
 CANONICAL_HDUS = ("FLUX", "FLUX_ERR", "WAVE", "LABELS")
@@ -88,3 +89,25 @@ def load_input(path: str | Path, fmt: str | None, wave: np.ndarray, config: dict
     spectra.meta.pop("RESAMPLD", None)  # a card of the input file says nothing about this run
     spectra = match_grid(spectra, wave, path=path, bad_pixel_err=bad_pixel_err)
     return spectra, bool(spectra.meta.get("RESAMPLD", False))
+
+
+def input_chunks(path: str | Path, fmt: str, wave: np.ndarray, config: dict, chunk_size: int,
+                 rows: np.ndarray | None = None, desc: str = "stars"):
+    """(Spectra, resampled) of ``path`` on the model grid, ``chunk_size`` stars at a time.
+
+    ``fmt`` is 'fits' or 'apstar' (resolved, not 'auto'); ``rows`` a contiguous ascending range
+    of row indices (default: every star). A canonical FITS is read through memory maps one row
+    slice at a time, so peak memory holds one chunk whatever the number of stars; apStar inputs
+    (one file per star) are read whole.
+    """
+    if fmt != "fits":
+        spectra, resampled = load_input(path, fmt, wave, config)
+        yield (spectra if rows is None else spectra.subset(rows)), resampled
+        return
+    if rows is None:
+        rows = np.arange(len(read_labels(path)))
+    starts = range(0, len(rows), chunk_size)
+    for start in progress(starts, total=len(starts), desc=desc):
+        stop = min(start + chunk_size, len(rows))
+        yield load_input(path, fmt, wave, config,
+                         rows=slice(int(rows[start]), int(rows[stop - 1]) + 1))

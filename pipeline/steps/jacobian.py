@@ -20,8 +20,8 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.nn.derivatives import input_jacobian
 from pipeline.spectra.fits import read_labels
-from pipeline.spectra.inputs import FORMATS, detect_format, load_input
-from pipeline.streaming import batches, progress
+from pipeline.spectra.inputs import FORMATS, detect_format, input_chunks, load_input
+from pipeline.streaming import batches
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,10 @@ def jacobian_batches(model, scaler, chunks: Iterator[np.ndarray], batch_size: in
 
 def shard_flux(path, fmt: str, wave: np.ndarray, config: dict, rows: np.ndarray,
                chunk_size: int) -> Iterator[np.ndarray]:
-    """Flux of the shard's ``rows`` on the model grid, ``chunk_size`` stars at a time.
-
-    A canonical FITS is read through memory maps one row slice at a time, so peak memory does
-    not grow with the number of stars; apStar inputs (one file per star) are read whole.
-    """
-    if fmt != "fits":
-        yield load_input(path, fmt, wave, config)[0].flux[rows]
-        return
-    starts = range(0, len(rows), chunk_size)
-    for start in progress(starts, total=len(starts), desc="jacobian"):
-        stop = min(start + chunk_size, len(rows))
-        rows_slice = slice(rows[start], rows[stop - 1] + 1)
-        yield load_input(path, fmt, wave, config, rows=rows_slice)[0].flux
+    """Flux of the shard's ``rows`` on the model grid, ``chunk_size`` stars at a time
+    (:func:`pipeline.spectra.inputs.input_chunks`: memory does not grow with the stars)."""
+    for spectra, _ in input_chunks(path, fmt, wave, config, chunk_size, rows, "jacobian"):
+        yield spectra.flux
 
 
 def build_parser():

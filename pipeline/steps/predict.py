@@ -21,6 +21,9 @@ Label-free shift statistics (``pipeline.evaluation.shift``: chi^2 against the la
 emulator, distance of the last hidden features from the training cloud) and their FLAG bits 5
 and 6 come from the emulator file, by default ``DIR/emulator.npz`` beside the model; without
 one their columns are NaN and those bits are never set (a warning says so).
+
+A canonical FITS input is read ``predict.chunk_size`` stars at a time (memory-mapped row
+slices): only the catalog rows (~0.2 kB a star) accumulate, so a survey of any size fits.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from astropy.table import vstack
 
 from pipeline import runtime
 from pipeline.artifacts import catalog as export
@@ -43,7 +47,7 @@ from pipeline.laplace import Posterior
 from pipeline.laplace.ensemble import ensemble_budget
 from pipeline.laplace.error_budget import error_budget
 from pipeline.spectra.dataset import Spectra
-from pipeline.spectra.inputs import FORMATS, load_input
+from pipeline.spectra.inputs import FORMATS, detect_format, input_chunks
 from pipeline.spectra.validation import bad_pixel_mask
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,13 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     return export.catalog_table(spectra.star_id, budget, flags,
                                 true_labels=spectra.label_array() if has_labels else None,
                                 snr=snr, shift=shift)
+
+
+def chunk_stars(cfg: dict) -> int:
+    """Stars per chunk: ``chunk_size`` rounded down to whole batches of ``batch_size`` (at
+    least one), so the network sees the same batches, and gives the same float32 bits, as on
+    the whole input."""
+    return max(1, cfg["chunk_size"] // cfg["batch_size"]) * cfg["batch_size"]
 
 
 def catalog_names(inputs: list[str], name: str | None) -> list[str]:
@@ -154,9 +165,12 @@ def run(args, config: dict) -> None:
     reference, reference_path = load_reference(args.emulator, args.model[0], model, wave.size)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
-        spectra, resampled = load_input(path, args.format, wave, config)
-        table = predict_catalog(model, posterior, scaler, spectra, resampled, config, reference,
-                                members=tuple(members))
+        fmt = detect_format(path) if args.format == "auto" else args.format
+        table = vstack([predict_catalog(model, posterior, scaler, spectra, resampled, config,
+                                        reference, members=tuple(members))
+                        for spectra, resampled in input_chunks(
+                            path, fmt, wave, config, chunk_stars(config["predict"]),
+                            desc="predict")], metadata_conflicts="silent")
         header = provenance(config, device=device, model=" ".join(map(str, args.model)),
                             posterior=" ".join(map(str, args.posterior)), input=str(path),
                             emulator=reference_path,

@@ -2,7 +2,9 @@
 
     python -m pipeline.steps.train --config-json J --train F --valid F --outdir results/model
 
-The training recipe, checkpoints and resume are those of :mod:`pipeline.nn.training`.
+The training recipe, checkpoints and resume are those of :mod:`pipeline.nn.training`. With
+``train.stream`` (default) both splits stay in their memory-mapped files and batches are read
+row by row, so the step's memory does not grow with the number of stars.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pipeline import runtime
 from pipeline.cli import base_parser, main
 from pipeline.nn.training import check_inputs, train_model
-from pipeline.spectra.fits import read_options, read_spectra
+from pipeline.spectra.fits import open_spectra, read_options, read_spectra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_split(path: str, config: dict):
+    """A labelled split for training: streamed from disk (``train.stream``) or read whole.
+
+    Streamed (:func:`~pipeline.spectra.fits.open_spectra`), the flux stays in the memory-mapped
+    file and each batch reads its rows, so memory does not grow with the number of stars; read
+    whole, the flux is in memory. Both give the same values, hence the same weights.
+    """
+    kwargs = {**read_options(config), "require_labels": True}
+    if config["train"]["stream"]:
+        return open_spectra(path, **kwargs)
+    spectra = read_spectra(path, **kwargs)
+    spectra.flux_err = None  # training never uses the errors: free them before the next read
+    return spectra
+
+
 def run(args: argparse.Namespace, config: dict) -> None:
     runtime.configure(config, args.threads)
-    kwargs = {**read_options(config), "require_labels": True}
-    train = read_spectra(args.train, **kwargs)
-    train.flux_err = None  # training never uses the errors: free them before the next read
-    valid = read_spectra(args.valid, **kwargs)
-    valid.flux_err = None
+    train = read_split(args.train, config)
+    valid = read_split(args.valid, config)
     check_inputs(train, valid, names=(args.train, args.valid))  # messages name the files
     train_model(config, train, valid, args.outdir)
 

@@ -1,0 +1,151 @@
+"""Labelling a survey: generated spectra through predict (full 3x3 error budget and flags) and
+the sharded input Jacobians, streamed, as the Snakemake path ``predict.inputs`` runs them.
+
+Rows (each step in its own subprocess, peaks read as in bench_memory):
+
+* ``predict``: ``python -m pipeline.predict --format fits`` on ``small`` and ``large`` stars;
+  the anonymous peak of the large run against the small one (target <= 1.2: only the catalog
+  rows, ~0.2 kB a star, accumulate).
+* ``jacobian``: ``python -m pipeline.steps.jacobian`` in two shards (run one after the other,
+  as two jobs would on one core each); peak of the larger shard job, large vs small.
+* throughput: marginal stars per second of predict + both Jacobian shards, (N_large - N_small)
+  over the difference of their wall times (start-up and model loading cancel), and the
+  projected time for 650,000 stars (APOGEE DR17) at that rate.
+* ``predict_catalog`` (error budget + flags + catalog table) against ``input_jacobian`` alone on
+  the same stars in this process (target <= 1.5: the flux-noise term needs each star's
+  Jacobian, so the Jacobian is the floor).
+
+Sizes: full mode 20000 and 200000 stars of the 7213-pixel grid through the reference network
+(2048-1024-512-256-128-32, a last-2-layer Laplace posterior): hours on 2 shared cores, so run it
+alone on a free machine; quick mode 2000 and 20000 stars of 512 pixels and a small network,
+minutes. The model is untrained (timing and memory do not depend on the weights); its
+posterior is fitted on 512 generated stars.
+
+    python -m benchmarks --only survey            # full size
+    python -m benchmarks.bench_survey --quick     # minutes
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_memory import RSS_TARGET, SMALL_MODEL, grid, make_dataset, peak_rss
+from benchmarks.common import best_time, row
+
+REFERENCE = (2048, 1024, 512, 256, 128, 32)
+DR17_STARS = 650_000
+RATIO_TARGET = 1.5
+
+
+def make_model_and_posterior(root: Path, wave: np.ndarray, hidden) -> tuple[Path, Path]:
+    """An untrained model directory and a last-2-layer Laplace posterior fitted for it."""
+    from benchmarks.bench_memory import make_model_dir
+    from pipeline.artifacts.model_dir import load_trained
+    from pipeline.laplace import fit_laplace
+
+    model_dir = make_model_dir(root / "model", wave, hidden)
+    model, scaler, _ = load_trained(model_dir)
+    rng = np.random.default_rng(1)
+    x = (1.0 + 0.01 * rng.standard_normal((512, wave.size))).astype(np.float32)
+    z = np.asarray(model(x[:512], training=False), np.float64) + 0.1 * rng.standard_normal(
+        (512, 3))
+    posterior = root / "posterior.npz"
+    fit_laplace(model, x, z, last_layers=2, device="cpu").save(posterior)
+    return model_dir, posterior
+
+
+def step_peaks(root: Path, n: int, wave: np.ndarray, model_dir: Path, posterior: Path,
+               options: list[str]):
+    """Peaks of predict and of the two Jacobian shard jobs on ``n`` generated stars."""
+    data = make_dataset(root / f"survey-{n}.fits", n, wave)
+    predict = peak_rss(["-m", "pipeline.predict", "--model", str(model_dir), "--posterior",
+                        str(posterior), "--format", "fits", "--name", f"survey-{n}", "--out",
+                        str(root / "catalogs"), *options, str(data)], timeout=36000)
+    shards = [peak_rss(["-m", "pipeline.steps.jacobian", "--model", str(model_dir), "--format",
+                        "fits", "--shard", str(i), "--shards", "2", "--out",
+                        str(root / f"shard-{i}.fits"), *options, str(data)], timeout=36000)
+              for i in range(2)]
+    for i in range(2):
+        (root / f"shard-{i}.fits").unlink(missing_ok=True)  # (n, 3, P) float32 each
+    data.unlink()
+    return predict, shards
+
+
+def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: int,
+                       batch_size: int) -> tuple[float, float]:
+    """Best times of ``predict_catalog`` and of ``input_jacobian`` alone on the same stars."""
+    from pipeline.artifacts.model_dir import load_trained
+    from pipeline.config import validate
+    from pipeline.laplace import Posterior
+    from pipeline.nn.derivatives import input_jacobian
+    from pipeline.spectra.synthetic import generate
+    from pipeline.steps.predict import predict_catalog
+
+    config = validate({"predict": {"batch_size": batch_size}})
+    model, scaler, _ = load_trained(model_dir)
+    post = Posterior.load(posterior, model)
+    spectra = generate(n, 3, wave=wave)
+    spectra.flux_err[~(spectra.flux_err > 0)] = config["data"]["bad_pixel_err"]
+    spectra.flux[spectra.flux_err >= config["data"]["bad_pixel_err"]] = 1.0
+    full = best_time(lambda: predict_catalog(model, post, scaler, spectra, False, config), 2)
+    alone = best_time(lambda: input_jacobian(model, spectra.flux, batch_size=batch_size,
+                                             scaler=scaler), 2)
+    return full, alone
+
+
+def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None = None,
+        hidden=None, workdir: str | Path | None = None) -> list[dict]:
+    """Benchmark rows (module docstring); arguments shrink it for tests."""
+    sizes = sizes or ((2000, 20000) if quick else (20000, 200000))
+    n_pixels = n_pixels or (512 if quick else None)
+    hidden = hidden or (SMALL_MODEL if quick else REFERENCE)
+    wave = grid(n_pixels)
+    batch = 256
+    # both sizes at least a few chunks, so the large run is not just "one more chunk"
+    chunk = min(2048, max(batch, sizes[0] // 4 // batch * batch))
+    options = ["--set", f"predict.chunk_size={chunk}", "--set", f"jacobian.chunk_size={chunk}"]
+    with tempfile.TemporaryDirectory(prefix="bench-survey-", dir=workdir) as tmp:
+        root = Path(tmp)
+        model_dir, posterior = make_model_and_posterior(root, wave, hidden)
+        (small_p, small_j), (large_p, large_j) = (
+            step_peaks(root, n, wave, model_dir, posterior, options) for n in sizes)
+        full, alone = budget_vs_jacobian(model_dir, posterior, wave, min(sizes[0], 2048), batch)
+    tag = f"{sizes[1]} vs {sizes[0]} stars x {wave.size} px, hidden {'-'.join(map(str, hidden))}"
+    p_ratio = large_p.anon / small_p.anon
+    j_small, j_large = (max(p.anon for p in shards) for shards in (small_j, large_j))
+    seconds = [p.seconds + sum(s.seconds for s in shards)
+               for p, shards in ((small_p, small_j), (large_p, large_j))]
+    if seconds[1] > seconds[0]:
+        rate = (sizes[1] - sizes[0]) / (seconds[1] - seconds[0])
+        start_up = seconds[0] - sizes[0] / rate
+    else:  # load on shared cores swamped the difference: the large run's rate, start-up included
+        rate, start_up = sizes[1] / seconds[1], 0.0
+    projected = (start_up + DR17_STARS / rate) / 3600
+    return [
+        row(f"survey: peak anonymous memory of predict (error budget + flags), {tag} "
+            f"({large_p.seconds:.0f} s vs {small_p.seconds:.0f} s)", large_p.anon, small_p.anon,
+            "MB", p_ratio, f"<= {RSS_TARGET:g}x", bool(p_ratio <= RSS_TARGET)),
+        row(f"survey: peak anonymous memory of a jacobian shard job (2 shards), {tag}",
+            j_large, j_small, "MB", j_large / j_small, f"<= {RSS_TARGET:g}x",
+            bool(j_large / j_small <= RSS_TARGET)),
+        row(f"survey: marginal throughput of predict + 2 jacobian shards, {tag} "
+            f"({seconds[1]:.0f} s vs {seconds[0]:.0f} s in all)", rate, None, "stars/s", None,
+            "report", None),
+        row(f"survey: projected time for {DR17_STARS} stars at that rate on this machine "
+            f"(start-up {start_up:.0f} s)", projected, None, "h", None, "report", None),
+        row(f"survey: predict_catalog (error budget + flags) vs input_jacobian alone, "
+            f"{min(sizes[0], 2048)} stars x {wave.size} px, batch {batch}", full, alone, "s",
+            full / alone, f"<= {RATIO_TARGET:g}x", bool(full / alone <= RATIO_TARGET)),
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.run import table
+
+    print(table(run(quick="--quick" in sys.argv)))
