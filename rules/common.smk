@@ -56,6 +56,7 @@ FIRST_MEMBER = {
     for key, path in {
         **MODEL_FILES,
         "history": HISTORY,
+        "diagnostics": DIAGNOSTICS,
         "posterior": POSTERIOR,
     }.items()
 }

@@ -12,6 +12,7 @@ rule tables:
         data=expand(f"{OUT}/data/{{name}}.fits", name=config["predict"]["splits"]),
         train=f"{OUT}/data/train.fits",  # the baselines of precision.csv
         valid=f"{OUT}/data/valid.fits",
+        diagnostics=FIRST_MEMBER["diagnostics"],  # dead units etc. into metrics.json
     output:
         summary=report(
             expand(f"{OUT}/tables/jacobian_summary.{{ext}}", ext=["csv"]),
@@ -51,7 +52,8 @@ rule tables:
     shell:
         "python -m pipeline.steps.tables --config-json {params.config} "
         "--predictions {input.predictions} --jacobians {input.jacobians} --data {input.data} "
-        "--train {input.train} --valid {input.valid} --summary {params.summary} "
+        "--train {input.train} --valid {input.valid} --diagnostics {input.diagnostics} "
+        "--summary {params.summary} "
         "--calibration {output.calibration} --metrics {output.metrics} "
         "--precision {output.precision} > {log} 2>&1"
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.artifacts.model_dir import read_diagnostics, write_diagnostics
 from pipeline.exceptions import ModelFileError
-from pipeline.nn.diagnostics import unit_diagnostics
+from pipeline.nn.diagnostics import log_diagnostics, network_health, unit_diagnostics
 from tests.conftest import set_seed
 
 
@@ -72,3 +72,19 @@ def test_diagnostics_file_round_trip(tmp_path):
     path.write_text("{broken")
     with pytest.raises(ModelFileError, match="not readable JSON"):
         read_diagnostics(tmp_path)
+
+
+def test_health_summary_and_warning_for_a_mostly_dead_layer(caplog):
+    diag = {"n_stars": 10, "layers": [
+        {"name": "a", "units": 4, "active": 2, "active_fraction": 0.5},
+        {"name": "b", "units": 4, "active": 1, "active_fraction": 0.25}],
+        "last_hidden": {"name": "b", "units": 4, "active": 1, "rank": 1,
+                        "condition_number": None, "condition_number_active": 1.0}}
+    health = network_health(diag)
+    assert health["min_active_fraction"] == 0.25 and health["half_units_active"] is False
+    assert network_health({**diag, "layers": diag["layers"][:1]})["half_units_active"] is True
+    assert network_health({"n_stars": 0, "layers": []})["half_units_active"] is None
+    with caplog.at_level("WARNING", logger="pipeline.nn.diagnostics"):
+        log_diagnostics(diag)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("layer b:")

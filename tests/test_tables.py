@@ -13,6 +13,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from pipeline.artifacts import catalog as export
+from pipeline.artifacts.model_dir import write_diagnostics
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import main
 from pipeline.config import validate
@@ -183,9 +184,15 @@ def test_tables_end_to_end(tmp_path, rng, tiny_model_dir, stars_file):
                 results / "jacobians" / "test" / f"shard-{i}.fits", stars_file]
         assert main(jacobian.build_parser, jacobian.run, [str(a) for a in argv]) == 0
         jac_paths.append(results / "jacobians" / "test" / f"shard-{i}.fits")
+    diagnostics = write_diagnostics(tmp_path, {
+        "n_stars": 300, "layers": [{"name": "dense", "units": 8, "active": 6,
+                                    "active_fraction": 0.75},
+                                   {"name": "dense_1", "units": 4, "active": 1,
+                                    "active_fraction": 0.25}],
+        "last_hidden": {"name": "dense_1", "rank": 1, "condition_number": None}})
     argv = ["--predictions", results / "predictions" / "valid.fits",
             results / "predictions" / "test.fits", "--jacobians", *jac_paths,
-            "--outdir", results / "tables"]
+            "--diagnostics", diagnostics, "--outdir", results / "tables"]
     assert main(tables.build_parser, tables.run, [str(a) for a in argv]) == 0
 
     everything = pd.read_csv(results / "tables" / "calibration.csv")
@@ -220,6 +227,10 @@ def test_tables_end_to_end(tmp_path, rng, tiny_model_dir, stars_file):
         expected = calibration.accuracy_metrics(test[label], test[f"{label}_TRUE"])
         for key, value in expected.items():
             assert metrics["labels"][label][key] == pytest.approx(value, rel=1e-12)
+    network = metrics["network"]
+    assert network["active_fraction"] == {"dense": 0.75, "dense_1": 0.25}
+    assert network["min_active_fraction"] == 0.25 and network["half_units_active"] is False
+    assert network["last_hidden"]["rank"] == 1
     summary = Table.read(results / "tables" / "jacobian_summary.fits", hdu="JACOBIAN_SUMMARY")
     assert len(summary) == wave.size and summary["WAVE"].unit == "Angstrom"
     for ext in ("parquet", "csv"):

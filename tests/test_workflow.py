@@ -156,7 +156,8 @@ def test_tables_rule_reads_every_split_and_names_every_output(dry_run):
                          ("--summary", "results/tables/jacobian_summary "),
                          ("--calibration", "results/tables/calibration.csv"),
                          ("--metrics", "results/tables/metrics.json"),
-                         ("--precision", "results/tables/precision.csv")):
+                         ("--precision", "results/tables/precision.csv"),
+                         ("--diagnostics", "results/model/diagnostics.json")):
         assert f"{option} {path}" in command, option
     assert "--outdir" not in command
     assert '"tables": {' in command  # its config section reaches the step

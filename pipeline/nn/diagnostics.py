@@ -10,7 +10,9 @@
   features: least-squares weights become large and cancel.
 
 :func:`unit_diagnostics` computes them; ``pipeline.artifacts.model_dir.write_diagnostics``
-stores them as ``diagnostics.json`` in the model directory.
+stores them as ``diagnostics.json`` in the model directory; :func:`network_health` condenses
+them for ``metrics.json``. A healthy network keeps at least half of the units of every hidden
+layer active (:data:`HEALTHY_ACTIVE_FRACTION`): below that the training log warns.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 from pipeline.spectra.dataset import as_rows
 
 log = logging.getLogger(__name__)
+
+HEALTHY_ACTIVE_FRACTION = 0.5
 
 
 def _condition(s: np.ndarray) -> float | None:
@@ -69,11 +73,28 @@ def unit_diagnostics(model, flux, batch_size: int = 256) -> dict:
     return out
 
 
+def network_health(diag: dict) -> dict:
+    """The diagnostics a results table quotes: active fraction per hidden layer, the smallest,
+    whether every layer keeps at least :data:`HEALTHY_ACTIVE_FRACTION` of its units active,
+    and the last hidden layer's rank and condition numbers."""
+    fractions = {layer["name"]: layer["active_fraction"] for layer in diag["layers"]}
+    smallest = min(fractions.values(), default=None)
+    return {"n_stars": diag["n_stars"], "active_fraction": fractions,
+            "min_active_fraction": smallest,
+            "half_units_active": None if smallest is None
+            else bool(smallest >= HEALTHY_ACTIVE_FRACTION),
+            "last_hidden": diag.get("last_hidden")}
+
+
 def log_diagnostics(diag: dict) -> None:
     for layer in diag["layers"]:
         log.info("layer %s: %d of %d units active on %d validation spectra (%.1f%%)",
                  layer["name"], layer["active"], layer["units"], diag["n_stars"],
                  100 * layer["active_fraction"])
+        if layer["active_fraction"] < HEALTHY_ACTIVE_FRACTION:
+            log.warning("layer %s: fewer than %.0f%% of its units ever fire on validation "
+                        "spectra; see docs/training.md for the recipe that keeps them alive",
+                        layer["name"], 100 * HEALTHY_ACTIVE_FRACTION)
     last = diag.get("last_hidden")
     if last:
         fmt = lambda c: "inf" if c is None else f"{c:.3g}"  # noqa: E731

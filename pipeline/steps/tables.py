@@ -40,11 +40,13 @@ from astropy.table import Table
 from pipeline import LABEL_UNITS, LABELS
 from pipeline.artifacts.atomic import atomic_path
 from pipeline.artifacts.catalog import read_catalog, write_table
+from pipeline.artifacts.model_dir import read_diagnostics
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.evaluation import calibration, precision
 from pipeline.evaluation.jacobian_summary import jacobian_summary
 from pipeline.exceptions import ConfigError, DataError
+from pipeline.nn.diagnostics import network_health
 from pipeline.spectra.fits import read_spectra
 from pipeline.spectra.synthetic import cramer_rao_bound
 
@@ -225,6 +227,8 @@ def build_parser():
                         "(default: <results>/data/train.fits beside the catalogs)")
     parser.add_argument("--valid", help="validation dataset FITS of the baselines "
                         "(default: <results>/data/valid.fits beside the catalogs)")
+    parser.add_argument("--diagnostics", help="diagnostics.json of the trained model: its "
+                        "dead-unit and conditioning summary goes into metrics.json")
     parser.add_argument("--outdir", help="output directory: default of every output below")
     parser.add_argument("--summary", help="Jacobian summary path without extension "
                         "(.fits, .parquet, .csv are written); default OUTDIR/jacobian_summary")
@@ -285,6 +289,8 @@ def run(args, config: dict) -> None:
         del data  # one dataset in memory at a time
     test = next((c for c in truth if c[0] == "test"), truth[-1])
     metrics = {"provenance": header, **accuracy(test[0], test[2])}
+    if args.diagnostics:
+        metrics["network"] = network_health(read_diagnostics(args.diagnostics))
     train_path, valid_path = baseline_data(args, test[1], data_paths)
     precise = precision_table(test[0], test[2], data_file_for(test[1], data_paths), train_path,
                               valid_path, crbs[test[0]], config)
