@@ -19,7 +19,7 @@ from astropy.io import fits
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.spectra.apogee import read_apstar_files
 from pipeline.spectra.dataset import Spectra
-from pipeline.spectra.fits import read_labels, read_spectra
+from pipeline.spectra.fits import read_labels, read_options, read_spectra
 from pipeline.spectra.validation import match_grid
 from pipeline.streaming import progress
 
@@ -59,6 +59,14 @@ def detect_format(path: str | Path) -> str:
                     f"{', '.join(CANONICAL_HDUS)}) nor an apStar file (CRVAL1/CDELT1 in the "
                     f"primary header, flux, error and bitmask images in HDUs 1-3); found HDUs "
                     f"{found}")
+
+
+def read_labelled_on_grid(paths, wave: np.ndarray, config: dict) -> list[Spectra]:
+    """Labelled canonical dataset FITS files (the train and valid splits a fit reads),
+    validated as ``data.*`` says and mapped onto the model grid ``wave``."""
+    bad_pixel_err = config["data"]["bad_pixel_err"]
+    return [match_grid(read_spectra(p, require_labels=True, **read_options(config)), wave,
+                       path=p, bad_pixel_err=bad_pixel_err) for p in paths]
 
 
 def load_input(path: str | Path, fmt: str | None, wave: np.ndarray, config: dict,

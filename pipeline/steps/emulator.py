@@ -20,8 +20,8 @@ from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.evaluation.shift import fit_reference
-from pipeline.spectra.fits import read_options, read_spectra
-from pipeline.spectra.validation import bad_pixel_mask, match_grid
+from pipeline.spectra.inputs import read_labelled_on_grid
+from pipeline.spectra.validation import bad_pixel_mask
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     cfg, data = config["emulator"], config["data"]
     runtime.configure(config, args.threads)
     model, scaler, wave = load_trained(args.model)
-    train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
-                               wave, path=p, bad_pixel_err=data["bad_pixel_err"])
-                    for p in (args.train, args.valid))
+    train, valid = read_labelled_on_grid((args.train, args.valid), wave, config)
     good = [~bad_pixel_mask(s, data["bad_pixel_err"]) for s in (train, valid)]
     prediction = scaler.inverse_transform(np.asarray(
         model.predict(valid.flux, batch_size=cfg["batch_size"], verbose=0), np.float64))

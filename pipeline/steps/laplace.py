@@ -16,8 +16,8 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.laplace.error_budget import noise_covariances
 from pipeline.laplace.posterior import LaplaceOptions, calibrate_scatter, fit_laplace
-from pipeline.spectra.fits import read_options, read_spectra
-from pipeline.spectra.validation import bad_pixel_mask, match_grid
+from pipeline.spectra.inputs import read_labelled_on_grid
+from pipeline.spectra.validation import bad_pixel_mask
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     cfg, data = config["laplace"], config["data"]
     runtime.configure(config, args.threads)
     model, scaler, wave = load_trained(args.model)
-    train, valid = (match_grid(read_spectra(p, require_labels=True, **read_options(config)),
-                               wave, path=p, bad_pixel_err=data["bad_pixel_err"])
-                    for p in (args.train, args.valid))
+    train, valid = read_labelled_on_grid((args.train, args.valid), wave, config)
     noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
     if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
         flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
