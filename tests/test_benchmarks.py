@@ -165,6 +165,7 @@ def test_memory_rows_tiny(tmp_path):
                             train_sizes=(20, 200), train_pixels=30)
     check_rows(rows)
     assert rows[0]["unit"] == "MB" and rows[0]["value"] > 50
+    assert any("train step" in r["benchmark"] and "streamed" in r["benchmark"] for r in rows)
 
 
 def shift_catalog(z: np.ndarray, flag: np.ndarray):
@@ -233,9 +234,6 @@ def test_shift_rows_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tm
     assert len(rows) == 2 * 4 and all("n=15" in r["benchmark"] for r in rows[1:4])
     with pytest.raises(ValueError, match="--posterior"):
         bench_shift.run(sizes=sizes, names=["snr_12"], model_dir=tiny_model_dir)
-
-
-    assert any("train step" in r["benchmark"] and "streamed" in r["benchmark"] for r in rows)
 
 
 @pytest.mark.slow
