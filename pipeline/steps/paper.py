@@ -171,7 +171,10 @@ def distinct_catalogs(table: pd.DataFrame, path: Path) -> None:
 
 
 def calibration_numbers(path: Path) -> dict[str, str]:
+    """z mean, z std, coverages and ENCE of every catalog and label over all its stars."""
     table = read_csv(path, ("CATALOG", "LABEL", "Z_MEAN", "Z_STD", "ENCE", *COVERAGE))
+    if "GROUP" in table.columns:  # the rows over every star, not those of an SNR or label bin
+        table = table[table["GROUP"].astype(str) == "all"]
     distinct_catalogs(table, path)
     out = {}
     for row in table.to_dict("records"):
