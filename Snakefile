@@ -2,7 +2,8 @@
 # Rules (rules/*.smk, one file per stage) are thin: each shells out to
 # `python -m pipeline.steps.<step>`; no TensorFlow here.
 # DAG: data -> train -> laplace, emulator -> predict / jacobian -> tables -> figures; with
-# ensemble.members > 1, train and laplace run once per member and predict combines them.
+# ensemble.members > 1, train and laplace run once per member, ensemble_scatter refits the
+# scatter model on the mixture's validation residuals, and predict combines them.
 # `snakemake paper` adds the paper numbers (LaTeX macros) and the figures as journal PDFs
 # (rules/paper.smk).
 from snakemake.utils import min_version, validate

@@ -12,7 +12,13 @@ from pipeline.artifacts.model_dir import (
     SCALER_FILE,
     WAVE_FILE,
 )
-from pipeline.artifacts.members import log_name, member_seed, model_dir, posterior_path
+from pipeline.artifacts.members import (
+    ensemble_scatter_path,
+    log_name,
+    member_seed,
+    model_dir,
+    posterior_path,
+)
 from pipeline.evaluation.shift import EMULATOR_FILE
 
 OUT = "results"
@@ -60,6 +66,13 @@ FIRST_MEMBER = {
         "posterior": POSTERIOR,
     }.items()
 }
+# the mixture's own scatter model, refitted on its validation residuals once every member's
+# laplace job is done (rule ensemble_scatter); none for one model or a 'likelihood' scatter
+ENSEMBLE_SCATTER = (
+    {"scatter": ensemble_scatter_path(OUT)}
+    if MEMBERS > 1 and config["laplace"]["scatter"] != "likelihood"
+    else {}
+)
 # reference of the label-free shift flags (pipeline.evaluation.shift), fitted for member 0
 EMULATOR = f"{expand(MODEL_DIR, member=[0])[0]}/{EMULATOR_FILE}"
 
@@ -87,6 +100,18 @@ def member_step_config(*sections):
     return lambda w: step_config(
         *sections, seed=member_seed(config["seed"], MEMBERS, int(w.member))
     )
+
+
+def member_args(wildcards, input):
+    """``--model DIR --posterior FILE`` of every member, in member order, then ``--scatter F``
+    when the rule's input has the ensemble's scatter file."""
+    pairs = [
+        f"--model {os.path.dirname(m)} --posterior {p}"
+        for m, p in zip(input.model, input.posterior)
+    ]
+    if "scatter" in input.keys():
+        pairs.append(f"--scatter {input.scatter}")
+    return " ".join(pairs)
 
 
 def spectra_input(wildcards):

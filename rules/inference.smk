@@ -4,6 +4,7 @@
 rule predict:
     input:
         **ALL_MEMBERS,
+        **ENSEMBLE_SCATTER,
         spectra=spectra_input,
         emulator=rules.emulator.output.emulator,
     output:
@@ -19,11 +20,8 @@ rule predict:
         mem_mb=6000,
     params:
         config=step_config("predict"),
-        # one --model DIR --posterior FILE pair per ensemble member
-        members=lambda w, input: " ".join(
-            f"--model {os.path.dirname(m)} --posterior {p}"
-            for m, p in zip(input.model, input.posterior)
-        ),
+        # one --model DIR --posterior FILE pair per ensemble member (and its --scatter)
+        members=member_args,
         outdir=lambda w, output: os.path.dirname(output[0]),
         format=spectra_format,
     shell:

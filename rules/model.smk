@@ -1,5 +1,6 @@
 # Stage 2: the network and the Laplace posterior of its last layers; with ensemble.members > 1
-# one train and one laplace job per {member}, independent of each other.
+# one train and one laplace job per {member}, independent of each other, then one
+# ensemble_scatter job that refits the scatter model on the mixture's validation residuals.
 
 
 rule train:
@@ -52,6 +53,30 @@ rule laplace:
         "python -m pipeline.steps.laplace --config-json {params.config} --threads {threads} "
         "--model {params.model} --train {input.train} --valid {input.valid} "
         "--out {output.posterior} > {log} 2>&1"
+
+
+rule ensemble_scatter:
+    input:
+        **ALL_MEMBERS,
+        valid=f"{OUT}/data/valid.fits",
+    output:
+        scatter=ensemble_scatter_path(OUT),
+    log:
+        f"{OUT}/logs/ensemble_scatter.log",
+    benchmark:
+        f"{OUT}/benchmarks/ensemble_scatter.tsv"
+    conda:
+        ENV
+    threads: config["threads"]
+    resources:
+        mem_mb=6000,
+    params:
+        config=step_config("laplace", "predict"),
+        members=member_args,
+    shell:
+        "python -m pipeline.steps.ensemble_scatter --config-json {params.config} "
+        "--threads {threads} {params.members} --valid {input.valid} "
+        "--out {output.scatter} > {log} 2>&1"
 
 
 rule emulator:

@@ -202,11 +202,14 @@ def _dag(workflow, *args: str) -> tuple[dict[int, str], set[tuple[int, int]]]:
 
 def test_ensemble_members_train_in_parallel_and_predict_waits_for_all(workflow, dry_run):
     """ensemble.members = 3: 3 train and 3 laplace jobs that depend on no other member, one
-    predict per split that depends on all of them; Jacobians and figures use member 0."""
+    ensemble_scatter job after every laplace job, one predict per split that depends on all of
+    them; Jacobians and figures use member 0."""
     option = ("--config", "ensemble={members: 3}")
     text = dry_run(*option)
     counts = job_counts(text)
     assert counts["train"] == 3 and counts["laplace"] == 3 and counts["predict"] == 2
+    assert counts["ensemble_scatter"] == 1
+    assert "results/laplace/ensemble_scatter.npz" in text
     for m in range(3):
         assert f"results/laplace/member-{m}/posterior.npz" in text
         assert f"results/model/member-{m}/model.keras" in text
@@ -221,8 +224,10 @@ def test_ensemble_members_train_in_parallel_and_predict_waits_for_all(workflow, 
     assert sorted(next(p for p in parents[i] if rule[p] == "train") for i in laplace) == \
         sorted(train)
     assert all(sum(rule[p] == "train" for p in parents[i]) == 1 for i in laplace)
+    (scatter,) = (i for i in nodes if rule[i] == "ensemble_scatter")
+    assert set(laplace) <= parents[scatter]
     for i in (i for i in nodes if rule[i] == "predict"):
-        assert set(train) | set(laplace) <= parents[i]
+        assert set(train) | set(laplace) | {scatter} <= parents[i]
     member0 = next(i for i in train if nodes[i].endswith("member: 0"))
     for i in (i for i in nodes if rule[i] == "jacobian"):
         assert {p for p in parents[i] if rule[p] == "train"} == {member0}
@@ -231,11 +236,19 @@ def test_ensemble_members_train_in_parallel_and_predict_waits_for_all(workflow, 
 def test_one_member_keeps_the_single_model_dag(dry_run):
     text = dry_run("-p")
     assert "results/laplace/posterior.npz" in text and "member-" not in text
-    assert "--model results/model --posterior results/laplace/posterior.npz" in text
+    assert "--model results/model --posterior results/laplace/posterior.npz --emulator" in text
+    assert "ensemble_scatter" not in text and "--scatter" not in text
 
 
 def test_ensemble_predict_gets_one_model_and_posterior_per_member(dry_run):
     text = dry_run("-p", "--config", "ensemble={members: 2}")
-    assert ("--model results/model/member-0 --posterior results/laplace/member-0/posterior.npz "
-            "--model results/model/member-1 --posterior results/laplace/member-1/posterior.npz "
+    pairs = ("--model results/model/member-0 --posterior results/laplace/member-0/posterior.npz "
+             "--model results/model/member-1 --posterior results/laplace/member-1/posterior.npz")
+    assert (f"{pairs} --scatter results/laplace/ensemble_scatter.npz "
             "--emulator results/model/member-0/emulator.npz --format") in text
+    assert ("pipeline.steps.ensemble_scatter --config-json") in text
+    assert (f"{pairs} --valid results/data/valid.fits "
+            "--out results/laplace/ensemble_scatter.npz") in text
+    # a 'likelihood' scatter has no model to refit: the members' Laplace noise, as before
+    text = dry_run("-p", "--config", "ensemble={members: 2}", "laplace={scatter: likelihood}")
+    assert f"{pairs} --emulator" in text and "ensemble_scatter" not in text

@@ -11,7 +11,11 @@ With M > 1, member m = 0..M-1 is trained and fitted independently (its own Snake
     results/model/member-{m}/
     results/laplace/member-{m}/posterior.npz
 
-and its seed (weight initialization, shuffling, every random draw of its train and laplace
+and the mixture's own scatter model, fitted once every member is done, is
+
+    results/laplace/ensemble_scatter.npz  (pipeline.artifacts.ensemble_scatter)
+
+Member m's seed (weight initialization, shuffling, every random draw of its train and laplace
 steps) is ``member_seed(seed, m)``: the first 32-bit word of
 ``numpy.random.SeedSequence([seed, ENSEMBLE_STREAM, m])``. SeedSequence hashes the whole entropy
 list, so members get statistically independent streams, distinct from each other and from the
@@ -27,6 +31,7 @@ import numpy as np
 
 ENSEMBLE_STREAM = 0x454E53  # 'ENS': keeps member streams apart from other [seed, ...] streams
 MEMBER_DIR = "member-{member}"
+ENSEMBLE_SCATTER_FILE = "ensemble_scatter.npz"
 
 
 def member_seed(seed: int, members: int, member: int) -> int:
@@ -64,3 +69,9 @@ def member_paths(root: str | Path, members: int) -> list[tuple[Path, Path]]:
     """(model directory, posterior file) of every member, member 0 first."""
     return [(Path(model_dir(str(root), members, m)), Path(posterior_path(str(root), members, m)))
             for m in range(members)]
+
+
+def ensemble_scatter_path(root: str) -> str:
+    """The ensemble's scatter file (``pipeline.artifacts.ensemble_scatter``), beside the
+    members' posterior directories; only an ensemble (M > 1) has one."""
+    return f"{root}/laplace/{ENSEMBLE_SCATTER_FILE}"

@@ -18,6 +18,21 @@ the total covariance split into the parts of the single-model budget,
 
 so that model + scatter + noise = C, with the between part also on its own (``ensemble``, the
 L_ERR_ENSEMBLE columns). With one member everything is that member's budget, unchanged.
+
+The ensemble's own scatter. Each member's scatter model (pipeline.laplace.scatter) was fitted
+to that member's validation residuals r_m = mu_m - y given its own Laplace and flux-noise
+variances; it therefore absorbs the member's deviation mu_m - mu from the mixture mean, which
+the between term counts a second time. ``fit_mixture_scatter`` fits ONE scatter model instead,
+with the same covariate convention, ridge and cap, on the residuals of the mixture mean
+r = mu - y of the validation stars, given the mixture's model covariance (within Laplace +
+between) and its flux-noise covariance (the members' mean) as the scatter's covariates and as
+the variance it adds to. ``ensemble_budget(..., scatter=S)`` then replaces the members' mean
+scatter by S evaluated at each star's mixture model and noise variances:
+
+    scatter = S(diag(model) / scale^2, diag(noise) / scale^2)     (standardized, as one model)
+
+With S, a star of the validation set whose mixture residual is fully explained by
+model + noise gets scatter ~ 0, whatever the members' own scatters were.
 """
 
 from __future__ import annotations
@@ -25,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.exceptions import DataError
+from pipeline.laplace.error_budget import physical_scatter
+from pipeline.laplace.scatter import ScatterModel, fit_scatter
 
 PARTS = ("model", "scatter", "noise")
 
@@ -53,23 +70,50 @@ def mixture_moments(means: np.ndarray, covariances: np.ndarray) -> tuple[np.ndar
     return mean, covariances.mean(axis=0), between
 
 
-def ensemble_budget(budgets: list[dict]) -> dict:
+def ensemble_budget(budgets: list[dict], scatter: ScatterModel | None = None,
+                    scaler=None) -> dict:
     """The mixture's error budget from the members' ``error_budget`` results (module docstring).
 
-    One member: its budget, returned as it is. Several: ``prediction``, ``model``, ``scatter``,
-    ``noise``, ``total`` as for one model, plus ``ensemble`` (the between-member covariance)
-    and ``model_laplace`` (the mean of the members' Laplace covariances, the quantity whose
-    training percentile the MODEL_OOD flag compares with).
+    One member and no ``scatter``: its budget, returned as it is. Otherwise ``prediction``,
+    ``model``, ``scatter``, ``noise``, ``total`` as for one model, plus ``ensemble`` (the
+    between-member covariance) and ``model_laplace`` (the mean of the members' Laplace
+    covariances, the quantity whose training percentile the MODEL_OOD flag compares with).
+    ``scatter``: the ensemble's scatter model (``fit_mixture_scatter``), evaluated with the
+    ``scaler`` (``LabelScaler``) it was fitted with, instead of the members' mean scatter.
     """
     if not budgets:
         raise DataError("an ensemble needs at least one member")
-    if len(budgets) == 1:
+    if len(budgets) == 1 and scatter is None:
         return budgets[0]
+    if scatter is not None and scaler is None:
+        raise ValueError("an ensemble scatter model needs the label scaler it was fitted with")
     predictions = np.stack([b["prediction"] for b in budgets])
     mean, _, between = mixture_moments(predictions, np.stack([b["total"] for b in budgets]))
     within = {part: np.mean([np.broadcast_to(b[part], b["total"].shape) for b in budgets],
                             axis=0) for part in PARTS}
     model = within["model"] + between
-    return {"prediction": mean, "model": model, "scatter": within["scatter"],
-            "noise": within["noise"], "total": model + within["scatter"] + within["noise"],
+    part = (within["scatter"] if scatter is None
+            else physical_scatter(scatter, scaler, model, within["noise"]))
+    return {"prediction": mean, "model": model, "scatter": part,
+            "noise": within["noise"], "total": model + part + within["noise"],
             "ensemble": between, "model_laplace": within["model"]}
+
+
+def fit_mixture_scatter(budget: dict, true_labels: np.ndarray, scaler, cfg: dict) -> ScatterModel:
+    """The ensemble's scatter model fitted on validation stars (module docstring).
+
+    Parameters
+    ----------
+    budget : the mixture's ``ensemble_budget`` of the validation stars (physical units; its
+        own ``scatter`` part is not used).
+    true_labels : (N, 3) their true labels, physical units.
+    scaler : ``LabelScaler`` of the members (standardized units of the fit).
+    cfg : the ``laplace`` config section (``scatter``, ``scatter_ridge``,
+        ``scatter_cap_quantile``), as for one model's ``calibrate_scatter``.
+    """
+    scale = np.asarray(scaler.scale, np.float64)
+    to_standard = 1.0 / np.outer(scale, scale)
+    return fit_scatter(scaler.transform(budget["prediction"]) - scaler.transform(true_labels),
+                       budget["model"] * to_standard, budget["noise"] * to_standard,
+                       cfg["scatter"], ridge=cfg["scatter_ridge"],
+                       cap_quantile=cfg["scatter_cap_quantile"])

@@ -81,6 +81,17 @@ def scatter_covariance(posterior, model_var: np.ndarray, noise_var: np.ndarray) 
     return var[:, :, None] * np.eye(var.shape[1])
 
 
+def physical_scatter(source, scaler, cov_model: np.ndarray, cov_noise: np.ndarray) -> np.ndarray:
+    """Scatter covariance (N, 3, 3), physical units, of stars with physical model and
+    flux-noise covariances (N, 3, 3): ``scatter_covariance`` of ``source`` (a posterior, or an
+    ensemble's ``ScatterModel``) in standardized units, whose covariates are the standardized
+    variances diag(C) / scale^2."""
+    scale2 = np.asarray(scaler.scale, np.float64) ** 2
+    return scaler.covariance_to_physical(scatter_covariance(
+        source, np.diagonal(cov_model, axis1=1, axis2=2) / scale2,
+        np.diagonal(cov_noise, axis1=1, axis2=2) / scale2))
+
+
 def predict_standardized(model, x: np.ndarray) -> np.ndarray:
     """Model output (B, 3) in standardized units, in inference mode (BatchNorm frozen)."""
     return np.asarray(model(x, training=False), dtype=np.float64)
@@ -120,7 +131,6 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     cov_noise = np.empty((n, 3, 3))
     cov_scatter = np.zeros((n, 3, 3))
     slices = list(batches(n, batch_size))
-    scale2 = np.asarray(scaler.scale, np.float64) ** 2  # physical -> standardized variances
     for s in progress(slices, total=len(slices), desc="error budget"):
         x = np.asarray(flux[s])
         z = predict_standardized(model, x)
@@ -129,9 +139,7 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
             np.asarray(posterior.predictive_covariance(x), np.float64))
         jac = jacobian_fn(model, x, batch_size=batch_size, scaler=scaler)
         cov_noise[s] = noise_covariance(jac, flux_err[s])
-        cov_scatter[s] = scaler.covariance_to_physical(scatter_covariance(
-            posterior, np.diagonal(cov_model[s], axis1=1, axis2=2) / scale2,
-            np.diagonal(cov_noise[s], axis1=1, axis2=2) / scale2))
+        cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s])
     total = cov_model + cov_scatter + cov_noise
     return {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
             "noise": cov_noise, "total": total}

@@ -96,6 +96,10 @@ class ScatterModel:
         s = self.std(model_var, noise_var)
         return s[:, :, None] * self.correlation * s[:, None, :]
 
+    # the name error_budget.scatter_covariance asks a posterior for: an ensemble passes its
+    # ScatterModel where a single model passes its Posterior
+    scatter_covariance = covariance
+
     def to_dict(self) -> dict:
         return {k: getattr(self, k).tolist() for k in FIELDS}
 

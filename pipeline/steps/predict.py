@@ -1,6 +1,7 @@
 """Step ``predict``: labels with a full 3x3 error budget for every star of one or more inputs.
 
     python -m pipeline.predict [--config-json J] --model DIR --posterior FILE \
+        [--model DIR --posterior FILE ... [--scatter FILE]] \
         [--emulator FILE] [--format auto|fits|apstar] [--name NAME] --out DIR INPUT...
 
 writes ``DIR/<name>.{fits,parquet,csv}`` per input (name defaults to the input's file stem, or
@@ -11,7 +12,10 @@ docs/outputs.md.
 
 Repeated ``--model DIR`` with as many ``--posterior FILE`` (in the same order) are an
 ensemble: the catalog reports their equally weighted mixture (``pipeline.laplace.ensemble``),
-with the between-member spread in the L_ERR_ENSEMBLE columns.
+with the between-member spread in the L_ERR_ENSEMBLE columns. ``--scatter FILE`` (the
+``ensemble_scatter`` step's file, ``pipeline.artifacts.ensemble_scatter``) gives the mixture
+its own scatter model, fitted on the mixture's validation residuals; without it the scatter is
+the mean of the members' own, which counts the members' spread twice (a warning says so).
 
 Bad pixels (flux set to the continuum 1, error ``data.bad_pixel_err``) are fixed replacement
 values, not noisy measurements: they add nothing to the flux-noise term (error 0 there), and a
@@ -36,6 +40,8 @@ from astropy.table import vstack
 
 from pipeline import runtime
 from pipeline.artifacts import catalog as export
+from pipeline.artifacts.ensemble_scatter import FILE_NAME as SCATTER_FILE
+from pipeline.artifacts.ensemble_scatter import read_ensemble_scatter
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
@@ -46,6 +52,7 @@ from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace import Posterior
 from pipeline.laplace.ensemble import ensemble_budget
 from pipeline.laplace.error_budget import error_budget
+from pipeline.laplace.scatter import ScatterModel
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.inputs import FORMATS, detect_format, input_chunks
 from pipeline.spectra.validation import bad_pixel_mask
@@ -54,21 +61,35 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ catalog
-def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
-                    config: dict, reference: ShiftReference | None = None, *,
-                    members: tuple = ()):
-    """The prediction catalog (astropy Table) of ``spectra`` on the model grid.
+def mixture_budget(members: list, spectra: Spectra, config: dict,
+                   scatter: ScatterModel | None = None) -> tuple[dict, np.ndarray]:
+    """The error budget of ``spectra`` under the (model, posterior, scaler) ``members`` (one:
+    the single model; several: their mixture, with the ensemble's ``scatter`` model when given,
+    ``pipeline.laplace.ensemble``), and the stars' bad-pixel mask (N, P).
 
-    ``reference`` (the emulator file) gives the shift columns and FLAG bits 5-6. ``members``:
-    further ensemble members as (model, posterior, scaler) triples; the catalog is then the
-    mixture of all of them (``pipeline.laplace.ensemble``). The training range, the MODEL_OOD
-    reference and the last-hidden-layer features of the shift flags are the first member's.
-    """
+    Bad pixels carry no flux noise (module docstring)."""
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
     budget = ensemble_budget([
         error_budget(m, p, s, spectra.flux, noise_err, config["predict"]["batch_size"])
-        for m, p, s in ((model, posterior, scaler), *members)])
+        for m, p, s in members], scatter=scatter, scaler=members[0][2])
+    return budget, bad
+
+
+def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
+                    config: dict, reference: ShiftReference | None = None, *,
+                    members: tuple = (), scatter: ScatterModel | None = None):
+    """The prediction catalog (astropy Table) of ``spectra`` on the model grid.
+
+    ``reference`` (the emulator file) gives the shift columns and FLAG bits 5-6. ``members``:
+    further ensemble members as (model, posterior, scaler) triples; the catalog is then the
+    mixture of all of them (``pipeline.laplace.ensemble``), its scatter term the ensemble's
+    ``scatter`` model when given, else the mean of the members' own. The training range, the
+    MODEL_OOD reference and the last-hidden-layer features of the shift flags are the first
+    member's.
+    """
+    budget, bad = mixture_budget([(model, posterior, scaler), *members], spectra, config,
+                                 scatter)
     shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
                              budget["prediction"], config["predict"]["batch_size"])
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
@@ -124,6 +145,23 @@ def load_members(model_dirs: list[str], posterior_files: list[str]) -> tuple[lis
     return members, first_wave
 
 
+def load_scatter(path: str | None, posteriors: list, scaler) -> ScatterModel | None:
+    """The ensemble's scatter model of ``path``, checked against the members' posteriors and
+    label scaler; None without a path (a warning for an ensemble: see the module docstring)."""
+    if path is None:
+        if len(posteriors) > 1:
+            log.warning("no --scatter: the mixture's scatter is the mean of the members' own, "
+                        "each fitted to its member's residuals, so the members' spread is "
+                        "counted twice; run the ensemble_scatter step and pass its %s",
+                        SCATTER_FILE)
+        return None
+    if len(posteriors) == 1:
+        raise ConfigError(f"--scatter '{path}' is an ensemble's scatter model but only one "
+                          "--model was given; drop --scatter (a single model's scatter is in "
+                          "its posterior) or give every member")
+    return read_ensemble_scatter(path, posteriors, scaler.scale)
+
+
 def load_reference(path: str | None, model_dir: str, model,
                    n_pixels: int) -> tuple[ShiftReference | None, str]:
     """The emulator file and its path: ``path``, else the one beside the model, else
@@ -145,6 +183,8 @@ def build_parser():
                         help="trained model directory; repeated: the members of an ensemble")
     parser.add_argument("--posterior", required=True, action="append",
                         help="Laplace posterior (.npz); repeated: one per --model, same order")
+    parser.add_argument("--scatter", help=f"the ensemble's scatter model ({SCATTER_FILE} of "
+                        "the ensemble_scatter step); only with several --model")
     parser.add_argument("--emulator", help=f"emulator file of the shift flags (default: "
                         f"MODEL/{EMULATOR_FILE} of the first --model when it exists)")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
@@ -162,18 +202,20 @@ def run(args, config: dict) -> None:
         if not Path(path).exists():
             raise DataError(f"input '{path}' does not exist")
     ((model, posterior, scaler), *members), wave = load_members(args.model, args.posterior)
+    scatter = load_scatter(args.scatter, [posterior, *(p for _, p, _ in members)], scaler)
     reference, reference_path = load_reference(args.emulator, args.model[0], model, wave.size)
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         fmt = detect_format(path) if args.format == "auto" else args.format
         table = vstack([predict_catalog(model, posterior, scaler, spectra, resampled, config,
-                                        reference, members=tuple(members))
+                                        reference, members=tuple(members), scatter=scatter)
                         for spectra, resampled in input_chunks(
                             path, fmt, wave, config, chunk_stars(config["predict"]),
                             desc="predict")], metadata_conflicts="silent")
         header = provenance(config, device=device, model=" ".join(map(str, args.model)),
                             posterior=" ".join(map(str, args.posterior)), input=str(path),
                             emulator=reference_path,
+                            **({"scatter": args.scatter} if args.scatter else {}),
                             nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
         paths = export.write_table(table, Path(args.out) / name, header)
         log.info("%s: %d stars (%d flagged) -> %s", path, len(table),
