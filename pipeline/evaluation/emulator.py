@@ -23,13 +23,21 @@ batched ``numpy.linalg.solve``. The intrinsic scatter is the moment estimate
 
 which absorbs astrophysical scatter and the emulator's misfit; the floor (``FLOOR`` = 1e-3 in
 normalized flux) keeps saturated line cores, whose flux and flux error are both near 0, from
-dominating. A star's statistic is the chi^2 per good pixel at labels y (its predicted labels)::
+dominating. The chi^2 per good pixel of a spectrum at labels y (region k that of y)::
 
-    chi2 = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
+    chi2(y) = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
 
-about 1 for a spectrum the emulator describes; a spectrum no labels reproduce (other line
-strengths, another continuum) gives more. Pixels of a region with fewer than ``2 T`` good
-training stars are left out (``usable``).
+is about 1 for a spectrum the emulator describes at the right labels. Pixels of a region with
+fewer than ``2 T`` good training stars are left out (``usable``).
+
+The shift statistic is chi2 at the emulator's *best-fit* labels (:meth:`LabelEmulator.best_fit`):
+a few batched Levenberg-Marquardt steps on the three labels from the network's prediction,
+within a margin of the training label box. At the network's labels the statistic would also
+carry the network's own errors (a 60 K error misfits a high-SNR spectrum by far more than its
+noise), which widen the validation tail and hence the threshold; at the best fit only a
+spectrum that no labels of the box reproduce (another continuum, another line forest, a star
+outside the grid) keeps a large chi^2. Shifts degenerate with the labels (line strengths x s
+look like a higher [Fe/H]) are absorbed by the fit and not caught by this statistic.
 """
 
 from __future__ import annotations
@@ -56,6 +64,19 @@ def design(z: np.ndarray, order: int) -> np.ndarray:
     z = np.asarray(z, np.float64)
     return np.column_stack([np.prod(z[:, list(c)], axis=1) if c else np.ones(len(z))
                             for c in monomials(z.shape[1], order)])
+
+
+def design_gradient(z: np.ndarray, order: int) -> np.ndarray:
+    """d phi_t / d z_l (N, T, L) float64 of :func:`design`: for the monomial prod_{i in c} z_i,
+    ``m_l prod_{i in c minus one l} z_i`` with ``m_l`` the multiplicity of ``l`` in ``c``."""
+    z = np.asarray(z, np.float64)
+    out = np.zeros((len(z), len(monomials(z.shape[1], order)), z.shape[1]))
+    for t, c in enumerate(monomials(z.shape[1], order)):
+        for label in set(c):
+            rest = list(c)
+            rest.remove(label)
+            out[:, t, label] = c.count(label) * np.prod(z[:, rest], axis=1)
+    return out
 
 
 def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
@@ -111,10 +132,19 @@ def nearest(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(axis=-1), axis=1)
 
 
+def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
+               scatter2: np.ndarray) -> np.ndarray:
+    """(N,) sum_p g_p (f_p - m_p)^2 / (e_p^2 + s_p^2) / sum_p g_p (NaN without a good pixel)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
+        return r2.sum(axis=1) / good.sum(axis=1)
+
+
 @dataclass
 class LabelEmulator:
     """Fitted emulator: label standardization, region centres (K, L) in standardized labels,
-    coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P)."""
+    coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P), and the training label
+    box ``label_min``/``label_max`` (L,) in physical units (bounds of :meth:`best_fit`)."""
 
     label_mean: np.ndarray
     label_scale: np.ndarray
@@ -123,6 +153,8 @@ class LabelEmulator:
     coef: np.ndarray
     scatter: np.ndarray
     usable: np.ndarray
+    label_min: np.ndarray
+    label_max: np.ndarray
 
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
@@ -161,7 +193,7 @@ class LabelEmulator:
             scatter.append(np.sqrt(np.maximum(excess, 0.0) + FLOOR**2))
             usable.append(n_p >= 2 * n_terms)
         return cls(mean, scale, int(order), centres, np.stack(coef), np.stack(scatter),
-                   np.stack(usable))
+                   np.stack(usable), labels.min(axis=0), labels.max(axis=0))
 
     def standardize(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, np.float64) - self.label_mean) / self.label_scale
@@ -186,12 +218,92 @@ class LabelEmulator:
         for s in range(0, len(flux), batch_size):
             sl = slice(s, s + batch_size)
             region = self.region(labels[sl])
-            g = np.asarray(good[sl], bool) & self.usable[region]
-            var = np.asarray(flux_err[sl], np.float64) ** 2 + self.scatter[region] ** 2
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r2 = (np.asarray(flux[sl], np.float64) - self.flux(labels[sl])) ** 2
-                out[sl] = np.where(g, r2 / var, 0.0).sum(axis=1) / g.sum(axis=1)
+            out[sl] = pixel_chi2(np.asarray(flux[sl], np.float64),
+                                 np.asarray(flux_err[sl], np.float64) ** 2,
+                                 np.asarray(good[sl], bool) & self.usable[region],
+                                 self.flux(labels[sl]), self.scatter[region] ** 2)
         return out
+
+    def _model(self, z: np.ndarray, jacobian: bool = False):
+        """Region (N,), emulated flux (N, P) and, if asked, d flux / d z (N, L, P) at
+        standardized labels ``z`` (finite), each star in the region of its nearest centre.
+        One matrix product per region present (a few), not one per star."""
+        region = nearest(z, self.centres)
+        phi = design(z, self.order)
+        model = np.empty((len(z), self.coef.shape[-1]))
+        jac = np.empty((len(z), z.shape[1], self.coef.shape[-1])) if jacobian else None
+        dphi = design_gradient(z, self.order).transpose(0, 2, 1) if jacobian else None
+        for k in np.unique(region):
+            rows = region == k
+            model[rows] = phi[rows] @ self.coef[k]
+            if jacobian:
+                jac[rows] = dphi[rows] @ self.coef[k]  # (n, L, T) @ (T, P)
+        return region, model, jac
+
+    def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
+                 labels0: np.ndarray, iterations: int = 8, margin: float = 0.1,
+                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and chi2 (N,) there.
+
+        Levenberg-Marquardt in standardized labels z, all stars of a batch at once. With
+        residuals r_p = f_p - phi(z) . c_kp, weights w_p = g_p / (sigma_p^2 + s_kp^2) / sum g
+        (good and usable pixels of the current region k) and the analytic Jacobian
+        J_lp = (d phi / d z_l) . c_kp, each iteration proposes
+
+            dz = (J W J^T + lambda diag(J W J^T))^{-1} J W r,
+
+        bounded to one training standard deviation per label and projected onto the training
+        box widened by ``margin`` training standard deviations (an extrapolated emulator could
+        otherwise reproduce a star outside the grid). The region is re-chosen at every trial
+        point, as :meth:`chi2` chooses it: a step is kept only if the chi2 reported at its own
+        region is lower (then lambda / 10, else the step is rejected and lambda x 10), so the
+        result is exactly ``chi2(best)`` and never above ``chi2(labels0)`` (for labels0 in the
+        box). Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
+        chi2 at ``labels0`` (clipped to the box).
+        """
+        labels0 = np.asarray(labels0, np.float64)
+        lo = self.standardize(self.label_min) - margin
+        hi = self.standardize(self.label_max) + margin
+        best, chi2 = np.empty_like(labels0), np.empty(len(labels0))
+        for s in range(0, len(labels0), batch_size):
+            sl = slice(s, s + batch_size)
+            f = np.asarray(flux[sl], np.float64)
+            err2 = np.asarray(flux_err[sl], np.float64) ** 2
+            g0 = np.asarray(good[sl], bool)
+            z = np.clip(np.nan_to_num(self.standardize(labels0[sl]), nan=0.0, posinf=0.0,
+                                      neginf=0.0), lo, hi)
+            z, chi2[sl] = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
+            best[sl] = z * self.label_scale + self.label_mean
+        return best, chi2
+
+    def _chi2_z(self, f, err2, g0, z, jacobian=False):
+        region, model, jac = self._model(z, jacobian)
+        g = g0 & self.usable[region]
+        return pixel_chi2(f, err2, g, model, self.scatter[region] ** 2), region, model, jac, g
+
+    def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
+        """(z, chi2) after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`)."""
+        chi2 = self._chi2_z(f, err2, g0, z)[0]
+        lam = np.full(len(z), 1e-3)
+        eye = np.eye(z.shape[1])
+        for _ in range(iterations):
+            _, region, model, jac, g = self._chi2_z(f, err2, g0, z, jacobian=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
+                w /= np.maximum(g.sum(axis=1), 1)[:, None]
+            jw = jac * w[:, None, :]
+            a = jw @ jac.transpose(0, 2, 1)  # (n, L, L) Gauss-Newton normal matrices
+            b = (jw @ (f - model)[:, :, None])[..., 0]
+            damped = a + lam[:, None, None] * a * eye + 1e-12 * eye  # 1e-12: stars w/o pixels
+            step = np.linalg.solve(damped, b[:, :, None])[..., 0]
+            step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
+            trial = np.clip(z + step, lo, hi)
+            chi2_trial = self._chi2_z(f, err2, g0, trial)[0]
+            better = chi2_trial < chi2  # NaN (no good pixel) never moves
+            z = np.where(better[:, None], trial, z)
+            chi2 = np.where(better, chi2_trial, chi2)
+            lam = np.where(better, lam / 10, lam * 10)
+        return z, chi2
 
 
 @dataclass
