@@ -7,10 +7,13 @@ the emulator file and the predict catalog written with it."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
+from pipeline import LABELS
 from pipeline.artifacts import catalog as export
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.config import validate
@@ -540,6 +543,21 @@ def test_predict_writes_shift_columns_and_bits(tiny_model_dir, emulator_file, tm
             np.asarray(table["FEATURE_DISTANCE"]) > ref.feature_threshold)
         tables[name] = table
     assert np.all(np.isfinite(tables["plain"]["CHI2_EMULATOR"]))
+    # the statistic is the chi^2 at the catalog's emulator labels, within the training box
+    plain = tables["plain"]
+    best = np.column_stack([np.asarray(plain[f"{label}_EMULATOR"]) for label in LABELS])
+    stars = generate(40, 33, wave=wave, snr=np.full(40, 200.0))
+    em = ref.emulator
+    np.testing.assert_allclose(em.chi2(stars.flux, stars.flux_err, stars.flux_err > 0, best),
+                               plain["CHI2_EMULATOR"], rtol=1e-6)
+    assert np.all(best >= em.label_min - ref.fit_margin * em.label_scale - 1e-6)
+    assert np.all(best <= em.label_max + ref.fit_margin * em.label_scale + 1e-6)
+    fits_table = Table.read(tmp_path / "out" / "plain.fits", hdu="CATALOG")
+    assert fits_table["TEFF_EMULATOR"].unit == "K"
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(tmp_path / "out" / "plain.parquet").metadata
+    assert "best fit" in json.loads(meta[b"descriptions"])["FE_H_EMULATOR"]
     assert np.median(tables["shifted"]["CHI2_EMULATOR"]) > 2 * np.median(
         tables["plain"]["CHI2_EMULATOR"])
     header = Table.read(tmp_path / "out" / "plain.fits", hdu="CATALOG").meta
@@ -578,7 +596,7 @@ def test_predict_without_emulator_file_leaves_shift_columns_nan(tiny_model_dir, 
         "--model", str(tiny_model_dir), "--posterior", "p.npz", "--out", str(tmp_path / "o"),
         str(tmp_path / "s.fits")]) == 0
     table = Table.read(tmp_path / "o" / "s.fits", hdu="CATALOG")
-    for name in export.SHIFT_COLUMNS:  # astropy reads FITS NaN as masked
+    for name in (*export.SHIFT_COLUMNS, "TEFF_EMULATOR"):  # FITS NaN reads as masked
         assert np.all(np.isnan(np.ma.filled(table[name], np.nan))), name
     assert not np.any(np.asarray(table["FLAG"]) & (export.FLAG_SPECTRUM_OOD
                                                    | export.FLAG_FEATURE_OOD))
