@@ -19,10 +19,10 @@ The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
 ``label_max``), the fit settings the threshold was set with (``fit_iterations``,
 ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, the feature
-reference
-(``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
+reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
-flagged fractions, provenance).
+flagged fractions, provenance). A file without the fit settings (from a version that set the
+threshold at the predicted labels) is refused.
 
 The label-range flag (bit 0) also takes its margin from here when the file is present: per
 label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
