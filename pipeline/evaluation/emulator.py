@@ -224,42 +224,34 @@ class LabelEmulator:
                                  self.flux(labels[sl]), self.scatter[region] ** 2)
         return out
 
-    def _model(self, z: np.ndarray, jacobian: bool = False):
-        """Region (N,), emulated flux (N, P) and, if asked, d flux / d z (N, L, P) at
-        standardized labels ``z`` (finite), each star in the region of its nearest centre.
-        One matrix product per region present (a few), not one per star."""
-        region = nearest(z, self.centres)
-        phi = design(z, self.order)
-        model = np.empty((len(z), self.coef.shape[-1]))
-        jac = np.empty((len(z), z.shape[1], self.coef.shape[-1])) if jacobian else None
-        dphi = design_gradient(z, self.order).transpose(0, 2, 1) if jacobian else None
-        for k in np.unique(region):
-            rows = region == k
-            model[rows] = phi[rows] @ self.coef[k]
-            if jacobian:
-                jac[rows] = dphi[rows] @ self.coef[k]  # (n, L, T) @ (T, P)
-        return region, model, jac
-
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
                  labels0: np.ndarray, iterations: int = 8, margin: float = 0.1,
                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and chi2 (N,) there.
 
         Levenberg-Marquardt in standardized labels z, all stars of a batch at once. With
-        residuals r_p = f_p - phi(z) . c_kp, weights w_p = g_p / (sigma_p^2 + s_kp^2) / sum g
-        (good and usable pixels of the current region k) and the analytic Jacobian
-        J_lp = (d phi / d z_l) . c_kp, each iteration proposes
+        weights w_p = g_p / (sigma_p^2 + s_kp^2) / sum g (good and usable pixels of region k)
+        the chi^2 per pixel is a quadratic form in phi = phi(z),
 
-            dz = (J W J^T + lambda diag(J W J^T))^{-1} J W r,
+            chi2(z) = phi^T A phi - 2 phi^T b + S,
+            A = sum_p w_p c_kp c_kp^T,  b = sum_p w_p f_p c_kp,  S = sum_p w_p f_p^2,
+
+        so, with D = d phi / d z (T, L) from :func:`design_gradient`, the Gauss-Newton normal
+        matrix J W J^T = D^T A D and J W r = D^T (b - A phi) cost T x T operations per star
+        and iteration once A, b, S (one pass over the pixels) are known. Each iteration
+        proposes
+
+            dz = (D^T A D + lambda diag(D^T A D))^{-1} D^T (b - A phi),
 
         bounded to one training standard deviation per label and projected onto the training
         box widened by ``margin`` training standard deviations (an extrapolated emulator could
         otherwise reproduce a star outside the grid). The region is re-chosen at every trial
-        point, as :meth:`chi2` chooses it: a step is kept only if the chi2 reported at its own
-        region is lower (then lambda / 10, else the step is rejected and lambda x 10), so the
-        result is exactly ``chi2(best)`` and never above ``chi2(labels0)`` (for labels0 in the
-        box). Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
-        chi2 at ``labels0`` (clipped to the box).
+        point, as :meth:`chi2` chooses it (A, b, S recomputed for a star that changes region):
+        a step is kept only if the chi2 at its own region is lower (then lambda / 10, else
+        lambda x 10), so the result is never above ``chi2(labels0)`` (for labels0 in the box);
+        the chi2 returned is evaluated pixel by pixel at the result, as :meth:`chi2` does.
+        Non-finite starting labels start at the training mean. ``iterations`` = 0 gives chi2
+        at ``labels0`` clipped to the box.
         """
         labels0 = np.asarray(labels0, np.float64)
         lo = self.standardize(self.label_min) - margin
@@ -267,43 +259,72 @@ class LabelEmulator:
         best, chi2 = np.empty_like(labels0), np.empty(len(labels0))
         for s in range(0, len(labels0), batch_size):
             sl = slice(s, s + batch_size)
-            f = np.asarray(flux[sl], np.float64)
-            err2 = np.asarray(flux_err[sl], np.float64) ** 2
             g0 = np.asarray(good[sl], bool)
+            f = np.where(g0, np.asarray(flux[sl], np.float64), 0.0)  # NaN-free off good pixels
+            err2 = np.asarray(flux_err[sl], np.float64) ** 2
             z = np.clip(np.nan_to_num(self.standardize(labels0[sl]), nan=0.0, posinf=0.0,
                                       neginf=0.0), lo, hi)
-            z, chi2[sl] = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
+            z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
+            region = nearest(z, self.centres)
+            model = np.einsum("nt,ntp->np", design(z, self.order), self.coef[region])
+            chi2[sl] = pixel_chi2(f, err2, g0 & self.usable[region], model,
+                                  self.scatter[region] ** 2)
             best[sl] = z * self.label_scale + self.label_mean
         return best, chi2
 
-    def _chi2_z(self, f, err2, g0, z, jacobian=False):
-        region, model, jac = self._model(z, jacobian)
+    def _quadratic_terms(self, f, err2, g0, region):
+        """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
+        (S NaN for a star without good usable pixels). One matrix product per region present,
+        with the per-pixel outer products c_kp c_kp^T as rows (as in :func:`ridge_solve`)."""
+        n_terms = self.coef.shape[1]
         g = g0 & self.usable[region]
-        return pixel_chi2(f, err2, g, model, self.scatter[region] ** 2), region, model, jac, g
+        n_good = g.sum(axis=1)
+        with np.errstate(divide="ignore"):
+            w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
+        w /= np.maximum(n_good, 1)[:, None]
+        a, b = np.empty((len(f), n_terms, n_terms)), np.empty((len(f), n_terms))
+        for k in np.unique(region):
+            rows, c = region == k, self.coef[k]
+            outer = (c[:, None, :] * c[None, :, :]).reshape(n_terms * n_terms, -1)
+            a[rows] = (w[rows] @ outer.T).reshape(-1, n_terms, n_terms)
+            b[rows] = (w[rows] * f[rows]) @ c.T
+        return a, b, np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan)
 
     def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
-        """(z, chi2) after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`)."""
-        chi2 = self._chi2_z(f, err2, g0, z)[0]
+        """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`)."""
+        def quadratic(z, a, b, s):
+            phi = design(z, self.order)
+            return np.einsum("nt,nts,ns->n", phi, a, phi) - 2 * np.einsum("nt,nt->n", phi, b) + s
+
+        region = nearest(z, self.centres)
+        a, b, s = self._quadratic_terms(f, err2, g0, region)
+        chi2 = quadratic(z, a, b, s)
         lam = np.full(len(z), 1e-3)
         eye = np.eye(z.shape[1])
         for _ in range(iterations):
-            _, region, model, jac, g = self._chi2_z(f, err2, g0, z, jacobian=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
-                w /= np.maximum(g.sum(axis=1), 1)[:, None]
-            jw = jac * w[:, None, :]
-            a = jw @ jac.transpose(0, 2, 1)  # (n, L, L) Gauss-Newton normal matrices
-            b = (jw @ (f - model)[:, :, None])[..., 0]
-            damped = a + lam[:, None, None] * a * eye + 1e-12 * eye  # 1e-12: stars w/o pixels
-            step = np.linalg.solve(damped, b[:, :, None])[..., 0]
+            d = design_gradient(z, self.order)  # (n, T, L)
+            normal = np.einsum("ntl,nts,nsm->nlm", d, a, d)
+            rhs = np.einsum("ntl,nt->nl", d, b - np.einsum("nts,ns->nt", a, design(z, self.order)))
+            damped = normal + lam[:, None, None] * normal * eye + 1e-12 * eye  # 1e-12: no pixels
+            step = np.linalg.solve(damped, rhs[:, :, None])[..., 0]
             step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
             trial = np.clip(z + step, lo, hi)
-            chi2_trial = self._chi2_z(f, err2, g0, trial)[0]
-            better = chi2_trial < chi2  # NaN (no good pixel) never moves
+            region_t = nearest(trial, self.centres)
+            moved = region_t != region
+            a_t, b_t, s_t = a, b, s
+            if moved.any():  # rare: only these stars' pixels are summed again
+                a_t, b_t, s_t = a.copy(), b.copy(), s.copy()
+                a_t[moved], b_t[moved], s_t[moved] = self._quadratic_terms(
+                    f[moved], err2[moved], g0[moved], region_t[moved])
+            chi2_t = quadratic(trial, a_t, b_t, s_t)
+            better = chi2_t < chi2  # NaN (no good pixel) never moves
             z = np.where(better[:, None], trial, z)
-            chi2 = np.where(better, chi2_trial, chi2)
+            chi2 = np.where(better, chi2_t, chi2)
+            switch = better & moved
+            a[switch], b[switch], s[switch] = a_t[switch], b_t[switch], s_t[switch]
+            region = np.where(better, region_t, region)
             lam = np.where(better, lam / 10, lam * 10)
-        return z, chi2
+        return z
 
 
 @dataclass
