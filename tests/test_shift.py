@@ -495,6 +495,8 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert 1 <= info["regions"] <= 3  # regions under 40 stars (4 per term) merged away
     assert ref.emulator.coef.shape == (info["regions"], 10, 7213)
     assert ref.features.mean.shape == (8,)
+    assert (ref.fit_iterations, ref.fit_margin) == (CONFIG["emulator"]["fit_iterations"],
+                                                    CONFIG["emulator"]["fit_margin"])
     # a quantile q of 150 stars leaves at most ceil((1 - q) 150) of them above it
     assert info["valid_flagged_chi2"] <= np.ceil(0.01 * 150) / 150 + 1e-9
     assert info["valid_flagged_feature"] <= np.ceil(0.005 * 150) / 150 + 1e-9
