@@ -9,6 +9,7 @@ The prediction catalog (docs/outputs.md) has one row per star:
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
     CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE      shift statistics (SHIFT_COLUMNS)
+    L_EMULATOR                                               the emulator's best-fit labels
     FLAG                                                     bit field (FLAG_BITS)
 
 'dex' is not a FITS unit, so columns in dex or log10(cm s-2) carry their unit in the column
@@ -51,7 +52,7 @@ FLAG_BITS = {
 
 SHIFT_COLUMNS = {
     "CHI2_EMULATOR": "chi^2 per good pixel of the spectrum against the label -> flux emulator "
-                     "at the predicted labels (flux errors + emulator scatter)",
+                     "at its best-fit labels, L_EMULATOR (flux errors + emulator scatter)",
     "CHI2_EMULATOR_REL": "CHI2_EMULATOR divided by the validation median at the star's SNR",
     "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
                         "training features, sqrt(D^2 / d) (about 1 in distribution)",
@@ -66,6 +67,8 @@ _DESCRIPTION = {
     "_ERR_NOISE": "flux noise propagated through the input Jacobian, 1-sigma, {label}",
     "_ERR_SCATTER": "fitted scatter (aleatoric) 1-sigma of {label}",
     "_TRUE": "true (input) {label}",
+    "_EMULATOR": "{label} that best fit the spectrum with the label -> flux emulator (from the "
+                 "prediction, within the training range; the labels of CHI2_EMULATOR)",
     "_ERR_ENSEMBLE": "spread of the ensemble members' predictions (between-member 1-sigma, "
                      "part of the model error) of {label}",
 }
@@ -110,7 +113,8 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
     flags : (N,) int FLAG bit field.
     true_labels : optional (N, 3) input labels (NaN where unknown).
     snr : optional (N,) signal-to-noise ratio.
-    shift : optional dict of (N,) arrays keyed by the names of SHIFT_COLUMNS.
+    shift : optional dict of (N,) arrays keyed by the names of SHIFT_COLUMNS and
+        ``L_EMULATOR`` for L in LABELS.
     """
     table = Table()
     table["STAR_ID"] = np.asarray(star_id).astype(str)
@@ -139,6 +143,9 @@ def catalog_table(star_id, budget: dict, flags: np.ndarray, *, true_labels=None,
     for name, description in SHIFT_COLUMNS.items() if shift is not None else ():
         table[name] = np.asarray(shift[name], np.float64)
         table[name].description = description
+    for label in LABELS if shift is not None else ():
+        set_label_column(table, f"{label}_EMULATOR", label, shift[f"{label}_EMULATOR"],
+                         "_EMULATOR")
     table["FLAG"] = np.asarray(flags, np.int32)
     table["FLAG"].description = "bit field: " + "; ".join(
         f"bit {bit} {text.split(':')[0]}" for bit, text in FLAG_BITS.items())

@@ -23,13 +23,21 @@ batched ``numpy.linalg.solve``. The intrinsic scatter is the moment estimate
 
 which absorbs astrophysical scatter and the emulator's misfit; the floor (``FLOOR`` = 1e-3 in
 normalized flux) keeps saturated line cores, whose flux and flux error are both near 0, from
-dominating. A star's statistic is the chi^2 per good pixel at labels y (its predicted labels)::
+dominating. The chi^2 per good pixel of a spectrum at labels y (region k that of y)::
 
-    chi2 = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
+    chi2(y) = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
 
-about 1 for a spectrum the emulator describes; a spectrum no labels reproduce (other line
-strengths, another continuum) gives more. Pixels of a region with fewer than ``2 T`` good
-training stars are left out (``usable``).
+is about 1 for a spectrum the emulator describes at the right labels. Pixels of a region with
+fewer than ``2 T`` good training stars are left out (``usable``).
+
+The shift statistic is chi2 at the emulator's *best-fit* labels (:meth:`LabelEmulator.best_fit`):
+a few batched Levenberg-Marquardt steps on the three labels from the network's prediction,
+within a margin of the training label box. At the network's labels the statistic would also
+carry the network's own errors (a 60 K error misfits a high-SNR spectrum by far more than its
+noise), which widen the validation tail and hence the threshold; at the best fit only a
+spectrum that no labels of the box reproduce (another continuum, another line forest, a star
+outside the grid) keeps a large chi^2. Shifts degenerate with the labels (line strengths x s
+look like a higher [Fe/H]) are absorbed by the fit and not caught by this statistic.
 """
 
 from __future__ import annotations
@@ -56,6 +64,19 @@ def design(z: np.ndarray, order: int) -> np.ndarray:
     z = np.asarray(z, np.float64)
     return np.column_stack([np.prod(z[:, list(c)], axis=1) if c else np.ones(len(z))
                             for c in monomials(z.shape[1], order)])
+
+
+def design_gradient(z: np.ndarray, order: int) -> np.ndarray:
+    """d phi_t / d z_l (N, T, L) float64 of :func:`design`: for the monomial prod_{i in c} z_i,
+    ``m_l prod_{i in c minus one l} z_i`` with ``m_l`` the multiplicity of ``l`` in ``c``."""
+    z = np.asarray(z, np.float64)
+    out = np.zeros((len(z), len(monomials(z.shape[1], order)), z.shape[1]))
+    for t, c in enumerate(monomials(z.shape[1], order)):
+        for label in set(c):
+            rest = list(c)
+            rest.remove(label)
+            out[:, t, label] = c.count(label) * np.prod(z[:, rest], axis=1)
+    return out
 
 
 def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
@@ -111,10 +132,19 @@ def nearest(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(axis=-1), axis=1)
 
 
+def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
+               scatter2: np.ndarray) -> np.ndarray:
+    """(N,) sum_p g_p (f_p - m_p)^2 / (e_p^2 + s_p^2) / sum_p g_p (NaN without a good pixel)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
+        return r2.sum(axis=1) / good.sum(axis=1)
+
+
 @dataclass
 class LabelEmulator:
     """Fitted emulator: label standardization, region centres (K, L) in standardized labels,
-    coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P)."""
+    coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P), and the training label
+    box ``label_min``/``label_max`` (L,) in physical units (bounds of :meth:`best_fit`)."""
 
     label_mean: np.ndarray
     label_scale: np.ndarray
@@ -123,6 +153,8 @@ class LabelEmulator:
     coef: np.ndarray
     scatter: np.ndarray
     usable: np.ndarray
+    label_min: np.ndarray
+    label_max: np.ndarray
 
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
@@ -161,7 +193,7 @@ class LabelEmulator:
             scatter.append(np.sqrt(np.maximum(excess, 0.0) + FLOOR**2))
             usable.append(n_p >= 2 * n_terms)
         return cls(mean, scale, int(order), centres, np.stack(coef), np.stack(scatter),
-                   np.stack(usable))
+                   np.stack(usable), labels.min(axis=0), labels.max(axis=0))
 
     def standardize(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, np.float64) - self.label_mean) / self.label_scale
@@ -186,12 +218,113 @@ class LabelEmulator:
         for s in range(0, len(flux), batch_size):
             sl = slice(s, s + batch_size)
             region = self.region(labels[sl])
-            g = np.asarray(good[sl], bool) & self.usable[region]
-            var = np.asarray(flux_err[sl], np.float64) ** 2 + self.scatter[region] ** 2
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r2 = (np.asarray(flux[sl], np.float64) - self.flux(labels[sl])) ** 2
-                out[sl] = np.where(g, r2 / var, 0.0).sum(axis=1) / g.sum(axis=1)
+            out[sl] = pixel_chi2(np.asarray(flux[sl], np.float64),
+                                 np.asarray(flux_err[sl], np.float64) ** 2,
+                                 np.asarray(good[sl], bool) & self.usable[region],
+                                 self.flux(labels[sl]), self.scatter[region] ** 2)
         return out
+
+    def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
+                 labels0: np.ndarray, iterations: int = 8, margin: float = 0.1,
+                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and chi2 (N,) there.
+
+        Levenberg-Marquardt in standardized labels z, all stars of a batch at once. With
+        weights w_p = g_p / (sigma_p^2 + s_kp^2) / sum g (good and usable pixels of region k)
+        the chi^2 per pixel is a quadratic form in phi = phi(z),
+
+            chi2(z) = phi^T A phi - 2 phi^T b + S,
+            A = sum_p w_p c_kp c_kp^T,  b = sum_p w_p f_p c_kp,  S = sum_p w_p f_p^2,
+
+        so, with D = d phi / d z (T, L) from :func:`design_gradient`, the Gauss-Newton normal
+        matrix J W J^T = D^T A D and J W r = D^T (b - A phi) cost T x T operations per star
+        and iteration once A, b, S (one pass over the pixels) are known. Each iteration
+        proposes
+
+            dz = (D^T A D + lambda diag(D^T A D))^{-1} D^T (b - A phi),
+
+        bounded to one training standard deviation per label and projected onto the training
+        box widened by ``margin`` training standard deviations (an extrapolated emulator could
+        otherwise reproduce a star outside the grid). The region is re-chosen at every trial
+        point, as :meth:`chi2` chooses it (A, b, S recomputed for a star that changes region):
+        a step is kept only if the chi2 at its own region is lower (then lambda / 10, else
+        lambda x 10), so the result is never above ``chi2(labels0)`` (for labels0 in the box);
+        the chi2 returned is evaluated pixel by pixel at the result, as :meth:`chi2` does.
+        Non-finite starting labels start at the training mean. ``iterations`` = 0 gives chi2
+        at ``labels0`` clipped to the box.
+        """
+        labels0 = np.asarray(labels0, np.float64)
+        lo = self.standardize(self.label_min) - margin
+        hi = self.standardize(self.label_max) + margin
+        best, chi2 = np.empty_like(labels0), np.empty(len(labels0))
+        for s in range(0, len(labels0), batch_size):
+            sl = slice(s, s + batch_size)
+            g0 = np.asarray(good[sl], bool)
+            f = np.where(g0, np.asarray(flux[sl], np.float64), 0.0)  # NaN-free off good pixels
+            err2 = np.asarray(flux_err[sl], np.float64) ** 2
+            z = np.clip(np.nan_to_num(self.standardize(labels0[sl]), nan=0.0, posinf=0.0,
+                                      neginf=0.0), lo, hi)
+            z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
+            region = nearest(z, self.centres)
+            model = np.einsum("nt,ntp->np", design(z, self.order), self.coef[region])
+            chi2[sl] = pixel_chi2(f, err2, g0 & self.usable[region], model,
+                                  self.scatter[region] ** 2)
+            best[sl] = z * self.label_scale + self.label_mean
+        return best, chi2
+
+    def _quadratic_terms(self, f, err2, g0, region):
+        """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
+        (S NaN for a star without good usable pixels). One matrix product per region present,
+        with the per-pixel outer products c_kp c_kp^T as rows (as in :func:`ridge_solve`)."""
+        n_terms = self.coef.shape[1]
+        g = g0 & self.usable[region]
+        n_good = g.sum(axis=1)
+        with np.errstate(divide="ignore"):
+            w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
+        w /= np.maximum(n_good, 1)[:, None]
+        a, b = np.empty((len(f), n_terms, n_terms)), np.empty((len(f), n_terms))
+        for k in np.unique(region):
+            rows, c = region == k, self.coef[k]
+            outer = (c[:, None, :] * c[None, :, :]).reshape(n_terms * n_terms, -1)
+            a[rows] = (w[rows] @ outer.T).reshape(-1, n_terms, n_terms)
+            b[rows] = (w[rows] * f[rows]) @ c.T
+        return a, b, np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan)
+
+    def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
+        """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`)."""
+        def quadratic(z, a, b, s):
+            phi = design(z, self.order)
+            return np.einsum("nt,nts,ns->n", phi, a, phi) - 2 * np.einsum("nt,nt->n", phi, b) + s
+
+        region = nearest(z, self.centres)
+        a, b, s = self._quadratic_terms(f, err2, g0, region)
+        chi2 = quadratic(z, a, b, s)
+        lam = np.full(len(z), 1e-3)
+        eye = np.eye(z.shape[1])
+        for _ in range(iterations):
+            d = design_gradient(z, self.order)  # (n, T, L)
+            normal = np.einsum("ntl,nts,nsm->nlm", d, a, d)
+            rhs = np.einsum("ntl,nt->nl", d, b - np.einsum("nts,ns->nt", a, design(z, self.order)))
+            damped = normal + lam[:, None, None] * normal * eye + 1e-12 * eye  # 1e-12: no pixels
+            step = np.linalg.solve(damped, rhs[:, :, None])[..., 0]
+            step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
+            trial = np.clip(z + step, lo, hi)
+            region_t = nearest(trial, self.centres)
+            moved = region_t != region
+            a_t, b_t, s_t = a, b, s
+            if moved.any():  # rare: only these stars' pixels are summed again
+                a_t, b_t, s_t = a.copy(), b.copy(), s.copy()
+                a_t[moved], b_t[moved], s_t[moved] = self._quadratic_terms(
+                    f[moved], err2[moved], g0[moved], region_t[moved])
+            chi2_t = quadratic(trial, a_t, b_t, s_t)
+            better = chi2_t < chi2  # NaN (no good pixel) never moves
+            z = np.where(better[:, None], trial, z)
+            chi2 = np.where(better, chi2_t, chi2)
+            switch = better & moved
+            a[switch], b[switch], s[switch] = a_t[switch], b_t[switch], s_t[switch]
+            region = np.where(better, region_t, region)
+            lam = np.where(better, lam / 10, lam * 10)
+        return z
 
 
 @dataclass

@@ -3,19 +3,26 @@
 Two statistics, each compared with a threshold set on validation stars (no labels needed):
 
 * ``CHI2_EMULATOR``: chi^2 per pixel of the spectrum against the label -> flux emulator
-  (:mod:`pipeline.evaluation.emulator`) at the predicted labels, and ``CHI2_EMULATOR_REL``, that
-  value divided by the validation median at the star's SNR (:class:`SnrTrend`, the SNR
-  measured from the spectrum). Flag when REL exceeds its validation ``chi2_quantile``.
+  (:mod:`pipeline.evaluation.emulator`) at the emulator's best-fit labels
+  (:meth:`LabelEmulator.best_fit`, ``fit_iterations`` Levenberg-Marquardt steps from the
+  predicted labels, within ``fit_margin`` training standard deviations of the training box),
+  and ``CHI2_EMULATOR_REL``, that value divided by the validation median at the star's SNR
+  (:class:`SnrTrend`, the SNR measured from the spectrum). Flag when REL exceeds its
+  validation ``chi2_quantile``. The best-fit labels are reported too (``TEFF_EMULATOR``,
+  ``LOGG_EMULATOR``, ``FE_H_EMULATOR``). Fitting removes the network's own label errors from
+  the statistic, which at the predicted labels set a wide validation tail.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
   training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
   validation ``feature_quantile``.
 
 The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
-``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``), the SNR trend
-(``snr_log``, ``snr_median``), ``chi2_threshold``, the feature reference
-(``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
+``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
+``label_max``), the fit settings the threshold was set with (``fit_iterations``,
+``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, the feature
+reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
-flagged fractions, provenance).
+flagged fractions, provenance). A file without the fit settings (from a version that set the
+threshold at the predicted labels) is refused.
 
 The label-range flag (bit 0) also takes its margin from here when the file is present: per
 label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
@@ -33,13 +40,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import LABELS
 from pipeline.artifacts.atomic import atomic_path
 from pipeline.evaluation.emulator import LabelEmulator, SnrTrend, spectrum_snr
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
 
 EMULATOR_FILE = "emulator.npz"
-_EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable")
+_EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable",
+                  "label_min", "label_max")
+EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
+"""Catalog columns of the emulator's best-fit labels (physical units)."""
 
 
 @dataclass
@@ -50,6 +61,8 @@ class ShiftReference:
     features: FeatureReference
     feature_threshold: float
     range_margin: np.ndarray
+    fit_iterations: int
+    fit_margin: float
     info: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -61,6 +74,7 @@ class ShiftReference:
                       feature_cholesky=self.features.cholesky,
                       feature_shrinkage=self.features.shrinkage,
                       feature_threshold=self.feature_threshold, range_margin=self.range_margin,
+                      fit_iterations=self.fit_iterations, fit_margin=self.fit_margin,
                       info=json.dumps(self.info, default=str))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -82,6 +96,10 @@ class ShiftReference:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 a = {k: npz[k] for k in npz.files}
+            if "fit_iterations" not in a:
+                raise ModelFileError(f"emulator file '{path}' holds a threshold of the chi^2 at "
+                                     "the predicted labels (an older version); rerun the "
+                                     "emulator step to set it at the best-fit labels")
             emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
@@ -89,6 +107,7 @@ class ShiftReference:
                        FeatureReference(a["feature_mean"], a["feature_scale"],
                                         a["feature_cholesky"], float(a["feature_shrinkage"])),
                        float(a["feature_threshold"]), a["range_margin"],
+                       int(a["fit_iterations"]), float(a["fit_margin"]),
                        json.loads(str(a["info"])))
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ModelFileError(f"'{path}': not a readable emulator file ({exc}); rerun the "
@@ -97,17 +116,20 @@ class ShiftReference:
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
                      prediction, batch_size: int = 256) -> dict:
-    """Per-star (N,) CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE (NaN without a
-    reference) for spectra with ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool."""
+    """Per-star (N,) CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE and the best-fit
+    labels ``EMULATOR_LABEL_COLUMNS`` (NaN without a reference) for spectra with
+    ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool."""
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in ("CHI2_EMULATOR", "CHI2_EMULATOR_REL",
-                                                 "FEATURE_DISTANCE")}
-    chi2 = reference.emulator.chi2(flux, flux_err, good, prediction)
+                                                 "FEATURE_DISTANCE", *EMULATOR_LABEL_COLUMNS)}
+    best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
+                                             reference.fit_iterations, reference.fit_margin)
     snr = spectrum_snr(flux, flux_err, good)
     features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
-            "FEATURE_DISTANCE": reference.features.distance(features)}
+            "FEATURE_DISTANCE": reference.features.distance(features),
+            **dict(zip(EMULATOR_LABEL_COLUMNS, best.T, strict=True))}
 
 
 def range_overshoot(prediction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -118,15 +140,17 @@ def range_overshoot(prediction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> n
 def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
                   cfg: dict, seed: int = 0) -> ShiftReference:
     """The reference: emulator and feature cloud from ``train`` (Spectra with labels),
-    SNR trend and thresholds from the ``valid`` spectra at their predicted labels.
+    SNR trend and thresholds from the ``valid`` spectra at the emulator's best-fit labels
+    started from their predicted labels (as the predict step will compute them).
 
-    ``cfg`` is the ``emulator`` config section (order, ridge, regions, snr_bins,
-    chi2_quantile, feature_quantile, range_quantile, batch_size).
+    ``cfg`` is the ``emulator`` config section (order, ridge, regions, fit_iterations,
+    fit_margin, snr_bins, chi2_quantile, feature_quantile, range_quantile, batch_size).
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
                                  regions=cfg["regions"], seed=seed)
-    chi2 = emulator.chi2(valid.flux, valid.flux_err, valid_good, valid_prediction)
+    _, chi2 = emulator.best_fit(valid.flux, valid.flux_err, valid_good, valid_prediction,
+                                cfg["fit_iterations"], cfg["fit_margin"])
     trend = SnrTrend.fit(spectrum_snr(valid.flux, valid.flux_err, valid_good), chi2,
                          cfg["snr_bins"])
     features = FeatureReference.fit(last_hidden_features(model, train.flux,
@@ -149,4 +173,5 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
             "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
             "range_margin": range_margin.tolist()}
     return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,
-                          range_margin, info)
+                          range_margin, int(cfg["fit_iterations"]), float(cfg["fit_margin"]),
+                          info)

@@ -3,8 +3,9 @@
     python -m pipeline.steps.emulator --config-json J --model DIR --train F --valid F --out F
 
 Fits the label -> flux emulator and the last-hidden-feature cloud on the training split, then
-sets the SNR trend of the emulator chi^2 and the two flag thresholds on the validation split at
-the network's predicted labels (``pipeline.evaluation.shift``). The predict step reads the
+sets the SNR trend of the emulator chi^2 and the two flag thresholds on the validation split,
+the chi^2 at the emulator's best-fit labels started from the network's predicted labels
+(``pipeline.evaluation.shift``), as the predict step computes it. The predict step reads the
 file; docs/outputs.md describes the columns and FLAG bits 5-6.
 """
 
