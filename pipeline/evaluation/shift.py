@@ -96,16 +96,20 @@ class ShiftReference:
 
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
-                     prediction, batch_size: int = 256) -> dict:
+                     prediction, batch_size: int = 256, features=None) -> dict:
     """Per-star (N,) CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE (NaN without a
-    reference) for spectra with ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool."""
+    reference) for spectra with ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool.
+
+    ``features``: the stars' last hidden features (N, d) when the caller already has them
+    (``error_budget(..., feature_layers=[last_dense_layer(model)])``), else computed here."""
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in ("CHI2_EMULATOR", "CHI2_EMULATOR_REL",
                                                  "FEATURE_DISTANCE")}
     chi2 = reference.emulator.chi2(flux, flux_err, good, prediction)
     snr = spectrum_snr(flux, flux_err, good)
-    features = last_hidden_features(model, flux, batch_size)
+    if features is None:
+        features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
             "FEATURE_DISTANCE": reference.features.distance(features)}
 

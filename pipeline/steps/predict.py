@@ -39,7 +39,7 @@ from pipeline.artifacts import catalog as export
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
-from pipeline.evaluation.feature_distance import last_hidden_units
+from pipeline.evaluation.feature_distance import last_dense_layer, last_hidden_units
 from pipeline.evaluation.flags import model_error_ratio, star_flags
 from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference, shift_statistics
 from pipeline.exceptions import ConfigError, DataError
@@ -66,11 +66,15 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     """
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
-    budget = ensemble_budget([
-        error_budget(m, p, s, spectra.flux, noise_err, config["predict"]["batch_size"])
-        for m, p, s in ((model, posterior, scaler), *members)])
+    batch = config["predict"]["batch_size"]
+    # the first member's pass also taps its last hidden features for the shift statistics
+    first = error_budget(model, posterior, scaler, spectra.flux, noise_err, batch,
+                         feature_layers=[] if reference is None else [last_dense_layer(model)])
+    features = first.pop("features", [None])[0]
+    budget = ensemble_budget([first, *(error_budget(m, p, s, spectra.flux, noise_err, batch)
+                                       for m, p, s in members)])
     shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
-                             budget["prediction"], config["predict"]["batch_size"])
+                             budget["prediction"], batch, features)
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
     laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
