@@ -23,7 +23,8 @@ and 6 come from the emulator file, by default ``DIR/emulator.npz`` beside the mo
 one their columns are NaN and those bits are never set (a warning says so).
 
 A canonical FITS input is read ``predict.chunk_size`` stars at a time (memory-mapped row
-slices): only the catalog rows (~0.2 kB a star) accumulate, so a survey of any size fits.
+slices) and each chunk's catalog rows are written before the next is read
+(``pipeline.artifacts.catalog.StreamingTableWriter``): memory does not grow with the survey.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from astropy.table import vstack
 
 from pipeline import runtime
 from pipeline.artifacts import catalog as export
@@ -170,18 +170,21 @@ def run(args, config: dict) -> None:
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         fmt = detect_format(path) if args.format == "auto" else args.format
-        table = vstack([predict_catalog(model, posterior, scaler, spectra, resampled, config,
+        n_flagged = 0
+        with export.StreamingTableWriter(Path(args.out) / name) as out:
+            for spectra, resampled in input_chunks(path, fmt, wave, config,
+                                                   chunk_stars(config["predict"]),
+                                                   desc="predict"):
+                table = predict_catalog(model, posterior, scaler, spectra, resampled, config,
                                         reference, members=tuple(members))
-                        for spectra, resampled in input_chunks(
-                            path, fmt, wave, config, chunk_stars(config["predict"]),
-                            desc="predict")], metadata_conflicts="silent")
-        header = provenance(config, device=device, model=" ".join(map(str, args.model)),
-                            posterior=" ".join(map(str, args.posterior)), input=str(path),
-                            emulator=reference_path,
-                            nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
-        paths = export.write_table(table, Path(args.out) / name, header)
-        log.info("%s: %d stars (%d flagged) -> %s", path, len(table),
-                 np.count_nonzero(table["FLAG"]), ", ".join(map(str, paths)))
+                out.write(table)  # each chunk's rows go to disk: memory does not grow
+                n_flagged += int(np.count_nonzero(table["FLAG"]))
+            header = provenance(config, device=device, model=" ".join(map(str, args.model)),
+                                posterior=" ".join(map(str, args.posterior)), input=str(path),
+                                emulator=reference_path, nstars=out.n_rows, nflagged=n_flagged)
+            paths = out.finish(header)
+        log.info("%s: %d stars (%d flagged) -> %s", path, out.n_rows, n_flagged,
+                 ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":
