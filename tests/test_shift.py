@@ -68,14 +68,23 @@ def test_emulator_regions_are_separate_fits(rng):
         assert not np.allclose(em.coef[k], alone.coef[0])
 
 
-def test_emulator_chi2_is_a_brute_force_sum(rng):
-    labels, flux, err, good = _toy(rng)
-    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=1)
+@pytest.mark.parametrize("regions", [1, 3])
+def test_emulator_chi2_is_a_brute_force_sum(rng, regions):
+    """Per star: its region's polynomial, scatter and usable pixels (stars of several regions
+    in one batch, a batch size that splits them)."""
+    labels, flux, err, good = _toy(rng, n=160)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=regions)
+    assert len(em.centres) == regions
+    em.usable[-1, 2] = False  # a pixel the last region cannot use
     chi2 = em.chi2(flux, err, good, labels, batch_size=7)
-    model = em.flux(labels)
-    for n in range(5):
-        g = good[n]
-        ref = np.mean((flux[n, g] - model[n, g]) ** 2 / (err[n, g] ** 2 + em.scatter[0, g] ** 2))
+    region = em.region(labels)
+    assert len(set(region[:7])) == regions  # mixed batches
+    for n in range(40):
+        k = region[n]
+        g = good[n] & em.usable[k]
+        phi = design(em.standardize(labels[n:n + 1]), 2)[0]
+        model = phi @ em.coef[k]
+        ref = np.mean((flux[n, g] - model[g]) ** 2 / (err[n, g] ** 2 + em.scatter[k, g] ** 2))
         assert chi2[n] == pytest.approx(ref, rel=1e-12)
     assert np.isnan(em.chi2(flux[:1], err[:1], np.zeros_like(good[:1]), labels[:1]))[0]
 
