@@ -131,7 +131,7 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     features = [[] for _ in feature_layers]
     head = getattr(posterior, "head", None) if hasattr(posterior, "feature_covariance") else None
     head_layer = None if head is None else head.first_layer
-    taps = list(dict.fromkeys([*feature_layers, *([head_layer] if head_layer else [])]))
+    taps = list(dict.fromkeys([*feature_layers, *([] if head_layer is None else [head_layer])]))
     slices = list(batches(n, batch_size))
     scale2 = np.asarray(scaler.scale, np.float64) ** 2  # physical -> standardized variances
     for s in progress(slices, total=len(slices), desc="error budget"):
