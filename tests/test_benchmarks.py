@@ -249,5 +249,7 @@ def test_survey_steps_tiny(tmp_path):
                                               ["--set", "predict.chunk_size=16"])
     assert len(Table.read(tmp_path / "catalogs" / "survey-40.fits", hdu="CATALOG")) == 40
     assert predict.anon > 50 and len(shards) == 2 and all(s.anon > 50 for s in shards)
-    full, alone = bench_survey.budget_vs_jacobian(model_dir, posterior, wave, 32, 16)
+    full, alone = bench_survey.budget_vs_jacobian(model_dir, posterior, wave, 32, 16, 1)
     assert full > 0 and alone > 0
+    assert bench_survey.marginal_rate((10, 30), [3.0, 5.0]) == (10.0, 2.0)
+    assert bench_survey.marginal_rate((10, 30), [5.0, 3.0]) == (10.0, 0.0)  # swamped by load

@@ -8,7 +8,13 @@ import pytest
 import tensorflow as tf
 
 from pipeline.nn import derivatives
-from pipeline.nn.derivatives import hessian_diagonal, input_hessian, input_jacobian, loss_hessian
+from pipeline.nn.derivatives import (
+    forward_jacobian,
+    hessian_diagonal,
+    input_hessian,
+    input_jacobian,
+    loss_hessian,
+)
 from tests.conftest import set_seed
 
 
@@ -71,6 +77,29 @@ def test_input_jacobian_traces_once_and_applies_scaler(rng):
 
     phys = input_jacobian(model, x, batch_size=4, scaler=Scaler())
     np.testing.assert_allclose(phys, jac * Scaler.scale[:, None], rtol=1e-6)
+
+
+def test_forward_jacobian_is_the_separate_passes_in_one(rng):
+    """Outputs, tapped layer inputs and Jacobian of the one compiled pass equal model(x), a
+    probe model of each layer input and the per-star tape Jacobian (float32 rounding), also
+    for a last batch padded with zeros."""
+    model = smooth_model(7)
+    x = rng.normal(size=(10, 7)).astype(np.float32)
+    layers = [model.layers[1], model.layers[2]]  # inputs: tanh features, softplus features
+    out = forward_jacobian(model, x, batch_size=4, layers=layers)
+    np.testing.assert_allclose(out.outputs, model(x, training=False).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    for layer, features in zip(layers, out.features, strict=True):
+        probe = keras.Model(model.inputs[0], layer.input)
+        assert features.shape == (10, layer.input.shape[-1])
+        np.testing.assert_allclose(features, probe(x, training=False).numpy(), rtol=1e-6,
+                                   atol=1e-7)
+    loop = np.stack([tf.squeeze(_tape_jacobian(model, x[n:n + 1]), 0).numpy()
+                     for n in range(10)])
+    np.testing.assert_allclose(out.jacobian, loop, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(out.jacobian, input_jacobian(model, x, batch_size=4))
+    # a different tap set is its own compiled function, the untapped one is left alone
+    assert len(derivatives._JACOBIAN_FNS[model]) == 2
 
 
 def test_input_jacobian_with_batchnorm_is_independent_of_batch_size(rng):

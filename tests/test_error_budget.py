@@ -102,6 +102,35 @@ def test_error_budget_matches_per_star_loop(smooth_model, scaler, rng):
         np.testing.assert_allclose(whole[key], budget[key], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("last_layers", [1, 2])
+def test_error_budget_with_a_laplace_posterior_is_the_separate_passes(smooth_model, scaler,
+                                                                      rng, last_layers):
+    """With a real Laplace posterior the one-pass budget (head features and last hidden
+    features tapped from the Jacobian's forward pass) equals the separate passes: a forward
+    pass for the prediction, ``predictive_covariance(x)`` running the body again, a probe
+    model for the features and ``input_jacobian``."""
+    import keras
+
+    from pipeline.laplace import fit_laplace
+    from pipeline.nn.derivatives import input_jacobian
+
+    x_train, _ = spectra(40, rng)
+    z = np.asarray(smooth_model(x_train, training=False)) + 0.1 * rng.standard_normal((40, 3))
+    posterior = fit_laplace(smooth_model, x_train, z, last_layers=last_layers, device="cpu")
+    flux, flux_err = spectra(7, rng)
+    last = smooth_model.layers[-1]
+    budget = error_budget(smooth_model, posterior, scaler, flux, flux_err, batch_size=3,
+                          feature_layers=[last])
+    pred = np.asarray(smooth_model(flux, training=False)) * SCALE + MEAN
+    np.testing.assert_allclose(budget["prediction"], pred, rtol=1e-13)
+    cov_model = posterior.predictive_covariance(flux, scaler=scaler)
+    np.testing.assert_allclose(budget["model"], cov_model, rtol=1e-12, atol=0)
+    jac = input_jacobian(smooth_model, flux, batch_size=3, scaler=scaler)
+    np.testing.assert_allclose(budget["noise"], noise_covariance(jac, flux_err), rtol=1e-12)
+    probe = keras.Model(smooth_model.inputs[0], last.input)
+    np.testing.assert_allclose(budget["features"][0], np.asarray(probe(flux)), rtol=1e-13)
+
+
 def test_error_budget_carries_the_fitted_scatter_model(smooth_model, scaler, rng):
     """With a fitted scatter model the scatter part is S D R D S, D from each star's own model
     and flux-noise variances (standardized), and the correlation columns see R."""

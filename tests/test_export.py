@@ -113,3 +113,106 @@ def test_flag_bits_are_distinct_powers_of_two():
         assert getattr(export, "FLAG_" + text.split(":")[0]) == 1 << bit
     assert sorted(n for n in vars(export) if n.startswith("FLAG_") and n != "FLAG_BITS") == \
         sorted("FLAG_" + text.split(":")[0] for text in export.FLAG_BITS.values())
+
+
+def _chunks(budget, rng):
+    """Three catalog chunks whose STAR_IDs differ in width (the widest in the last) and carry
+    every optional column, and the whole catalog they make."""
+    from astropy.table import vstack
+
+    ids = [["a", "bb"], ["ccc"], ["dddd", "e", "ffffffffff"]]
+    chunks, start = [], 0
+    for names in ids:
+        rows = slice(start, start + len(names))
+        part = {k: v if k == "scatter" else v[rows] for k, v in budget.items()}
+        shift = {k: rng.random(len(names)) for k in export.SHIFT_COLUMNS}
+        chunks.append(export.catalog_table(names, part, np.arange(len(names)) + start,
+                                           true_labels=rng.normal(size=(len(names), 3)),
+                                           snr=rng.uniform(10, 200, len(names)), shift=shift))
+        start += len(names)
+    return chunks, vstack(chunks, metadata_conflicts="silent")
+
+
+@pytest.fixture
+def budget6(budget):
+    return {k: v if k == "scatter" else np.concatenate([v, v[:1]]) for k, v in budget.items()}
+
+
+def test_streamed_catalog_is_the_whole_table_writer_output(budget6, rng, tmp_path):
+    """Chunk by chunk gives the files write_table gives for the whole table: FITS byte for
+    byte (same header cards, string column as wide as the widest STAR_ID of any chunk), the
+    same Parquet table and metadata, the same CSV text."""
+    chunks, whole = _chunks(budget6, rng)
+    header = provenance({"seed": 3}, device="CPU", timestamp=False, nstars=len(whole))
+    reference = export.write_table(whole, tmp_path / "whole", header)
+    with export.StreamingTableWriter(tmp_path / "streamed") as out:
+        for chunk in chunks:
+            out.write(chunk)
+        assert not (tmp_path / "streamed.fits").exists()  # nothing final before finish
+        streamed = out.finish(header)
+    assert [p.name for p in streamed] == ["streamed.fits", "streamed.parquet", "streamed.csv"]
+    assert out.n_rows == 6
+    assert streamed[0].read_bytes() == reference[0].read_bytes()
+    assert streamed[2].read_text() == reference[2].read_text()
+    got, want = (pq.read_table(p) for p in (streamed[1], reference[1]))
+    assert got.equals(want)
+    assert got.schema.metadata == want.schema.metadata
+    assert got.schema.types == want.schema.types  # e.g. large_string, not string
+    files = [pq.ParquetFile(p).metadata.metadata for p in (streamed[1], reference[1])]
+    assert files[0].keys() == files[1].keys()
+    assert pq.ParquetFile(streamed[1]).num_row_groups == 3  # really written chunk by chunk
+    table = Table.read(streamed[0], hdu="CATALOG")
+    assert list(table["STAR_ID"]) == ["a", "bb", "ccc", "dddd", "e", "ffffffffff"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [p.name for p in streamed] + [p.name for p in reference])  # no spool left
+
+
+def test_streamed_fits_alone_with_date_cards(budget6, rng, tmp_path):
+    """FITS only (rows spooled to a temporary Parquet, removed): the same header as the whole
+    table writer's apart from the DATE card, the same data."""
+    chunks, whole = _chunks(budget6, rng)
+    reference = export.write_table(whole, tmp_path / "whole", provenance(), formats=("fits",),
+                                   extname="SUMMARY")
+    with export.StreamingTableWriter(tmp_path / "s", formats=("fits",), extname="SUMMARY") as out:
+        for chunk in chunks:
+            out.write(chunk)
+        out.finish(provenance())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.fits", "whole.fits"]
+    with fits.open(reference[0]) as want, fits.open(tmp_path / "s.fits") as got:
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want, strict=True):
+            cards = [(c.keyword, c.value, c.comment) for c in g.header.cards
+                     if c.keyword != "DATE"]
+            assert cards == [(c.keyword, c.value, c.comment) for c in w.header.cards
+                             if c.keyword != "DATE"]
+        assert got["SUMMARY"].data.tobytes() == want["SUMMARY"].data.tobytes()
+
+
+def test_streamed_writer_failures_leave_no_file(budget6, rng, tmp_path, monkeypatch):
+    chunks, _ = _chunks(budget6, rng)
+    with pytest.raises(RuntimeError, match="without finish"):
+        with export.StreamingTableWriter(tmp_path / "a") as out:
+            out.write(chunks[0])
+    with pytest.raises(ValueError, match="boom"):
+        with export.StreamingTableWriter(tmp_path / "b") as out:
+            out.write(chunks[0])
+            raise ValueError("boom")
+    with pytest.raises(export.DataError, match="differ from the first chunk"):
+        with export.StreamingTableWriter(tmp_path / "c") as out:
+            out.write(chunks[0])
+            out.write(chunks[1][["STAR_ID", "TEFF"]])
+    with pytest.raises(export.DataError, match="no rows"):
+        with export.StreamingTableWriter(tmp_path / "d") as out:
+            out.finish({})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fits.StreamingHDU, "write", disk_full)
+    from pipeline.exceptions import OutputError
+
+    with pytest.raises(OutputError, match=r"e\.fits' failed: No space left"):
+        with export.StreamingTableWriter(tmp_path / "e") as out:
+            out.write(chunks[0])
+            out.finish({})
+    assert list(tmp_path.iterdir()) == []

@@ -79,14 +79,23 @@ def test_emulator_regions_are_separate_fits(rng):
         assert not np.allclose(em.coef[k], alone.coef[0])
 
 
-def test_emulator_chi2_is_a_brute_force_sum(rng):
-    labels, flux, err, good = _toy(rng)
-    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=1)
+@pytest.mark.parametrize("regions", [1, 3])
+def test_emulator_chi2_is_a_brute_force_sum(rng, regions):
+    """Per star: its region's polynomial, scatter and usable pixels (stars of several regions
+    in one batch, a batch size that splits them)."""
+    labels, flux, err, good = _toy(rng, n=160)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=regions)
+    assert len(em.centres) == regions
+    em.usable[-1, 2] = False  # a pixel the last region cannot use
     chi2 = em.chi2(flux, err, good, labels, batch_size=7)
-    model = em.flux(labels)
-    for n in range(5):
-        g = good[n]
-        ref = np.mean((flux[n, g] - model[n, g]) ** 2 / (err[n, g] ** 2 + em.scatter[0, g] ** 2))
+    region = em.region(labels)
+    assert len(set(region[:7])) == regions  # mixed batches
+    for n in range(40):
+        k = region[n]
+        g = good[n] & em.usable[k]
+        phi = design(em.standardize(labels[n:n + 1]), 2)[0]
+        model = phi @ em.coef[k]
+        ref = np.mean((flux[n, g] - model[g]) ** 2 / (err[n, g] ** 2 + em.scatter[k, g] ** 2))
         assert chi2[n] == pytest.approx(ref, rel=1e-12)
     assert np.isnan(em.chi2(flux[:1], err[:1], np.zeros_like(good[:1]), labels[:1]))[0]
 
@@ -605,14 +614,19 @@ def test_predict_without_emulator_file_leaves_shift_columns_nan(tiny_model_dir, 
     assert "no emulator file" in caplog.text
 
 
-def test_spectrum_snr_and_snr_trend(rng):
-    flux, err = rng.uniform(0.5, 1, (250, 40)), rng.uniform(0.01, 0.02, (250, 40))
-    good = rng.random((250, 40)) > 0.1
+@pytest.mark.parametrize("n_pixels", [40, 701])  # numpy's nanmedian loops rows over 600
+def test_spectrum_snr_and_snr_trend(rng, n_pixels):
+    flux = rng.uniform(0.5, 1, (250, n_pixels))
+    err = rng.uniform(0.01, 0.02, (250, n_pixels))
+    good = rng.random((250, n_pixels)) > 0.1
     good[3] = False
+    good[4] = np.arange(n_pixels) < 2  # two good pixels: the mean of both
+    good[5] = np.arange(n_pixels) == 7  # one
     snr = spectrum_snr(flux, err, good, batch_size=100)
     brute = [np.median(f[g] / e[g]) if g.any() else np.nan for f, e, g in zip(
         flux, err, good, strict=True)]
-    np.testing.assert_allclose(snr, brute)
+    assert len({int(c) % 2 for c in good.sum(axis=1)}) == 2  # odd and even counts
+    np.testing.assert_array_equal(snr, brute)  # the same median, bit for bit
     assert np.isnan(snr[3])
     trend = SnrTrend.fit(np.array([40.0] * 60 + [160.0] * 60), np.array([1.0] * 60 + [3.0] * 60),
                          n_bins=8)  # 120 stars: 2 bins of 50+

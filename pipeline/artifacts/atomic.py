@@ -38,9 +38,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OutputError:  # already says which file failed (nested atomic_path, a writer's own)
         raise
     except OSError as exc:
-        raise OutputError(
-            f"writing '{path}' failed: {exc.strerror or exc}; check free disk space and "
-            "permissions"
-        ) from None
+        raise write_failed(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_failed(path: str | Path, exc: OSError) -> OutputError:
+    """The OutputError for an OSError while writing ``path`` (disk full, permissions)."""
+    return OutputError(f"writing '{path}' failed: {exc.strerror or exc}; check free disk "
+                       "space and permissions")

@@ -18,6 +18,7 @@ description (the TTYPE comment in FITS) instead of a unit astropy would warn abo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from itertools import combinations
@@ -29,7 +30,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from pipeline import LABEL_UNITS, LABELS
-from pipeline.artifacts.atomic import atomic_path
+from pipeline.artifacts.atomic import atomic_path, write_failed
 from pipeline.exceptions import DataError
 
 TABLE_FORMATS = ("fits", "parquet", "csv")
@@ -178,19 +179,25 @@ def write_parquet(table: Table, path: Path, header: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    frame = table.to_pandas(index=False)
-    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    arrow = pa.Table.from_pandas(table.to_pandas(index=False), preserve_index=False)
     meta = dict(arrow.schema.metadata or {})
     meta[b"provenance"] = json.dumps(header).encode()
-    meta[b"units"] = json.dumps(
-        {c: str(table[c].unit) for c in table.colnames if table[c].unit is not None}).encode()
-    meta[b"descriptions"] = json.dumps(
-        {c: table[c].description for c in table.colnames if table[c].description}).encode()
+    meta.update(column_metadata(table))
     pq.write_table(arrow.replace_schema_metadata(meta), path)
 
 
-def write_csv(table: Table, path: Path) -> None:
-    table.to_pandas(index=False).to_csv(path, index=False, float_format="%.10g")
+def column_metadata(table: Table) -> dict[bytes, bytes]:
+    """Parquet schema metadata of the columns: JSON ``units`` and ``descriptions``."""
+    return {b"units": json.dumps({c: str(table[c].unit) for c in table.colnames
+                                  if table[c].unit is not None}).encode(),
+            b"descriptions": json.dumps({c: table[c].description for c in table.colnames
+                                         if table[c].description}).encode()}
+
+
+def write_csv(table: Table, path, header: bool = True) -> None:
+    """CSV of ``table`` to a path or an open text file (``header``: the column-name line)."""
+    table.to_pandas(index=False).to_csv(path, index=False, header=header,
+                                        float_format="%.10g")
 
 
 def write_table(table: Table, stem: str | Path, header: dict, *,
@@ -214,6 +221,146 @@ def write_table(table: Table, stem: str | Path, header: dict, *,
             else:
                 raise ValueError(f"unknown table format '{fmt}'; valid: {TABLE_FORMATS}")
     return paths
+
+
+class StreamingTableWriter:
+    """:func:`write_table` for a table that arrives in chunks of rows: the same
+    ``stem.{fits,parquet,csv}`` files (columns, units, descriptions, header cards), with the
+    memory of one chunk however many rows there are::
+
+        with StreamingTableWriter(stem) as out:
+            for chunk in chunks:          # astropy Tables with the same columns
+                out.write(chunk)
+            paths = out.finish(header)    # cards known only at the end (row counts)
+
+    Parquet gets one row group per chunk (``pyarrow.parquet.ParquetWriter``; the provenance
+    goes into the footer metadata at ``finish``), CSV appends rows. A FITS binary table needs
+    the row count and the width of every string column in its header, before the first row:
+    ``finish`` writes it from the Parquet file (a temporary one when Parquet is not among the
+    formats), one row group at a time, through ``astropy.io.fits.StreamingHDU``. Every file
+    is written under a temporary name and renamed only when all formats are complete
+    (``atomic_path``); leaving the block by an exception, or without ``finish``, leaves none.
+    """
+
+    def __init__(self, stem: str | Path, formats=TABLE_FORMATS, extname: str = "CATALOG"):
+        unknown = [fmt for fmt in formats if fmt not in TABLE_FORMATS]
+        if unknown:
+            raise ValueError(f"unknown table format(s) {unknown}; valid: {TABLE_FORMATS}")
+        stem = Path(stem)
+        self.paths = {fmt: stem.with_name(f"{stem.name}.{fmt}") for fmt in formats}
+        self.extname = extname
+        self.n_rows = 0
+        self._template: Table | None = None  # first rows: dtypes, units, descriptions
+        self._widths: dict[str, int] = {}  # widest value of each string column
+        self._parquet = self._csv = None
+        self._finished = False
+
+    def __enter__(self) -> StreamingTableWriter:
+        self._stack = contextlib.ExitStack()
+        self._tmp = {fmt: self._stack.enter_context(atomic_path(path))
+                     for fmt, path in self.paths.items()}
+        self._spool = self._tmp.get("parquet")
+        if self._spool is None and "fits" in self._tmp:
+            self._spool = self._tmp["fits"].with_suffix(".rows.parquet")
+            self._stack.callback(self._spool.unlink, missing_ok=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._close_streams()
+        if exc_type is None and not self._finished:
+            exc = RuntimeError("StreamingTableWriter left without finish(header): no "
+                               f"{', '.join(map(str, self.paths.values()))} written")
+            self._stack.__exit__(RuntimeError, exc, None)
+            raise exc
+        return self._stack.__exit__(exc_type, exc, tb)
+
+    @contextlib.contextmanager
+    def _writing(self, fmt: str):
+        """OSError while writing one format -> OutputError naming that file."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_failed(self.paths[fmt], exc) from None
+
+    def write(self, table: Table) -> None:
+        """Append the rows of ``table`` (the columns of the first chunk, in its order)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._template is None:
+            self._template = table[:1].copy()
+        elif table.colnames != self._template.colnames:
+            raise DataError(f"chunk columns {table.colnames} differ from the first chunk's "
+                            f"{self._template.colnames}")
+        for name in table.colnames:
+            if table[name].dtype.kind in "SU":
+                self._widths[name] = max(self._widths.get(name, 1), table[name].dtype.itemsize
+                                         // (4 if table[name].dtype.kind == "U" else 1))
+        frame = table.to_pandas(index=False)
+        if self._spool is not None:
+            with self._writing("parquet" if "parquet" in self.paths else "fits"):
+                if self._parquet is None:
+                    schema = pa.Table.from_pandas(frame, preserve_index=False).schema
+                    self._metadata = {**(schema.metadata or {}), **column_metadata(table)}
+                    # the Arrow schema (ARROW:schema) is stored by finish(), when the
+                    # provenance that belongs in its metadata is known
+                    self._parquet = pq.ParquetWriter(self._spool, schema, store_schema=False)
+                self._parquet.write_table(pa.Table.from_pandas(
+                    frame, schema=self._parquet.schema, preserve_index=False))
+        if "csv" in self.paths:
+            with self._writing("csv"):
+                if self._csv is None:
+                    self._csv = open(self._tmp["csv"], "w", newline="")  # noqa: SIM115
+                write_csv(table, self._csv, header=self.n_rows == 0)
+        self.n_rows += len(table)
+
+    def finish(self, header: dict) -> list[Path]:
+        """Add the provenance ``header``, complete every file; returns the final paths (in
+        place once the ``with`` block ends)."""
+        if self._template is None:
+            raise DataError(f"no rows were written to {', '.join(map(str, self.paths.values()))}")
+        if self._parquet is not None:
+            with self._writing("parquet" if "parquet" in self.paths else "fits"):
+                meta = {**self._metadata, b"provenance": json.dumps(header).encode()}
+                schema = self._parquet.schema.with_metadata(meta)
+                # what pyarrow's own writer stores: the metadata as key-value pairs and the
+                # IPC-serialized schema, base64, under ARROW:schema (the column types readers
+                # get back, e.g. large_string; without it they would see plain string)
+                self._parquet.add_key_value_metadata(
+                    {**meta, b"ARROW:schema": base64.b64encode(schema.serialize().to_pybytes())})
+        self._close_streams()
+        if "fits" in self.paths:
+            with self._writing("fits"):
+                self._write_fits(header)
+        self._finished = True
+        return list(self.paths.values())
+
+    def _close_streams(self) -> None:
+        for stream in (self._parquet, self._csv):
+            if stream is not None:
+                stream.close()
+        self._parquet = self._csv = None
+
+    def _write_fits(self, header: dict) -> None:
+        """Primary HDU, then the binary table streamed from the Parquet rows."""
+        import pyarrow.parquet as pq
+
+        template = self._template.copy()
+        for name, width in self._widths.items():
+            template[name] = template[name].astype(f"{template[name].dtype.kind}{width}")
+        hdus = fits_hdulist(template, header, self.extname)
+        hdus[1].header["NAXIS2"] = self.n_rows
+        fits.HDUList([hdus[0]]).writeto(self._tmp["fits"], overwrite=True)
+        # a str: astropy takes a Path's bare file name and would look for it in the cwd
+        with fits.StreamingHDU(str(self._tmp["fits"]), hdus[1].header) as out:
+            for batch in pq.ParquetFile(self._spool).iter_batches():
+                chunk = Table({name: np.asarray(batch.column(name).to_numpy(
+                    zero_copy_only=False), template[name].dtype) for name in template.colnames})
+                rows = np.asarray(fits.table_to_hdu(chunk).data)  # FITS binary table rows
+                out.write(rows.astype(rows.dtype.newbyteorder(">")).view(np.uint8))
+            if not out.writecomplete:  # the Parquet rows do not add up to NAXIS2
+                raise DataError(f"'{self.paths['fits']}': the spooled rows do not match the "
+                                f"{self.n_rows} rows written; write the catalog again")
 
 
 def read_table(path: str | Path, extname: str = "CATALOG", step: str = "predict") -> Table:

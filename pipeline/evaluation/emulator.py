@@ -92,9 +92,21 @@ def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
         g = np.asarray(good[sl], bool)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(g, np.asarray(flux[sl], np.float64) / flux_err[sl], np.nan)
-        some = g.any(axis=1)
-        out[s:s + len(g)][some] = np.nanmedian(ratio[some], axis=1)
+        out[sl] = row_nanmedian(ratio, g.sum(axis=1))
     return out
+
+
+def row_nanmedian(values: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median of the non-NaN entries of each row of ``values`` (B, P), ``count`` (B,) of them
+    per row (NaN where 0): ``numpy.nanmedian(values, axis=1)`` without its per-row Python loop
+    (it falls back to one for rows longer than 600). One sort puts the NaNs last; the median
+    is the mean of the elements (c - 1) // 2 and c // 2 of the c sorted values."""
+    ordered = np.sort(values, axis=1)
+    rows = np.arange(len(values))
+    lo, hi = np.maximum(count - 1, 0) // 2, np.maximum(count, 1) // 2
+    with np.errstate(invalid="ignore"):
+        median = (ordered[rows, lo] + ordered[rows, hi]) / 2
+    return np.where(count > 0, median, np.nan)
 
 
 def ridge_solve(phi: np.ndarray, w: np.ndarray, target: np.ndarray,
@@ -205,14 +217,25 @@ class LabelEmulator:
 
     def flux(self, labels: np.ndarray) -> np.ndarray:
         """Emulated spectra (N, P) float64 at ``labels`` (N, L) in physical units."""
-        phi, region = design(self.standardize(labels), self.order), self.region(labels)
-        return np.einsum("nt,ntp->np", phi, self.coef[region])
+        return self.emulate(design(self.standardize(labels), self.order), self.region(labels))
+
+    def emulate(self, phi: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(N, P) phi_n . c_{k_n p}: one matrix product per region present (no per-star
+        gather of a (T, P) coefficient block)."""
+        out = np.empty((len(phi), self.coef.shape[-1]))
+        for k in np.unique(region):  # a few regions
+            rows = region == k
+            out[rows] = phi[rows] @ self.coef[k]
+        return out
 
     def chi2(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
-             labels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+             labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(N,) chi^2 per good pixel of each spectrum against the emulator at ``labels``.
 
-        NaN where a star has no good usable pixel or its labels are not finite.
+        NaN where a star has no good usable pixel or its labels are not finite. The stars of
+        a batch are grouped by region: each group is one matrix product with its region's
+        coefficients and its scatter and usable pixels broadcast, instead of gathering a
+        (T, P) coefficient block per star.
         """
         out = np.empty(len(flux))
         for s in range(0, len(flux), batch_size):
@@ -266,7 +289,7 @@ class LabelEmulator:
                                       neginf=0.0), lo, hi)
             z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
             region = nearest(z, self.centres)
-            model = np.einsum("nt,ntp->np", design(z, self.order), self.coef[region])
+            model = self.emulate(design(z, self.order), region)
             chi2[sl] = pixel_chi2(f, err2, g0 & self.usable[region], model,
                                   self.scatter[region] ** 2)
             best[sl] = z * self.label_scale + self.label_mean

@@ -73,20 +73,23 @@ class FeatureReference:
         return np.sqrt(np.sum(w**2, axis=0) / len(self.mean))
 
 
-def last_hidden_units(model) -> int:
-    """d: the width of the input of the network's last Dense layer."""
+def last_dense_layer(model):
+    """The network's last Dense layer: its input is the last hidden features phi."""
     import keras
 
-    last = [la for la in model.layers if isinstance(la, keras.layers.Dense)][-1]
-    return int(last.input.shape[-1])
+    return [la for la in model.layers if isinstance(la, keras.layers.Dense)][-1]
+
+
+def last_hidden_units(model) -> int:
+    """d: the width of the input of the network's last Dense layer."""
+    return int(last_dense_layer(model).input.shape[-1])
 
 
 def last_hidden_features(model, flux, batch_size: int = 256) -> np.ndarray:
     """(N, d) float64 activations entering the network's last Dense layer (inference mode)."""
     import keras
 
-    last = [la for la in model.layers if isinstance(la, keras.layers.Dense)][-1]
-    probe = keras.Model(model.inputs[0], last.input)
+    probe = keras.Model(model.inputs[0], last_dense_layer(model).input)
     return np.concatenate([np.asarray(probe(np.asarray(flux[s:s + batch_size], np.float32),
                                             training=False), np.float64)
                            for s in range(0, len(flux), batch_size)])

@@ -115,10 +115,13 @@ class ShiftReference:
 
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
-                     prediction, batch_size: int = 256) -> dict:
+                     prediction, batch_size: int = 256, features=None) -> dict:
     """Per-star (N,) CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE and the best-fit
     labels ``EMULATOR_LABEL_COLUMNS`` (NaN without a reference) for spectra with
-    ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool."""
+    ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool.
+
+    ``features``: the stars' last hidden features (N, d) when the caller already has them
+    (``error_budget(..., feature_layers=[last_dense_layer(model)])``), else computed here."""
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in ("CHI2_EMULATOR", "CHI2_EMULATOR_REL",
@@ -126,7 +129,8 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
                                              reference.fit_iterations, reference.fit_margin)
     snr = spectrum_snr(flux, flux_err, good)
-    features = last_hidden_features(model, flux, batch_size)
+    if features is None:
+        features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
             "FEATURE_DISTANCE": reference.features.distance(features),
             **dict(zip(EMULATOR_LABEL_COLUMNS, best.T, strict=True))}

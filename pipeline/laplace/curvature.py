@@ -111,14 +111,17 @@ class Head:
                 else tf.constant(np.asarray(v.numpy(), np.float64)) for v in self.all_variables]
 
     # ---------------------------------------------------------------------------- forward
+    @property
+    def first_layer(self):
+        """The first head layer, whose input is phi; None when phi is the model's input."""
+        return None if self.layers[0] is self.model.layers[0] else self.layers[0]
+
     def features(self, x, batch_size: int = 256) -> np.ndarray:
         """phi = body(x) (N, d) float64: activations entering the head (inference mode)."""
-        if self._body is None:
-            first = self.layers[0]
-            self._body = (None if first is self.model.layers[0]
-                          else keras.Model(self.model.inputs[0], first.input))
+        if self._body is None and self.first_layer is not None:
+            self._body = keras.Model(self.model.inputs[0], self.first_layer.input)
         x = np.asarray(x)
-        if self._body is None:
+        if self.first_layer is None:
             return x.reshape(len(x), -1).astype(np.float64)
         out = [np.asarray(self._body(x[s:s + batch_size], training=False), np.float64)
                for s in range(0, len(x), batch_size)]

@@ -19,7 +19,10 @@ propagation of independent Gaussian flux errors; it is exact for a model linear 
 accurate whenever the model is smooth on the scale of the flux errors.
 
 Everything streams over batches of stars: memory holds one batch of Jacobians (B, 3, P) at a
-time plus the (N, 3, 3) outputs, never a per-star Python loop.
+time plus the (N, 3, 3) outputs, never a per-star Python loop. One compiled pass per batch
+gives the prediction, the Laplace head's input features and the Jacobian together
+(``pipeline.nn.derivatives.forward_jacobian``): the budget costs little beyond the Jacobian
+that its noise term needs anyway.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.exceptions import DataError
-from pipeline.nn.derivatives import input_jacobian
+from pipeline.nn.derivatives import forward_jacobian, input_jacobian
 from pipeline.streaming import batches, progress
 
 log = logging.getLogger(__name__)
@@ -98,48 +101,67 @@ def predict_standardized(model, x: np.ndarray) -> np.ndarray:
 
 
 def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarray,
-                 batch_size: int = 256, *, jacobian_fn: Callable | None = None) -> dict:
+                 batch_size: int = 256, *, feature_layers=()) -> dict:
     """Predictions and their error budget for every star, streamed in batches.
+
+    Each batch takes one compiled pass (``pipeline.nn.derivatives.forward_jacobian``): the
+    forward pass that the input Jacobian needs also gives the prediction, the Laplace head's
+    input features phi (for ``posterior.feature_covariance``) and the inputs of
+    ``feature_layers``, so the network body runs once per star.
 
     Parameters
     ----------
-    model : Keras model mapping flux (B, P) to standardized labels (B, 3).
-    posterior : object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units) and
+    model : functional Keras model mapping flux (B, P) to standardized labels (B, 3).
+    posterior : ``pipeline.laplace.Posterior`` (``head``, ``feature_covariance(phi)``), or any
+        object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units); and
         ``scatter_covariance(model_var, noise_var) -> (B, 3, 3)`` or ``noise_std`` (3,), the
-        standardized scatter (``pipeline.laplace.Posterior``).
+        standardized scatter.
     scaler : ``pipeline.nn.scaler.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
     flux : (N, P) normalized flux.
     flux_err : (N, P) 1-sigma flux errors; pass 0 for pixels whose flux is a fixed
         replacement rather than a noisy measurement (bad pixels), so they add no noise.
     batch_size : stars per batch.
-    jacobian_fn : ``input_jacobian(model, x, batch_size=, scaler=) -> (B, 3, P)`` in physical
-        units; defaults to ``pipeline.nn.derivatives.input_jacobian``.
+    feature_layers : layers of ``model`` whose inputs (activations) are returned too, e.g. the
+        last Dense layer for the feature distance of ``pipeline.evaluation.shift``.
 
     Returns
     -------
     dict with ``prediction`` (N, 3) and the covariances ``model``, ``scatter``, ``noise`` and
-    ``total`` = model + scatter + noise, each (N, 3, 3) float64 in physical units.
+    ``total`` = model + scatter + noise, each (N, 3, 3) float64 in physical units; with
+    ``feature_layers``, ``features``: one (N, d_i) float64 array per layer.
     """
     flux = np.asarray(flux)
     flux_err = np.asarray(flux_err)
     if flux.ndim != 2 or flux_err.shape != flux.shape:
         raise DataError(f"flux {flux.shape} and flux_err {flux_err.shape} must both be (N, P)")
-    jacobian_fn = jacobian_fn or input_jacobian
     n = flux.shape[0]
     prediction = np.empty((n, 3))
     cov_model = np.empty((n, 3, 3))
     cov_noise = np.empty((n, 3, 3))
     cov_scatter = np.zeros((n, 3, 3))
+    features = [[] for _ in feature_layers]
+    head = getattr(posterior, "head", None) if hasattr(posterior, "feature_covariance") else None
+    head_layer = None if head is None else head.first_layer
+    taps = list(dict.fromkeys([*feature_layers, *([] if head_layer is None else [head_layer])]))
     slices = list(batches(n, batch_size))
     for s in progress(slices, total=len(slices), desc="error budget"):
         x = np.asarray(flux[s])
-        z = predict_standardized(model, x)
-        prediction[s] = scaler.inverse_transform(z)
-        cov_model[s] = scaler.covariance_to_physical(
-            np.asarray(posterior.predictive_covariance(x), np.float64))
-        jac = jacobian_fn(model, x, batch_size=batch_size, scaler=scaler)
-        cov_noise[s] = noise_covariance(jac, flux_err[s])
+        out = forward_jacobian(model, x, batch_size=batch_size, scaler=scaler, layers=taps)
+        tapped = dict(zip(taps, out.features, strict=True))
+        prediction[s] = scaler.inverse_transform(np.asarray(out.outputs, np.float64))
+        if head is None:
+            cov = posterior.predictive_covariance(x)
+        else:
+            cov = posterior.feature_covariance(
+                x.reshape(len(x), -1) if head_layer is None else tapped[head_layer])
+        cov_model[s] = scaler.covariance_to_physical(np.asarray(cov, np.float64))
+        cov_noise[s] = noise_covariance(out.jacobian, flux_err[s])
         cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s])
+        for store, layer in zip(features, feature_layers, strict=True):
+            store.append(np.asarray(tapped[layer], np.float64))
     total = cov_model + cov_scatter + cov_noise
-    return {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
-            "noise": cov_noise, "total": total}
+    budget = {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
+              "noise": cov_noise, "total": total}
+    if feature_layers:
+        budget["features"] = [np.concatenate(f) if f else np.zeros((0, 0)) for f in features]
+    return budget

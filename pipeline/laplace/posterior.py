@@ -149,7 +149,13 @@ class Posterior:
 
         Standardized units, or physical units if a ``LabelScaler`` is given.
         """
-        phi = self.head.features(x, batch_size)
+        return self.feature_covariance(self.head.features(x, batch_size), scaler, batch_size)
+
+    def feature_covariance(self, phi, scaler=None, batch_size: int = 256) -> np.ndarray:
+        """:meth:`predictive_covariance` of stars whose head features phi = body(x) (N, d)
+        are already known (``pipeline.nn.derivatives.forward_jacobian`` taps them from the
+        forward pass of the input Jacobian), so the body is not run a second time."""
+        phi = np.asarray(phi, np.float64)
         out = []
         for s in batches(len(phi), batch_size):
             jac = self.head.jacobian(phi[s])[0].numpy()  # (B, K, P)

@@ -28,7 +28,8 @@ default ``DIR/emulator.npz`` beside the model; without one their columns are NaN
 bits are never set (a warning says so).
 
 A canonical FITS input is read ``predict.chunk_size`` stars at a time (memory-mapped row
-slices): only the catalog rows (~0.2 kB a star) accumulate, so a survey of any size fits.
+slices) and each chunk's catalog rows are written before the next is read
+(``pipeline.artifacts.catalog.StreamingTableWriter``): memory does not grow with the survey.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from astropy.table import vstack
 
 from pipeline import runtime
 from pipeline.artifacts import catalog as export
@@ -46,7 +46,7 @@ from pipeline.artifacts.ensemble_scatter import read_ensemble_scatter
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
-from pipeline.evaluation.feature_distance import last_hidden_units
+from pipeline.evaluation.feature_distance import last_dense_layer, last_hidden_units
 from pipeline.evaluation.flags import model_error_ratio, star_flags
 from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference, shift_statistics
 from pipeline.exceptions import ConfigError, DataError
@@ -63,18 +63,25 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ catalog
 def mixture_budget(members: list, spectra: Spectra, config: dict,
-                   scatter: ScatterModel | None = None) -> tuple[dict, np.ndarray]:
+                   scatter: ScatterModel | None = None,
+                   feature_layer=None) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """The error budget of ``spectra`` under the (model, posterior, scaler) ``members`` (one:
     the single model; several: their mixture, with the ensemble's ``scatter`` model when given,
-    ``pipeline.laplace.ensemble``), and the stars' bad-pixel mask (N, P).
+    ``pipeline.laplace.ensemble``), the stars' bad-pixel mask (N, P), and the first member's
+    inputs of ``feature_layer`` (N, d) from the same pass (None without a layer).
 
     Bad pixels carry no flux noise (module docstring)."""
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
-    budget = ensemble_budget([
-        error_budget(m, p, s, spectra.flux, noise_err, config["predict"]["batch_size"])
-        for m, p, s in members], scatter=scatter, scaler=members[0][2])
-    return budget, bad
+    batch = config["predict"]["batch_size"]
+    (model, posterior, scaler), *others = members
+    # the first member's pass also taps the features of ``feature_layer`` (shift statistics)
+    first = error_budget(model, posterior, scaler, spectra.flux, noise_err, batch,
+                         feature_layers=[] if feature_layer is None else [feature_layer])
+    features = first.pop("features", [None])[0]
+    budget = ensemble_budget([first, *(error_budget(m, p, s, spectra.flux, noise_err, batch)
+                                       for m, p, s in others)], scatter=scatter, scaler=scaler)
+    return budget, bad, features
 
 
 def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
@@ -89,10 +96,12 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     MODEL_OOD reference and the last-hidden-layer features of the shift flags are the first
     member's.
     """
-    budget, bad = mixture_budget([(model, posterior, scaler), *members], spectra, config,
-                                 scatter)
+    batch = config["predict"]["batch_size"]
+    budget, bad, features = mixture_budget(
+        [(model, posterior, scaler), *members], spectra, config, scatter,
+        None if reference is None else last_dense_layer(model))
     shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
-                             budget["prediction"], config["predict"]["batch_size"])
+                             budget["prediction"], batch, features)
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
     laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
@@ -208,19 +217,23 @@ def run(args, config: dict) -> None:
     device = runtime.device_name()
     for path, name in zip(args.inputs, names, strict=True):
         fmt = detect_format(path) if args.format == "auto" else args.format
-        table = vstack([predict_catalog(model, posterior, scaler, spectra, resampled, config,
+        n_flagged = 0
+        with export.StreamingTableWriter(Path(args.out) / name) as out:
+            for spectra, resampled in input_chunks(path, fmt, wave, config,
+                                                   chunk_stars(config["predict"]),
+                                                   desc="predict"):
+                table = predict_catalog(model, posterior, scaler, spectra, resampled, config,
                                         reference, members=tuple(members), scatter=scatter)
-                        for spectra, resampled in input_chunks(
-                            path, fmt, wave, config, chunk_stars(config["predict"]),
-                            desc="predict")], metadata_conflicts="silent")
-        header = provenance(config, device=device, model=" ".join(map(str, args.model)),
-                            posterior=" ".join(map(str, args.posterior)), input=str(path),
-                            emulator=reference_path,
-                            **({"scatter": args.scatter} if args.scatter else {}),
-                            nstars=len(table), nflagged=int(np.count_nonzero(table["FLAG"])))
-        paths = export.write_table(table, Path(args.out) / name, header)
-        log.info("%s: %d stars (%d flagged) -> %s", path, len(table),
-                 np.count_nonzero(table["FLAG"]), ", ".join(map(str, paths)))
+                out.write(table)  # each chunk's rows go to disk: memory does not grow
+                n_flagged += int(np.count_nonzero(table["FLAG"]))
+            header = provenance(config, device=device, model=" ".join(map(str, args.model)),
+                                posterior=" ".join(map(str, args.posterior)), input=str(path),
+                                emulator=reference_path,
+                                **({"scatter": args.scatter} if args.scatter else {}),
+                                nstars=out.n_rows, nflagged=n_flagged)
+            paths = out.finish(header)
+        log.info("%s: %d stars (%d flagged) -> %s", path, out.n_rows, n_flagged,
+                 ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":
