@@ -11,6 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from pipeline import LABELS
 from pipeline.artifacts import catalog as export
 from pipeline.artifacts.provenance import provenance
 
@@ -125,7 +126,8 @@ def _chunks(budget, rng):
     for names in ids:
         rows = slice(start, start + len(names))
         part = {k: v if k == "scatter" else v[rows] for k, v in budget.items()}
-        shift = {k: rng.random(len(names)) for k in export.SHIFT_COLUMNS}
+        shift = {k: rng.random(len(names)) for k in (*export.SHIFT_COLUMNS,
+                                                     *(f"{lab}_EMULATOR" for lab in LABELS))}
         chunks.append(export.catalog_table(names, part, np.arange(len(names)) + start,
                                            true_labels=rng.normal(size=(len(names), 3)),
                                            snr=rng.uniform(10, 200, len(names)), shift=shift))
