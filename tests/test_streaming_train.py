@@ -148,3 +148,49 @@ def test_xla_train_step_is_deterministic(op_determinism_off, tmp_path):
     m2, _, h2 = train_mod.train_model(cfg, train, valid, tmp_path / "b")
     assert weights_equal(m1, m2)
     assert h1.equals(h2)
+
+
+def test_noise_augmentation_batches_equal_a_direct_draw(files):
+    """Every augmented batch is flux + a flux_err eps with eps from noise_rng(seed, epoch, batch)
+    (reference: the rows of read_spectra and a direct draw), no noise on bad pixels, the same
+    batches from the memory-mapped file and from memory, and the same after a resume."""
+    (whole, streamed), a, seed, bs = _both(files[0]), 0.7, 5, 64
+    z = whole.label_array().astype(np.float32)
+    cfg = tiny_config(noise_augmentation=a)
+    memory = train_mod.training_dataset(whole.flux, z, bs, seed, 0, 2, a,
+                                        train_mod.noise_rows(whole, cfg))
+    stream = train_mod.training_dataset(streamed.flux, z, bs, seed, 1, 2, a,
+                                        train_mod.noise_rows(streamed, cfg))
+    n_batches = -(-len(z) // bs)
+    got = [(x.numpy(), y.numpy()) for x, y in memory]
+    assert len(got) == 2 * n_batches
+    bad = whole.flux_err >= cfg["data"]["bad_pixel_err"]
+    assert bad.any()
+    for k, (x, y) in enumerate(got):
+        epoch, b = divmod(k, n_batches)
+        idx = train_mod.epoch_permutation(len(z), seed, epoch)[b * bs:(b + 1) * bs]
+        eps = train_mod.noise_rng(seed, epoch, b).standard_normal(x.shape, dtype=np.float32)
+        err = np.where(bad[idx], 0.0, whole.flux_err[idx]).astype(np.float32)
+        np.testing.assert_array_equal(x, whole.flux[idx] + np.float32(a) * err * eps)
+        np.testing.assert_array_equal(y, z[idx])
+        assert np.array_equal(x[bad[idx]], whole.flux[idx][bad[idx]])  # 1, untouched
+    for (x, _), (xs, _) in zip(got[n_batches:], stream, strict=True):  # resumed at epoch 1
+        np.testing.assert_array_equal(xs, x)
+    pulls = (got[0][0] - whole.flux[train_mod.epoch_permutation(len(z), seed, 0)[:bs]])
+    pulls = pulls[~bad[train_mod.epoch_permutation(len(z), seed, 0)[:bs]]]
+    assert np.std(pulls) > 0  # noise was added at all
+
+
+def test_noise_augmentation_off_leaves_the_batches_clean(files):
+    whole, _ = _both(files[0])
+    z = whole.label_array().astype(np.float32)
+    x, _ = next(iter(train_mod.training_dataset(whole.flux, z, 64, 5, 0, 1)))
+    idx = train_mod.epoch_permutation(len(z), 5, 0)[:64]
+    np.testing.assert_array_equal(x.numpy(), whole.flux[idx])
+
+
+def test_noise_augmentation_needs_flux_errors(files):
+    whole, _ = _both(files[0])
+    whole.flux_err = None
+    with pytest.raises(DataError, match="noise_augmentation.*FLUX_ERR"):
+        train_mod.noise_rows(whole, tiny_config(noise_augmentation=1.0))

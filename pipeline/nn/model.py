@@ -11,7 +11,7 @@ standardized labels ``z = (y - mean) / scale`` as ``(N, 3)`` in the order of
   1-D convolutions ``model.cnn.filters`` (kernel ``model.cnn.kernel_size``, 'same' padding),
   one max-pooling by ``model.cnn.pool_size``, is flattened and enters the same dense head.
 
-With ``model.input_normalization`` (default false) a ``keras.layers.Normalization`` layer
+With ``model.input_normalization`` (default true) a ``keras.layers.Normalization`` layer
 (``flux_norm``) follows the input: ``(flux - mean) / sqrt(variance)`` per pixel (one common
 variance with ``model.input_scale: global``, the default), with the
 mean and variance of the training flux (:func:`flux_statistics`, set by
@@ -160,7 +160,7 @@ def build_model(n_pixels: int, model_cfg: dict, seed: int):
 
     flux = keras.Input(shape=(n_pixels,), dtype="float32", name="flux")
     h = flux
-    if model_cfg.get("input_normalization", False):
+    if model_cfg.get("input_normalization", True):
         h = keras.layers.Normalization(axis=-1, name=NORMALIZATION)(h)
     layer_seed = seed
     if kind == "cnn":

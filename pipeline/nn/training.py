@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE = "checkpoints", "state.json"
 FINGERPRINT_ROWS = 4096  # rows of flux hashed at a time
 REFIT_ROWS = 2048  # rows of flux per chunk of the output-layer refit (59 MB at 7213 px)
+NOISE_STREAM = 0x4E4F495345  # spawn-key word of the augmentation noise ("NOISE")
 
 
 # ------------------------------------------------------------------------------ training state
@@ -262,14 +263,53 @@ def _gather_rows(flux: np.ndarray, z: np.ndarray):
     return gather
 
 
+def noise_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of the augmentation noise of one batch: a pure function of (seed, epoch,
+    batch), so a resumed run draws the same noise as an uninterrupted one."""
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(
+        NOISE_STREAM, int(epoch), int(batch))))
+
+
+def _gather_noisy_rows(rows, z: np.ndarray, noise: float, seed: int):
+    """Like :func:`_gather_rows`, for (epoch, batch, index batch) triples: the flux rows plus
+    ``noise`` x flux_err x N(0, 1) per pixel, drawn by :func:`noise_rng`. ``rows(idx)`` returns
+    (flux, flux_err) with error 0 on bad pixels (``FluxRows.rows`` or :func:`_array_rows`)."""
+    def draw(epoch, batch, idx):
+        flux, err = rows(idx)
+        eps = noise_rng(seed, epoch, batch).standard_normal(flux.shape, dtype=np.float32)
+        return flux + np.float32(noise) * err * eps, z[idx]
+
+    def gather(epoch, batch, idx):
+        x, y = tf.numpy_function(draw, [epoch, batch, idx], (tf.float32, tf.as_dtype(z.dtype)),
+                                 stateful=False)
+        x.set_shape((None, None))
+        y.set_shape((None, *z.shape[1:]))
+        return x, y
+
+    return gather
+
+
+def _array_rows(flux: np.ndarray, flux_err: np.ndarray, bad_pixel_err: float):
+    """idx -> (flux, flux_err) rows of in-memory arrays, the error 0 on bad pixels (read with
+    error ``bad_pixel_err``; their flux was replaced by 1 and gets no noise)."""
+    def rows(idx):
+        err = np.asarray(flux_err[idx], np.float32)
+        return np.asarray(flux[idx], np.float32), np.where(err < bad_pixel_err, err, 0.0)
+
+    return rows
+
+
 def training_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int, seed: int,
-                     first_epoch: int, epochs: int) -> tf.data.Dataset:
+                     first_epoch: int, epochs: int, noise: float = 0.0,
+                     rows=None) -> tf.data.Dataset:
     """Batches of epochs ``first_epoch .. epochs-1`` back to back, each in its own order.
 
     ``model.fit(..., steps_per_epoch=ceil(N / batch_size))`` keeps one iterator across epochs,
     so epoch e sees exactly ``epoch_permutation(N, seed, e)`` whether or not the run resumed.
     Each permutation is drawn when its epoch starts (one (N,) index array alive, not one per
     epoch), and ``flux`` may be a row reader: memory does not grow with N beyond O(N) indices.
+    With ``noise`` > 0 every batch gets fresh Gaussian noise (``train.noise_augmentation``),
+    ``rows(idx)`` giving its (flux, flux_err).
     """
     n = len(flux)
 
@@ -279,11 +319,14 @@ def training_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int, seed: int
     def epoch_batches(epoch):
         perm = tf.numpy_function(permutation, [epoch], tf.int64, stateful=False)
         perm.set_shape((n,))
-        return tf.data.Dataset.from_tensor_slices(perm).batch(batch_size)
+        batches = tf.data.Dataset.from_tensor_slices(perm).batch(batch_size)
+        if noise > 0:
+            batches = batches.enumerate().map(lambda b, idx: (epoch, b, idx))
+        return batches
 
+    gather = _gather_noisy_rows(rows, z, noise, seed) if noise > 0 else _gather_rows(flux, z)
     batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
-    batches = batches.map(_gather_rows(flux, z), num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
+    batches = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
@@ -380,6 +423,19 @@ def run_fingerprint(config: dict, train: Spectra, valid: Spectra) -> str:
     return digest.hexdigest()
 
 
+def noise_rows(train: Spectra, config: dict):
+    """idx -> (flux, flux_err) rows of the training split for the noise augmentation, or None
+    without it. DataError when it is on and the split carries no flux errors."""
+    if not config["train"]["noise_augmentation"]:
+        return None
+    if is_row_reader(train.flux):
+        return train.flux.rows
+    if train.flux_err is None:
+        raise DataError("train.noise_augmentation needs the training flux errors (FLUX_ERR); "
+                        "this split was read without them")
+    return _array_rows(train.flux, train.flux_err, config["data"]["bad_pixel_err"])
+
+
 def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path,
                 callbacks=()) -> tuple[keras.Model, LabelScaler, pd.DataFrame]:
     """Train the config's network on ``train``, early-stopping on ``valid``; resumable.
@@ -431,7 +487,8 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
                  model.name, model.count_params(), train.n_stars, train.n_pixels, steps)
         model.fit(
             training_dataset(flux_train, z_train, tcfg["batch_size"], int(config["seed"]),
-                             state.epoch, tcfg["epochs"]),
+                             state.epoch, tcfg["epochs"], tcfg["noise_augmentation"],
+                             noise_rows(train, config)),
             validation_data=validation_dataset(as_rows(valid.flux), z_valid,
                                                tcfg["batch_size"]),
             epochs=tcfg["epochs"], initial_epoch=state.epoch, steps_per_epoch=steps, shuffle=False,

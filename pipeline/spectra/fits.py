@@ -183,6 +183,11 @@ class FluxRows:
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
             return self[np.array([key])][0]
+        return self.rows(key)[0]
+
+    def rows(self, key) -> tuple[np.ndarray, np.ndarray]:
+        """(flux, noise_std) of the rows ``key``: the flux as ``self[key]`` and the flux error
+        float32 with 0 on bad pixels (where the flux was replaced by 1, nothing is noise)."""
         wanted = self.file_rows[key]
         order = np.argsort(wanted, kind="stable")
         ranked = wanted[order]  # ascending: sequential reads of the memory-mapped file
@@ -191,10 +196,12 @@ class FluxRows:
         flux = np.array(self._flux[ranked], np.float32)
         err = np.asarray(self._err[ranked], np.float32)
         mask = None if self._mask is None else np.asarray(self._mask[ranked])
-        flux[validation._bad_pixels(flux, err, mask)] = 1.0
-        out = np.empty_like(flux)
-        out[order] = flux
-        return out
+        bad = validation._bad_pixels(flux, err, mask)
+        flux[bad] = 1.0
+        err = np.where(bad, np.float32(0), err)
+        out, out_err = np.empty_like(flux), np.empty_like(err)
+        out[order], out_err[order] = flux, err
+        return out, out_err
 
     def chunks(self, size: int = validation.CHUNK_ROWS):
         """(slice, rows) pairs covering the array in order, ``size`` rows at a time."""

@@ -37,7 +37,8 @@ def read_split(path: str, config: dict):
     if config["train"]["stream"]:
         return open_spectra(path, **kwargs)
     spectra = read_spectra(path, **kwargs)
-    spectra.flux_err = None  # training never uses the errors: free them before the next read
+    if not config["train"]["noise_augmentation"]:
+        spectra.flux_err = None  # only the noise augmentation uses the errors: free them
     return spectra
 
 
