@@ -82,7 +82,10 @@ def test_per_star_loop_matches_finite_differences():
         keras.config.set_floatx("float32")
     x = np.random.default_rng(0).random((2, 6)).astype(np.float32)
     jac = bench_jacobian.per_star_loop(model, x)
-    w = [np.asarray(v, np.float64) for v in model.get_weights()]
+    w = [np.asarray(v, np.float64) for layer in model.layers
+         if isinstance(layer, keras.layers.Dense) for v in layer.get_weights()]
+    mean, var = model.get_layer("flux_norm").get_weights()[:2]
+    assert np.all(mean == 0) and np.all(var == 1)  # input standardization: identity unadapted
 
     def f(v):  # the dense ReLU net in float64 numpy
         return np.maximum(v @ w[0] + w[1], 0) @ w[2] + w[3]
