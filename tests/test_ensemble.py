@@ -273,7 +273,8 @@ def test_mixture_scatter_vanishes_when_the_mixture_variance_is_already_right(kin
     from pipeline.laplace.scatter import fit_scatter
 
     budgets, truth, scaler = _validation_members(np.random.default_rng(11))
-    cfg = {"scatter": kind, "scatter_ridge": 0.02, "scatter_cap_quantile": 0.99}
+    cfg = {"scatter": kind, "scatter_ridge": 0.02, "scatter_cap_quantile": 0.99,
+           "scatter_labels": True}
     mixture = ensemble_budget(budgets)
     scatter = fit_mixture_scatter(mixture, truth, scaler, cfg)
     new = ensemble_budget(budgets, scatter=scatter, scaler=scaler)
@@ -309,7 +310,7 @@ def test_mixture_scatter_recovers_a_known_constant_scatter_and_its_correlation()
     budgets, truth, scaler = _validation_members(np.random.default_rng(12), extra=extra)
     scatter = fit_mixture_scatter(ensemble_budget(budgets), truth, scaler,
                                   {"scatter": "constant", "scatter_ridge": 0.02,
-                                   "scatter_cap_quantile": 0.99})
+                                   "scatter_cap_quantile": 0.99, "scatter_labels": True})
     np.testing.assert_allclose(np.exp(scatter.coef[:, 0]), s0, rtol=0.05)
     np.testing.assert_array_equal(scatter.coef[:, 1:], 0.0)
     np.testing.assert_allclose(scatter.correlation, r0, atol=0.1)
