@@ -155,6 +155,27 @@ def test_error_budget_carries_the_fitted_scatter_model(smooth_model, scaler, rng
                                    + budget["scatter"][n] + budget["noise"][n], rtol=1e-13)
 
 
+def test_error_budget_gives_the_scatter_model_the_predicted_labels(smooth_model, scaler, rng):
+    """A scatter model with the predicted labels as covariates: D from each star's model and
+    noise variances and its standardized prediction, checked star by star."""
+    from pipeline.laplace.scatter import ScatterModel
+
+    slopes = np.array([[-1.0, 0.3, 0.2, 0.4, -0.1, -0.5]] * 3)
+    fitted = ScatterModel(slopes, np.zeros((3, 5)), np.ones((3, 5)), np.full((3, 5), -np.inf),
+                          np.full((3, 5), np.inf), np.full(3, np.inf), np.eye(3))
+    posterior = FeaturePosterior(smooth_model)
+    posterior.scatter_covariance = fitted.covariance
+    flux, flux_err = spectra(5, rng)
+    budget = error_budget(smooth_model, posterior, scaler, flux, flux_err, batch_size=2)
+    for n in range(5):
+        log_m = 0.5 * np.log(np.diag(budget["model"][n]) / SCALE**2)
+        log_e = 0.5 * np.log(np.diag(budget["noise"][n]) / SCALE**2)
+        zhat = (budget["prediction"][n] - MEAN) / SCALE
+        d = np.exp(-1.0 + 0.3 * log_m + 0.2 * log_e + zhat @ slopes[0, 3:]) * SCALE
+        np.testing.assert_allclose(budget["scatter"][n], np.diag(d**2), rtol=1e-12, atol=0)
+        assert np.ptp(zhat) > 0.1  # the labels differ, so a wrong order would show
+
+
 def test_noise_term_matches_monte_carlo(smooth_model, scaler):
     """Covariance of predictions on fluxes drawn with the stated errors = D diag(e^2) D^T."""
     rng = np.random.default_rng(11)

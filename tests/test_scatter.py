@@ -174,3 +174,98 @@ def test_unknown_kind_names_the_config_key(rng):
     resid, mv, nv = simulate(rng, 50, np.zeros((3, 3)))
     with pytest.raises(ConfigError, match=r"laplace\.scatter"):
         fit_scatter(resid, mv, nv, kind="quadratic")
+
+
+# ------------------------------------------------------------- predicted labels as covariates
+def simulate_label_tail(rng, n, slope=-0.8):
+    """Residuals whose scatter grows towards low predicted [Fe/H] (the third label),
+    s = 0.3 exp(slope zhat_3): about 4 times the median in the lowest [Fe/H] tenth (mean of
+    exp(0.8 |x|) over x < -1.28 of a standard normal); model and noise variances that do not
+    know it."""
+    labels = rng.normal(size=(n, 3))
+    model_var = 0.01 * np.exp(rng.normal(0, 1.0, (n, 3)))
+    noise_var = 0.01 * np.exp(rng.normal(0, 1.0, (n, 3)))
+    s = 0.3 * np.exp(slope * labels[:, 2])[:, None]
+    resid = np.sqrt(s**2 + model_var + noise_var) * rng.normal(size=(n, 3))
+    return resid, model_var, noise_var, labels
+
+
+def test_label_covariates_calibrate_a_tail_that_the_errors_do_not_know(rng):
+    resid, mv, nv, lab = simulate_label_tail(rng, 5000)
+    resid2, mv2, nv2, lab2 = simulate_label_tail(rng, 20000)
+    old = fit_scatter(resid, mv, nv)
+    new = fit_scatter(resid, mv, nv, labels=lab)
+    assert not old.uses_labels and new.uses_labels
+    z_old = resid2 / np.sqrt(old.std(mv2, nv2) ** 2 + mv2 + nv2)
+    z_new = resid2 / np.sqrt(new.std(mv2, nv2, lab2) ** 2 + mv2 + nv2)
+    # N = 20000 fresh stars: sd of a coverage fraction 0.0033, of the z std 0.005
+    cover_old = np.mean(np.abs(z_old) < 1, axis=0)
+    cover_new = np.mean(np.abs(z_new) < 1, axis=0)
+    assert np.all(cover_old > 0.72), cover_old  # right on average, too wide in the core
+    assert np.all(np.abs(cover_new - 0.6827) < 0.03), cover_new
+    assert np.all(np.abs(z_new.std(axis=0) - 1.0) < 0.1), z_new.std(axis=0)
+    # and in the tail itself (the lowest [Fe/H] tenth, ~2000 stars: sd of a std ~0.016)
+    tail = lab2[:, 2] < np.quantile(lab2[:, 2], 0.1)
+    assert np.all(np.abs(z_new[tail].std(axis=0) - 1.0) < 0.1), z_new[tail].std(axis=0)
+    assert np.all(z_old[tail].std(axis=0) > 1.3), z_old[tail].std(axis=0)
+    # the fitted [Fe/H] slope on the standardized covariate: slope * validation std of zhat_3
+    np.testing.assert_allclose(new.coef[:, 5], -0.8 * new.u_scale[:, 4], rtol=0.1)
+
+
+def test_label_covariates_never_exceed_the_cap_at_the_corners_of_the_clip_box(rng):
+    resid, mv, nv, lab = simulate_label_tail(rng, 3000, slope=-1.5)
+    fit = fit_scatter(resid, mv, nv, labels=lab)
+    # every corner of the 5-covariate box: per row, each of model var, noise var (all labels
+    # at once) and the 3 predicted labels at its validation min (0) or max (1)
+    corners = np.array(np.meshgrid(*[[0, 1]] * 5, indexing="ij")).reshape(5, -1).T  # (32, 5)
+    m_c = np.where(corners[:, :1], mv.max(0), mv.min(0))
+    e_c = np.where(corners[:, 1:2], nv.max(0), nv.min(0))
+    l_c = np.where(corners[:, 2:], lab.max(0), lab.min(0))
+    s = fit.std(m_c, e_c, l_c)
+    assert np.all(s <= fit.cap) and np.any(s == fit.cap), "the steep tail must reach the cap"
+    # far outside the box the covariates are clipped to its corners
+    far = fit.std(m_c * np.where(corners[:, :1], 1e6, 1e-6), e_c * np.where(corners[:, 1:2],
+                  1e6, 1e-6), l_c + np.where(corners[:, 2:], 100.0, -100.0))
+    np.testing.assert_array_equal(far, s)
+    np.testing.assert_allclose(fit.cap, np.quantile(np.abs(resid), 0.99, axis=0))
+
+
+def test_the_stored_arrays_say_whether_labels_are_covariates(rng):
+    resid, mv, nv, lab = simulate_label_tail(rng, 500)
+    old = ScatterModel.from_dict(fit_scatter(resid, mv, nv).to_dict())
+    new = ScatterModel.from_dict(fit_scatter(resid, mv, nv, labels=lab).to_dict())
+    assert old.coef.shape == (3, 3) and new.coef.shape == (3, 6)
+    # a two-covariate model (a posterior fitted before) ignores the labels it is given
+    assert old.std(mv, nv, lab).tobytes() == old.std(mv, nv).tobytes()
+    with pytest.raises(DataError, match="predicted labels"):
+        new.std(mv, nv)
+    with pytest.raises(DataError, match=r"expected \(500, 3\)"):
+        new.std(mv, nv, lab[:, :2])
+
+
+def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
+    """benchmarks.scatter_refit on catalogs of a label-dependent tail: it reads the physical
+    columns back to standardized units (the scaler), and the label covariates bring the
+    coverage of the test stars to 68.3% where the two-covariate fit over-covers."""
+    from astropy.table import Table
+
+    from benchmarks.scatter_refit import main
+    from pipeline.nn.scaler import LabelScaler
+
+    mean, scale = np.array([4800.0, 3.0, -0.3]), np.array([800.0, 1.3, 0.6])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "predictions").mkdir()
+    LabelScaler(mean=mean, scale=scale).save(tmp_path / "model" / "scaler.json")
+    for split in ("valid", "test"):
+        resid, mv, nv, lab = simulate_label_tail(rng, 4000)
+        table = Table({"SNR": rng.uniform(30, 300, 4000)})
+        for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
+            table[name] = mean[k] + scale[k] * lab[:, k]
+            table[name + "_TRUE"] = mean[k] + scale[k] * (lab[:, k] - resid[:, k])
+            table[name + "_ERR_MODEL"] = scale[k] * np.sqrt(mv[:, k])
+            table[name + "_ERR_NOISE"] = scale[k] * np.sqrt(nv[:, k])
+        table.write(tmp_path / "predictions" / f"{split}.fits")
+    assert main(["--results", str(tmp_path), "--min-stars", "500"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("test, all")]
+    old, new = (np.array(ln.split("|z|<1 [")[1].rstrip("]").split(), float) for ln in lines)
+    assert np.all(old > 0.72) and np.all(np.abs(new - 0.6827) < 0.03), (old, new)

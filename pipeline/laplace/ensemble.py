@@ -26,10 +26,11 @@ the between term counts a second time. ``fit_mixture_scatter`` fits ONE scatter 
 with the same covariate convention, ridge and cap, on the residuals of the mixture mean
 r = mu - y of the validation stars, given the mixture's model covariance (within Laplace +
 between) and its flux-noise covariance (the members' mean) as the scatter's covariates and as
-the variance it adds to. ``ensemble_budget(..., scatter=S)`` then replaces the members' mean
-scatter by S evaluated at each star's mixture model and noise variances:
+the variance it adds to, and the mixture mean mu as the predicted-label covariates.
+``ensemble_budget(..., scatter=S)`` then replaces the members' mean scatter by S evaluated at
+each star's mixture model and noise variances and mixture mean:
 
-    scatter = S(diag(model) / scale^2, diag(noise) / scale^2)     (standardized, as one model)
+    scatter = S(diag(model) / scale^2, diag(noise) / scale^2, (mu - mean) / scale)
 
 With S, a star of the validation set whose mixture residual is fully explained by
 model + noise gets scatter ~ 0, whatever the members' own scatters were.
@@ -93,7 +94,7 @@ def ensemble_budget(budgets: list[dict], scatter: ScatterModel | None = None,
                             axis=0) for part in PARTS}
     model = within["model"] + between
     part = (within["scatter"] if scatter is None
-            else physical_scatter(scatter, scaler, model, within["noise"]))
+            else physical_scatter(scatter, scaler, model, within["noise"], mean))
     return {"prediction": mean, "model": model, "scatter": part,
             "noise": within["noise"], "total": model + part + within["noise"],
             "ensemble": between, "model_laplace": within["model"]}
@@ -109,11 +110,13 @@ def fit_mixture_scatter(budget: dict, true_labels: np.ndarray, scaler, cfg: dict
     true_labels : (N, 3) their true labels, physical units.
     scaler : ``LabelScaler`` of the members (standardized units of the fit).
     cfg : the ``laplace`` config section (``scatter``, ``scatter_ridge``,
-        ``scatter_cap_quantile``), as for one model's ``calibrate_scatter``.
+        ``scatter_cap_quantile``, ``scatter_labels``), as for one model's ``calibrate_scatter``.
     """
     scale = np.asarray(scaler.scale, np.float64)
     to_standard = 1.0 / np.outer(scale, scale)
-    return fit_scatter(scaler.transform(budget["prediction"]) - scaler.transform(true_labels),
+    prediction = scaler.transform(budget["prediction"])
+    return fit_scatter(prediction - scaler.transform(true_labels),
                        budget["model"] * to_standard, budget["noise"] * to_standard,
                        cfg["scatter"], ridge=cfg["scatter_ridge"],
-                       cap_quantile=cfg["scatter_cap_quantile"])
+                       cap_quantile=cfg["scatter_cap_quantile"],
+                       labels=prediction if cfg["scatter_labels"] else None)

@@ -71,28 +71,32 @@ def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size:
     return out
 
 
-def scatter_covariance(posterior, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+def scatter_covariance(posterior, model_var: np.ndarray, noise_var: np.ndarray,
+                       labels: np.ndarray | None = None) -> np.ndarray:
     """Scatter covariance (N, 3, 3) in standardized units of stars with model and flux-noise
-    variances (N, 3, standardized units).
+    variances (N, 3, standardized units) and predicted labels (N, 3, standardized).
 
     The posterior's ``scatter_covariance`` (a fitted scatter model D R D, or the Laplace noise
     without double-counted flux noise) when it has one, else diag(``noise_std``^2).
     """
     if hasattr(posterior, "scatter_covariance"):
-        return np.asarray(posterior.scatter_covariance(model_var, noise_var), np.float64)
+        return np.asarray(posterior.scatter_covariance(model_var, noise_var, labels), np.float64)
     var = np.broadcast_to(np.asarray(posterior.noise_std, np.float64) ** 2, np.shape(noise_var))
     return var[:, :, None] * np.eye(var.shape[1])
 
 
-def physical_scatter(source, scaler, cov_model: np.ndarray, cov_noise: np.ndarray) -> np.ndarray:
+def physical_scatter(source, scaler, cov_model: np.ndarray, cov_noise: np.ndarray,
+                     prediction: np.ndarray) -> np.ndarray:
     """Scatter covariance (N, 3, 3), physical units, of stars with physical model and
-    flux-noise covariances (N, 3, 3): ``scatter_covariance`` of ``source`` (a posterior, or an
-    ensemble's ``ScatterModel``) in standardized units, whose covariates are the standardized
-    variances diag(C) / scale^2."""
+    flux-noise covariances (N, 3, 3) and predicted labels (N, 3, physical units):
+    ``scatter_covariance`` of ``source`` (a posterior, or an ensemble's ``ScatterModel``) in
+    standardized units, whose covariates are the standardized variances diag(C) / scale^2 and
+    the standardized predictions."""
     scale2 = np.asarray(scaler.scale, np.float64) ** 2
     return scaler.covariance_to_physical(scatter_covariance(
         source, np.diagonal(cov_model, axis1=1, axis2=2) / scale2,
-        np.diagonal(cov_noise, axis1=1, axis2=2) / scale2))
+        np.diagonal(cov_noise, axis1=1, axis2=2) / scale2,
+        scaler.transform(np.asarray(prediction, np.float64))))
 
 
 def predict_standardized(model, x: np.ndarray) -> np.ndarray:
@@ -114,8 +118,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     model : functional Keras model mapping flux (B, P) to standardized labels (B, 3).
     posterior : ``pipeline.laplace.Posterior`` (``head``, ``feature_covariance(phi)``), or any
         object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units); and
-        ``scatter_covariance(model_var, noise_var) -> (B, 3, 3)`` or ``noise_std`` (3,), the
-        standardized scatter.
+        ``scatter_covariance(model_var, noise_var, labels) -> (B, 3, 3)`` or ``noise_std``
+        (3,), the standardized scatter.
     scaler : ``pipeline.nn.scaler.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
     flux : (N, P) normalized flux.
     flux_err : (N, P) 1-sigma flux errors; pass 0 for pixels whose flux is a fixed
@@ -156,7 +160,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
                 x.reshape(len(x), -1) if head_layer is None else tapped[head_layer])
         cov_model[s] = scaler.covariance_to_physical(np.asarray(cov, np.float64))
         cov_noise[s] = noise_covariance(out.jacobian, flux_err[s])
-        cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s])
+        cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s],
+                                         prediction[s])
         for store, layer in zip(features, feature_layers, strict=True):
             store.append(np.asarray(tapped[layer], np.float64))
     total = cov_model + cov_scatter + cov_noise

@@ -123,9 +123,10 @@ class Posterior:
         value = self.info.get("train_model_std_q99")
         return None if value is None else np.asarray(value, np.float64)
 
-    def scatter_covariance(self, model_var, noise_var) -> np.ndarray:
+    def scatter_covariance(self, model_var, noise_var, labels=None) -> np.ndarray:
         """Aleatoric scatter covariance (N, K, K), standardized, of stars with model and
-        flux-noise variances (N, K, standardized units).
+        flux-noise variances (N, K, standardized units) and predicted labels (N, K,
+        standardized; used when the scatter model has them as covariates).
 
         The validation-calibrated scatter model (``info['scatter']``, pipeline.laplace.scatter)
         when the laplace step fitted one: D R D. Else the Laplace noise: diag(sigma_k^2) when
@@ -138,7 +139,7 @@ class Posterior:
         noise_var = np.asarray(noise_var, np.float64)
         scatter = self.scatter_model
         if scatter is not None:
-            return scatter.covariance(model_var, noise_var)
+            return scatter.covariance(model_var, noise_var, labels)
         var = np.broadcast_to(self.noise_std**2, noise_var.shape)
         if self.info.get("hyperparameters", "evidence") == "evidence":
             var = np.maximum(var - noise_var, 0.0)
@@ -353,13 +354,15 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
 
 def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
     """Fit the scatter model (pipeline.laplace.scatter) on validation stars, given their model
-    and flux-noise covariances."""
+    and flux-noise covariances; their predicted labels are covariates too unless
+    ``cfg['scatter_labels']`` is false."""
     batch = cfg["batch_size"]
     z = np.concatenate([predict_standardized(model, x_valid[s])
                         for s in batches(len(x_valid), batch)])
     model_cov = posterior.predictive_covariance(x_valid, batch_size=batch)
     scatter = fit_scatter(z - y_valid, model_cov, noise_valid, cfg["scatter"],
-                          ridge=cfg["scatter_ridge"], cap_quantile=cfg["scatter_cap_quantile"])
+                          ridge=cfg["scatter_ridge"], cap_quantile=cfg["scatter_cap_quantile"],
+                          labels=z if cfg["scatter_labels"] else None)
     log.info("scatter model (%s) fitted on %d validation stars: coefficients %s, cap %s, "
              "correlation %s", cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4),
              np.array2string(scatter.cap, precision=4),

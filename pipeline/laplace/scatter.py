@@ -5,19 +5,26 @@ with the prior precision. The misfit of a real network is not that uniform: it i
 stars with weak lines and where the network is poorly constrained, so a single level gives
 errors that are right on average but too large for most stars and too small for the rest.
 
-The scatter model lets the level of label k depend on two covariates of that label only,
+The scatter model lets the level of label k depend on a few covariates,
 
-    u_nk = [log m_nk, log e_nk]        m, e: the star's model (Laplace) and flux-noise stds
+    u_nk = [log m_nk, log e_nk, zhat_n1, ..., zhat_nK]
 
-each standardized by its validation mean and standard deviation and clipped to the range the
-validation stars span, and caps the result:
+m, e: the star's model (Laplace) and flux-noise stds of label k; zhat_n: its K predicted labels
+in standardized units (the network output). The stars in the tail of a real network's
+residuals sit in parts of label space (metal-poor, hot, high-gravity stars) where the Laplace
+stds are hardly larger than in the core, so the model and noise errors alone cannot single them
+out; the predicted labels say where a star lies (config ``laplace.scatter_labels``; false keeps
+the two-covariate model u_nk = [log m_nk, log e_nk]). Each covariate is standardized by its
+validation mean and standard deviation and clipped to the range the validation stars span, and
+the result is capped:
 
     s_k(u) = min(exp(a_k + b_k . clip(u, u_lo, u_hi)), cap_k)
 
-Why so few covariates and a penalty: the nine covariates of an earlier design (predicted labels
-and the model and noise stds of all three labels) are nearly collinear (the three noise stds
-correlate at r ~ 0.99), so an unpenalized fit gives large slopes of opposite sign that cancel
-on the validation stars and explode for any other combination inside the clip box. Here a, b
+Why few covariates and a penalty: the nine covariates of an earlier, unpenalized design (the
+predicted labels and the model and noise stds of all three labels) are nearly collinear (the
+three noise stds correlate at r ~ 0.99), so that fit gave large slopes of opposite sign that
+cancel on the validation stars and explode for any other combination inside the clip box. Here
+each label keeps only its own model and noise stds, and a, b
 minimize the mean Gaussian negative log-likelihood of the validation residuals r_nk under the
 per-star variance V_nk = s_k(u_n)^2 + M_nk + E_nk (M, E: model and flux-noise variances) plus a
 ridge penalty 0.5 lambda |b|^2 on the slopes (config ``laplace.scatter_ridge``; the covariates
@@ -60,17 +67,29 @@ FIELDS = ("coef", "u_centre", "u_scale", "u_lo", "u_hi", "cap", "correlation")
 TINY_VAR = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
 
 
-def covariates(model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
-    """u (N, K, 2) = [log model std, log noise std] of each label, uncentred."""
-    return 0.5 * np.log(np.maximum(np.stack([np.asarray(model_var, np.float64),
-                                             np.asarray(noise_var, np.float64)], axis=-1),
-                                   TINY_VAR))
+def covariates(model_var: np.ndarray, noise_var: np.ndarray,
+               labels: np.ndarray | None = None) -> np.ndarray:
+    """u (N, K, 2) = [log model std, log noise std] of each label, uncentred; with predicted
+    ``labels`` (N, K, standardized) u (N, K, 2 + K): the same K labels appended for every k."""
+    u = 0.5 * np.log(np.maximum(np.stack([np.asarray(model_var, np.float64),
+                                          np.asarray(noise_var, np.float64)], axis=-1),
+                                TINY_VAR))
+    if labels is None:
+        return u
+    labels = np.asarray(labels, np.float64)
+    if labels.shape != u.shape[:2]:
+        raise DataError(f"scatter covariates: predicted labels have shape {labels.shape}; "
+                        f"expected {u.shape[:2]} (stars, labels), like the variances")
+    return np.concatenate([u, np.broadcast_to(labels[:, None, :], u.shape[:2] + labels.shape[1:])],
+                          axis=-1)
 
 
 @dataclass
 class ScatterModel:
-    """Per label k: ``coef`` (K, 3) = [a_k, b_k]; covariate centre, scale and clip range
-    (K, 2); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R."""
+    """Per label k: ``coef`` (K, 1 + C) = [a_k, b_k]; covariate centre, scale and clip range
+    (K, C); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R. C = 2
+    (model and noise stds) or 2 + K (and the predicted labels): the stored arrays say which,
+    so a model fitted before labels were covariates still loads and works."""
 
     coef: np.ndarray
     u_centre: np.ndarray
@@ -80,20 +99,32 @@ class ScatterModel:
     cap: np.ndarray
     correlation: np.ndarray
 
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the predicted labels are covariates (C = 2 + K)."""
+        return self.u_centre.shape[-1] > 2
+
     def design(self, u: np.ndarray) -> np.ndarray:
-        """Design (N, K, 3) = [1, clip(standardized u)] of covariates u (N, K, 2)."""
+        """Design (N, K, 1 + C) = [1, clip(standardized u)] of covariates u (N, K, C)."""
         u = np.clip((u - self.u_centre) / self.u_scale, self.u_lo, self.u_hi)
         return np.concatenate([np.ones(u.shape[:-1] + (1,)), u], axis=-1)
 
-    def std(self, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    def std(self, model_var: np.ndarray, noise_var: np.ndarray,
+            labels: np.ndarray | None = None) -> np.ndarray:
         """Scatter s (N, K), standardized units, of stars with model and flux-noise variances
-        (N, K), standardized units; never above ``cap``."""
-        log_s = np.einsum("nkc,kc->nk", self.design(covariates(model_var, noise_var)), self.coef)
+        (N, K) and predicted labels (N, K), standardized units; never above ``cap``. The labels
+        are needed when they are covariates (``uses_labels``) and ignored otherwise."""
+        if self.uses_labels and labels is None:
+            raise DataError("this scatter model has the predicted labels as covariates "
+                            "(laplace.scatter_labels): pass the stars' predicted labels")
+        u = covariates(model_var, noise_var, labels if self.uses_labels else None)
+        log_s = np.einsum("nkc,kc->nk", self.design(u), self.coef)
         return np.minimum(np.exp(log_s), self.cap)
 
-    def covariance(self, model_var: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    def covariance(self, model_var: np.ndarray, noise_var: np.ndarray,
+                   labels: np.ndarray | None = None) -> np.ndarray:
         """Scatter covariance D R D (N, K, K), D = diag(``std``), standardized units."""
-        s = self.std(model_var, noise_var)
+        s = self.std(model_var, noise_var, labels)
         return s[:, :, None] * self.correlation * s[:, None, :]
 
     # the name error_budget.scatter_covariance asks a posterior for: an ensemble passes its
@@ -169,7 +200,7 @@ def _as_covariance(a: np.ndarray, name: str, shape: tuple) -> np.ndarray:
 
 def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
                 kind: str = "linear", ridge: float = 0.02,
-                cap_quantile: float = 0.99) -> ScatterModel:
+                cap_quantile: float = 0.99, labels: np.ndarray | None = None) -> ScatterModel:
     """Fit the scatter model to validation stars.
 
     Parameters
@@ -180,6 +211,8 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     kind : 'constant' or 'linear' ('likelihood' needs no fit).
     ridge : penalty lambda on the slopes (standardized covariates).
     cap_quantile : q of the cap, the q-quantile of |residual| per label.
+    labels : (N, K) the stars' predicted labels, standardized, to be covariates too; None for
+        the two-covariate model.
 
     Returns
     -------
@@ -194,11 +227,11 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     noise_cov = _as_covariance(noise_cov, "noise_cov", (n, k_labels, k_labels))
     model_var = np.diagonal(model_cov, axis1=1, axis2=2)
     noise_var = np.diagonal(noise_cov, axis1=1, axis2=2)
-    u = covariates(model_var, noise_var)
+    u = covariates(model_var, noise_var, labels)
     centre, scale = u.mean(axis=0), u.std(axis=0)
     scale = np.where(scale > 1e-12, scale, 1.0)  # a constant covariate: its slope stays 0
     std_u = (u - centre) / scale
-    model = ScatterModel(np.zeros((k_labels, 3)), centre, scale, std_u.min(axis=0),
+    model = ScatterModel(np.zeros((k_labels, 1 + u.shape[-1])), centre, scale, std_u.min(axis=0),
                          std_u.max(axis=0), np.quantile(np.abs(residual), cap_quantile, axis=0),
                          np.eye(k_labels))
     f_all = model.design(u)
@@ -213,6 +246,6 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
         if not np.all(np.isfinite(res.x)):
             raise NumericalError(f"the scatter fit of label {k} did not converge: {res.message}")
         model.coef[k, :f.shape[1]] = res.x
-    model.correlation = fit_correlation(residual, model.std(model_var, noise_var),
+    model.correlation = fit_correlation(residual, model.std(model_var, noise_var, labels),
                                         model_cov, noise_cov)
     return model

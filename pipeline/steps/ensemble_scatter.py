@@ -7,8 +7,9 @@ Runs once every member's laplace job is done (``ensemble.members`` > 1, a fitted
 ``laplace.scatter`` kind). It predicts the validation split with the mixture exactly as predict
 does (mean of the member means; model covariance = mean of the members' Laplace covariances +
 covariance of the member means; flux-noise covariance = mean of the members'), fits one scatter
-model (``pipeline.laplace.scatter``: same covariates, ``laplace.scatter_ridge``, cap from
-``laplace.scatter_cap_quantile``, residual correlation) on the residuals of the mixture mean,
+model (``pipeline.laplace.scatter``: same covariates, the mixture mean as the predicted labels,
+``laplace.scatter_ridge``, cap from ``laplace.scatter_cap_quantile``, residual correlation) on
+the residuals of the mixture mean,
 and writes it (``pipeline.artifacts.ensemble_scatter``) for predict's ``--scatter``.
 """
 
