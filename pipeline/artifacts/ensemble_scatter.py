@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts.atomic import atomic_path
 from pipeline.artifacts.members import ENSEMBLE_SCATTER_FILE as FILE_NAME  # noqa: F401 (re-export)
+from pipeline.artifacts.npz_file import read_npz, write_npz
 from pipeline.exceptions import ModelFileError
 from pipeline.laplace.scatter import FIELDS, ScatterModel
 
@@ -46,8 +45,7 @@ def write_ensemble_scatter(path: str | Path, scatter: ScatterModel, kind: str, l
     arrays.update(kind=np.array(kind), label_scale=np.asarray(label_scale, np.float64),
                   members=np.array([member_fingerprint(p) for p in posteriors]),
                   info=np.array(json.dumps(info, default=str)))
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    write_npz(path, arrays)
 
 
 def read_ensemble_scatter(path: str | Path, posteriors: list, label_scale) -> ScatterModel:
@@ -57,19 +55,8 @@ def read_ensemble_scatter(path: str | Path, posteriors: list, label_scale) -> Sc
         ModelFileError: the file is missing, unreadable, lacks one of :data:`KEYS`, or was
         fitted for other members (fingerprints) or another label scaler.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"ensemble scatter file '{path}' does not exist; run the "
-                             "ensemble_scatter step (python -m pipeline.steps.ensemble_scatter)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-        missing = [k for k in KEYS if k not in data]
-        if missing:
-            raise ValueError(f"missing keys {', '.join(missing)}")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ModelFileError(f"'{path}': not a readable ensemble scatter file ({exc}); rerun "
-                             "the ensemble_scatter step") from None
+    data = read_npz(path, KEYS, "ensemble scatter", "ensemble_scatter", "run the "
+                    "ensemble_scatter step (python -m pipeline.steps.ensemble_scatter)")
     expected = [member_fingerprint(p) for p in posteriors]
     if [str(m) for m in data["members"]] != expected:
         raise ModelFileError(

@@ -20,13 +20,9 @@ functions; the figures read the same arrays through :func:`read_posterior_arrays
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.artifacts.atomic import atomic_path
-from pipeline.exceptions import ModelFileError
+from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
 
 KEYS = ("weight_names", "weight_shapes", "map_values", "cholesky", "last_layers",
         "prior_precision", "prior_groups", "noise_std", "log_evidence", "curvature",
@@ -37,9 +33,7 @@ def write_posterior_arrays(path: str | Path, arrays: dict) -> None:
     """Write ``arrays`` (exactly :data:`KEYS`) atomically; ``info`` is JSON-encoded here."""
     if sorted(arrays) != sorted(KEYS):
         raise ValueError(f"posterior arrays must have the keys {KEYS}, got {sorted(arrays)}")
-    arrays = dict(arrays, info=json.dumps(arrays["info"], default=str))
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    write_npz(path, dict(arrays, info=json.dumps(arrays["info"], default=str)))
 
 
 def read_posterior_arrays(path: str | Path) -> dict:
@@ -48,18 +42,10 @@ def read_posterior_arrays(path: str | Path) -> dict:
     Raises:
         ModelFileError: the file is missing, unreadable, or lacks one of :data:`KEYS`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"posterior file '{path}' does not exist; run the laplace step "
-                             "first or pass --posterior results/laplace/posterior.npz")
+    data = read_npz(path, KEYS, "posterior", "laplace", "run the laplace step first or pass "
+                    "--posterior results/laplace/posterior.npz")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-        missing = [k for k in KEYS if k not in data]
-        if missing:
-            raise ValueError(f"missing keys {', '.join(missing)}")
         data["info"] = json.loads(str(data["info"]))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ModelFileError(f"'{path}': not a readable posterior file ({exc}); rerun the "
-                             "laplace step") from None
+    except ValueError as exc:
+        raise unreadable(Path(path), "posterior", "laplace", exc) from None
     return data

@@ -34,14 +34,13 @@ the grid does not flag them, one that extrapolates further than that does.
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import LABELS
-from pipeline.artifacts.atomic import atomic_path
+from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
 from pipeline.evaluation.emulator import LabelEmulator, SnrTrend, spectrum_snr
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
@@ -76,8 +75,7 @@ class ShiftReference:
                       feature_threshold=self.feature_threshold, range_margin=self.range_margin,
                       fit_iterations=self.fit_iterations, fit_margin=self.fit_margin,
                       info=json.dumps(self.info, default=str))
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+        write_npz(path, arrays)
 
     def check(self, path, n_pixels: int, n_features: int) -> None:
         """ModelFileError unless fitted for a grid of ``n_pixels`` and ``n_features`` units."""
@@ -90,12 +88,9 @@ class ShiftReference:
     @classmethod
     def load(cls, path: str | Path) -> ShiftReference:
         path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"emulator file '{path}' does not exist; run the emulator "
-                                 "step (snakemake results/model/emulator.npz) first")
+        a = read_npz(path, (), "emulator", "emulator",
+                     "run the emulator step (snakemake results/model/emulator.npz) first")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                a = {k: npz[k] for k in npz.files}
             if "fit_iterations" not in a:
                 raise ModelFileError(f"emulator file '{path}' holds a threshold of the chi^2 at "
                                      "the predicted labels (an older version); rerun the "
@@ -109,9 +104,8 @@ class ShiftReference:
                        float(a["feature_threshold"]), a["range_margin"],
                        int(a["fit_iterations"]), float(a["fit_margin"]),
                        json.loads(str(a["info"])))
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ModelFileError(f"'{path}': not a readable emulator file ({exc}); rerun the "
-                                 "emulator step") from None
+        except (KeyError, ValueError) as exc:
+            raise unreadable(path, "emulator", "emulator", exc) from None
 
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
