@@ -270,7 +270,7 @@ def noise_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
         NOISE_STREAM, int(epoch), int(batch))))
 
 
-def _gather_noisy_rows(rows, z: np.ndarray, noise: float, seed: int):
+def _gather_noisy_rows(rows, n_pixels: int, z: np.ndarray, noise: float, seed: int):
     """Like :func:`_gather_rows`, for (epoch, batch, index batch) triples: the flux rows plus
     ``noise`` x flux_err x N(0, 1) per pixel, drawn by :func:`noise_rng`. ``rows(idx)`` returns
     (flux, flux_err) with error 0 on bad pixels (``FluxRows.rows`` or :func:`_array_rows`)."""
@@ -282,7 +282,7 @@ def _gather_noisy_rows(rows, z: np.ndarray, noise: float, seed: int):
     def gather(epoch, batch, idx):
         x, y = tf.numpy_function(draw, [epoch, batch, idx], (tf.float32, tf.as_dtype(z.dtype)),
                                  stateful=False)
-        x.set_shape((None, None))
+        x.set_shape((None, n_pixels))
         y.set_shape((None, *z.shape[1:]))
         return x, y
 
@@ -324,7 +324,8 @@ def training_dataset(flux: np.ndarray, z: np.ndarray, batch_size: int, seed: int
             batches = batches.enumerate().map(lambda b, idx: (epoch, b, idx))
         return batches
 
-    gather = _gather_noisy_rows(rows, z, noise, seed) if noise > 0 else _gather_rows(flux, z)
+    gather = (_gather_noisy_rows(rows, flux.shape[1], z, noise, seed) if noise > 0
+              else _gather_rows(flux, z))
     batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     batches = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
