@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--outdir", help="model directory (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # epoch lines
     sys.path.insert(0, str(REPO))
     from pipeline.nn.training import train_model
     from tests.test_dwarfs import ridge_validation_mse
