@@ -255,3 +255,23 @@ def test_disk_full_while_writing_a_data_split(tmp_path, capsys, monkeypatch):
     check_failure(capsys, rc, ["valid.fits", "No space left on device"], [])
     left = sorted(p.name for p in out.iterdir())
     assert left == ["train.fits"], "only the completed split remains, no temporary file"
+
+
+def test_failed_atomic_write_leaves_no_directory_it_created(tmp_path):
+    """A writer that fails leaves neither its file nor the directories created for it; a
+    directory that existed before, or one that holds other files, stays."""
+    from pipeline.artifacts.atomic import atomic_path
+
+    target = tmp_path / "new" / "deeper" / "out.fits"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("writer failed")
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "other.csv").write_text("x")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "keep" / "sub" / "a.fits"):
+        raise RuntimeError("writer failed")
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["other.csv"]
+    with atomic_path(target) as tmp:  # success keeps the file and its directories
+        tmp.write_text("done")
+    assert target.read_text() == "done"

@@ -16,9 +16,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     A killed or failing writer leaves no file that looks complete: the temporary file is
-    removed on error and never has the final name.
+    removed on error and never has the final name, and so are the directories this call
+    created for it (while empty: several nested writers into one new directory leave it only
+    once the last of them has failed).
     """
     path = Path(path)
+    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,15 +35,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             "directory or free disk space"
         ) from None
     tmp = Path(tmp)
+    done = False
     try:
         yield tmp
         os.replace(tmp, path)
+        done = True
     except OutputError:  # already says which file failed (nested atomic_path, a writer's own)
         raise
     except OSError as exc:
         raise write_failed(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+        if not done:
+            _remove_empty_dirs(created)
+
+
+def _remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty; stop at the first that is not."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def write_failed(path: str | Path, exc: OSError) -> OutputError:

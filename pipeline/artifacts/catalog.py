@@ -223,15 +223,6 @@ def write_table(table: Table, stem: str | Path, header: dict, *,
     return paths
 
 
-def _remove_empty_dirs(dirs: list[Path]) -> None:
-    """Remove ``dirs`` (deepest first) while they are empty; stop at the first that is not."""
-    for d in dirs:
-        try:
-            d.rmdir()
-        except OSError:
-            return
-
-
 class StreamingTableWriter:
     """:func:`write_table` for a table that arrives in chunks of rows: the same
     ``stem.{fits,parquet,csv}`` files (columns, units, descriptions, header cards), with the
@@ -266,10 +257,6 @@ class StreamingTableWriter:
 
     def __enter__(self) -> StreamingTableWriter:
         self._stack = contextlib.ExitStack()
-        parent = next(iter(self.paths.values())).parent
-        # registered first, so it runs last: a failed write leaves no directory it created
-        self._stack.callback(_remove_empty_dirs, [d for d in (parent, *parent.parents)
-                                                  if not d.exists()])
         self._tmp = {fmt: self._stack.enter_context(atomic_path(path))
                      for fmt, path in self.paths.items()}
         self._spool = self._tmp.get("parquet")
