@@ -269,3 +269,41 @@ def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("test, all")]
     old, new = (np.array(ln.split("|z|<1 [")[1].rstrip("]").split(), float) for ln in lines)
     assert np.all(old > 0.72) and np.all(np.abs(new - 0.6827) < 0.03), (old, new)
+
+
+def test_squared_labels_follow_a_scatter_that_grows_towards_both_edges(rng):
+    """A network misses more at both edges of its training box: labels uniform in the box
+    (unit variance), s = 0.2 exp(0.5 zhat_3^2), 4.5 times larger at the edges than in the
+    centre, symmetric in the predicted [Fe/H], which no log-linear term can follow. Degree 1
+    is too wide in the core and too narrow at the edges; degree 2 is calibrated in both."""
+    def simulate(n):
+        labels = rng.uniform(-np.sqrt(3.0), np.sqrt(3.0), size=(n, 3))
+        model_var = 0.01 * np.exp(rng.normal(0, 1.0, (n, 3)))
+        noise_var = 0.01 * np.exp(rng.normal(0, 1.0, (n, 3)))
+        s = 0.2 * np.exp(0.5 * labels[:, 2] ** 2)[:, None]
+        return np.sqrt(s**2 + model_var + noise_var) * rng.normal(size=(n, 3)), model_var, \
+            noise_var, labels
+
+    resid, mv, nv, lab = simulate(5000)
+    resid2, mv2, nv2, lab2 = simulate(20000)
+    edge = np.abs(lab2[:, 2]) > 1.5  # ~2700 stars: sd of a std ~0.014
+    for degree in (1, 2):
+        fit = fit_scatter(resid, mv, nv, labels=lab, label_degree=degree)
+        assert fit.label_degree == degree and fit.coef.shape == (3, 3 + 3 * degree)
+        again = ScatterModel.from_dict(fit.to_dict())
+        assert again.std(mv2, nv2, lab2).tobytes() == fit.std(mv2, nv2, lab2).tobytes()
+        z = resid2 / np.sqrt(fit.std(mv2, nv2, lab2) ** 2 + mv2 + nv2)
+        cover = np.mean(np.abs(z) < 1, axis=0)
+        if degree == 1:
+            assert np.all(cover > 0.72), cover
+            assert np.all(z[edge].std(axis=0) > 1.3), z[edge].std(axis=0)
+        else:
+            assert np.all(np.abs(cover - 0.6827) < 0.03), cover
+            assert np.all(np.abs(z.std(axis=0) - 1.0) < 0.1), z.std(axis=0)
+            assert np.all(np.abs(z[edge].std(axis=0) - 1.0) < 0.1), z[edge].std(axis=0)
+
+
+def test_label_degree_is_checked(rng):
+    resid, mv, nv, lab = simulate_label_tail(rng, 200)
+    with pytest.raises(ConfigError, match="scatter_label_degree"):
+        fit_scatter(resid, mv, nv, labels=lab, label_degree=3)

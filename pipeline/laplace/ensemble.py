@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeline.exceptions import DataError
 from pipeline.laplace.error_budget import physical_scatter
-from pipeline.laplace.scatter import ScatterModel, fit_scatter
+from pipeline.laplace.scatter import ScatterModel, fit_configured
 
 PARTS = ("model", "scatter", "noise")
 
@@ -110,13 +110,12 @@ def fit_mixture_scatter(budget: dict, true_labels: np.ndarray, scaler, cfg: dict
     true_labels : (N, 3) their true labels, physical units.
     scaler : ``LabelScaler`` of the members (standardized units of the fit).
     cfg : the ``laplace`` config section (``scatter``, ``scatter_ridge``,
-        ``scatter_cap_quantile``, ``scatter_labels``), as for one model's ``calibrate_scatter``.
+        ``scatter_cap_quantile``, ``scatter_labels``, ``scatter_label_degree``), as for one
+        model's ``calibrate_scatter``.
     """
     scale = np.asarray(scaler.scale, np.float64)
     to_standard = 1.0 / np.outer(scale, scale)
     prediction = scaler.transform(budget["prediction"])
-    return fit_scatter(prediction - scaler.transform(true_labels),
-                       budget["model"] * to_standard, budget["noise"] * to_standard,
-                       cfg["scatter"], ridge=cfg["scatter_ridge"],
-                       cap_quantile=cfg["scatter_cap_quantile"],
-                       labels=prediction if cfg["scatter_labels"] else None)
+    return fit_configured(prediction - scaler.transform(true_labels),
+                          budget["model"] * to_standard, budget["noise"] * to_standard,
+                          prediction, cfg)

@@ -24,7 +24,7 @@ from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
 from pipeline.laplace import evidence
 from pipeline.laplace.curvature import Head, curvature_blocks
 from pipeline.laplace.error_budget import predict_standardized
-from pipeline.laplace.scatter import ScatterModel, fit_scatter
+from pipeline.laplace.scatter import ScatterModel, fit_configured
 from pipeline.runtime import choose_device
 from pipeline.streaming import batches
 
@@ -355,14 +355,12 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
 def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
     """Fit the scatter model (pipeline.laplace.scatter) on validation stars, given their model
     and flux-noise covariances; their predicted labels are covariates too unless
-    ``cfg['scatter_labels']`` is false."""
+    ``cfg['scatter_labels']`` is false (their squares too with ``scatter_label_degree`` 2)."""
     batch = cfg["batch_size"]
     z = np.concatenate([predict_standardized(model, x_valid[s])
                         for s in batches(len(x_valid), batch)])
     model_cov = posterior.predictive_covariance(x_valid, batch_size=batch)
-    scatter = fit_scatter(z - y_valid, model_cov, noise_valid, cfg["scatter"],
-                          ridge=cfg["scatter_ridge"], cap_quantile=cfg["scatter_cap_quantile"],
-                          labels=z if cfg["scatter_labels"] else None)
+    scatter = fit_configured(z - y_valid, model_cov, noise_valid, z, cfg)
     log.info("scatter model (%s) fitted on %d validation stars: coefficients %s, cap %s, "
              "correlation %s", cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4),
              np.array2string(scatter.cap, precision=4),

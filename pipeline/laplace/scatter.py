@@ -7,16 +7,19 @@ errors that are right on average but too large for most stars and too small for 
 
 The scatter model lets the level of label k depend on a few covariates,
 
-    u_nk = [log m_nk, log e_nk, zhat_n1, ..., zhat_nK]
+    u_nk = [log m_nk, log e_nk, zhat_n1, ..., zhat_nK, zhat_n1^2, ..., zhat_nK^2]
 
 m, e: the star's model (Laplace) and flux-noise stds of label k; zhat_n: its K predicted labels
-in standardized units (the network output). The stars in the tail of a real network's
-residuals sit in parts of label space (metal-poor, hot, high-gravity stars) where the Laplace
-stds are hardly larger than in the core, so the model and noise errors alone cannot single them
-out; the predicted labels say where a star lies (config ``laplace.scatter_labels``; false keeps
-the two-covariate model u_nk = [log m_nk, log e_nk]). Each covariate is standardized by its
-validation mean and standard deviation and clipped to the range the validation stars span, and
-the result is capped:
+in standardized units (the network output); the squares (config ``laplace.scatter_label_degree``
+2, the default; 1 drops them) let the scatter grow towards both ends of a label's range, as a
+network's does at the edges of its training box, where a log-linear term can follow only one.
+The stars in the tail of a real network's residuals sit in parts of label space (metal-poor,
+hot, high-gravity stars) where the Laplace stds are hardly larger than in the core, so the
+model and noise errors alone cannot single them out; the predicted labels say where a star
+lies (config ``laplace.scatter_labels``; false keeps the two-covariate model
+u_nk = [log m_nk, log e_nk]). Each covariate is standardized by its validation mean and
+standard deviation and clipped to the range the validation stars span, and the result is
+capped:
 
     s_k(u) = min(exp(a_k + b_k . clip(u, u_lo, u_hi)), cap_k)
 
@@ -68,9 +71,10 @@ TINY_VAR = 1e-300  # a star without flux noise (every pixel bad) gets the clip f
 
 
 def covariates(model_var: np.ndarray, noise_var: np.ndarray,
-               labels: np.ndarray | None = None) -> np.ndarray:
+               labels: np.ndarray | None = None, degree: int = 1) -> np.ndarray:
     """u (N, K, 2) = [log model std, log noise std] of each label, uncentred; with predicted
-    ``labels`` (N, K, standardized) u (N, K, 2 + K): the same K labels appended for every k."""
+    ``labels`` (N, K, standardized) u (N, K, 2 + degree K): the K labels and, for degree 2,
+    their squares appended for every k."""
     u = 0.5 * np.log(np.maximum(np.stack([np.asarray(model_var, np.float64),
                                           np.asarray(noise_var, np.float64)], axis=-1),
                                 TINY_VAR))
@@ -80,7 +84,11 @@ def covariates(model_var: np.ndarray, noise_var: np.ndarray,
     if labels.shape != u.shape[:2]:
         raise DataError(f"scatter covariates: predicted labels have shape {labels.shape}; "
                         f"expected {u.shape[:2]} (stars, labels), like the variances")
-    return np.concatenate([u, np.broadcast_to(labels[:, None, :], u.shape[:2] + labels.shape[1:])],
+    if degree not in (1, 2):
+        raise ConfigError(f"config key 'laplace.scatter_label_degree' = {degree!r}; valid: 1 "
+                          "(the labels) or 2 (the labels and their squares)")
+    powers = np.concatenate([labels**d for d in range(1, degree + 1)], axis=-1)
+    return np.concatenate([u, np.broadcast_to(powers[:, None, :], u.shape[:2] + powers.shape[1:])],
                           axis=-1)
 
 
@@ -88,8 +96,9 @@ def covariates(model_var: np.ndarray, noise_var: np.ndarray,
 class ScatterModel:
     """Per label k: ``coef`` (K, 1 + C) = [a_k, b_k]; covariate centre, scale and clip range
     (K, C); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R. C = 2
-    (model and noise stds) or 2 + K (and the predicted labels): the stored arrays say which,
-    so a model fitted before labels were covariates still loads and works."""
+    (model and noise stds), 2 + K (and the predicted labels) or 2 + 2K (and their squares):
+    the stored arrays say which, so a model fitted before labels (or their squares) were
+    covariates still loads and works."""
 
     coef: np.ndarray
     u_centre: np.ndarray
@@ -104,6 +113,11 @@ class ScatterModel:
         """Whether the predicted labels are covariates (C = 2 + K)."""
         return self.u_centre.shape[-1] > 2
 
+    @property
+    def label_degree(self) -> int:
+        """0 (no label covariates), 1 (the labels) or 2 (and their squares)."""
+        return (self.u_centre.shape[-1] - 2) // self.u_centre.shape[0]
+
     def design(self, u: np.ndarray) -> np.ndarray:
         """Design (N, K, 1 + C) = [1, clip(standardized u)] of covariates u (N, K, C)."""
         u = np.clip((u - self.u_centre) / self.u_scale, self.u_lo, self.u_hi)
@@ -117,7 +131,8 @@ class ScatterModel:
         if self.uses_labels and labels is None:
             raise DataError("this scatter model has the predicted labels as covariates "
                             "(laplace.scatter_labels): pass the stars' predicted labels")
-        u = covariates(model_var, noise_var, labels if self.uses_labels else None)
+        u = covariates(model_var, noise_var, labels if self.uses_labels else None,
+                       max(self.label_degree, 1))
         log_s = np.einsum("nkc,kc->nk", self.design(u), self.coef)
         return np.minimum(np.exp(log_s), self.cap)
 
@@ -200,7 +215,8 @@ def _as_covariance(a: np.ndarray, name: str, shape: tuple) -> np.ndarray:
 
 def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
                 kind: str = "linear", ridge: float = 0.02,
-                cap_quantile: float = 0.99, labels: np.ndarray | None = None) -> ScatterModel:
+                cap_quantile: float = 0.99, labels: np.ndarray | None = None,
+                label_degree: int = 1) -> ScatterModel:
     """Fit the scatter model to validation stars.
 
     Parameters
@@ -213,6 +229,7 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     cap_quantile : q of the cap, the q-quantile of |residual| per label.
     labels : (N, K) the stars' predicted labels, standardized, to be covariates too; None for
         the two-covariate model.
+    label_degree : 1 (the labels) or 2 (the labels and their squares) when labels are given.
 
     Returns
     -------
@@ -227,7 +244,7 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     noise_cov = _as_covariance(noise_cov, "noise_cov", (n, k_labels, k_labels))
     model_var = np.diagonal(model_cov, axis1=1, axis2=2)
     noise_var = np.diagonal(noise_cov, axis1=1, axis2=2)
-    u = covariates(model_var, noise_var, labels)
+    u = covariates(model_var, noise_var, labels, label_degree)
     centre, scale = u.mean(axis=0), u.std(axis=0)
     scale = np.where(scale > 1e-12, scale, 1.0)  # a constant covariate: its slope stays 0
     std_u = (u - centre) / scale
@@ -249,3 +266,14 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     model.correlation = fit_correlation(residual, model.std(model_var, noise_var, labels),
                                         model_cov, noise_cov)
     return model
+
+
+def fit_configured(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
+                   labels: np.ndarray, cfg: dict) -> ScatterModel:
+    """``fit_scatter`` as the ``laplace`` config section says (``scatter``, ``scatter_ridge``,
+    ``scatter_cap_quantile``, ``scatter_labels``, ``scatter_label_degree``); ``labels`` are the
+    stars' predicted labels, standardized, used when ``scatter_labels`` is true."""
+    return fit_scatter(residual, model_cov, noise_cov, cfg["scatter"], ridge=cfg["scatter_ridge"],
+                       cap_quantile=cfg["scatter_cap_quantile"],
+                       labels=labels if cfg["scatter_labels"] else None,
+                       label_degree=cfg.get("scatter_label_degree", 1))
