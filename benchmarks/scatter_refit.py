@@ -1,14 +1,15 @@
-"""Refit the scatter model offline from a run's catalogs: two covariates against the labels.
+"""Refit the scatter model offline from a run's catalogs: two covariates, labels, squares.
 
     python -m benchmarks.scatter_refit --results results [--min-stars 100]
 
 Reads ``predictions/valid.fits`` and ``predictions/test.fits`` (columns L, L_TRUE,
 L_ERR_MODEL, L_ERR_NOISE, SNR) and ``model/scaler.json`` of a finished run, refits the scatter
 model (``pipeline.laplace.scatter.fit_scatter``, default ridge and cap) on the validation
-stars once with u = [log model std, log noise std] and once with the predicted labels added,
-and prints for the test stars, per label: the std of z = r / sqrt(s^2 + m^2 + e^2) and the
-fraction with |z| < 1 (0.683 for a calibrated Gaussian), over all stars, in SNR quintiles of at
-least ``--min-stars`` stars, and for true [Fe/H] < -1. Writes nothing.
+stars with u = [log model std, log noise std], with the predicted labels added and with their
+squares too (``laplace.scatter_labels`` false, degree 1, degree 2), and prints for the test
+stars, per label: the std of z = r / sqrt(s^2 + m^2 + e^2) and the fraction with |z| < 1
+(0.683 for a calibrated Gaussian), over all stars, in SNR quintiles of at least
+``--min-stars`` stars, and for true [Fe/H] < -1. Writes nothing.
 
 Where it stops holding: the catalogs carry only the diagonal of the model and flux-noise
 covariances, which is all the scatter levels use, but the correlation R refitted here is not
@@ -28,6 +29,7 @@ from pipeline.laplace.scatter import fit_scatter
 from pipeline.nn.scaler import LabelScaler
 
 LABELS = ("TEFF", "LOGG", "FE_H")
+COVARIATE_NAMES = ("", ", labels", ", labels, squared labels")  # by laplace.scatter_label_degree
 
 
 def read_split(path: Path, scaler: LabelScaler) -> dict:
@@ -58,12 +60,12 @@ def main(argv=None) -> int:
     valid = read_split(args.results / "predictions" / "valid.fits", scaler)
     test = read_split(args.results / "predictions" / "test.fits", scaler)
     edges = np.quantile(test["snr"], np.linspace(0, 1, 6))
-    for labels in (False, True):
+    for degree in (0, 1, 2):
         fit = fit_scatter(valid["pred"] - valid["true"], valid["model"], valid["noise"],
-                          labels=valid["pred"] if labels else None)
-        s = fit.std(test["model"], test["noise"], test["pred"] if labels else None)
+                          labels=valid["pred"] if degree else None, label_degree=max(degree, 1))
+        s = fit.std(test["model"], test["noise"], test["pred"])
         z = (test["pred"] - test["true"]) / np.sqrt(s**2 + test["model"] + test["noise"])
-        print(f"== covariates: model, noise{', labels' if labels else ''} "
+        print(f"== covariates: model, noise{COVARIATE_NAMES[degree]} "
               f"(fitted on {len(valid['pred'])} validation stars)")
         print(summary("test, all", z))
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
