@@ -70,11 +70,11 @@ FLAG_CFG = dict(CONFIG["predict"], ood_sigma=4.0, flag_bad_pixel_fraction=0.1,
                 ood_model_factor=3.0)
 
 
-SHIFT_THRESHOLDS = (2.0, 1.5)  # CHI2_EMULATOR_REL, FEATURE_DISTANCE
+SHIFT_THRESHOLDS = (2.0, 1.5, 4.0)  # CHI2_EMULATOR_REL, FEATURE_DISTANCE, CHI2_BROADBAND_REL
 
 
 def _one_star(prediction=(4.9, 0.0, -4.9), total=None, bad_fraction=0.1, resampled=False,
-              model_ratio=3.0, chi2_rel=2.0, feature_distance=1.5):
+              model_ratio=3.0, chi2_rel=2.0, feature_distance=1.5, broadband_rel=4.0):
     """star_flags of one star; the defaults sit just inside every threshold of FLAG_CFG
     (4 sigma around the training range [-1, 1], bad-pixel fraction 0.1, model-error ratio 3)
     and of SHIFT_THRESHOLDS."""
@@ -82,7 +82,8 @@ def _one_star(prediction=(4.9, 0.0, -4.9), total=None, bad_fraction=0.1, resampl
     total = np.eye(3) if total is None else total
     ratio = None if model_ratio is None else np.array([model_ratio], float)
     shift = {"CHI2_EMULATOR_REL": np.array([chi2_rel]),
-             "FEATURE_DISTANCE": np.array([feature_distance])}
+             "FEATURE_DISTANCE": np.array([feature_distance]),
+             "CHI2_BROADBAND_REL": np.array([broadband_rel])}
     flags = star_flags(np.array([prediction], float), np.array([total], float),
                        np.array([bad_fraction], float), resampled, scaler, FLAG_CFG, ratio,
                        shift, SHIFT_THRESHOLDS)
@@ -106,6 +107,7 @@ FLAG_CAUSES = {
     "MODEL_OOD": [{"model_ratio": 3.1}],
     "SPECTRUM_OOD": [{"chi2_rel": 2.01}],
     "FEATURE_OOD": [{"feature_distance": 1.51}],
+    "BROADBAND_OOD": [{"broadband_rel": 4.01}],
 }
 
 
@@ -125,7 +127,8 @@ def test_each_flag_bit_is_set_by_its_own_cause_alone(name):
 
 def test_flag_bits_combine_and_rows_are_independent():
     every = dict(prediction=(5.1, 0.0, 0.0), total=_inf_variance(), bad_fraction=0.5,
-                 resampled=True, model_ratio=10.0, chi2_rel=9.0, feature_distance=9.0)
+                 resampled=True, model_ratio=10.0, chi2_rel=9.0, feature_distance=9.0,
+                 broadband_rel=9.0)
     all_bits = sum(1 << bit for bit in FLAG_BITS)
     assert _one_star(**every) == all_bits
     # no posterior reference (model_ratio None, older files): bit 4 is never set
@@ -140,12 +143,14 @@ def test_flag_bits_combine_and_rows_are_independent():
     bad_fraction = np.array([0.0, 0.0, 0.2, 0.05, 0.0, 0.0])
     ratio = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
     shift = {"CHI2_EMULATOR_REL": np.array([3.0, 0, 0, 0, 0, 0]),
-             "FEATURE_DISTANCE": np.array([0, 0, 0, 0, 0, 2.0])}
+             "FEATURE_DISTANCE": np.array([0, 0, 0, 0, 0, 2.0]),
+             "CHI2_BROADBAND_REL": np.array([0, 0, 0, 0, np.nan, 5.0])}
     flags = star_flags(pred, total, bad_fraction, False, scaler, FLAG_CFG, ratio, shift,
                        SHIFT_THRESHOLDS)
     assert flags.tolist() == [export.FLAG_SPECTRUM_OOD, export.FLAG_OOD, export.FLAG_BADPIX,
                               export.FLAG_NONFINITE, export.FLAG_NONFINITE,
-                              export.FLAG_MODEL_OOD | export.FLAG_FEATURE_OOD]
+                              export.FLAG_MODEL_OOD | export.FLAG_FEATURE_OOD
+                              | export.FLAG_BROADBAND_OOD]
 
 
 def test_flag_without_stored_range_uses_mean():

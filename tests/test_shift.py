@@ -22,6 +22,7 @@ from pipeline.evaluation.emulator import (
     SnrTrend,
     design,
     design_gradient,
+    pixel_chi2,
     spectrum_snr,
 )
 from pipeline.evaluation.feature_distance import FeatureReference, ledoit_wolf
@@ -405,8 +406,8 @@ def test_feature_distance_is_mahalanobis_and_flags_far_features(rng):
     far, near = train.mean(0) + 6 * step, train.mean(0) + step
     assert ref.distance(far[None])[0] > threshold > ref.distance(near[None])[0]
     bits = shift_flags({"CHI2_EMULATOR_REL": np.array([0.5, np.nan]),
-                        "FEATURE_DISTANCE": ref.distance(np.vstack([far, valid[0]]))},
-                       2.0, threshold)
+                        "FEATURE_DISTANCE": ref.distance(np.vstack([far, valid[0]])),
+                        "CHI2_BROADBAND_REL": np.array([np.nan, 0.5])}, 2.0, threshold, 2.0)
     assert bits.tolist() == [export.FLAG_FEATURE_OOD, 0]
 
 
@@ -451,8 +452,10 @@ def test_range_margin_is_the_validation_overshoot_quantile(rng):
 # ---------------------------------------------------------------------- file and catalog
 def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     _, em, trend, threshold, _ = synthetic_reference
+    broadband_trend = SnrTrend(trend.log_snr, 2.0 * trend.median)
     ref = ShiftReference(em, trend, float(threshold), FeatureReference.fit(rng.normal(
-        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, {"n_train": 1500})
+        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, 64, broadband_trend, 3.5,
+        {"n_train": 1500})
     ref.save(tmp_path / "emulator.npz")
     back = ShiftReference.load(tmp_path / "emulator.npz")
     assert not list(tmp_path.glob(".*tmp*"))
@@ -460,6 +463,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
     assert (back.fit_iterations, back.fit_margin) == (5, 0.2)
+    assert (back.broadband_width, back.broadband_threshold) == (64, 3.5)
+    np.testing.assert_array_equal(back.broadband_trend.median, broadband_trend.median)
     np.testing.assert_array_equal(back.emulator.label_max, em.label_max)
     np.testing.assert_array_equal(back.range_margin, ref.range_margin)
     assert back.info == {"n_train": 1500}
@@ -473,6 +478,11 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         old = {k: npz[k] for k in npz.files if k not in ("fit_iterations", "fit_margin")}
     np.savez(tmp_path / "old.npz", **old)
     with pytest.raises(Exception, match="old.npz.*predicted labels.*rerun the emulator step"):
+        ShiftReference.load(tmp_path / "old.npz")
+    with np.load(tmp_path / "emulator.npz") as npz:  # a file without the broadband statistic
+        old = {k: npz[k] for k in npz.files if not k.startswith("broadband")}
+    np.savez(tmp_path / "old.npz", **old)
+    with pytest.raises(Exception, match="old.npz.*broadband.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
 
 
@@ -632,3 +642,37 @@ def test_spectrum_snr_and_snr_trend(rng, n_pixels):
                          n_bins=8)  # 120 stars: 2 bins of 50+
     np.testing.assert_allclose(trend(np.array([20.0, 40.0, 80.0, 160.0, 999.0])),
                                [1.0, 1.0, 2.0, 3.0, 3.0])
+
+
+def test_broadband_chi2_sums_each_window_before_squaring(rng):
+    """pixel_chi2 with a width against a loop over windows; width 1 is the chi^2 per good
+    pixel; independent noise gives ~1 at any width, a continuum offset of 0.2 sigma adds
+    0.04 per pixel but ~0.04 W per window."""
+    n, p, width = 40, 1000, 64  # 15 full windows and a partial one of 40 pixels
+    err2 = rng.uniform(0.5, 2.0, (n, p)) ** 2
+    scatter2 = rng.uniform(0.0, 0.5, p) ** 2
+    good = rng.random((n, p)) > 0.1
+    good[0, 960:] = False  # star 0: its last, partial window has no good pixel
+    good[1] = False  # star 1: no good pixel at all
+    model = rng.normal(size=(n, p))
+    flux = model + np.sqrt(err2 + scatter2) * rng.normal(size=(n, p))
+    got = pixel_chi2(flux, err2, good, model, scatter2, width)
+    for i in range(2, 6):
+        b2 = []
+        for start in range(0, p, width):
+            win = slice(start, start + width)
+            w = good[i, win] / (err2[i, win] + scatter2[win])
+            if w.sum() > 0:
+                b2.append((w * (flux[i, win] - model[i, win])).sum() ** 2 / w.sum())
+        np.testing.assert_allclose(got[i], np.mean(b2), rtol=1e-12)
+    windows = [(good[0, s:s + width]).any() for s in range(0, p, width)]
+    assert sum(windows) == 15 and np.isfinite(got[0]) and np.isnan(got[1])
+    per_pixel = np.sum(good[2:] * (flux[2:] - model[2:]) ** 2 / (err2[2:] + scatter2), axis=1)
+    np.testing.assert_allclose(pixel_chi2(flux, err2, good, model, scatter2)[2:],
+                               per_pixel / good[2:].sum(axis=1), rtol=1e-12)
+    # noise alone: mean of chi^2_1 variables at any width (38 stars x 16 windows: sd ~0.04)
+    assert abs(np.nanmean(got) - 1.0) < 0.15
+    offset = flux + 0.2 * np.sqrt(err2 + scatter2)
+    pixel = np.nanmean(pixel_chi2(offset, err2, good, model, scatter2))
+    broad = np.nanmean(pixel_chi2(offset, err2, good, model, scatter2, width))
+    assert pixel < 1.15 and broad > 1.0 + 0.5 * 0.04 * 0.9 * width, (pixel, broad)

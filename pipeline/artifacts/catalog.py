@@ -8,7 +8,8 @@ The prediction catalog (docs/outputs.md) has one row per star:
     TEFF_LOGG_CORR, TEFF_FE_H_CORR, LOGG_FE_H_CORR          correlations of the total covariance
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
-    CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE      shift statistics (SHIFT_COLUMNS)
+    CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), FEATURE_DISTANCE     shift statistics
+                                                             (SHIFT_COLUMNS)
     L_EMULATOR                                               the emulator's best-fit labels
     FLAG                                                     bit field (FLAG_BITS)
 
@@ -47,14 +48,19 @@ FLAG_BITS = {
        "labels of the training set reproduce this spectrum",
     6: "FEATURE_OOD: FEATURE_DISTANCE exceeds its validation emulator.feature_quantile: the "
        "network's last hidden features lie outside the training cloud",
+    7: "BROADBAND_OOD: CHI2_BROADBAND_REL exceeds its validation emulator.chi2_quantile: the "
+       "spectrum's broadband shape (continuum level, tilt) matches no emulated spectrum",
 }
 (FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD, FLAG_SPECTRUM_OOD,
- FLAG_FEATURE_OOD) = (1 << bit for bit in FLAG_BITS)
+ FLAG_FEATURE_OOD, FLAG_BROADBAND_OOD) = (1 << bit for bit in FLAG_BITS)
 
 SHIFT_COLUMNS = {
     "CHI2_EMULATOR": "chi^2 per good pixel of the spectrum against the label -> flux emulator "
                      "at its best-fit labels, L_EMULATOR (flux errors + emulator scatter)",
     "CHI2_EMULATOR_REL": "CHI2_EMULATOR divided by the validation median at the star's SNR",
+    "CHI2_BROADBAND": "chi^2 against the emulator at L_EMULATOR with the residuals summed over "
+                      "windows of emulator.broadband_width pixels first (about 1 for noise)",
+    "CHI2_BROADBAND_REL": "CHI2_BROADBAND divided by the validation median at the star's SNR",
     "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
                         "training features, sqrt(D^2 / d) (about 1 in distribution)",
 }

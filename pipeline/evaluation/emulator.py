@@ -38,6 +38,13 @@ noise), which widen the validation tail and hence the threshold; at the best fit
 spectrum that no labels of the box reproduce (another continuum, another line forest, a star
 outside the grid) keeps a large chi^2. Shifts degenerate with the labels (line strengths x s
 look like a higher [Fe/H]) are absorbed by the fit and not caught by this statistic.
+
+The broadband statistic is the same chi^2 at the best fit with the residuals first summed over
+windows of W adjacent pixels (:func:`pixel_chi2` with ``width`` W): per window the weighted
+residual sum in units of its standard deviation, squared, averaged over windows. Independent
+noise gives about 1 either way, but a misfit that keeps its sign over many pixels (a continuum
+normalized a few per cent off, a tilt) grows W times faster in it than in the chi^2 per
+pixel, where the lines' own misfit and the noise of every pixel dilute it.
 """
 
 from __future__ import annotations
@@ -145,11 +152,27 @@ def nearest(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
-               scatter2: np.ndarray) -> np.ndarray:
-    """(N,) sum_p g_p (f_p - m_p)^2 / (e_p^2 + s_p^2) / sum_p g_p (NaN without a good pixel)."""
+               scatter2: np.ndarray, width: int = 1) -> np.ndarray:
+    """(N,) chi^2 per window of ``width`` adjacent pixels (NaN without a good pixel).
+
+    With w_p = g_p / (e_p^2 + s_p^2) and r_p = f_p - m_p, each window j has the weighted
+    residual sum in units of its own standard deviation, B_j = sum_j w_p r_p / sqrt(sum_j w_p),
+    and the statistic is the mean of B_j^2 over windows with a good pixel. Width 1 is the chi^2
+    per good pixel, sum_p g_p r_p^2 / (e_p^2 + s_p^2) / sum_p g_p. Wider windows sum the signed
+    residuals first: a broadband misfit (a continuum off by a few per cent, a tilt) adds up
+    coherently, width times more than the independent noise, so it stands out of a statistic
+    in which the per-pixel chi^2 dilutes it among all pixels."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
-        return r2.sum(axis=1) / good.sum(axis=1)
+        if width == 1:
+            r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
+            return r2.sum(axis=1) / good.sum(axis=1)
+        w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
+        wr = w * np.where(good, flux - model, 0.0)
+        pad = -flux.shape[1] % width  # the last, partial window gets zero-weight pixels
+        sums = [np.pad(a, ((0, 0), (0, pad))).reshape(len(a), -1, width).sum(axis=2)
+                for a in (w, wr)]
+        b2 = np.where(sums[0] > 0, sums[1] ** 2 / sums[0], 0.0)
+        return b2.sum(axis=1) / (sums[0] > 0).sum(axis=1)
 
 
 @dataclass
@@ -229,8 +252,9 @@ class LabelEmulator:
         return out
 
     def chi2(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
-             labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N,) chi^2 per good pixel of each spectrum against the emulator at ``labels``.
+             labels: np.ndarray, batch_size: int = 256, width: int = 1) -> np.ndarray:
+        """(N,) chi^2 per good pixel of each spectrum against the emulator at ``labels``
+        (per window of ``width`` pixels: :func:`pixel_chi2`).
 
         NaN where a star has no good usable pixel or its labels are not finite. The stars of
         a batch are grouped by region: each group is one matrix product with its region's
@@ -244,7 +268,7 @@ class LabelEmulator:
             out[sl] = pixel_chi2(np.asarray(flux[sl], np.float64),
                                  np.asarray(flux_err[sl], np.float64) ** 2,
                                  np.asarray(good[sl], bool) & self.usable[region],
-                                 self.flux(labels[sl]), self.scatter[region] ** 2)
+                                 self.flux(labels[sl]), self.scatter[region] ** 2, width)
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,

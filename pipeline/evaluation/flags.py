@@ -8,6 +8,7 @@ import numpy as np
 
 from pipeline.artifacts.catalog import (
     FLAG_BADPIX,
+    FLAG_BROADBAND_OOD,
     FLAG_FEATURE_OOD,
     FLAG_MODEL_OOD,
     FLAG_NONFINITE,
@@ -41,14 +42,19 @@ def model_error_ratio(model_cov: np.ndarray, scaler, posterior) -> np.ndarray:
     return np.max(std / np.maximum(np.asarray(reference, np.float64), 1e-300), axis=1)
 
 
-def shift_flags(shift: dict, chi2_threshold: float, feature_threshold: float) -> np.ndarray:
-    """(N,) int32 bits 5 and 6 from the statistics of ``pipeline.evaluation.shift``: set where
-    CHI2_EMULATOR_REL or FEATURE_DISTANCE exceeds its validation threshold (NaN never flags)."""
+def shift_flags(shift: dict, chi2_threshold: float, feature_threshold: float,
+                broadband_threshold: float) -> np.ndarray:
+    """(N,) int32 bits 5, 6 and 7 from the statistics of ``pipeline.evaluation.shift``: set
+    where CHI2_EMULATOR_REL, FEATURE_DISTANCE or CHI2_BROADBAND_REL exceeds its validation
+    threshold (NaN never flags)."""
+    bits = ((FLAG_SPECTRUM_OOD, "CHI2_EMULATOR_REL", chi2_threshold),
+            (FLAG_FEATURE_OOD, "FEATURE_DISTANCE", feature_threshold),
+            (FLAG_BROADBAND_OOD, "CHI2_BROADBAND_REL", broadband_threshold))
+    flags = np.zeros(len(shift["CHI2_EMULATOR_REL"]), np.int32)
     with np.errstate(invalid="ignore"):
-        far_spectrum = np.asarray(shift["CHI2_EMULATOR_REL"]) > chi2_threshold
-        far_features = np.asarray(shift["FEATURE_DISTANCE"]) > feature_threshold
-    return (np.where(far_spectrum, FLAG_SPECTRUM_OOD, 0)
-            | np.where(far_features, FLAG_FEATURE_OOD, 0)).astype(np.int32)
+        for bit, name, threshold in bits:
+            flags |= np.where(np.asarray(shift[name]) > threshold, bit, 0).astype(np.int32)
+    return flags
 
 
 def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarray,
@@ -60,8 +66,8 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
 
     ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
     ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (chi^2, feature
-    distance) set bits 5 and 6 (:func:`shift_flags`). Bit 0's margin beyond the training
-    range is ``predict.ood_sigma`` training standard deviations per label, or
+    distance, broadband chi^2) set bits 5, 6 and 7 (:func:`shift_flags`). Bit 0's margin
+    beyond the training range is ``predict.ood_sigma`` training standard deviations per label, or
     ``range_margin`` (3,) physical units (the validation overshoot quantile of the emulator
     file) where that is larger.
     """

@@ -1,6 +1,6 @@
 """Label-free shift detection: its reference (``emulator.npz``) and each star's statistics.
 
-Two statistics, each compared with a threshold set on validation stars (no labels needed):
+Three statistics, each compared with a threshold set on validation stars (no labels needed):
 
 * ``CHI2_EMULATOR``: chi^2 per pixel of the spectrum against the label -> flux emulator
   (:mod:`pipeline.evaluation.emulator`) at the emulator's best-fit labels
@@ -11,6 +11,12 @@ Two statistics, each compared with a threshold set on validation stars (no label
   validation ``chi2_quantile``. The best-fit labels are reported too (``TEFF_EMULATOR``,
   ``LOGG_EMULATOR``, ``FE_H_EMULATOR``). Fitting removes the network's own label errors from
   the statistic, which at the predicted labels set a wide validation tail.
+* ``CHI2_BROADBAND``: the same comparison at the same best-fit labels with the residuals
+  summed over windows of ``broadband_width`` adjacent pixels first (the broadband statistic of
+  :mod:`pipeline.evaluation.emulator`), and ``CHI2_BROADBAND_REL`` divided by its own
+  validation median at the star's SNR. Flag when REL exceeds its validation
+  ``chi2_quantile``: a continuum a few per cent off or tilted, which the chi^2 per pixel
+  dilutes among all pixels, stands out here.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
   training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
   validation ``feature_quantile``.
@@ -18,11 +24,13 @@ Two statistics, each compared with a threshold set on validation stars (no label
 The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
 ``label_max``), the fit settings the threshold was set with (``fit_iterations``,
-``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, the feature
+``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, the
+broadband statistic's ``broadband_width``, trend (``broadband_snr_log``,
+``broadband_snr_median``) and ``broadband_threshold``, the feature
 reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
 flagged fractions, provenance). A file without the fit settings (from a version that set the
-threshold at the predicted labels) is refused.
+threshold at the predicted labels) or without the broadband statistic is refused.
 
 The label-range flag (bit 0) also takes its margin from here when the file is present: per
 label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
@@ -40,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LABELS
+from pipeline.artifacts.catalog import SHIFT_COLUMNS
 from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
 from pipeline.evaluation.emulator import LabelEmulator, SnrTrend, spectrum_snr
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
@@ -62,6 +71,9 @@ class ShiftReference:
     range_margin: np.ndarray
     fit_iterations: int
     fit_margin: float
+    broadband_width: int
+    broadband_trend: SnrTrend
+    broadband_threshold: float
     info: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -74,6 +86,10 @@ class ShiftReference:
                       feature_shrinkage=self.features.shrinkage,
                       feature_threshold=self.feature_threshold, range_margin=self.range_margin,
                       fit_iterations=self.fit_iterations, fit_margin=self.fit_margin,
+                      broadband_width=self.broadband_width,
+                      broadband_snr_log=self.broadband_trend.log_snr,
+                      broadband_snr_median=self.broadband_trend.median,
+                      broadband_threshold=self.broadband_threshold,
                       info=json.dumps(self.info, default=str))
         write_npz(path, arrays)
 
@@ -95,6 +111,9 @@ class ShiftReference:
                 raise ModelFileError(f"emulator file '{path}' holds a threshold of the chi^2 at "
                                      "the predicted labels (an older version); rerun the "
                                      "emulator step to set it at the best-fit labels")
+            if "broadband_threshold" not in a:
+                raise ModelFileError(f"emulator file '{path}' has no broadband statistic (an "
+                                     "older version); rerun the emulator step")
             emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
@@ -103,14 +122,16 @@ class ShiftReference:
                                         a["feature_cholesky"], float(a["feature_shrinkage"])),
                        float(a["feature_threshold"]), a["range_margin"],
                        int(a["fit_iterations"]), float(a["fit_margin"]),
-                       json.loads(str(a["info"])))
+                       int(a["broadband_width"]),
+                       SnrTrend(a["broadband_snr_log"], a["broadband_snr_median"]),
+                       float(a["broadband_threshold"]), json.loads(str(a["info"])))
         except (KeyError, ValueError) as exc:
             raise unreadable(path, "emulator", "emulator", exc) from None
 
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
                      prediction, batch_size: int = 256, features=None) -> dict:
-    """Per-star (N,) CHI2_EMULATOR, CHI2_EMULATOR_REL, FEATURE_DISTANCE and the best-fit
+    """Per-star (N,) statistics named by ``SHIFT_COLUMNS`` and the best-fit
     labels ``EMULATOR_LABEL_COLUMNS`` (NaN without a reference) for spectra with
     ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool.
 
@@ -118,14 +139,17 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     (``error_budget(..., feature_layers=[last_dense_layer(model)])``), else computed here."""
     n = len(flux)
     if reference is None:
-        return {k: np.full(n, np.nan) for k in ("CHI2_EMULATOR", "CHI2_EMULATOR_REL",
-                                                 "FEATURE_DISTANCE", *EMULATOR_LABEL_COLUMNS)}
+        return {k: np.full(n, np.nan) for k in (*SHIFT_COLUMNS, *EMULATOR_LABEL_COLUMNS)}
     best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
                                              reference.fit_iterations, reference.fit_margin)
+    broadband = reference.emulator.chi2(flux, flux_err, good, best, batch_size,
+                                        reference.broadband_width)
     snr = spectrum_snr(flux, flux_err, good)
     if features is None:
         features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
+            "CHI2_BROADBAND": broadband,
+            "CHI2_BROADBAND_REL": broadband / reference.broadband_trend(snr),
             "FEATURE_DISTANCE": reference.features.distance(features),
             **dict(zip(EMULATOR_LABEL_COLUMNS, best.T, strict=True))}
 
@@ -142,20 +166,26 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     started from their predicted labels (as the predict step will compute them).
 
     ``cfg`` is the ``emulator`` config section (order, ridge, regions, fit_iterations,
-    fit_margin, snr_bins, chi2_quantile, feature_quantile, range_quantile, batch_size).
+    fit_margin, broadband_width, snr_bins, chi2_quantile, feature_quantile, range_quantile,
+    batch_size).
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
                                  regions=cfg["regions"], seed=seed)
-    _, chi2 = emulator.best_fit(valid.flux, valid.flux_err, valid_good, valid_prediction,
-                                cfg["fit_iterations"], cfg["fit_margin"])
-    trend = SnrTrend.fit(spectrum_snr(valid.flux, valid.flux_err, valid_good), chi2,
-                         cfg["snr_bins"])
+    best, chi2 = emulator.best_fit(valid.flux, valid.flux_err, valid_good, valid_prediction,
+                                   cfg["fit_iterations"], cfg["fit_margin"])
+    broadband = emulator.chi2(valid.flux, valid.flux_err, valid_good, best,
+                              width=cfg["broadband_width"])
+    snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
+    trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
+    broadband_trend = SnrTrend.fit(snr, broadband, cfg["snr_bins"])
     features = FeatureReference.fit(last_hidden_features(model, train.flux,
                                                          cfg["batch_size"]))
-    rel = chi2 / trend(spectrum_snr(valid.flux, valid.flux_err, valid_good))
+    rel = chi2 / trend(snr)
+    broadband_rel = broadband / broadband_trend(snr)
     dist = features.distance(last_hidden_features(model, valid.flux, cfg["batch_size"]))
     chi2_threshold = float(np.nanquantile(rel, cfg["chi2_quantile"]))
+    broadband_threshold = float(np.nanquantile(broadband_rel, cfg["chi2_quantile"]))
     feature_threshold = float(np.nanquantile(dist, cfg["feature_quantile"]))
     labels = train.label_array()
     overshoot = range_overshoot(valid_prediction, labels.min(axis=0), labels.max(axis=0))
@@ -163,13 +193,17 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     info = {"n_train": len(train.flux), "n_valid": len(valid.flux),
             "regions": len(emulator.centres), "feature_dim": len(features.mean),
             "valid_chi2_median": float(np.nanmedian(chi2)),
+            "valid_broadband_median": float(np.nanmedian(broadband)),
             "valid_feature_distance_median": float(np.nanmedian(dist)),
             "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
+            "valid_flagged_broadband": float(np.mean(broadband_rel > broadband_threshold)),
             "valid_flagged_feature": float(np.mean(dist > feature_threshold)),
-            "valid_flagged_either": float(np.mean((rel > chi2_threshold)
-                                                  | (dist > feature_threshold))),
+            "valid_flagged_any": float(np.mean((rel > chi2_threshold)
+                                               | (broadband_rel > broadband_threshold)
+                                               | (dist > feature_threshold))),
             "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
             "range_margin": range_margin.tolist()}
     return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,
                           range_margin, int(cfg["fit_iterations"]), float(cfg["fit_margin"]),
+                          int(cfg["broadband_width"]), broadband_trend, broadband_threshold,
                           info)
