@@ -27,7 +27,7 @@ from pipeline.evaluation.emulator import (
 )
 from pipeline.evaluation.feature_distance import FeatureReference, ledoit_wolf
 from pipeline.evaluation.flags import shift_flags, star_flags
-from pipeline.evaluation.shift import ShiftReference
+from pipeline.evaluation.shift import ShiftReference, WindowStatistic
 from pipeline.nn.scaler import LabelScaler
 
 CONFIG = validate({})
@@ -407,7 +407,9 @@ def test_feature_distance_is_mahalanobis_and_flags_far_features(rng):
     assert ref.distance(far[None])[0] > threshold > ref.distance(near[None])[0]
     bits = shift_flags({"CHI2_EMULATOR_REL": np.array([0.5, np.nan]),
                         "FEATURE_DISTANCE": ref.distance(np.vstack([far, valid[0]])),
-                        "CHI2_BROADBAND_REL": np.array([np.nan, 0.5])}, 2.0, threshold, 2.0)
+                        "CHI2_BROADBAND_REL": np.array([np.nan, 0.5])},
+                       {"CHI2_EMULATOR_REL": 2.0, "FEATURE_DISTANCE": threshold,
+                        "CHI2_BROADBAND_REL": 2.0})
     assert bits.tolist() == [export.FLAG_FEATURE_OOD, 0]
 
 
@@ -452,10 +454,12 @@ def test_range_margin_is_the_validation_overshoot_quantile(rng):
 # ---------------------------------------------------------------------- file and catalog
 def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     _, em, trend, threshold, _ = synthetic_reference
-    broadband_trend = SnrTrend(trend.log_snr, 2.0 * trend.median)
+    windows = {"CHI2_BROADBAND": WindowStatistic(64, "mean", SnrTrend(trend.log_snr,
+                                                                      2.0 * trend.median), 3.5),
+               "CHI2_PEAK": WindowStatistic(8, "max", SnrTrend(trend.log_snr,
+                                                               9.0 * trend.median), 2.5)}
     ref = ShiftReference(em, trend, float(threshold), FeatureReference.fit(rng.normal(
-        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, 64, broadband_trend, 3.5,
-        {"n_train": 1500})
+        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, windows, {"n_train": 1500})
     ref.save(tmp_path / "emulator.npz")
     back = ShiftReference.load(tmp_path / "emulator.npz")
     assert not list(tmp_path.glob(".*tmp*"))
@@ -463,8 +467,12 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
     assert (back.fit_iterations, back.fit_margin) == (5, 0.2)
-    assert (back.broadband_width, back.broadband_threshold) == (64, 3.5)
-    np.testing.assert_array_equal(back.broadband_trend.median, broadband_trend.median)
+    for name, w in windows.items():
+        got = back.windows[name]
+        assert (got.width, got.reduce, got.threshold) == (w.width, w.reduce, w.threshold)
+        np.testing.assert_array_equal(got.trend.median, w.trend.median)
+    assert back.thresholds == {"CHI2_EMULATOR_REL": ref.chi2_threshold, "FEATURE_DISTANCE": 1.7,
+                               "CHI2_BROADBAND_REL": 3.5, "CHI2_PEAK_REL": 2.5}
     np.testing.assert_array_equal(back.emulator.label_max, em.label_max)
     np.testing.assert_array_equal(back.range_margin, ref.range_margin)
     assert back.info == {"n_train": 1500}
@@ -480,9 +488,9 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     with pytest.raises(Exception, match="old.npz.*predicted labels.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
     with np.load(tmp_path / "emulator.npz") as npz:  # a file without the broadband statistic
-        old = {k: npz[k] for k in npz.files if not k.startswith("broadband")}
+        old = {k: npz[k] for k in npz.files if not k.startswith("peak")}
     np.savez(tmp_path / "old.npz", **old)
-    with pytest.raises(Exception, match="old.npz.*broadband.*rerun the emulator step"):
+    with pytest.raises(Exception, match="old.npz.*peak.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
 
 
@@ -644,10 +652,11 @@ def test_spectrum_snr_and_snr_trend(rng, n_pixels):
                                [1.0, 1.0, 2.0, 3.0, 3.0])
 
 
-def test_broadband_chi2_sums_each_window_before_squaring(rng):
-    """pixel_chi2 with a width against a loop over windows; width 1 is the chi^2 per good
-    pixel; independent noise gives ~1 at any width, a continuum offset of 0.2 sigma adds
-    0.04 per pixel but ~0.04 W per window."""
+def test_window_chi2_sums_each_window_before_squaring(rng):
+    """pixel_chi2 with a width against a loop over windows (mean and largest); width 1 is the
+    chi^2 per good pixel; independent noise gives ~1 at any width, a continuum offset of 0.2
+    sigma adds 0.04 per pixel but ~0.04 W per window; a narrow line stands out of the largest
+    window only."""
     n, p, width = 40, 1000, 64  # 15 full windows and a partial one of 40 pixels
     err2 = rng.uniform(0.5, 2.0, (n, p)) ** 2
     scatter2 = rng.uniform(0.0, 0.5, p) ** 2
@@ -657,6 +666,7 @@ def test_broadband_chi2_sums_each_window_before_squaring(rng):
     model = rng.normal(size=(n, p))
     flux = model + np.sqrt(err2 + scatter2) * rng.normal(size=(n, p))
     got = pixel_chi2(flux, err2, good, model, scatter2, width)
+    peak = pixel_chi2(flux, err2, good, model, scatter2, width, "max")
     for i in range(2, 6):
         b2 = []
         for start in range(0, p, width):
@@ -665,8 +675,10 @@ def test_broadband_chi2_sums_each_window_before_squaring(rng):
             if w.sum() > 0:
                 b2.append((w * (flux[i, win] - model[i, win])).sum() ** 2 / w.sum())
         np.testing.assert_allclose(got[i], np.mean(b2), rtol=1e-12)
+        np.testing.assert_allclose(peak[i], np.max(b2), rtol=1e-12)
     windows = [(good[0, s:s + width]).any() for s in range(0, p, width)]
     assert sum(windows) == 15 and np.isfinite(got[0]) and np.isnan(got[1])
+    assert np.isfinite(peak[0]) and np.isnan(peak[1])
     per_pixel = np.sum(good[2:] * (flux[2:] - model[2:]) ** 2 / (err2[2:] + scatter2), axis=1)
     np.testing.assert_allclose(pixel_chi2(flux, err2, good, model, scatter2)[2:],
                                per_pixel / good[2:].sum(axis=1), rtol=1e-12)
@@ -676,3 +688,11 @@ def test_broadband_chi2_sums_each_window_before_squaring(rng):
     pixel = np.nanmean(pixel_chi2(offset, err2, good, model, scatter2))
     broad = np.nanmean(pixel_chi2(offset, err2, good, model, scatter2, width))
     assert pixel < 1.15 and broad > 1.0 + 0.5 * 0.04 * 0.9 * width, (pixel, broad)
+    # one emission line of 3 sigma over 8 pixels: the largest 8-pixel window finds it
+    # (B^2 ~ 8 x 9 = 72 against a noise maximum of ~14 over 125 windows), the mean does not
+    line = flux.copy()
+    line[:, 504:512] += 3.0 * np.sqrt(err2[:, 504:512] + scatter2[504:512])  # one window
+    gain = [np.nanmedian(pixel_chi2(line, err2, good, model, scatter2, 8, reduce)
+                         / pixel_chi2(flux, err2, good, model, scatter2, 8, reduce))
+            for reduce in ("mean", "max")]
+    assert gain[0] < 2.0 and gain[1] > 3.0, gain

@@ -8,8 +8,8 @@ The prediction catalog (docs/outputs.md) has one row per star:
     TEFF_LOGG_CORR, TEFF_FE_H_CORR, LOGG_FE_H_CORR          correlations of the total covariance
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
-    CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), FEATURE_DISTANCE     shift statistics
-                                                             (SHIFT_COLUMNS)
+    CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), CHI2_PEAK(_REL), FEATURE_DISTANCE
+                                                             shift statistics (SHIFT_COLUMNS)
     L_EMULATOR                                               the emulator's best-fit labels
     FLAG                                                     bit field (FLAG_BITS)
 
@@ -50,9 +50,11 @@ FLAG_BITS = {
        "network's last hidden features lie outside the training cloud",
     7: "BROADBAND_OOD: CHI2_BROADBAND_REL exceeds its validation emulator.chi2_quantile: the "
        "spectrum's broadband shape (continuum level, tilt) matches no emulated spectrum",
+    8: "PEAK_OOD: CHI2_PEAK_REL exceeds its validation emulator.chi2_quantile: a narrow "
+       "feature (an emission line, an artefact) that no emulated spectrum has",
 }
 (FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD, FLAG_SPECTRUM_OOD,
- FLAG_FEATURE_OOD, FLAG_BROADBAND_OOD) = (1 << bit for bit in FLAG_BITS)
+ FLAG_FEATURE_OOD, FLAG_BROADBAND_OOD, FLAG_PEAK_OOD) = (1 << bit for bit in FLAG_BITS)
 
 SHIFT_COLUMNS = {
     "CHI2_EMULATOR": "chi^2 per good pixel of the spectrum against the label -> flux emulator "
@@ -61,6 +63,9 @@ SHIFT_COLUMNS = {
     "CHI2_BROADBAND": "chi^2 against the emulator at L_EMULATOR with the residuals summed over "
                       "windows of emulator.broadband_width pixels first (about 1 for noise)",
     "CHI2_BROADBAND_REL": "CHI2_BROADBAND divided by the validation median at the star's SNR",
+    "CHI2_PEAK": "largest chi^2 against the emulator at L_EMULATOR of the residuals summed "
+                 "over a window of emulator.peak_width pixels",
+    "CHI2_PEAK_REL": "CHI2_PEAK divided by the validation median at the star's SNR",
     "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
                         "training features, sqrt(D^2 / d) (about 1 in distribution)",
 }

@@ -44,7 +44,9 @@ windows of W adjacent pixels (:func:`pixel_chi2` with ``width`` W): per window t
 residual sum in units of its standard deviation, squared, averaged over windows. Independent
 noise gives about 1 either way, but a misfit that keeps its sign over many pixels (a continuum
 normalized a few per cent off, a tilt) grows W times faster in it than in the chi^2 per
-pixel, where the lines' own misfit and the noise of every pixel dilute it.
+pixel, where the lines' own misfit and the noise of every pixel dilute it. The peak statistic
+takes the largest window chi^2 over narrow windows instead of the mean: a few emission lines
+fill a handful of windows, which a mean over all pixels or windows hides.
 """
 
 from __future__ import annotations
@@ -152,18 +154,20 @@ def nearest(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
-               scatter2: np.ndarray, width: int = 1) -> np.ndarray:
+               scatter2: np.ndarray, width: int = 1, reduce: str = "mean") -> np.ndarray:
     """(N,) chi^2 per window of ``width`` adjacent pixels (NaN without a good pixel).
 
     With w_p = g_p / (e_p^2 + s_p^2) and r_p = f_p - m_p, each window j has the weighted
     residual sum in units of its own standard deviation, B_j = sum_j w_p r_p / sqrt(sum_j w_p),
-    and the statistic is the mean of B_j^2 over windows with a good pixel. Width 1 is the chi^2
-    per good pixel, sum_p g_p r_p^2 / (e_p^2 + s_p^2) / sum_p g_p. Wider windows sum the signed
-    residuals first: a broadband misfit (a continuum off by a few per cent, a tilt) adds up
-    coherently, width times more than the independent noise, so it stands out of a statistic
-    in which the per-pixel chi^2 dilutes it among all pixels."""
+    and the statistic is the mean (``reduce`` 'mean') or the largest ('max') B_j^2 over windows
+    with a good pixel. Width 1, mean, is the chi^2 per good pixel,
+    sum_p g_p r_p^2 / (e_p^2 + s_p^2) / sum_p g_p. Wider windows sum the signed residuals
+    first: a broadband misfit (a continuum off by a few per cent, a tilt) adds up coherently,
+    width times more than the independent noise, so it stands out of a statistic in which the
+    per-pixel chi^2 dilutes it among all pixels; the largest window picks out a narrow feature
+    (an emission line) that a mean over all windows dilutes."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        if width == 1:
+        if width == 1 and reduce == "mean":
             r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
             return r2.sum(axis=1) / good.sum(axis=1)
         w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
@@ -171,8 +175,12 @@ def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.n
         pad = -flux.shape[1] % width  # the last, partial window gets zero-weight pixels
         sums = [np.pad(a, ((0, 0), (0, pad))).reshape(len(a), -1, width).sum(axis=2)
                 for a in (w, wr)]
-        b2 = np.where(sums[0] > 0, sums[1] ** 2 / sums[0], 0.0)
-        return b2.sum(axis=1) / (sums[0] > 0).sum(axis=1)
+        seen = sums[0] > 0
+        if reduce == "max":
+            b2 = np.where(seen, sums[1] ** 2 / sums[0], -np.inf).max(axis=1)
+            return np.where(seen.any(axis=1), b2, np.nan)
+        b2 = np.where(seen, sums[1] ** 2 / sums[0], 0.0)
+        return b2.sum(axis=1) / seen.sum(axis=1)
 
 
 @dataclass
@@ -252,9 +260,10 @@ class LabelEmulator:
         return out
 
     def chi2(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
-             labels: np.ndarray, batch_size: int = 256, width: int = 1) -> np.ndarray:
+             labels: np.ndarray, batch_size: int = 256, width: int = 1,
+             reduce: str = "mean") -> np.ndarray:
         """(N,) chi^2 per good pixel of each spectrum against the emulator at ``labels``
-        (per window of ``width`` pixels: :func:`pixel_chi2`).
+        (per window of ``width`` pixels, mean or largest: :func:`pixel_chi2`).
 
         NaN where a star has no good usable pixel or its labels are not finite. The stars of
         a batch are grouped by region: each group is one matrix product with its region's
@@ -268,7 +277,8 @@ class LabelEmulator:
             out[sl] = pixel_chi2(np.asarray(flux[sl], np.float64),
                                  np.asarray(flux_err[sl], np.float64) ** 2,
                                  np.asarray(good[sl], bool) & self.usable[region],
-                                 self.flux(labels[sl]), self.scatter[region] ** 2, width)
+                                 self.flux(labels[sl]), self.scatter[region] ** 2, width,
+                                 reduce)
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,

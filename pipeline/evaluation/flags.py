@@ -13,6 +13,7 @@ from pipeline.artifacts.catalog import (
     FLAG_MODEL_OOD,
     FLAG_NONFINITE,
     FLAG_OOD,
+    FLAG_PEAK_OOD,
     FLAG_RESAMPLED,
     FLAG_SPECTRUM_OOD,
 )
@@ -42,31 +43,33 @@ def model_error_ratio(model_cov: np.ndarray, scaler, posterior) -> np.ndarray:
     return np.max(std / np.maximum(np.asarray(reference, np.float64), 1e-300), axis=1)
 
 
-def shift_flags(shift: dict, chi2_threshold: float, feature_threshold: float,
-                broadband_threshold: float) -> np.ndarray:
-    """(N,) int32 bits 5, 6 and 7 from the statistics of ``pipeline.evaluation.shift``: set
-    where CHI2_EMULATOR_REL, FEATURE_DISTANCE or CHI2_BROADBAND_REL exceeds its validation
-    threshold (NaN never flags)."""
-    bits = ((FLAG_SPECTRUM_OOD, "CHI2_EMULATOR_REL", chi2_threshold),
-            (FLAG_FEATURE_OOD, "FEATURE_DISTANCE", feature_threshold),
-            (FLAG_BROADBAND_OOD, "CHI2_BROADBAND_REL", broadband_threshold))
-    flags = np.zeros(len(shift["CHI2_EMULATOR_REL"]), np.int32)
+SHIFT_BITS = {"CHI2_EMULATOR_REL": FLAG_SPECTRUM_OOD, "FEATURE_DISTANCE": FLAG_FEATURE_OOD,
+              "CHI2_BROADBAND_REL": FLAG_BROADBAND_OOD, "CHI2_PEAK_REL": FLAG_PEAK_OOD}
+"""The FLAG bit of each thresholded shift statistic."""
+
+
+def shift_flags(shift: dict, thresholds: dict[str, float]) -> np.ndarray:
+    """(N,) int32 bits 5-8 from the statistics of ``pipeline.evaluation.shift``: each set
+    where its statistic (:data:`SHIFT_BITS`) exceeds its validation threshold, given by
+    column name in ``thresholds`` (``ShiftReference.thresholds``; NaN never flags)."""
+    flags = np.zeros(len(next(iter(shift.values()))), np.int32)
     with np.errstate(invalid="ignore"):
-        for bit, name, threshold in bits:
-            flags |= np.where(np.asarray(shift[name]) > threshold, bit, 0).astype(np.int32)
+        for name, threshold in thresholds.items():
+            flags |= np.where(np.asarray(shift[name]) > threshold, SHIFT_BITS[name],
+                              0).astype(np.int32)
     return flags
 
 
 def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarray,
                resampled: bool, scaler, predict_cfg: dict,
                model_ratio: np.ndarray | None = None, shift: dict | None = None,
-               shift_thresholds: tuple[float, float] | None = None,
+               shift_thresholds: dict[str, float] | None = None,
                range_margin: np.ndarray | None = None) -> np.ndarray:
     """FLAG bit field (N,) int32; bits documented in ``pipeline.FLAG_BITS``.
 
     ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
-    ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (chi^2, feature
-    distance, broadband chi^2) set bits 5, 6 and 7 (:func:`shift_flags`). Bit 0's margin
+    ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (by statistic) set bits
+    5-8 (:func:`shift_flags`). Bit 0's margin
     beyond the training range is ``predict.ood_sigma`` training standard deviations per label, or
     ``range_margin`` (3,) physical units (the validation overshoot quantile of the emulator
     file) where that is larger.
@@ -89,5 +92,5 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
         far = model_ratio > predict_cfg["ood_model_factor"]
         flags |= np.where(far, FLAG_MODEL_OOD, 0).astype(np.int32)
     if shift is not None and shift_thresholds is not None:
-        flags |= shift_flags(shift, *shift_thresholds)
+        flags |= shift_flags(shift, shift_thresholds)
     return flags

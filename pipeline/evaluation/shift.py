@@ -1,6 +1,6 @@
 """Label-free shift detection: its reference (``emulator.npz``) and each star's statistics.
 
-Three statistics, each compared with a threshold set on validation stars (no labels needed):
+Four statistics, each compared with a threshold set on validation stars (no labels needed):
 
 * ``CHI2_EMULATOR``: chi^2 per pixel of the spectrum against the label -> flux emulator
   (:mod:`pipeline.evaluation.emulator`) at the emulator's best-fit labels
@@ -11,12 +11,14 @@ Three statistics, each compared with a threshold set on validation stars (no lab
   validation ``chi2_quantile``. The best-fit labels are reported too (``TEFF_EMULATOR``,
   ``LOGG_EMULATOR``, ``FE_H_EMULATOR``). Fitting removes the network's own label errors from
   the statistic, which at the predicted labels set a wide validation tail.
-* ``CHI2_BROADBAND``: the same comparison at the same best-fit labels with the residuals
-  summed over windows of ``broadband_width`` adjacent pixels first (the broadband statistic of
-  :mod:`pipeline.evaluation.emulator`), and ``CHI2_BROADBAND_REL`` divided by its own
-  validation median at the star's SNR. Flag when REL exceeds its validation
-  ``chi2_quantile``: a continuum a few per cent off or tilted, which the chi^2 per pixel
-  dilutes among all pixels, stands out here.
+* Window statistics (:data:`WINDOW_STATISTICS`): the same comparison at the same best-fit
+  labels with the residuals summed over windows of adjacent pixels first
+  (:func:`pipeline.evaluation.emulator.pixel_chi2`). ``CHI2_BROADBAND``, the mean over windows
+  of ``broadband_width`` pixels: a continuum a few per cent off or tilted, which the chi^2 per
+  pixel dilutes among all pixels, stands out here. ``CHI2_PEAK``, the largest window of
+  ``peak_width`` pixels: a few emission lines or other narrow features. Each divided by its
+  own validation median at the star's SNR (``_REL``); flag when that exceeds its validation
+  ``chi2_quantile``.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
   training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
   validation ``feature_quantile``.
@@ -24,13 +26,13 @@ Three statistics, each compared with a threshold set on validation stars (no lab
 The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
 ``label_max``), the fit settings the threshold was set with (``fit_iterations``,
-``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, the
-broadband statistic's ``broadband_width``, trend (``broadband_snr_log``,
-``broadband_snr_median``) and ``broadband_threshold``, the feature
+``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, for each
+window statistic (prefix ``broadband`` or ``peak``) its ``<prefix>_width``, trend
+(``<prefix>_snr_log``, ``<prefix>_snr_median``) and ``<prefix>_threshold``, the feature
 reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
 flagged fractions, provenance). A file without the fit settings (from a version that set the
-threshold at the predicted labels) or without the broadband statistic is refused.
+threshold at the predicted labels) or without the window statistics is refused.
 
 The label-range flag (bit 0) also takes its margin from here when the file is present: per
 label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
@@ -59,6 +61,19 @@ _EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scat
                   "label_min", "label_max")
 EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
 """Catalog columns of the emulator's best-fit labels (physical units)."""
+WINDOW_STATISTICS = {"CHI2_BROADBAND": ("broadband", "mean"), "CHI2_PEAK": ("peak", "max")}
+"""Catalog column -> (config key and file prefix, reduction over the windows)."""
+
+
+@dataclass
+class WindowStatistic:
+    """A window chi^2 of the emulator residuals (``width`` pixels, ``reduce`` over windows),
+    its validation median against SNR and its threshold on the ratio to that median."""
+
+    width: int
+    reduce: str
+    trend: SnrTrend
+    threshold: float
 
 
 @dataclass
@@ -71,10 +86,15 @@ class ShiftReference:
     range_margin: np.ndarray
     fit_iterations: int
     fit_margin: float
-    broadband_width: int
-    broadband_trend: SnrTrend
-    broadband_threshold: float
+    windows: dict[str, WindowStatistic]
     info: dict = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Threshold of each flagged statistic, by catalog column (``flags.shift_flags``)."""
+        return {"CHI2_EMULATOR_REL": self.chi2_threshold,
+                "FEATURE_DISTANCE": self.feature_threshold,
+                **{f"{name}_REL": w.threshold for name, w in self.windows.items()}}
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file, then rename)."""
@@ -86,11 +106,12 @@ class ShiftReference:
                       feature_shrinkage=self.features.shrinkage,
                       feature_threshold=self.feature_threshold, range_margin=self.range_margin,
                       fit_iterations=self.fit_iterations, fit_margin=self.fit_margin,
-                      broadband_width=self.broadband_width,
-                      broadband_snr_log=self.broadband_trend.log_snr,
-                      broadband_snr_median=self.broadband_trend.median,
-                      broadband_threshold=self.broadband_threshold,
                       info=json.dumps(self.info, default=str))
+        for name, (prefix, _) in WINDOW_STATISTICS.items():
+            w = self.windows[name]
+            arrays.update({f"{prefix}_width": w.width, f"{prefix}_snr_log": w.trend.log_snr,
+                           f"{prefix}_snr_median": w.trend.median,
+                           f"{prefix}_threshold": w.threshold})
         write_npz(path, arrays)
 
     def check(self, path, n_pixels: int, n_features: int) -> None:
@@ -111,9 +132,14 @@ class ShiftReference:
                 raise ModelFileError(f"emulator file '{path}' holds a threshold of the chi^2 at "
                                      "the predicted labels (an older version); rerun the "
                                      "emulator step to set it at the best-fit labels")
-            if "broadband_threshold" not in a:
-                raise ModelFileError(f"emulator file '{path}' has no broadband statistic (an "
-                                     "older version); rerun the emulator step")
+            if any(f"{prefix}_threshold" not in a for prefix, _ in WINDOW_STATISTICS.values()):
+                raise ModelFileError(f"emulator file '{path}' lacks the broadband or peak "
+                                     "statistic (an older version); rerun the emulator step")
+            windows = {name: WindowStatistic(int(a[f"{prefix}_width"]), reduce,
+                                             SnrTrend(a[f"{prefix}_snr_log"],
+                                                      a[f"{prefix}_snr_median"]),
+                                             float(a[f"{prefix}_threshold"]))
+                       for name, (prefix, reduce) in WINDOW_STATISTICS.items()}
             emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
@@ -121,10 +147,8 @@ class ShiftReference:
                        FeatureReference(a["feature_mean"], a["feature_scale"],
                                         a["feature_cholesky"], float(a["feature_shrinkage"])),
                        float(a["feature_threshold"]), a["range_margin"],
-                       int(a["fit_iterations"]), float(a["fit_margin"]),
-                       int(a["broadband_width"]),
-                       SnrTrend(a["broadband_snr_log"], a["broadband_snr_median"]),
-                       float(a["broadband_threshold"]), json.loads(str(a["info"])))
+                       int(a["fit_iterations"]), float(a["fit_margin"]), windows,
+                       json.loads(str(a["info"])))
         except (KeyError, ValueError) as exc:
             raise unreadable(path, "emulator", "emulator", exc) from None
 
@@ -142,14 +166,16 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
         return {k: np.full(n, np.nan) for k in (*SHIFT_COLUMNS, *EMULATOR_LABEL_COLUMNS)}
     best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
                                              reference.fit_iterations, reference.fit_margin)
-    broadband = reference.emulator.chi2(flux, flux_err, good, best, batch_size,
-                                        reference.broadband_width)
     snr = spectrum_snr(flux, flux_err, good)
+    windows = {}
+    for name, w in reference.windows.items():
+        windows[name] = reference.emulator.chi2(flux, flux_err, good, best, batch_size,
+                                                w.width, w.reduce)
+        windows[f"{name}_REL"] = windows[name] / w.trend(snr)
     if features is None:
         features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
-            "CHI2_BROADBAND": broadband,
-            "CHI2_BROADBAND_REL": broadband / reference.broadband_trend(snr),
+            **windows,
             "FEATURE_DISTANCE": reference.features.distance(features),
             **dict(zip(EMULATOR_LABEL_COLUMNS, best.T, strict=True))}
 
@@ -166,26 +192,30 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     started from their predicted labels (as the predict step will compute them).
 
     ``cfg`` is the ``emulator`` config section (order, ridge, regions, fit_iterations,
-    fit_margin, broadband_width, snr_bins, chi2_quantile, feature_quantile, range_quantile,
-    batch_size).
+    fit_margin, broadband_width, peak_width, snr_bins, chi2_quantile, feature_quantile,
+    range_quantile, batch_size).
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
                                  regions=cfg["regions"], seed=seed)
     best, chi2 = emulator.best_fit(valid.flux, valid.flux_err, valid_good, valid_prediction,
                                    cfg["fit_iterations"], cfg["fit_margin"])
-    broadband = emulator.chi2(valid.flux, valid.flux_err, valid_good, best,
-                              width=cfg["broadband_width"])
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
-    broadband_trend = SnrTrend.fit(snr, broadband, cfg["snr_bins"])
+    windows, window_rel = {}, {}
+    for name, (prefix, reduce) in WINDOW_STATISTICS.items():
+        value = emulator.chi2(valid.flux, valid.flux_err, valid_good, best,
+                              width=cfg[f"{prefix}_width"], reduce=reduce)
+        w_trend = SnrTrend.fit(snr, value, cfg["snr_bins"])
+        window_rel[prefix] = value / w_trend(snr)
+        windows[name] = WindowStatistic(int(cfg[f"{prefix}_width"]), reduce, w_trend,
+                                        float(np.nanquantile(window_rel[prefix],
+                                                             cfg["chi2_quantile"])))
     features = FeatureReference.fit(last_hidden_features(model, train.flux,
                                                          cfg["batch_size"]))
     rel = chi2 / trend(snr)
-    broadband_rel = broadband / broadband_trend(snr)
     dist = features.distance(last_hidden_features(model, valid.flux, cfg["batch_size"]))
     chi2_threshold = float(np.nanquantile(rel, cfg["chi2_quantile"]))
-    broadband_threshold = float(np.nanquantile(broadband_rel, cfg["chi2_quantile"]))
     feature_threshold = float(np.nanquantile(dist, cfg["feature_quantile"]))
     labels = train.label_array()
     overshoot = range_overshoot(valid_prediction, labels.min(axis=0), labels.max(axis=0))
@@ -193,17 +223,18 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     info = {"n_train": len(train.flux), "n_valid": len(valid.flux),
             "regions": len(emulator.centres), "feature_dim": len(features.mean),
             "valid_chi2_median": float(np.nanmedian(chi2)),
-            "valid_broadband_median": float(np.nanmedian(broadband)),
             "valid_feature_distance_median": float(np.nanmedian(dist)),
             "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
-            "valid_flagged_broadband": float(np.mean(broadband_rel > broadband_threshold)),
+            **{f"valid_flagged_{prefix}": float(np.mean(window_rel[prefix]
+                                                        > windows[name].threshold))
+               for name, (prefix, _) in WINDOW_STATISTICS.items()},
             "valid_flagged_feature": float(np.mean(dist > feature_threshold)),
-            "valid_flagged_any": float(np.mean((rel > chi2_threshold)
-                                               | (broadband_rel > broadband_threshold)
-                                               | (dist > feature_threshold))),
+            "valid_flagged_any": float(np.mean(
+                (rel > chi2_threshold) | (dist > feature_threshold)
+                | np.any([window_rel[prefix] > windows[name].threshold
+                          for name, (prefix, _) in WINDOW_STATISTICS.items()], axis=0))),
             "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
             "range_margin": range_margin.tolist()}
     return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,
                           range_margin, int(cfg["fit_iterations"]), float(cfg["fit_margin"]),
-                          int(cfg["broadband_width"]), broadband_trend, broadband_threshold,
-                          info)
+                          windows, info)
