@@ -52,6 +52,7 @@ fill a handful of windows, which a mean over all pixels or windows hides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import combinations_with_replacement
 
 import numpy as np
@@ -329,11 +330,20 @@ class LabelEmulator:
             best[sl] = z * self.label_scale + self.label_mean
         return best, chi2
 
+    @cached_property
+    def _outer_products(self) -> np.ndarray:
+        """(K, P, T(T+1)/2) products c_kpi c_kpj, i <= j, of each region's coefficients: the
+        columns of :meth:`_quadratic_terms`, built once (not for each batch and each star that
+        changes region), C-ordered for the matrix product with the pixel weights."""
+        i, j = np.triu_indices(self.coef.shape[1])
+        return np.ascontiguousarray(np.swapaxes(self.coef[:, i] * self.coef[:, j], 1, 2))
+
     def _quadratic_terms(self, f, err2, g0, region):
         """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
         (S NaN for a star without good usable pixels). One matrix product per region present,
-        with the per-pixel outer products c_kp c_kp^T as rows (as in :func:`ridge_solve`)."""
+        with the per-pixel products c_kpi c_kpj (i <= j, A is symmetric) as columns."""
         n_terms = self.coef.shape[1]
+        i, j = np.triu_indices(n_terms)
         g = g0 & self.usable[region]
         n_good = g.sum(axis=1)
         with np.errstate(divide="ignore"):
@@ -341,10 +351,12 @@ class LabelEmulator:
         w /= np.maximum(n_good, 1)[:, None]
         a, b = np.empty((len(f), n_terms, n_terms)), np.empty((len(f), n_terms))
         for k in np.unique(region):
-            rows, c = region == k, self.coef[k]
-            outer = (c[:, None, :] * c[None, :, :]).reshape(n_terms * n_terms, -1)
-            a[rows] = (w[rows] @ outer.T).reshape(-1, n_terms, n_terms)
-            b[rows] = (w[rows] * f[rows]) @ c.T
+            rows = region == k
+            upper, block = w[rows] @ self._outer_products[k], np.empty((rows.sum(),) + a.shape[1:])
+            block[:, i, j] = upper
+            block[:, j, i] = upper
+            a[rows] = block
+            b[rows] = (w[rows] * f[rows]) @ self.coef[k].T
         return a, b, np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan)
 
     def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
