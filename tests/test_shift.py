@@ -27,7 +27,7 @@ from pipeline.evaluation.emulator import (
 )
 from pipeline.evaluation.feature_distance import FeatureReference, ledoit_wolf
 from pipeline.evaluation.flags import shift_flags, star_flags
-from pipeline.evaluation.shift import ShiftReference, WindowStatistic
+from pipeline.evaluation.shift import ResidualStatistic, ShiftReference
 from pipeline.nn.scaler import LabelScaler
 
 CONFIG = validate({})
@@ -454,10 +454,12 @@ def test_range_margin_is_the_validation_overshoot_quantile(rng):
 # ---------------------------------------------------------------------- file and catalog
 def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     _, em, trend, threshold, _ = synthetic_reference
-    windows = {"CHI2_BROADBAND": WindowStatistic(64, "mean", SnrTrend(trend.log_snr,
-                                                                      2.0 * trend.median), 3.5),
-               "CHI2_PEAK": WindowStatistic(8, "max", SnrTrend(trend.log_snr,
-                                                               9.0 * trend.median), 2.5)}
+    windows = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
+                                                               scale * trend.median), limit)
+               for name, width, reduce, scale, limit in (
+                   ("CHI2_BROADBAND", 64, "mean", 2.0, 3.5), ("CHI2_PEAK", 8, "max", 9.0, 2.5),
+                   ("CHI2_DOPPLER", 1, "gradient", 0.3, 40.0),
+                   ("CHI2_LSF", 1, "curvature", 10.0, 300.0))}
     ref = ShiftReference(em, trend, float(threshold), FeatureReference.fit(rng.normal(
         size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, windows, {"n_train": 1500})
     ref.save(tmp_path / "emulator.npz")
@@ -472,7 +474,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         assert (got.width, got.reduce, got.threshold) == (w.width, w.reduce, w.threshold)
         np.testing.assert_array_equal(got.trend.median, w.trend.median)
     assert back.thresholds == {"CHI2_EMULATOR_REL": ref.chi2_threshold, "FEATURE_DISTANCE": 1.7,
-                               "CHI2_BROADBAND_REL": 3.5, "CHI2_PEAK_REL": 2.5}
+                               "CHI2_BROADBAND_REL": 3.5, "CHI2_PEAK_REL": 2.5,
+                               "CHI2_DOPPLER_REL": 40.0, "CHI2_LSF_REL": 300.0}
     np.testing.assert_array_equal(back.emulator.label_max, em.label_max)
     np.testing.assert_array_equal(back.range_margin, ref.range_margin)
     assert back.info == {"n_train": 1500}
@@ -488,9 +491,9 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     with pytest.raises(Exception, match="old.npz.*predicted labels.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
     with np.load(tmp_path / "emulator.npz") as npz:  # a file without the broadband statistic
-        old = {k: npz[k] for k in npz.files if not k.startswith("peak")}
+        old = {k: npz[k] for k in npz.files if not k.startswith("lsf")}
     np.savez(tmp_path / "old.npz", **old)
-    with pytest.raises(Exception, match="old.npz.*peak.*rerun the emulator step"):
+    with pytest.raises(Exception, match="old.npz.*line-spread.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
 
 
@@ -696,3 +699,43 @@ def test_window_chi2_sums_each_window_before_squaring(rng):
                          / pixel_chi2(flux, err2, good, model, scatter2, 8, reduce))
             for reduce in ("mean", "max")]
     assert gain[0] < 2.0 and gain[1] > 3.0, gain
+
+
+def test_template_statistics_are_matched_filters_of_line_shift_and_width(rng):
+    """template_chi2 against its closed form computed in a loop; for noise alone it is
+    chi^2_1 (mean 1); a Gaussian line forest moved by 0.15 pixel is seen by the first-
+    derivative template far more than by the chi^2 per pixel, and a broadening of the lines by
+    the second-derivative one."""
+    from pipeline.evaluation.emulator import template_chi2
+
+    n, p = 300, 2000
+    pix = np.arange(p, dtype=float)
+    centres = rng.uniform(10, p - 10, 60)
+
+    def forest(shift=0.0, width=1.5):
+        depth = np.exp(-0.5 * ((pix[None, :] - centres[:, None] - shift) / width) ** 2)
+        return 1.0 - 0.5 * depth.sum(axis=0)
+
+    model = np.broadcast_to(forest(), (n, p))
+    err2, scatter2 = np.full((n, p), 0.02**2), np.full(p, 0.005**2)
+    good = rng.random((n, p)) > 0.05
+    noise = np.sqrt(err2 + scatter2) * rng.normal(size=(n, p))
+    for order in (1, 2):
+        got = template_chi2(model + noise, err2, good, model, scatter2, order)
+        t = model[0]
+        for _ in range(order):
+            t = np.gradient(t)
+        for i in range(3):
+            w = good[i] / (err2[i] + scatter2)
+            ref = (w * noise[i] * t).sum() ** 2 / (w * t * t).sum()
+            np.testing.assert_allclose(got[i], ref, rtol=1e-10)
+        assert abs(got.mean() - 1.0) < 0.25, got.mean()  # sd of a mean of 300 chi^2_1: 0.08
+    for name, observed in (("shift", forest(shift=0.15)), ("broad", forest(width=1.65))):
+        flux = observed + noise
+        per_pixel = np.mean(pixel_chi2(flux, err2, good, model, scatter2))
+        doppler, lsf = (np.median(template_chi2(flux, err2, good, model, scatter2, order))
+                        for order in (1, 2))
+        if name == "shift":
+            assert doppler > 100 and doppler > 20 * lsf and per_pixel < 1.5, (doppler, lsf)
+        else:
+            assert lsf > 30 and lsf > 5 * doppler and per_pixel < 1.5, (lsf, doppler, per_pixel)

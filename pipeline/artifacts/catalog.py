@@ -8,8 +8,8 @@ The prediction catalog (docs/outputs.md) has one row per star:
     TEFF_LOGG_CORR, TEFF_FE_H_CORR, LOGG_FE_H_CORR          correlations of the total covariance
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
-    CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), CHI2_PEAK(_REL), FEATURE_DISTANCE
-                                                             shift statistics (SHIFT_COLUMNS)
+    CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), CHI2_PEAK(_REL), CHI2_DOPPLER(_REL),
+    CHI2_LSF(_REL), FEATURE_DISTANCE                         shift statistics (SHIFT_COLUMNS)
     L_EMULATOR                                               the emulator's best-fit labels
     FLAG                                                     bit field (FLAG_BITS)
 
@@ -52,9 +52,14 @@ FLAG_BITS = {
        "spectrum's broadband shape (continuum level, tilt) matches no emulated spectrum",
     8: "PEAK_OOD: CHI2_PEAK_REL exceeds its validation emulator.chi2_quantile: a narrow "
        "feature (an emission line, an artefact) that no emulated spectrum has",
+    9: "DOPPLER_OOD: CHI2_DOPPLER_REL exceeds its validation emulator.chi2_quantile: the lines "
+       "sit off their emulated positions (an unremoved radial velocity, a wavelength error)",
+    10: "LSF_OOD: CHI2_LSF_REL exceeds its validation emulator.chi2_quantile: the lines are "
+        "wider or narrower than emulated (another line-spread function or resolution)",
 }
 (FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD, FLAG_SPECTRUM_OOD,
- FLAG_FEATURE_OOD, FLAG_BROADBAND_OOD, FLAG_PEAK_OOD) = (1 << bit for bit in FLAG_BITS)
+ FLAG_FEATURE_OOD, FLAG_BROADBAND_OOD, FLAG_PEAK_OOD, FLAG_DOPPLER_OOD,
+ FLAG_LSF_OOD) = (1 << bit for bit in FLAG_BITS)
 
 SHIFT_COLUMNS = {
     "CHI2_EMULATOR": "chi^2 per good pixel of the spectrum against the label -> flux emulator "
@@ -66,6 +71,12 @@ SHIFT_COLUMNS = {
     "CHI2_PEAK": "largest chi^2 against the emulator at L_EMULATOR of the residuals summed "
                  "over a window of emulator.peak_width pixels",
     "CHI2_PEAK_REL": "CHI2_PEAK divided by the validation median at the star's SNR",
+    "CHI2_DOPPLER": "squared significance of the residuals against the emulator at L_EMULATOR "
+                    "along the emulated spectrum's first derivative (a shift of the lines)",
+    "CHI2_DOPPLER_REL": "CHI2_DOPPLER divided by the validation median at the star's SNR",
+    "CHI2_LSF": "squared significance of the residuals against the emulator at L_EMULATOR "
+                "along the emulated spectrum's second derivative (a change of line width)",
+    "CHI2_LSF_REL": "CHI2_LSF divided by the validation median at the star's SNR",
     "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
                         "training features, sqrt(D^2 / d) (about 1 in distribution)",
 }

@@ -46,7 +46,10 @@ noise gives about 1 either way, but a misfit that keeps its sign over many pixel
 normalized a few per cent off, a tilt) grows W times faster in it than in the chi^2 per
 pixel, where the lines' own misfit and the noise of every pixel dilute it. The peak statistic
 takes the largest window chi^2 over narrow windows instead of the mean: a few emission lines
-fill a handful of windows, which a mean over all pixels or windows hides.
+fill a handful of windows, which a mean over all pixels or windows hides. The Doppler and
+line-spread statistics project the residuals onto the first and second derivatives of the
+emulated spectrum (:func:`template_chi2`): lines shifted or broadened by a fraction of a pixel
+misfit each line a little, with a sign pattern that these templates sum over all lines.
 """
 
 from __future__ import annotations
@@ -154,9 +157,39 @@ def nearest(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(axis=-1), axis=1)
 
 
+TEMPLATES = {"gradient": 1, "curvature": 2}
+"""Template reductions of :func:`pixel_chi2`: the derivative order of the emulated spectrum."""
+
+
+def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
+                  scatter2: np.ndarray, order: int) -> np.ndarray:
+    """(N,) squared significance of a residual along the template t = d^order m / dp^order.
+
+    With w_p = g_p / (e_p^2 + s_p^2), r_p = f_p - m_p and t the ``order``-th derivative of the
+    emulated spectrum m along the pixels (``numpy.gradient``), the weighted least-squares
+    amplitude of r = a t is a = sum w r t / sum w t^2 with variance 1 / sum w t^2, and the
+    statistic is a^2 sum w t^2 = (sum w r t)^2 / sum w t^2, about chi^2_1 (mean 1) for noise.
+    Order 1 is the matched filter of a shift of the lines along the pixels,
+    m(p - a) ~ m - a m' (an unremoved radial velocity, a wavelength-calibration error);
+    order 2 of a change of their width, m convolved with a Gaussian of variance v being
+    m + (v / 2) m'' (another line-spread function). Both add up over every line of the
+    spectrum, where the chi^2 per pixel sees each line's small misfit separately.
+    """
+    template = model
+    for _ in range(order):
+        template = np.gradient(template, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
+        wt = w * template
+        norm = (wt * template).sum(axis=1)
+        value = (wt * np.where(good, flux - model, 0.0)).sum(axis=1) ** 2 / norm
+        return np.where(norm > 0, value, np.nan)
+
+
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
                scatter2: np.ndarray, width: int = 1, reduce: str = "mean") -> np.ndarray:
-    """(N,) chi^2 per window of ``width`` adjacent pixels (NaN without a good pixel).
+    """(N,) chi^2 per window of ``width`` adjacent pixels (NaN without a good pixel); with
+    ``reduce`` 'gradient' or 'curvature' the template statistic of :func:`template_chi2`.
 
     With w_p = g_p / (e_p^2 + s_p^2) and r_p = f_p - m_p, each window j has the weighted
     residual sum in units of its own standard deviation, B_j = sum_j w_p r_p / sqrt(sum_j w_p),
@@ -167,6 +200,8 @@ def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.n
     width times more than the independent noise, so it stands out of a statistic in which the
     per-pixel chi^2 dilutes it among all pixels; the largest window picks out a narrow feature
     (an emission line) that a mean over all windows dilutes."""
+    if reduce in TEMPLATES:
+        return template_chi2(flux, err2, good, model, scatter2, TEMPLATES[reduce])
     with np.errstate(invalid="ignore", divide="ignore"):
         if width == 1 and reduce == "mean":
             r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
@@ -264,7 +299,8 @@ class LabelEmulator:
              labels: np.ndarray, batch_size: int = 256, width: int = 1,
              reduce: str = "mean") -> np.ndarray:
         """(N,) chi^2 per good pixel of each spectrum against the emulator at ``labels``
-        (per window of ``width`` pixels, mean or largest: :func:`pixel_chi2`).
+        (per window of ``width`` pixels, mean or largest, or a template statistic:
+        :func:`pixel_chi2`).
 
         NaN where a star has no good usable pixel or its labels are not finite. The stars of
         a batch are grouped by region: each group is one matrix product with its region's

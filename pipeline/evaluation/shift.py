@@ -11,14 +11,16 @@ Four statistics, each compared with a threshold set on validation stars (no labe
   validation ``chi2_quantile``. The best-fit labels are reported too (``TEFF_EMULATOR``,
   ``LOGG_EMULATOR``, ``FE_H_EMULATOR``). Fitting removes the network's own label errors from
   the statistic, which at the predicted labels set a wide validation tail.
-* Window statistics (:data:`WINDOW_STATISTICS`): the same comparison at the same best-fit
-  labels with the residuals summed over windows of adjacent pixels first
-  (:func:`pipeline.evaluation.emulator.pixel_chi2`). ``CHI2_BROADBAND``, the mean over windows
-  of ``broadband_width`` pixels: a continuum a few per cent off or tilted, which the chi^2 per
-  pixel dilutes among all pixels, stands out here. ``CHI2_PEAK``, the largest window of
-  ``peak_width`` pixels: a few emission lines or other narrow features. Each divided by its
-  own validation median at the star's SNR (``_REL``); flag when that exceeds its validation
-  ``chi2_quantile``.
+* Residual statistics (:data:`RESIDUAL_STATISTICS`): the residuals against the emulator at
+  the same best-fit labels, summed in other ways (:mod:`pipeline.evaluation.emulator`).
+  ``CHI2_BROADBAND``, the mean window chi^2 over windows of ``broadband_width`` pixels: a
+  continuum a few per cent off or tilted, which the chi^2 per pixel dilutes among all pixels,
+  stands out here. ``CHI2_PEAK``, the largest window of ``peak_width`` pixels: a few
+  emission lines or other narrow features. ``CHI2_DOPPLER`` and ``CHI2_LSF``, the residuals
+  projected onto the first and second derivative of the emulated spectrum: lines shifted
+  (an unremoved radial velocity) or broadened (another line-spread function). Each divided by
+  its own validation median at the star's SNR (``_REL``); flag when that exceeds its
+  validation ``chi2_quantile``.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
   training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
   validation ``feature_quantile``.
@@ -27,12 +29,13 @@ The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
 ``label_max``), the fit settings the threshold was set with (``fit_iterations``,
 ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, for each
-window statistic (prefix ``broadband`` or ``peak``) its ``<prefix>_width``, trend
+residual statistic (prefix ``broadband``, ``peak``, ``doppler``, ``lsf``) its
+``<prefix>_width``, trend
 (``<prefix>_snr_log``, ``<prefix>_snr_median``) and ``<prefix>_threshold``, the feature
 reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
 flagged fractions, provenance). A file without the fit settings (from a version that set the
-threshold at the predicted labels) or without the window statistics is refused.
+threshold at the predicted labels) or without the residual statistics is refused.
 
 The label-range flag (bit 0) also takes its margin from here when the file is present: per
 label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
@@ -61,14 +64,18 @@ _EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scat
                   "label_min", "label_max")
 EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
 """Catalog columns of the emulator's best-fit labels (physical units)."""
-WINDOW_STATISTICS = {"CHI2_BROADBAND": ("broadband", "mean"), "CHI2_PEAK": ("peak", "max")}
-"""Catalog column -> (config key and file prefix, reduction over the windows)."""
+RESIDUAL_STATISTICS = {"CHI2_BROADBAND": ("broadband", "mean"), "CHI2_PEAK": ("peak", "max"),
+                       "CHI2_DOPPLER": ("doppler", "gradient"),
+                       "CHI2_LSF": ("lsf", "curvature")}
+"""Catalog column -> (file prefix, and ``emulator.<prefix>_width`` where there is one;
+reduction of the residuals: :func:`pipeline.evaluation.emulator.pixel_chi2`)."""
 
 
 @dataclass
-class WindowStatistic:
-    """A window chi^2 of the emulator residuals (``width`` pixels, ``reduce`` over windows),
-    its validation median against SNR and its threshold on the ratio to that median."""
+class ResidualStatistic:
+    """A statistic of the emulator residuals at the best fit (windows of ``width`` pixels and
+    ``reduce`` over them, or a template: ``pixel_chi2``), its validation median against SNR
+    and its threshold on the ratio to that median."""
 
     width: int
     reduce: str
@@ -86,7 +93,7 @@ class ShiftReference:
     range_margin: np.ndarray
     fit_iterations: int
     fit_margin: float
-    windows: dict[str, WindowStatistic]
+    windows: dict[str, ResidualStatistic]
     info: dict = field(default_factory=dict)
 
     @property
@@ -107,7 +114,7 @@ class ShiftReference:
                       feature_threshold=self.feature_threshold, range_margin=self.range_margin,
                       fit_iterations=self.fit_iterations, fit_margin=self.fit_margin,
                       info=json.dumps(self.info, default=str))
-        for name, (prefix, _) in WINDOW_STATISTICS.items():
+        for name, (prefix, _) in RESIDUAL_STATISTICS.items():
             w = self.windows[name]
             arrays.update({f"{prefix}_width": w.width, f"{prefix}_snr_log": w.trend.log_snr,
                            f"{prefix}_snr_median": w.trend.median,
@@ -132,14 +139,15 @@ class ShiftReference:
                 raise ModelFileError(f"emulator file '{path}' holds a threshold of the chi^2 at "
                                      "the predicted labels (an older version); rerun the "
                                      "emulator step to set it at the best-fit labels")
-            if any(f"{prefix}_threshold" not in a for prefix, _ in WINDOW_STATISTICS.values()):
-                raise ModelFileError(f"emulator file '{path}' lacks the broadband or peak "
-                                     "statistic (an older version); rerun the emulator step")
-            windows = {name: WindowStatistic(int(a[f"{prefix}_width"]), reduce,
+            if any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values()):
+                raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
+                                     "Doppler and line-spread statistics (an older version); "
+                                     "rerun the emulator step")
+            windows = {name: ResidualStatistic(int(a[f"{prefix}_width"]), reduce,
                                              SnrTrend(a[f"{prefix}_snr_log"],
                                                       a[f"{prefix}_snr_median"]),
                                              float(a[f"{prefix}_threshold"]))
-                       for name, (prefix, reduce) in WINDOW_STATISTICS.items()}
+                       for name, (prefix, reduce) in RESIDUAL_STATISTICS.items()}
             emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
@@ -193,7 +201,7 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
 
     ``cfg`` is the ``emulator`` config section (order, ridge, regions, fit_iterations,
     fit_margin, broadband_width, peak_width, snr_bins, chi2_quantile, feature_quantile,
-    range_quantile, batch_size).
+    range_quantile, batch_size); the template statistics have no width (stored as 1).
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
@@ -203,14 +211,15 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
     windows, window_rel = {}, {}
-    for name, (prefix, reduce) in WINDOW_STATISTICS.items():
-        value = emulator.chi2(valid.flux, valid.flux_err, valid_good, best,
-                              width=cfg[f"{prefix}_width"], reduce=reduce)
+    for name, (prefix, reduce) in RESIDUAL_STATISTICS.items():
+        width = int(cfg.get(f"{prefix}_width", 1))
+        value = emulator.chi2(valid.flux, valid.flux_err, valid_good, best, width=width,
+                              reduce=reduce)
         w_trend = SnrTrend.fit(snr, value, cfg["snr_bins"])
         window_rel[prefix] = value / w_trend(snr)
-        windows[name] = WindowStatistic(int(cfg[f"{prefix}_width"]), reduce, w_trend,
-                                        float(np.nanquantile(window_rel[prefix],
-                                                             cfg["chi2_quantile"])))
+        windows[name] = ResidualStatistic(width, reduce, w_trend,
+                                          float(np.nanquantile(window_rel[prefix],
+                                                               cfg["chi2_quantile"])))
     features = FeatureReference.fit(last_hidden_features(model, train.flux,
                                                          cfg["batch_size"]))
     rel = chi2 / trend(snr)
@@ -227,12 +236,12 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
             "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
             **{f"valid_flagged_{prefix}": float(np.mean(window_rel[prefix]
                                                         > windows[name].threshold))
-               for name, (prefix, _) in WINDOW_STATISTICS.items()},
+               for name, (prefix, _) in RESIDUAL_STATISTICS.items()},
             "valid_flagged_feature": float(np.mean(dist > feature_threshold)),
             "valid_flagged_any": float(np.mean(
                 (rel > chi2_threshold) | (dist > feature_threshold)
                 | np.any([window_rel[prefix] > windows[name].threshold
-                          for name, (prefix, _) in WINDOW_STATISTICS.items()], axis=0))),
+                          for name, (prefix, _) in RESIDUAL_STATISTICS.items()], axis=0))),
             "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
             "range_margin": range_margin.tolist()}
     return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,

@@ -21,10 +21,10 @@ Bad pixels (flux set to the continuum 1, error ``data.bad_pixel_err``) are fixed
 values, not noisy measurements: they add nothing to the flux-noise term (error 0 there), and a
 star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG bit 1).
 
-Label-free shift statistics (``pipeline.evaluation.shift``: chi^2, broadband and peak chi^2
-against the label -> flux emulator at its best-fit labels, fitted from the predicted ones;
-distance of the last hidden features from the training cloud) and their FLAG bits 5, 7, 8 and
-6 come from the emulator file, by
+Label-free shift statistics (``pipeline.evaluation.shift``: chi^2, broadband, peak, Doppler
+and line-spread statistics against the label -> flux emulator at its best-fit labels, fitted
+from the predicted ones; distance of the last hidden features from the training cloud) and
+their FLAG bits 5-10 come from the emulator file, by
 default ``DIR/emulator.npz`` beside the model; without one their columns are NaN and those
 bits are never set (a warning says so).
 
