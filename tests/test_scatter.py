@@ -308,3 +308,50 @@ def test_label_degree_is_checked(rng):
     resid, mv, nv, lab = simulate_label_tail(rng, 200)
     with pytest.raises(ConfigError, match="scatter_label_degree"):
         fit_scatter(resid, mv, nv, labels=lab, label_degree=3)
+
+
+def test_calibration_check_whitens_with_the_reported_correlations(tmp_path, rng, capsys):
+    """benchmarks.calibration_check on a catalog whose residuals are drawn from the reported
+    covariances (correlation 0.6 between Teff and log g): the whitened covariance is the
+    identity; with the correlation columns set to 0 its Teff-log g term is ~0.6."""
+    import json
+
+    from astropy.table import Table
+
+    from benchmarks.calibration_check import main
+    from pipeline.nn.scaler import LabelScaler
+
+    n = 4000
+    err = np.array([50.0, 0.1, 0.05]) * np.exp(rng.normal(0, 0.3, (n, 3)))
+    corr = np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.2], [0.0, 0.2, 1.0]])
+    resid = (np.linalg.cholesky(corr) @ rng.normal(size=(n, 3, 1)))[..., 0] * err
+    truth = np.column_stack([rng.uniform(3500, 7000, n), rng.uniform(0, 5, n),
+                             rng.uniform(-2.5, 0.5, n)])
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "laplace").mkdir()
+    LabelScaler(mean=np.zeros(3), scale=np.ones(3)).save(tmp_path / "model" / "scaler.json")
+    np.savez(tmp_path / "laplace" / "posterior.npz",
+             info=json.dumps({"scatter": {"cap": [80.0, 0.2, 0.1]}}))
+    for with_corr in (True, False):
+        table = Table()
+        for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
+            table[name] = truth[:, k] + resid[:, k]
+            table[name + "_TRUE"] = truth[:, k]
+            table[name + "_ERR"] = err[:, k]
+            table[name + "_ERR_SCATTER"] = 0.5 * err[:, k]
+        for (i, j), name in (((0, 1), "TEFF_LOGG_CORR"), ((0, 2), "TEFF_FE_H_CORR"),
+                             ((1, 2), "LOGG_FE_H_CORR")):
+            table[name] = np.full(n, corr[i, j] if with_corr else 0.0)
+        table.write(tmp_path / "predictions" / "test.fits", overwrite=True)
+        assert main(["--results", str(tmp_path)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        rows = out[out.index("covariance of the whitened residuals (identity if calibrated):")
+                   + 1:][:3]
+        cov = np.array([[float(v) for v in row.strip(" []").split()] for row in rows])
+        # N = 4000: sd of a covariance entry ~0.016-0.02
+        if with_corr:
+            np.testing.assert_allclose(cov, np.eye(3), atol=0.08)
+        else:
+            assert abs(cov[0, 1] - 0.6) < 0.08, cov
+        assert any(line.startswith("largest scatter") and "cap [80." in line for line in out)
