@@ -28,8 +28,9 @@ import logging
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.linalg import blas
 
-from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
+from pipeline.exceptions import ConfigError, DataError, ModelFileError, NumericalError
 from pipeline.streaming import batches
 
 log = logging.getLogger(__name__)
@@ -297,18 +298,27 @@ def _jacobian_fn(head: Head):
 def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
     """Per-label GGN blocks G_k = sum_n J_nk^T J_nk, (n_out, P_L, P_L) float64.
 
-    Streams batches of stars; each contributes one batched matrix product (float64).
+    Streams batches of stars. On a GPU each batch is one batched matrix product; on the CPU
+    each label's block is accumulated in place by BLAS ``dsyrk`` (G += J^T J on one triangle:
+    half the products of a general matrix product, no (P_L, P_L) temporary per batch), and
+    the other triangle is filled at the end.
     """
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    total = 0.0
-    for s in batches(len(phi), batch_size):
-        jac, _ = head.jacobian(phi[s])
-        if on_gpu:
+    if tf.config.list_physical_devices("GPU"):
+        total = 0.0
+        for s in batches(len(phi), batch_size):
+            jac, _ = head.jacobian(phi[s])
             total = total + tf.einsum("bkp,bkq->kpq", jac, jac)
-        else:  # numpy's BLAS beats TensorFlow's float64 matmul on CPU
-            jac = jac.numpy()
-            total = total + np.stack([j.T @ j for j in np.swapaxes(jac, 0, 1)])
-    return np.asarray(total)
+        return np.asarray(total)
+    total = None
+    for s in batches(len(phi), batch_size):
+        jac = np.asarray(head.jacobian(phi[s])[0], np.float64)  # (B, K, P_L)
+        if total is None:  # Fortran order: dsyrk updates each block in place
+            total = [np.zeros((jac.shape[2],) * 2, order="F") for _ in range(jac.shape[1])]
+        for k, block in enumerate(total):  # trans=1: block + J_k^T J_k, upper triangle only
+            total[k] = blas.dsyrk(1.0, jac[:, k, :], beta=1.0, c=block, trans=1, overwrite_c=1)
+    if total is None:
+        raise DataError("ggn_blocks: no stars")
+    return np.stack([np.triu(g) + np.triu(g, 1).T for g in total])
 
 
 def residual_blocks(head: Head, phi, y, batch_size: int = 256,
