@@ -257,7 +257,8 @@ def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
             info = json.loads(str(npz["info"]))
         assert info["hyperparameters"] == mode and "CFGHASH" in info["provenance"]
         scatter = info["scatter"]  # the default 'linear' scatter model, capped and correlated
-        assert np.shape(scatter["coef"]) == (3, 6)  # intercept, model, noise, three labels
+        # intercept, model, noise, three labels and their squares (scatter_label_degree 2)
+        assert np.shape(scatter["coef"]) == (3, 9)
         assert np.all(np.abs(np.asarray(scatter["coef"])[:, 1:]) < 5)
         assert np.all(np.asarray(scatter["cap"]) > 0)
         np.testing.assert_allclose(np.diag(scatter["correlation"]), 1.0)

@@ -300,22 +300,27 @@ class LabelEmulator:
              reduce: str = "mean") -> np.ndarray:
         """(N,) chi^2 per good pixel of each spectrum against the emulator at ``labels``
         (per window of ``width`` pixels, mean or largest, or a template statistic:
-        :func:`pixel_chi2`).
+        :func:`pixel_chi2`). NaN where a star has no good usable pixel or its labels are not
+        finite."""
+        return self.statistics(flux, flux_err, good, labels, [(width, reduce)], batch_size)[0]
 
-        NaN where a star has no good usable pixel or its labels are not finite. The stars of
-        a batch are grouped by region: each group is one matrix product with its region's
+    def statistics(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
+                   labels: np.ndarray, reductions: list[tuple[int, str]],
+                   batch_size: int = 256) -> list[np.ndarray]:
+        """Each (width, reduce) of ``reductions`` as :meth:`chi2` computes it, (N,) each, with
+        the emulated spectra of a batch computed once for all of them. The stars of a batch
+        are grouped by region: each group is one matrix product with its region's
         coefficients and its scatter and usable pixels broadcast, instead of gathering a
-        (T, P) coefficient block per star.
-        """
-        out = np.empty(len(flux))
+        (T, P) coefficient block per star."""
+        out = [np.empty(len(flux)) for _ in reductions]
         for s in range(0, len(flux), batch_size):
             sl = slice(s, s + batch_size)
             region = self.region(labels[sl])
-            out[sl] = pixel_chi2(np.asarray(flux[sl], np.float64),
-                                 np.asarray(flux_err[sl], np.float64) ** 2,
-                                 np.asarray(good[sl], bool) & self.usable[region],
-                                 self.flux(labels[sl]), self.scatter[region] ** 2, width,
-                                 reduce)
+            args = (np.asarray(flux[sl], np.float64), np.asarray(flux_err[sl], np.float64) ** 2,
+                    np.asarray(good[sl], bool) & self.usable[region], self.flux(labels[sl]),
+                    self.scatter[region] ** 2)
+            for values, (width, reduce) in zip(out, reductions, strict=True):
+                values[sl] = pixel_chi2(*args, width, reduce)
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,

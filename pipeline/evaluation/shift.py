@@ -175,11 +175,11 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
                                              reference.fit_iterations, reference.fit_margin)
     snr = spectrum_snr(flux, flux_err, good)
+    reductions = [(w.width, w.reduce) for w in reference.windows.values()]
+    values = reference.emulator.statistics(flux, flux_err, good, best, reductions, batch_size)
     windows = {}
-    for name, w in reference.windows.items():
-        windows[name] = reference.emulator.chi2(flux, flux_err, good, best, batch_size,
-                                                w.width, w.reduce)
-        windows[f"{name}_REL"] = windows[name] / w.trend(snr)
+    for (name, w), value in zip(reference.windows.items(), values, strict=True):
+        windows[name], windows[f"{name}_REL"] = value, value / w.trend(snr)
     if features is None:
         features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
@@ -211,10 +211,11 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
     windows, window_rel = {}, {}
-    for name, (prefix, reduce) in RESIDUAL_STATISTICS.items():
-        width = int(cfg.get(f"{prefix}_width", 1))
-        value = emulator.chi2(valid.flux, valid.flux_err, valid_good, best, width=width,
-                              reduce=reduce)
+    reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
+                  for prefix, reduce in RESIDUAL_STATISTICS.values()]
+    values = emulator.statistics(valid.flux, valid.flux_err, valid_good, best, reductions)
+    for (name, (prefix, _)), (width, reduce), value in zip(RESIDUAL_STATISTICS.items(),
+                                                           reductions, values, strict=True):
         w_trend = SnrTrend.fit(snr, value, cfg["snr_bins"])
         window_rel[prefix] = value / w_trend(snr)
         windows[name] = ResidualStatistic(width, reduce, w_trend,
