@@ -26,6 +26,7 @@ posterior is fitted on 512 generated stars.
 
     python -m benchmarks --only survey            # full size
     python -m benchmarks.bench_survey --quick     # minutes
+    python -m benchmarks.bench_survey --ratio-only --reference --n 1024   # the ratio rows
 """
 
 from __future__ import annotations
@@ -151,13 +152,8 @@ def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None 
         model_dir, posterior = make_model_and_posterior(root, wave, hidden)
         (small_p, small_j), (large_p, large_j) = (
             step_peaks(root, n, wave, model_dir, posterior, options) for n in sizes)
-        ratio_wave = grid(ratio_pixels)
-        ratio_dir, ratio_posterior = make_model_and_posterior(root / "ratio", ratio_wave,
-                                                              ratio_hidden)
-        full, alone = budget_vs_jacobian(ratio_dir, ratio_posterior, ratio_wave, n_ratio, batch)
+        ratio = ratio_rows(root, ratio_pixels, ratio_hidden, n_ratio, batch)
     tag = f"{sizes[1]} vs {sizes[0]} stars x {wave.size} px, hidden {'-'.join(map(str, hidden))}"
-    ratio_tag = (f"{n_ratio} stars x {ratio_wave.size} px, hidden "
-                 f"{'-'.join(map(str, ratio_hidden))}, batch {batch}")
     p_ratio = large_p.anon / small_p.anon
     j_small, j_large = (max(p.anon for p in shards) for shards in (small_j, large_j))
     seconds = [p.seconds + sum(s.seconds for s in shards)
@@ -180,18 +176,46 @@ def run(quick: bool, sizes: tuple[int, int] | None = None, n_pixels: int | None 
         row(f"survey: marginal throughput of predict alone (error budget, shift statistics, "
             f"flags, catalog written chunk by chunk), {tag}", predict_rate, None, "stars/s",
             None, "report", None),
+        *ratio,
+    ]
+
+
+def ratio_rows(root: Path, pixels: int | None, hidden, n: int, batch: int = 256) -> list[dict]:
+    """The predict_catalog / input_jacobian row and the throughput row, for an untrained
+    network of ``hidden`` units on ``pixels`` (None: the full grid) with a last-2-layer
+    posterior, on ``n`` stars."""
+    wave = grid(pixels)
+    model_dir, posterior = make_model_and_posterior(root / "ratio", wave, hidden)
+    full, alone = budget_vs_jacobian(model_dir, posterior, wave, n, batch)
+    tag = f"{n} stars x {wave.size} px, hidden {'-'.join(map(str, hidden))}, batch {batch}"
+    return [
         row(f"survey: predict_catalog (error budget + shift statistics + flags) vs "
-            f"input_jacobian alone, {ratio_tag}", full, alone, "s", full / alone,
+            f"input_jacobian alone, {tag}", full, alone, "s", full / alone,
             f"<= {RATIO_TARGET:g}x", bool(full / alone <= RATIO_TARGET)),
-        row(f"survey: predict_catalog throughput in one process, {ratio_tag}", n_ratio / full,
-            n_ratio / alone, "stars/s", None, "report (baseline: input_jacobian)", None),
+        row(f"survey: predict_catalog throughput in one process, {tag}", n / full, n / alone,
+            "stars/s", None, "report (baseline: input_jacobian)", None),
     ]
 
 
 if __name__ == "__main__":
+    import argparse
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.run import table
 
-    print(table(run(quick="--quick" in sys.argv)))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes)")
+    parser.add_argument("--ratio-only", action="store_true",
+                        help="only the predict_catalog / input_jacobian rows (seconds)")
+    parser.add_argument("--reference", action="store_true",
+                        help="with --ratio-only: the reference network, not the quick one")
+    parser.add_argument("--n", type=int, default=2048, help="stars of the ratio rows")
+    args = parser.parse_args()
+    if args.ratio_only:
+        with tempfile.TemporaryDirectory(prefix="bench-survey-") as tmp:
+            rows = ratio_rows(Path(tmp), None, REFERENCE if args.reference else QUICK_CONFIG,
+                              args.n)
+    else:
+        rows = run(quick=args.quick)
+    print(table(rows))
