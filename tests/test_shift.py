@@ -454,14 +454,14 @@ def test_range_margin_is_the_validation_overshoot_quantile(rng):
 # ---------------------------------------------------------------------- file and catalog
 def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     _, em, trend, threshold, _ = synthetic_reference
-    windows = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
-                                                               scale * trend.median), limit)
-               for name, width, reduce, scale, limit in (
-                   ("CHI2_BROADBAND", 64, "mean", 2.0, 3.5), ("CHI2_PEAK", 8, "max", 9.0, 2.5),
-                   ("CHI2_DOPPLER", 1, "gradient", 0.3, 40.0),
-                   ("CHI2_LSF", 1, "curvature", 10.0, 300.0))}
+    residuals = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
+                                                                 scale * trend.median), limit)
+                 for name, width, reduce, scale, limit in (
+                     ("CHI2_BROADBAND", 64, "mean", 2.0, 3.5), ("CHI2_PEAK", 8, "max", 9.0, 2.5),
+                     ("CHI2_DOPPLER", 1, "gradient", 0.3, 40.0),
+                     ("CHI2_LSF", 1, "curvature", 10.0, 300.0))}
     ref = ShiftReference(em, trend, float(threshold), FeatureReference.fit(rng.normal(
-        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, windows, {"n_train": 1500})
+        size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, residuals, {"n_train": 1500})
     ref.save(tmp_path / "emulator.npz")
     back = ShiftReference.load(tmp_path / "emulator.npz")
     assert not list(tmp_path.glob(".*tmp*"))
@@ -469,8 +469,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
     assert (back.fit_iterations, back.fit_margin) == (5, 0.2)
-    for name, w in windows.items():
-        got = back.windows[name]
+    for name, w in residuals.items():
+        got = back.residuals[name]
         assert (got.width, got.reduce, got.threshold) == (w.width, w.reduce, w.threshold)
         np.testing.assert_array_equal(got.trend.median, w.trend.median)
     assert back.thresholds == {"CHI2_EMULATOR_REL": ref.chi2_threshold, "FEATURE_DISTANCE": 1.7,

@@ -1,6 +1,7 @@
 """Label-free shift detection: its reference (``emulator.npz``) and each star's statistics.
 
-Four statistics, each compared with a threshold set on validation stars (no labels needed):
+Three kinds of statistics, each compared with a threshold set on validation stars (no labels
+needed):
 
 * ``CHI2_EMULATOR``: chi^2 per pixel of the spectrum against the label -> flux emulator
   (:mod:`pipeline.evaluation.emulator`) at the emulator's best-fit labels
@@ -30,8 +31,8 @@ The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_max``), the fit settings the threshold was set with (``fit_iterations``,
 ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, for each
 residual statistic (prefix ``broadband``, ``peak``, ``doppler``, ``lsf``) its
-``<prefix>_width``, trend
-(``<prefix>_snr_log``, ``<prefix>_snr_median``) and ``<prefix>_threshold``, the feature
+``<prefix>_width``, trend (``<prefix>_snr_log``, ``<prefix>_snr_median``) and
+``<prefix>_threshold``, the feature
 reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
 flagged fractions, provenance). A file without the fit settings (from a version that set the
@@ -93,7 +94,7 @@ class ShiftReference:
     range_margin: np.ndarray
     fit_iterations: int
     fit_margin: float
-    windows: dict[str, ResidualStatistic]
+    residuals: dict[str, ResidualStatistic]
     info: dict = field(default_factory=dict)
 
     @property
@@ -101,7 +102,7 @@ class ShiftReference:
         """Threshold of each flagged statistic, by catalog column (``flags.shift_flags``)."""
         return {"CHI2_EMULATOR_REL": self.chi2_threshold,
                 "FEATURE_DISTANCE": self.feature_threshold,
-                **{f"{name}_REL": w.threshold for name, w in self.windows.items()}}
+                **{f"{name}_REL": w.threshold for name, w in self.residuals.items()}}
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file, then rename)."""
@@ -115,7 +116,7 @@ class ShiftReference:
                       fit_iterations=self.fit_iterations, fit_margin=self.fit_margin,
                       info=json.dumps(self.info, default=str))
         for name, (prefix, _) in RESIDUAL_STATISTICS.items():
-            w = self.windows[name]
+            w = self.residuals[name]
             arrays.update({f"{prefix}_width": w.width, f"{prefix}_snr_log": w.trend.log_snr,
                            f"{prefix}_snr_median": w.trend.median,
                            f"{prefix}_threshold": w.threshold})
@@ -143,11 +144,11 @@ class ShiftReference:
                 raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
                                      "Doppler and line-spread statistics (an older version); "
                                      "rerun the emulator step")
-            windows = {name: ResidualStatistic(int(a[f"{prefix}_width"]), reduce,
-                                             SnrTrend(a[f"{prefix}_snr_log"],
-                                                      a[f"{prefix}_snr_median"]),
-                                             float(a[f"{prefix}_threshold"]))
-                       for name, (prefix, reduce) in RESIDUAL_STATISTICS.items()}
+            residuals = {name: ResidualStatistic(int(a[f"{prefix}_width"]), reduce,
+                                                 SnrTrend(a[f"{prefix}_snr_log"],
+                                                          a[f"{prefix}_snr_median"]),
+                                                 float(a[f"{prefix}_threshold"]))
+                         for name, (prefix, reduce) in RESIDUAL_STATISTICS.items()}
             emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
@@ -155,7 +156,7 @@ class ShiftReference:
                        FeatureReference(a["feature_mean"], a["feature_scale"],
                                         a["feature_cholesky"], float(a["feature_shrinkage"])),
                        float(a["feature_threshold"]), a["range_margin"],
-                       int(a["fit_iterations"]), float(a["fit_margin"]), windows,
+                       int(a["fit_iterations"]), float(a["fit_margin"]), residuals,
                        json.loads(str(a["info"])))
         except (KeyError, ValueError) as exc:
             raise unreadable(path, "emulator", "emulator", exc) from None
@@ -175,15 +176,15 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
                                              reference.fit_iterations, reference.fit_margin)
     snr = spectrum_snr(flux, flux_err, good)
-    reductions = [(w.width, w.reduce) for w in reference.windows.values()]
+    reductions = [(w.width, w.reduce) for w in reference.residuals.values()]
     values = reference.emulator.statistics(flux, flux_err, good, best, reductions, batch_size)
-    windows = {}
-    for (name, w), value in zip(reference.windows.items(), values, strict=True):
-        windows[name], windows[f"{name}_REL"] = value, value / w.trend(snr)
+    residuals = {}
+    for (name, w), value in zip(reference.residuals.items(), values, strict=True):
+        residuals[name], residuals[f"{name}_REL"] = value, value / w.trend(snr)
     if features is None:
         features = last_hidden_features(model, flux, batch_size)
     return {"CHI2_EMULATOR": chi2, "CHI2_EMULATOR_REL": chi2 / reference.snr_trend(snr),
-            **windows,
+            **residuals,
             "FEATURE_DISTANCE": reference.features.distance(features),
             **dict(zip(EMULATOR_LABEL_COLUMNS, best.T, strict=True))}
 
@@ -210,17 +211,17 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
                                    cfg["fit_iterations"], cfg["fit_margin"])
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
-    windows, window_rel = {}, {}
+    residuals, rel_of = {}, {}
     reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
                   for prefix, reduce in RESIDUAL_STATISTICS.values()]
     values = emulator.statistics(valid.flux, valid.flux_err, valid_good, best, reductions)
-    for (name, (prefix, _)), (width, reduce), value in zip(RESIDUAL_STATISTICS.items(),
-                                                           reductions, values, strict=True):
+    for name, (width, reduce), value in zip(RESIDUAL_STATISTICS, reductions, values,
+                                            strict=True):
         w_trend = SnrTrend.fit(snr, value, cfg["snr_bins"])
-        window_rel[prefix] = value / w_trend(snr)
-        windows[name] = ResidualStatistic(width, reduce, w_trend,
-                                          float(np.nanquantile(window_rel[prefix],
-                                                               cfg["chi2_quantile"])))
+        rel_of[name] = value / w_trend(snr)
+        residuals[name] = ResidualStatistic(width, reduce, w_trend,
+                                            float(np.nanquantile(rel_of[name],
+                                                                 cfg["chi2_quantile"])))
     features = FeatureReference.fit(last_hidden_features(model, train.flux,
                                                          cfg["batch_size"]))
     rel = chi2 / trend(snr)
@@ -235,16 +236,15 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
             "valid_chi2_median": float(np.nanmedian(chi2)),
             "valid_feature_distance_median": float(np.nanmedian(dist)),
             "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
-            **{f"valid_flagged_{prefix}": float(np.mean(window_rel[prefix]
-                                                        > windows[name].threshold))
+            **{f"valid_flagged_{prefix}": float(np.mean(rel_of[name] > residuals[name].threshold))
                for name, (prefix, _) in RESIDUAL_STATISTICS.items()},
             "valid_flagged_feature": float(np.mean(dist > feature_threshold)),
             "valid_flagged_any": float(np.mean(
                 (rel > chi2_threshold) | (dist > feature_threshold)
-                | np.any([window_rel[prefix] > windows[name].threshold
-                          for name, (prefix, _) in RESIDUAL_STATISTICS.items()], axis=0))),
+                | np.any([rel_of[name] > stat.threshold for name, stat in residuals.items()],
+                         axis=0))),
             "valid_flagged_range": float(np.mean(np.any(overshoot > range_margin, axis=1))),
             "range_margin": range_margin.tolist()}
     return ShiftReference(emulator, trend, chi2_threshold, features, feature_threshold,
                           range_margin, int(cfg["fit_iterations"]), float(cfg["fit_margin"]),
-                          windows, info)
+                          residuals, info)
