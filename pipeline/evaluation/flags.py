@@ -72,10 +72,10 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
 
     ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
     ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (by statistic) set bits
-    5-10 (:func:`shift_flags`). Bit 0's margin
-    beyond the training range is ``predict.ood_sigma`` training standard deviations per label, or
-    ``range_margin`` (3,) physical units (the validation overshoot quantile of the emulator
-    file) where that is larger.
+    5-10 (:func:`shift_flags`). Bit 0's margin beyond the training range is
+    ``predict.ood_sigma`` training standard deviations per label, or ``range_margin`` (3,)
+    physical units (the validation overshoot quantile of the emulator file) where that is
+    larger.
     """
     lo, hi = training_range(scaler)
     margin = predict_cfg["ood_sigma"] * np.asarray(scaler.scale, np.float64)

@@ -110,7 +110,7 @@ class ScatterModel:
 
     @property
     def uses_labels(self) -> bool:
-        """Whether the predicted labels are covariates (C = 2 + K)."""
+        """Whether the predicted labels are covariates (C > 2)."""
         return self.u_centre.shape[-1] > 2
 
     @property
