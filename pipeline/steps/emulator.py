@@ -50,17 +50,11 @@ def run(args: argparse.Namespace, config: dict) -> None:
                                               model=str(args.model))
     reference.save(args.out)
     info = reference.info
-    log.info("wrote %s: %d regions; validation flagged %.2f%% (chi2), %.2f%% (broadband), "
-             "%.2f%% (peak), %.2f%% (Doppler), %.2f%% (line spread), %.2f%% (features), "
-             "%.2f%% (any of them), %.2f%% (label range, margins %s); chi2 median %.3g",
-             args.out, info["regions"], 100 * info["valid_flagged_chi2"],
-             100 * info["valid_flagged_broadband"], 100 * info["valid_flagged_peak"],
-             100 * info["valid_flagged_doppler"], 100 * info["valid_flagged_lsf"],
-             100 * info["valid_flagged_feature"],
-             100 * info["valid_flagged_any"],
-             100 * info["valid_flagged_range"], np.round(reference.range_margin, 3),
-             info["valid_chi2_median"])
-
+    flagged = ", ".join(f"{100 * value:.2f}% ({key.removeprefix('valid_flagged_')})"
+                        for key, value in info.items() if key.startswith("valid_flagged_"))
+    log.info("wrote %s: %d regions; validation flagged %s; label-range margins %s; chi2 "
+             "median %.3g", args.out, info["regions"], flagged,
+             np.round(reference.range_margin, 3), info["valid_chi2_median"])
 
 if __name__ == "__main__":
     raise SystemExit(main(build_parser, run))
