@@ -16,7 +16,11 @@ where S = diag(scaler.scale) maps standardized labels to physical units (applied
 ``scaler.covariance_to_physical``) and D_n = d label / d flux (3, P) is already in physical
 units (``input_jacobian(..., scaler=scaler)``). The noise term is the first-order (delta-method)
 propagation of independent Gaussian flux errors; it is exact for a model linear in the flux and
-accurate whenever the model is smooth on the scale of the flux errors.
+accurate whenever the model is smooth on the scale of the flux errors. A ReLU network is not at
+low SNR, so a posterior that carries the network's measured noise response
+(``Posterior.noise_response``, pipeline.laplace.noise_response) scales it by
+F = diag(sqrt(r_k(snr_n))) at the star's SNR (median flux / flux_err over the pixels with
+noise): C_noise = F D diag(e^2) D^T F.
 
 Everything streams over batches of stars: memory holds one batch of Jacobians (B, 3, P) at a
 time plus the (N, 3, 3) outputs, never a per-star Python loop. One compiled pass per batch
@@ -33,6 +37,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.exceptions import DataError
+from pipeline.laplace.noise_response import star_snr
 from pipeline.nn.derivatives import forward_jacobian, input_jacobian
 from pipeline.streaming import batches, progress
 
@@ -119,7 +124,7 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     posterior : ``pipeline.laplace.Posterior`` (``head``, ``feature_covariance(phi)``), or any
         object with ``predictive_covariance(x) -> (B, 3, 3)`` (standardized units); and
         ``scatter_covariance(model_var, noise_var, labels) -> (B, 3, 3)`` or ``noise_std``
-        (3,), the standardized scatter.
+        (3,), the standardized scatter; ``noise_response`` (or None) scales the noise term.
     scaler : ``pipeline.nn.scaler.LabelScaler`` (``inverse_transform``, ``covariance_to_physical``).
     flux : (N, P) normalized flux.
     flux_err : (N, P) 1-sigma flux errors; pass 0 for pixels whose flux is a fixed
@@ -145,6 +150,7 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     cov_scatter = np.zeros((n, 3, 3))
     features = [[] for _ in feature_layers]
     head = getattr(posterior, "head", None) if hasattr(posterior, "feature_covariance") else None
+    response = getattr(posterior, "noise_response", None)
     head_layer = None if head is None else head.first_layer
     taps = list(dict.fromkeys([*feature_layers, *([] if head_layer is None else [head_layer])]))
     slices = list(batches(n, batch_size))
@@ -160,6 +166,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
                 x.reshape(len(x), -1) if head_layer is None else tapped[head_layer])
         cov_model[s] = scaler.covariance_to_physical(np.asarray(cov, np.float64))
         cov_noise[s] = noise_covariance(out.jacobian, flux_err[s])
+        if response is not None:
+            cov_noise[s] = response.scale(cov_noise[s], star_snr(x, flux_err[s]))
         cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s],
                                          prediction[s])
         for store, layer in zip(features, feature_layers, strict=True):

@@ -24,6 +24,7 @@ from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
 from pipeline.laplace import evidence
 from pipeline.laplace.curvature import Head, curvature_blocks
 from pipeline.laplace.error_budget import predict_standardized
+from pipeline.laplace.noise_response import NoiseResponse
 from pipeline.laplace.scatter import ScatterModel, fit_configured
 from pipeline.runtime import choose_device
 from pipeline.streaming import batches
@@ -116,6 +117,17 @@ class Posterior:
     @scatter_model.setter
     def scatter_model(self, model: ScatterModel | None) -> None:
         self.info["scatter"] = None if model is None else model.to_dict()
+
+    @property
+    def noise_response(self) -> NoiseResponse | None:
+        """The network's measured response to flux noise (pipeline.laplace.noise_response),
+        the factor on the delta-method noise term; None (factor 1) if not measured."""
+        doc = self.info.get("noise_response")
+        return None if doc is None else NoiseResponse.from_dict(doc)
+
+    @noise_response.setter
+    def noise_response(self, response: NoiseResponse | None) -> None:
+        self.info["noise_response"] = None if response is None else response.to_dict()
 
     @property
     def train_model_std_q99(self) -> np.ndarray | None:

@@ -14,7 +14,8 @@ from pipeline import runtime
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
-from pipeline.laplace.error_budget import noise_covariances
+from pipeline.laplace.error_budget import noise_covariances, predict_standardized
+from pipeline.laplace.noise_response import fit_noise_response, star_snr
 from pipeline.laplace.posterior import LaplaceOptions, calibrate_scatter, fit_laplace
 from pipeline.spectra.inputs import read_labelled_on_grid
 from pipeline.spectra.validation import bad_pixel_mask
@@ -38,21 +39,44 @@ def run(args: argparse.Namespace, config: dict) -> None:
     runtime.configure(config, args.threads)
     model, scaler, wave = load_trained(args.model)
     train, valid = read_labelled_on_grid((args.train, args.valid), wave, config)
+    flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
     noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
     if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
-        flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
         noise_valid = noise_covariances(model, valid.flux, flux_err, cfg["batch_size"])
+    response = None
+    if cfg["noise_response"]["enabled"]:
+        response = measure_noise_response(model, valid.flux, flux_err, noise_valid, cfg,
+                                          int(config["seed"]))
+        if noise_valid is not None:  # the scatter is what the *measured* noise leaves over
+            noise_valid = response.scale(noise_valid, star_snr(valid.flux, flux_err))
     y_valid = scaler.transform(valid.label_array())
     posterior = fit_laplace(
         model, train.flux, scaler.transform(train.label_array()), x_valid=valid.flux,
         y_valid=y_valid,
         extra_covariance_valid=noise_valid if cfg["hyperparameters"] == "validation" else None,
         options=LaplaceOptions.from_config(cfg))
+    posterior.noise_response = response
     if cfg["scatter"] != "likelihood":
         posterior.scatter_model = calibrate_scatter(
             posterior, model, valid.flux, y_valid, noise_valid, cfg)
     posterior.save(args.out, provenance=provenance(config, device=runtime.device_name()))
     log.info("wrote %s", args.out)
+
+
+def measure_noise_response(model, flux, flux_err, noise_valid, cfg: dict, seed: int):
+    """The network's response to flux noise (pipeline.laplace.noise_response) on
+    ``laplace.noise_response.stars`` validation stars spread over the file."""
+    nr = cfg["noise_response"]
+    rows = np.unique(np.linspace(0, len(flux) - 1, min(nr["stars"], len(flux))).astype(int))
+    flux, flux_err = np.asarray(flux[rows]), flux_err[rows]
+    noise = (noise_covariances(model, flux, flux_err, cfg["batch_size"]) if noise_valid is None
+             else noise_valid[rows])
+    response = fit_noise_response(lambda x: predict_standardized(model, x), flux, flux_err,
+                                  noise, nr["amplitudes"], nr["draws"], nr["bins"], seed)
+    log.info("noise response (Monte Carlo / delta-method variance) on %d validation stars at "
+             "effective SNR %s: %s", len(rows), np.round(np.exp(response.log_snr), 1),
+             np.array2string(response.ratio.T, precision=3))
+    return response
 
 
 if __name__ == "__main__":
