@@ -13,7 +13,9 @@ prints:
 * the kurtosis of each label's z = r / L_ERR (3 for a Gaussian) and how many of the stars with
   |z| > 3 have a true label within 2% of the width of the label box from its edge (the box of
   the catalog's true labels);
-* the largest L_ERR_SCATTER against the scatter model's cap (posterior, physical units).
+* the largest L_ERR_SCATTER against the scatter model's cap (posterior, physical units);
+* the network's noise response stored in the posterior (ratio of the Monte-Carlo to the
+  delta-method flux-noise variance by effective SNR), when the laplace step measured it.
 
 Writes nothing.
 """
@@ -77,6 +79,12 @@ def main(argv=None) -> int:
     print("largest scatter", np.array2string(columns(table, "_ERR_SCATTER").max(axis=0),
                                              precision=4),
           " cap", np.array2string(cap, precision=4))
+    if info.get("noise_response"):
+        response = info["noise_response"]
+        print("noise response (Monte Carlo / delta-method noise variance) at effective SNR",
+              np.round(np.exp(response["log_snr"]), 1))
+        for label, ratio in zip(LABELS, np.asarray(response["ratio"]).T, strict=True):
+            print(f"  {label}: {np.array2string(ratio, precision=3)}")
     return 0
 
 

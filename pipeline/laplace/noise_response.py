@@ -16,9 +16,10 @@ a function of the noise level relative to the spectrum, i.e. of the effective SN
 (a = 2 and 4 reach SNR 7-15 from validation stars at 30-60): with the pairs (star, amplitude)
 in equal-count bins of log effective SNR,
 
-    r_k(bin) = sum_bin v_nk / sum_bin a^2 C_nkk
+    r_k(bin) = mean_bin v_nk / (a^2 C_nkk)
 
-(a ratio of sums: an unbiased v over a few draws has a skewed per-star ratio). A star of SNR s
+the mean of the per-star ratios (each unbiased; a ratio of sums would be dominated by the few
+stars with the largest noise variance in a bin). A star of SNR s
 then gets the noise covariance ``F C F`` with F = diag(sqrt(r_k(s))), r interpolated linearly
 in log SNR between bin medians and constant beyond (:class:`NoiseResponse`). For a network
 linear in the flux r = 1 up to the Monte-Carlo error; the correlation structure of C is kept.
@@ -84,7 +85,7 @@ def monte_carlo_variance(predict, flux: np.ndarray, flux_err: np.ndarray, amplit
 
 
 def fit_noise_response(predict, flux: np.ndarray, flux_err: np.ndarray, noise_cov: np.ndarray,
-                       amplitudes=(1.0, 2.0, 4.0), draws: int = 8, n_bins: int = 8,
+                       amplitudes=(1.0, 2.0, 4.0), draws: int = 16, n_bins: int = 8,
                        seed: int = 0, batch_size: int = 64) -> NoiseResponse:
     """The response (module docstring) of ``predict`` (B, P) -> (B, K) labels, measured on
     spectra ``flux``/``flux_err`` (N, P; error 0 on bad pixels) whose delta-method noise
@@ -110,4 +111,4 @@ def fit_noise_response(predict, flux: np.ndarray, flux_err: np.ndarray, noise_co
     order = np.flatnonzero(ok)[np.argsort(log_snr[ok])]
     bins = np.array_split(order, n_bins)
     return NoiseResponse(np.array([np.median(log_snr[b]) for b in bins]),
-                         np.array([mc[b].sum(axis=0) / lin[b].sum(axis=0) for b in bins]))
+                         np.array([np.mean(mc[b] / lin[b], axis=0) for b in bins]))

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from pipeline import runtime
+from pipeline import LABELS, runtime
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
@@ -75,7 +75,8 @@ def measure_noise_response(model, flux, flux_err, noise_valid, cfg: dict, seed: 
                                   noise, nr["amplitudes"], nr["draws"], nr["bins"], seed)
     log.info("noise response (Monte Carlo / delta-method variance) on %d validation stars at "
              "effective SNR %s: %s", len(rows), np.round(np.exp(response.log_snr), 1),
-             np.array2string(response.ratio.T, precision=3))
+             "; ".join(f"{label} {np.array2string(r, precision=3)}"
+                       for label, r in zip(LABELS, response.ratio.T, strict=True)))
     return response
 
 
