@@ -170,6 +170,21 @@ def test_best_fit_matches_scipy_least_squares(single_region, rng):
     np.testing.assert_allclose(chi2, em.chi2(flux, err, good, best), rtol=1e-10)
 
 
+def test_fit_statistics_are_the_statistics_at_the_best_fit(single_region, rng):
+    """Every reduction returned with the fit equals :meth:`statistics` at the fitted labels
+    (the emulated spectra shared, not recomputed), and the labels are best_fit's."""
+    em = single_region
+    labels, flux, err, good = _emulated(em, rng, 7)
+    flux[:, 100:140] += 0.05  # a feature, so the wide and peak windows differ from the mean
+    start = labels + rng.normal(size=labels.shape) * NOISY
+    reductions = [(1, "mean"), (16, "mean"), (8, "max"), (1, "gradient"), (1, "curvature")]
+    best, values = em.fit_statistics(flux, err, good, start, reductions, batch_size=3)
+    np.testing.assert_array_equal(best, em.best_fit(flux, err, good, start, batch_size=3)[0])
+    for value, expected in zip(values, em.statistics(flux, err, good, best, reductions),
+                               strict=True):
+        np.testing.assert_allclose(value, expected, rtol=1e-12)
+
+
 def test_best_fit_recovers_labels_within_their_fisher_errors(single_region, rng):
     """On emulated spectra the fitted labels scatter about the true ones by their Fisher
     errors, (J^T W J)^{-1} with J from central differences of the emulated flux, and the

@@ -16,6 +16,10 @@ For a label with predictions mu_n, predicted 1-sigma errors s_n and true values 
                                                    label units, lower is better, rewards sharp
                                                    and calibrated errors alike
 
+Z_STD_SE and COVERAGE_68.3_SE are the sampling standard errors of z std and 1-sigma coverage
+for calibrated Gaussian errors and the bin's N stars (:func:`sampling_errors`): how far the two
+may stray from 1 and 68.27% by chance.
+
 Accuracy: bias = mean(mu - y), RMSE, robust scatter = 1.4826 median(|r - median(r)|).
 Cramér–Rao comparison (synthetic data, where the bound is computable): median of
 s_n / sigma_CRB,n, and the robust scatter of (mu_n - y_n) / sigma_CRB,n (1 for an efficient,
@@ -76,6 +80,18 @@ def finite_rows(*arrays: np.ndarray) -> np.ndarray:
     return good
 
 
+def sampling_errors(n: int) -> dict:
+    """How far Z_STD and COVERAGE_68.3 of ``n`` stars stray by chance when the errors are
+    right (z ~ N(0, 1)): the standard errors 1 / sqrt(2 (n - 1)) of a Gaussian sample's
+    standard deviation and sqrt(p (1 - p) / n), p = 0.683, of a binomial fraction. A bin of
+    300 stars has 2.7 points on its coverage: departures of that size are noise, not
+    miscalibration."""
+    p = nominal_coverage(1.0)
+    nan = float("nan")
+    return {"Z_STD_SE": 1.0 / np.sqrt(2.0 * (n - 1)) if n > 1 else nan,
+            "COVERAGE_68.3_SE": float(np.sqrt(p * (1.0 - p) / n)) if n > 0 else nan}
+
+
 def calibration_metrics(pred: np.ndarray, sigma: np.ndarray, true: np.ndarray,
                         n_bins: int) -> dict:
     """Calibration statistics of one label (see module docstring).
@@ -96,6 +112,7 @@ def calibration_metrics(pred: np.ndarray, sigma: np.ndarray, true: np.ndarray,
     for k in COVERAGE_K:
         level = 100.0 * nominal_coverage(k)
         out[f"COVERAGE_{level:.1f}"] = float(np.mean(np.abs(z) < k)) if z.size else float("nan")
+    out.update(sampling_errors(out["N"]))
     nll = 0.5 * np.log(2.0 * np.pi * s**2) + 0.5 * z**2
     out["NLL"] = float(np.mean(nll)) if z.size else float("nan")
     out["ENCE"] = ence(residual, s, n_bins)

@@ -326,7 +326,20 @@ class LabelEmulator:
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
                  labels0: np.ndarray, iterations: int = 8, margin: float = 0.1,
                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and chi2 (N,) there.
+        """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and chi2 (N,) there:
+        :meth:`fit_statistics` with the chi^2 per pixel as the only reduction."""
+        best, (chi2,) = self.fit_statistics(flux, flux_err, good, labels0, [(1, "mean")],
+                                            iterations, margin, batch_size)
+        return best, chi2
+
+    def fit_statistics(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
+                       labels0: np.ndarray, reductions: list[tuple[int, str]],
+                       iterations: int = 8, margin: float = 0.1,
+                       batch_size: int = 64) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and each reduction
+        (width, reduce) of :func:`pixel_chi2` (N,) of the residuals there, as
+        :meth:`statistics` computes them, from the emulated spectra of the fit's last step
+        (computed once per batch for all reductions).
 
         Levenberg-Marquardt in standardized labels z, all stars of a batch at once. With
         weights w_p = g_p / (sigma_p^2 + s_kp^2) / sum g (good and usable pixels of region k)
@@ -348,14 +361,14 @@ class LabelEmulator:
         point, as :meth:`chi2` chooses it (A, b, S recomputed for a star that changes region):
         a step is kept only if the chi2 at its own region is lower (then lambda / 10, else
         lambda x 10), so the result is never above ``chi2(labels0)`` (for labels0 in the box);
-        the chi2 returned is evaluated pixel by pixel at the result, as :meth:`chi2` does.
-        Non-finite starting labels start at the training mean. ``iterations`` = 0 gives chi2
-        at ``labels0`` clipped to the box.
+        the statistics returned are evaluated pixel by pixel at the result, as :meth:`chi2`
+        does. Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
+        them at ``labels0`` clipped to the box.
         """
         labels0 = np.asarray(labels0, np.float64)
         lo = self.standardize(self.label_min) - margin
         hi = self.standardize(self.label_max) + margin
-        best, chi2 = np.empty_like(labels0), np.empty(len(labels0))
+        best, out = np.empty_like(labels0), [np.empty(len(labels0)) for _ in reductions]
         for s in range(0, len(labels0), batch_size):
             sl = slice(s, s + batch_size)
             g0 = np.asarray(good[sl], bool)
@@ -365,11 +378,12 @@ class LabelEmulator:
                                       neginf=0.0), lo, hi)
             z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
             region = nearest(z, self.centres)
-            model = self.emulate(design(z, self.order), region)
-            chi2[sl] = pixel_chi2(f, err2, g0 & self.usable[region], model,
-                                  self.scatter[region] ** 2)
+            args = (f, err2, g0 & self.usable[region], self.emulate(design(z, self.order), region),
+                    self.scatter[region] ** 2)
+            for values, (width, reduce) in zip(out, reductions, strict=True):
+                values[sl] = pixel_chi2(*args, width, reduce)
             best[sl] = z * self.label_scale + self.label_mean
-        return best, chi2
+        return best, out
 
     @cached_property
     def _outer_products(self) -> np.ndarray:

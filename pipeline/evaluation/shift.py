@@ -173,11 +173,11 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in (*SHIFT_COLUMNS, *EMULATOR_LABEL_COLUMNS)}
-    best, chi2 = reference.emulator.best_fit(flux, flux_err, good, prediction,
-                                             reference.fit_iterations, reference.fit_margin)
+    reductions = [(1, "mean")] + [(w.width, w.reduce) for w in reference.residuals.values()]
+    best, (chi2, *values) = reference.emulator.fit_statistics(
+        flux, flux_err, good, prediction, reductions, reference.fit_iterations,
+        reference.fit_margin)
     snr = spectrum_snr(flux, flux_err, good)
-    reductions = [(w.width, w.reduce) for w in reference.residuals.values()]
-    values = reference.emulator.statistics(flux, flux_err, good, best, reductions, batch_size)
     residuals = {}
     for (name, w), value in zip(reference.residuals.items(), values, strict=True):
         residuals[name], residuals[f"{name}_REL"] = value, value / w.trend(snr)
@@ -207,14 +207,14 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
                                  regions=cfg["regions"], seed=seed)
-    best, chi2 = emulator.best_fit(valid.flux, valid.flux_err, valid_good, valid_prediction,
-                                   cfg["fit_iterations"], cfg["fit_margin"])
+    reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
+                  for prefix, reduce in RESIDUAL_STATISTICS.values()]
+    best, (chi2, *values) = emulator.fit_statistics(
+        valid.flux, valid.flux_err, valid_good, valid_prediction, [(1, "mean"), *reductions],
+        cfg["fit_iterations"], cfg["fit_margin"])
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
     residuals, rel_of = {}, {}
-    reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
-                  for prefix, reduce in RESIDUAL_STATISTICS.values()]
-    values = emulator.statistics(valid.flux, valid.flux_err, valid_good, best, reductions)
     for name, (width, reduce), value in zip(RESIDUAL_STATISTICS, reductions, values,
                                             strict=True):
         w_trend = SnrTrend.fit(snr, value, cfg["snr_bins"])
