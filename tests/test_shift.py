@@ -550,6 +550,21 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert info["valid_flagged_range"] <= 3 * np.ceil(0.002 * 150) / 150 + 1e-9
 
 
+def test_every_thresholded_statistic_has_a_column_and_a_documented_bit(emulator_file):
+    """The three registries a new statistic must join agree: each threshold of the reference
+    names a catalog column (SHIFT_COLUMNS) and a FLAG bit of its own (flags.SHIFT_BITS), and
+    FLAG_BITS documents that bit."""
+    from pipeline.artifacts.catalog import FLAG_BITS, SHIFT_COLUMNS
+    from pipeline.evaluation.flags import SHIFT_BITS
+    from pipeline.evaluation.shift import RESIDUAL_STATISTICS
+
+    thresholds = ShiftReference.load(emulator_file).thresholds
+    assert set(thresholds) == set(SHIFT_BITS) <= set(SHIFT_COLUMNS)
+    assert {f"{name}_REL" for name in RESIDUAL_STATISTICS} <= set(thresholds)
+    bits = [int(np.log2(b)) for b in SHIFT_BITS.values()]
+    assert len(set(bits)) == len(bits) and set(bits) <= set(FLAG_BITS)
+
+
 def test_predict_writes_shift_columns_and_bits(tiny_model_dir, emulator_file, tmp_path,
                                                monkeypatch):
     """Catalogs from the real writers: the columns, and bits 5-6 exactly where the columns
