@@ -23,12 +23,12 @@ from pipeline.evaluation.emulator import (
     design,
     design_gradient,
     pixel_chi2,
-    spectrum_snr,
 )
 from pipeline.evaluation.feature_distance import FeatureReference, ledoit_wolf
 from pipeline.evaluation.flags import shift_flags, star_flags
 from pipeline.evaluation.shift import ResidualStatistic, ShiftReference
 from pipeline.nn.scaler import LabelScaler
+from pipeline.spectra.validation import spectrum_snr
 
 CONFIG = validate({})
 QUANTILE = CONFIG["emulator"]["chi2_quantile"]

@@ -92,36 +92,6 @@ def design_gradient(z: np.ndarray, order: int) -> np.ndarray:
     return out
 
 
-def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
-                 batch_size: int = 1024) -> np.ndarray:
-    """(N,) median over good pixels of flux / flux_err (NaN for a star with none).
-
-    Measured from the spectrum itself, so that stars without an SNR column (real inputs) are
-    compared with validation stars on the same footing. Streams ``batch_size`` stars.
-    """
-    out = np.full(len(flux), np.nan)
-    for s in range(0, len(flux), batch_size):
-        sl = slice(s, s + batch_size)
-        g = np.asarray(good[sl], bool)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(g, np.asarray(flux[sl], np.float64) / flux_err[sl], np.nan)
-        out[sl] = row_nanmedian(ratio, g.sum(axis=1))
-    return out
-
-
-def row_nanmedian(values: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Median of the non-NaN entries of each row of ``values`` (B, P), ``count`` (B,) of them
-    per row (NaN where 0): ``numpy.nanmedian(values, axis=1)`` without its per-row Python loop
-    (it falls back to one for rows longer than 600). One sort puts the NaNs last; the median
-    is the mean of the elements (c - 1) // 2 and c // 2 of the c sorted values."""
-    ordered = np.sort(values, axis=1)
-    rows = np.arange(len(values))
-    lo, hi = np.maximum(count - 1, 0) // 2, np.maximum(count, 1) // 2
-    with np.errstate(invalid="ignore"):
-        median = (ordered[rows, lo] + ordered[rows, hi]) / 2
-    return np.where(count > 0, median, np.nan)
-
-
 def ridge_solve(phi: np.ndarray, w: np.ndarray, target: np.ndarray,
                 ridge: float) -> np.ndarray:
     """(T, P) per-pixel weighted ridge solutions of ``target`` (N, P) on ``phi`` (N, T).

@@ -56,9 +56,10 @@ import numpy as np
 from pipeline import LABELS
 from pipeline.artifacts.catalog import SHIFT_COLUMNS
 from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
-from pipeline.evaluation.emulator import LabelEmulator, SnrTrend, spectrum_snr
+from pipeline.evaluation.emulator import LabelEmulator, SnrTrend
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
+from pipeline.spectra.validation import spectrum_snr
 
 EMULATOR_FILE = "emulator.npz"
 _EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.exceptions import DataError
+from pipeline.spectra.validation import spectrum_snr
 from pipeline.streaming import batches
 
 FIELDS = ("log_snr", "ratio")
@@ -68,8 +69,6 @@ class NoiseResponse:
 
 def star_snr(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
     """(N,) median flux / flux_err over the pixels that carry noise (flux_err > 0)."""
-    from pipeline.evaluation.emulator import spectrum_snr
-
     return spectrum_snr(flux, flux_err, np.asarray(flux_err) > 0)
 
 
