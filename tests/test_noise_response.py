@@ -134,3 +134,36 @@ def test_too_few_draws_is_an_error():
 
     with pytest.raises(DataError, match="draws"):
         fit_noise_response(None, np.ones((3, P)), np.ones((3, P)), np.ones((3, 3, 3)), draws=1)
+
+
+def test_noise_response_check_reads_a_run(tiny_model_dir, tiny_posterior_file, tmp_path, capsys):
+    """benchmarks.noise_response_check on a run's layout: without a stored response the scaled
+    and plain rows coincide (factor 1); with one, the scaled row is the plain one over it."""
+    import shutil
+
+    from benchmarks.noise_response_check import check, main
+    from pipeline.artifacts.model_dir import load_trained
+    from pipeline.config import validate
+    from pipeline.laplace import Posterior
+
+    results = tmp_path / "results"
+    shutil.copytree(tiny_model_dir, results / "model")
+    (results / "laplace").mkdir()
+    shutil.copy(tiny_posterior_file, results / "laplace" / "posterior.npz")
+    config = validate({})
+    (snr, delta, scaled, ratio), = check(results, config, [15.0], n=5, draws=4)
+    assert snr == 15.0 and delta.shape == (3,) and np.all(delta > 0)
+    np.testing.assert_allclose(scaled, delta)
+    np.testing.assert_allclose(ratio, 1.0)
+    model, _, _ = load_trained(results / "model")
+    posterior = Posterior.load(results / "laplace" / "posterior.npz", model)
+    posterior.noise_response = NoiseResponse(np.log([10.0, 20.0]), np.full((2, 3), 0.5))
+    posterior.save(results / "laplace" / "posterior.npz")
+    (_, delta2, scaled2, ratio2), = check(results, config, [15.0], n=5, draws=4)
+    np.testing.assert_allclose(ratio2, 0.5)
+    np.testing.assert_allclose(scaled2, delta2 / 0.5, rtol=1e-10)
+    from tests.conftest import REPO
+
+    assert main(["--results", str(results), "--configfile", str(REPO / "config" / "quick.yaml"),
+                 "--n", "3", "--draws", "3", "--snr", "20"]) == 0
+    assert "SNR 20: delta method" in capsys.readouterr().out
