@@ -131,6 +131,47 @@ TEMPLATES = {"gradient": 1, "curvature": 2}
 """Template reductions of :func:`pixel_chi2`: the derivative order of the emulated spectrum."""
 
 
+class Residuals:
+    """Residuals of spectra (N, P) against emulated ones, weighted once for every statistic:
+    w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels."""
+
+    def __init__(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray,
+                 model: np.ndarray, scatter2: np.ndarray):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
+        self.r = np.where(good, flux - model, 0.0)
+        self.wr = self.w * self.r
+        self.good, self.model = good, model
+
+    def statistic(self, width: int = 1, reduce: str = "mean") -> np.ndarray:
+        """(N,) :func:`pixel_chi2` of these residuals."""
+        if reduce in TEMPLATES:
+            return self.template(TEMPLATES[reduce])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if width == 1 and reduce == "mean":
+                return (self.wr * self.r).sum(axis=1) / self.good.sum(axis=1)
+            pad = -self.w.shape[1] % width  # the last, partial window gets zero-weight pixels
+            sums = [np.pad(a, ((0, 0), (0, pad))).reshape(len(a), -1, width).sum(axis=2)
+                    for a in (self.w, self.wr)]
+            seen = sums[0] > 0
+            if reduce == "max":
+                b2 = np.where(seen, sums[1] ** 2 / sums[0], -np.inf).max(axis=1)
+                return np.where(seen.any(axis=1), b2, np.nan)
+            b2 = np.where(seen, sums[1] ** 2 / sums[0], 0.0)
+            return b2.sum(axis=1) / seen.sum(axis=1)
+
+    def template(self, order: int) -> np.ndarray:
+        """(N,) :func:`template_chi2` of these residuals."""
+        template = self.model
+        for _ in range(order):
+            template = np.gradient(template, axis=1)
+        wt = self.w * template
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm = (wt * template).sum(axis=1)
+            value = (wt * self.r).sum(axis=1) ** 2 / norm
+            return np.where(norm > 0, value, np.nan)
+
+
 def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
                   scatter2: np.ndarray, order: int) -> np.ndarray:
     """(N,) squared significance of a residual along the template t = d^order m / dp^order.
@@ -145,15 +186,7 @@ def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
     m + (v / 2) m'' (another line-spread function). Both add up over every line of the
     spectrum, where the chi^2 per pixel sees each line's small misfit separately.
     """
-    template = model
-    for _ in range(order):
-        template = np.gradient(template, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
-        wt = w * template
-        norm = (wt * template).sum(axis=1)
-        value = (wt * np.where(good, flux - model, 0.0)).sum(axis=1) ** 2 / norm
-        return np.where(norm > 0, value, np.nan)
+    return Residuals(flux, err2, good, model, scatter2).template(order)
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -169,24 +202,9 @@ def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.n
     first: a broadband misfit (a continuum off by a few per cent, a tilt) adds up coherently,
     width times more than the independent noise, so it stands out of a statistic in which the
     per-pixel chi^2 dilutes it among all pixels; the largest window picks out a narrow feature
-    (an emission line) that a mean over all windows dilutes."""
-    if reduce in TEMPLATES:
-        return template_chi2(flux, err2, good, model, scatter2, TEMPLATES[reduce])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if width == 1 and reduce == "mean":
-            r2 = np.where(good, (flux - model) ** 2 / (err2 + scatter2), 0.0)
-            return r2.sum(axis=1) / good.sum(axis=1)
-        w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
-        wr = w * np.where(good, flux - model, 0.0)
-        pad = -flux.shape[1] % width  # the last, partial window gets zero-weight pixels
-        sums = [np.pad(a, ((0, 0), (0, pad))).reshape(len(a), -1, width).sum(axis=2)
-                for a in (w, wr)]
-        seen = sums[0] > 0
-        if reduce == "max":
-            b2 = np.where(seen, sums[1] ** 2 / sums[0], -np.inf).max(axis=1)
-            return np.where(seen.any(axis=1), b2, np.nan)
-        b2 = np.where(seen, sums[1] ** 2 / sums[0], 0.0)
-        return b2.sum(axis=1) / seen.sum(axis=1)
+    (an emission line) that a mean over all windows dilutes. Several statistics of the same
+    residuals: :class:`Residuals` (weights computed once)."""
+    return Residuals(flux, err2, good, model, scatter2).statistic(width, reduce)
 
 
 @dataclass
@@ -286,11 +304,12 @@ class LabelEmulator:
         for s in range(0, len(flux), batch_size):
             sl = slice(s, s + batch_size)
             region = self.region(labels[sl])
-            args = (np.asarray(flux[sl], np.float64), np.asarray(flux_err[sl], np.float64) ** 2,
-                    np.asarray(good[sl], bool) & self.usable[region], self.flux(labels[sl]),
-                    self.scatter[region] ** 2)
+            residuals = Residuals(np.asarray(flux[sl], np.float64),
+                                  np.asarray(flux_err[sl], np.float64) ** 2,
+                                  np.asarray(good[sl], bool) & self.usable[region],
+                                  self.flux(labels[sl]), self.scatter[region] ** 2)
             for values, (width, reduce) in zip(out, reductions, strict=True):
-                values[sl] = pixel_chi2(*args, width, reduce)
+                values[sl] = residuals.statistic(width, reduce)
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
@@ -348,10 +367,11 @@ class LabelEmulator:
                                       neginf=0.0), lo, hi)
             z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
             region = nearest(z, self.centres)
-            args = (f, err2, g0 & self.usable[region], self.emulate(design(z, self.order), region),
-                    self.scatter[region] ** 2)
+            residuals = Residuals(f, err2, g0 & self.usable[region],
+                                  self.emulate(design(z, self.order), region),
+                                  self.scatter[region] ** 2)
             for values, (width, reduce) in zip(out, reductions, strict=True):
-                values[sl] = pixel_chi2(*args, width, reduce)
+                values[sl] = residuals.statistic(width, reduce)
             best[sl] = z * self.label_scale + self.label_mean
         return best, out
 
