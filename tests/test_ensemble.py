@@ -450,7 +450,7 @@ def test_ensemble_scatter_step_then_predict_uses_the_mixture_scatter(
     written = read_ensemble_scatter(out, posts, scaler.scale)
     # the same fit from the members' budgets of the validation stars, outside the step
     (read_valid,) = read_labelled_on_grid((tmp_path / "valid.fits",), wave, config)
-    budget, _, _ = predict.mixture_budget(members, read_valid, config)
+    budget, *_ = predict.mixture_budget(members, read_valid, config)
     direct = fit_mixture_scatter(budget, read_valid.label_array(), scaler, config["laplace"])
     np.testing.assert_allclose(written.coef, direct.coef, rtol=1e-10)
     np.testing.assert_allclose(written.correlation, direct.correlation, atol=1e-10)

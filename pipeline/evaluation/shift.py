@@ -164,13 +164,14 @@ class ShiftReference:
 
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
-                     prediction, batch_size: int = 256, features=None) -> dict:
+                     prediction, batch_size: int = 256, features=None, snr=None) -> dict:
     """Per-star (N,) statistics named by ``SHIFT_COLUMNS`` and the best-fit
     labels ``EMULATOR_LABEL_COLUMNS`` (NaN without a reference) for spectra with
     ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool.
 
     ``features``: the stars' last hidden features (N, d) when the caller already has them
-    (``error_budget(..., feature_layers=[last_dense_layer(model)])``), else computed here."""
+    (``error_budget(..., feature_layers=[last_dense_layer(model)])``), else computed here;
+    ``snr`` (N,) likewise (``spectrum_snr`` on the good pixels)."""
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in (*SHIFT_COLUMNS, *EMULATOR_LABEL_COLUMNS)}
@@ -178,7 +179,8 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     best, (chi2, *values) = reference.emulator.fit_statistics(
         flux, flux_err, good, prediction, reductions, reference.fit_iterations,
         reference.fit_margin)
-    snr = spectrum_snr(flux, flux_err, good)
+    if snr is None:
+        snr = spectrum_snr(flux, flux_err, good)
     residuals = {}
     for (name, w), value in zip(reference.residuals.items(), values, strict=True):
         residuals[name], residuals[f"{name}_REL"] = value, value / w.trend(snr)

@@ -110,7 +110,7 @@ def predict_standardized(model, x: np.ndarray) -> np.ndarray:
 
 
 def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarray,
-                 batch_size: int = 256, *, feature_layers=()) -> dict:
+                 batch_size: int = 256, *, feature_layers=(), snr=None) -> dict:
     """Predictions and their error budget for every star, streamed in batches.
 
     Each batch takes one compiled pass (``pipeline.nn.derivatives.forward_jacobian``): the
@@ -132,6 +132,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     batch_size : stars per batch.
     feature_layers : layers of ``model`` whose inputs (activations) are returned too, e.g. the
         last Dense layer for the feature distance of ``pipeline.evaluation.shift``.
+    snr : (N,) the stars' SNR for the noise response, when the caller has it; else measured
+        here (median flux / flux_err over the pixels with noise, ``noise_response.star_snr``).
 
     Returns
     -------
@@ -167,7 +169,8 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
         cov_model[s] = scaler.covariance_to_physical(np.asarray(cov, np.float64))
         cov_noise[s] = noise_covariance(out.jacobian, flux_err[s])
         if response is not None:
-            cov_noise[s] = response.scale(cov_noise[s], star_snr(x, flux_err[s]))
+            cov_noise[s] = response.scale(cov_noise[s], star_snr(x, flux_err[s])
+                                          if snr is None else snr[s])
         cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s],
                                          prediction[s])
         for store, layer in zip(features, feature_layers, strict=True):

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     runtime.configure(config, args.threads)
     members, wave = load_members(args.model, args.posterior)
     (valid,) = read_labelled_on_grid((args.valid,), wave, config)
-    budget, _, _ = mixture_budget(members, valid, config)
+    budget, *_ = mixture_budget(members, valid, config)
     scaler = members[0][2]
     scatter = fit_mixture_scatter(budget, valid.label_array(), scaler, cfg)
     log.info("ensemble scatter model (%s, %d members) fitted on %d validation stars: "

@@ -57,7 +57,7 @@ from pipeline.laplace.error_budget import error_budget
 from pipeline.laplace.scatter import ScatterModel
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.inputs import FORMATS, detect_format, input_chunks
-from pipeline.spectra.validation import bad_pixel_mask
+from pipeline.spectra.validation import bad_pixel_mask, spectrum_snr
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +65,27 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------ catalog
 def mixture_budget(members: list, spectra: Spectra, config: dict,
                    scatter: ScatterModel | None = None,
-                   feature_layer=None) -> tuple[dict, np.ndarray, np.ndarray | None]:
+                   feature_layer=None) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray]:
     """The error budget of ``spectra`` under the (model, posterior, scaler) ``members`` (one:
     the single model; several: their mixture, with the ensemble's ``scatter`` model when given,
-    ``pipeline.laplace.ensemble``), the stars' bad-pixel mask (N, P), and the first member's
-    inputs of ``feature_layer`` (N, d) from the same pass (None without a layer).
+    ``pipeline.laplace.ensemble``), the stars' bad-pixel mask (N, P), the first member's
+    inputs of ``feature_layer`` (N, d) from the same pass (None without a layer), and the
+    stars' SNR on their good pixels (N,), measured once for every member's noise response.
 
     Bad pixels carry no flux noise (module docstring)."""
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
+    snr = spectrum_snr(spectra.flux, noise_err, ~bad)
     batch = config["predict"]["batch_size"]
     (model, posterior, scaler), *others = members
     # the first member's pass also taps the features of ``feature_layer`` (shift statistics)
     first = error_budget(model, posterior, scaler, spectra.flux, noise_err, batch,
-                         feature_layers=[] if feature_layer is None else [feature_layer])
+                         feature_layers=[] if feature_layer is None else [feature_layer], snr=snr)
     features = first.pop("features", [None])[0]
-    budget = ensemble_budget([first, *(error_budget(m, p, s, spectra.flux, noise_err, batch)
+    budget = ensemble_budget([first, *(error_budget(m, p, s, spectra.flux, noise_err, batch,
+                                                    snr=snr)
                                        for m, p, s in others)], scatter=scatter, scaler=scaler)
-    return budget, bad, features
+    return budget, bad, features, snr
 
 
 def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
@@ -98,11 +101,11 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     member's.
     """
     batch = config["predict"]["batch_size"]
-    budget, bad, features = mixture_budget(
+    budget, bad, features, snr = mixture_budget(
         [(model, posterior, scaler), *members], spectra, config, scatter,
         None if reference is None else last_dense_layer(model))
     shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
-                             budget["prediction"], batch, features)
+                             budget["prediction"], batch, features, snr)
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
     laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
