@@ -108,8 +108,8 @@ def test_flag_bits_are_distinct_powers_of_two():
     bits = [export.FLAG_OOD, export.FLAG_BADPIX, export.FLAG_RESAMPLED, export.FLAG_NONFINITE,
             export.FLAG_MODEL_OOD, export.FLAG_SPECTRUM_OOD, export.FLAG_FEATURE_OOD,
             export.FLAG_BROADBAND_OOD, export.FLAG_PEAK_OOD, export.FLAG_DOPPLER_OOD,
-            export.FLAG_LSF_OOD]
-    assert bits == [1 << bit for bit in range(11)]
+            export.FLAG_LSF_OOD, export.FLAG_LINES_OOD]
+    assert bits == [1 << bit for bit in range(12)]
     # every documented bit has its constant, and there are no others
     assert sorted(export.FLAG_BITS) == list(range(len(bits)))
     for bit, text in export.FLAG_BITS.items():

@@ -71,12 +71,13 @@ FLAG_CFG = dict(CONFIG["predict"], ood_sigma=4.0, flag_bad_pixel_fraction=0.1,
 
 
 SHIFT_THRESHOLDS = {"CHI2_EMULATOR_REL": 2.0, "FEATURE_DISTANCE": 1.5, "CHI2_BROADBAND_REL": 4.0,
-                    "CHI2_PEAK_REL": 3.0, "CHI2_DOPPLER_REL": 5.0, "CHI2_LSF_REL": 6.0}
+                    "CHI2_PEAK_REL": 3.0, "CHI2_DOPPLER_REL": 5.0, "CHI2_LSF_REL": 6.0,
+                    "CHI2_LINES_REL": 7.0}
 
 
 def _one_star(prediction=(4.9, 0.0, -4.9), total=None, bad_fraction=0.1, resampled=False,
               model_ratio=3.0, chi2_rel=2.0, feature_distance=1.5, broadband_rel=4.0,
-              peak_rel=3.0, doppler_rel=5.0, lsf_rel=6.0):
+              peak_rel=3.0, doppler_rel=5.0, lsf_rel=6.0, lines_rel=7.0):
     """star_flags of one star; the defaults sit just inside every threshold of FLAG_CFG
     (4 sigma around the training range [-1, 1], bad-pixel fraction 0.1, model-error ratio 3)
     and of SHIFT_THRESHOLDS."""
@@ -87,7 +88,8 @@ def _one_star(prediction=(4.9, 0.0, -4.9), total=None, bad_fraction=0.1, resampl
              "FEATURE_DISTANCE": np.array([feature_distance]),
              "CHI2_BROADBAND_REL": np.array([broadband_rel]),
              "CHI2_PEAK_REL": np.array([peak_rel]),
-             "CHI2_DOPPLER_REL": np.array([doppler_rel]), "CHI2_LSF_REL": np.array([lsf_rel])}
+             "CHI2_DOPPLER_REL": np.array([doppler_rel]), "CHI2_LSF_REL": np.array([lsf_rel]),
+             "CHI2_LINES_REL": np.array([lines_rel])}
     flags = star_flags(np.array([prediction], float), np.array([total], float),
                        np.array([bad_fraction], float), resampled, scaler, FLAG_CFG, ratio,
                        shift, SHIFT_THRESHOLDS)
@@ -115,6 +117,7 @@ FLAG_CAUSES = {
     "PEAK_OOD": [{"peak_rel": 3.01}],
     "DOPPLER_OOD": [{"doppler_rel": 5.01}],
     "LSF_OOD": [{"lsf_rel": 6.01}],
+    "LINES_OOD": [{"lines_rel": 7.01}],
 }
 
 
@@ -135,7 +138,8 @@ def test_each_flag_bit_is_set_by_its_own_cause_alone(name):
 def test_flag_bits_combine_and_rows_are_independent():
     every = dict(prediction=(5.1, 0.0, 0.0), total=_inf_variance(), bad_fraction=0.5,
                  resampled=True, model_ratio=10.0, chi2_rel=9.0, feature_distance=9.0,
-                 broadband_rel=9.0, peak_rel=9.0, doppler_rel=9.0, lsf_rel=9.0)
+                 broadband_rel=9.0, peak_rel=9.0, doppler_rel=9.0, lsf_rel=9.0,
+                 lines_rel=9.0)
     all_bits = sum(1 << bit for bit in FLAG_BITS)
     assert _one_star(**every) == all_bits
     # no posterior reference (model_ratio None, older files): bit 4 is never set
@@ -153,7 +157,8 @@ def test_flag_bits_combine_and_rows_are_independent():
              "FEATURE_DISTANCE": np.array([0, 0, 0, 0, 0, 2.0]),
              "CHI2_BROADBAND_REL": np.array([0, 0, 0, 0, np.nan, 5.0]),
              "CHI2_PEAK_REL": np.array([np.nan, 0, 0, 0, 0, 0]),
-             "CHI2_DOPPLER_REL": np.zeros(6), "CHI2_LSF_REL": np.zeros(6)}
+             "CHI2_DOPPLER_REL": np.zeros(6), "CHI2_LSF_REL": np.zeros(6),
+             "CHI2_LINES_REL": np.zeros(6)}
     flags = star_flags(pred, total, bad_fraction, False, scaler, FLAG_CFG, ratio, shift,
                        SHIFT_THRESHOLDS)
     assert flags.tolist() == [export.FLAG_SPECTRUM_OOD, export.FLAG_OOD, export.FLAG_BADPIX,

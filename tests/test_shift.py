@@ -177,7 +177,8 @@ def test_fit_statistics_are_the_statistics_at_the_best_fit(single_region, rng):
     labels, flux, err, good = _emulated(em, rng, 7)
     flux[:, 100:140] += 0.05  # a feature, so the wide and peak windows differ from the mean
     start = labels + rng.normal(size=labels.shape) * NOISY
-    reductions = [(1, "mean"), (16, "mean"), (8, "max"), (1, "gradient"), (1, "curvature")]
+    reductions = [(1, "mean"), (16, "mean"), (8, "max"), (1, "gradient"), (1, "curvature"),
+                  (1, "strength")]
     best, values = em.fit_statistics(flux, err, good, start, reductions, batch_size=3)
     np.testing.assert_array_equal(best, em.best_fit(flux, err, good, start, batch_size=3)[0])
     for value, expected in zip(values, em.statistics(flux, err, good, best, reductions),
@@ -474,7 +475,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
                  for name, width, reduce, scale, limit in (
                      ("CHI2_BROADBAND", 64, "mean", 2.0, 3.5), ("CHI2_PEAK", 8, "max", 9.0, 2.5),
                      ("CHI2_DOPPLER", 1, "gradient", 0.3, 40.0),
-                     ("CHI2_LSF", 1, "curvature", 10.0, 300.0))}
+                     ("CHI2_LSF", 1, "curvature", 10.0, 300.0),
+                     ("CHI2_LINES", 1, "strength", 5.0, 90.0))}
     ref = ShiftReference(em, trend, float(threshold), FeatureReference.fit(rng.normal(
         size=(100, 5))), 1.7, np.array([50.0, 0.1, 0.05]), 5, 0.2, residuals, {"n_train": 1500})
     ref.save(tmp_path / "emulator.npz")
@@ -490,7 +492,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         np.testing.assert_array_equal(got.trend.median, w.trend.median)
     assert back.thresholds == {"CHI2_EMULATOR_REL": ref.chi2_threshold, "FEATURE_DISTANCE": 1.7,
                                "CHI2_BROADBAND_REL": 3.5, "CHI2_PEAK_REL": 2.5,
-                               "CHI2_DOPPLER_REL": 40.0, "CHI2_LSF_REL": 300.0}
+                               "CHI2_DOPPLER_REL": 40.0, "CHI2_LSF_REL": 300.0,
+                               "CHI2_LINES_REL": 90.0}
     np.testing.assert_array_equal(back.emulator.label_max, em.label_max)
     np.testing.assert_array_equal(back.range_margin, ref.range_margin)
     assert back.info == {"n_train": 1500}
@@ -537,8 +540,8 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     ref = ShiftReference.load(emulator_file)
     info = ref.info
     assert info["n_train"] == 240 and info["n_valid"] == 150
-    assert 1 <= info["regions"] <= 3  # regions under 40 stars (4 per term) merged away
-    assert ref.emulator.coef.shape == (info["regions"], 10, 7213)
+    assert 1 <= info["regions"] <= 3  # regions under 80 stars (4 per term) merged away
+    assert ref.emulator.coef.shape == (info["regions"], 20, 7213)  # cubic: 20 terms
     assert ref.features.mean.shape == (8,)
     assert (ref.fit_iterations, ref.fit_margin) == (CONFIG["emulator"]["fit_iterations"],
                                                     CONFIG["emulator"]["fit_margin"])
@@ -769,3 +772,42 @@ def test_template_statistics_are_matched_filters_of_line_shift_and_width(rng):
             assert doppler > 100 and doppler > 20 * lsf and per_pixel < 1.5, (doppler, lsf)
         else:
             assert lsf > 30 and lsf > 5 * doppler and per_pixel < 1.5, (lsf, doppler, per_pixel)
+
+
+def test_strength_statistic_is_a_nested_least_squares_test_blind_to_label_changes(rng):
+    """strength_chi2 equals the chi^2 drop of a weighted least-squares fit of the residuals
+    when m ln m joins the label gradients (nested regressions, lstsq in a loop); it is chi^2_1
+    for noise, blind to a change the labels explain (one group's depth: a label gradient) and
+    sees every optical depth x1.1 (all lines deeper together) far above the chi^2 per pixel."""
+    from pipeline.evaluation.emulator import strength_chi2
+
+    n, p = 300, 2000
+    pix = np.arange(p, dtype=float)
+
+    def tau_of(centres, depth):
+        return depth * np.exp(-0.5 * ((pix[None, :] - centres[:, None]) / 1.5) ** 2).sum(axis=0)
+
+    metal, hydrogen = tau_of(rng.uniform(10, p - 10, 60), 0.8), tau_of(rng.uniform(10, p - 10, 6),
+                                                                       3.0)
+    model1 = np.exp(-(metal + hydrogen))
+    model = np.broadcast_to(model1, (n, p))
+    # one "label": the metal lines' abundance a, tau = a metal + hydrogen at a = 1
+    gradient = np.broadcast_to((-metal * model1)[:, None], (n, p, 1))
+    err2, scatter2 = np.full((n, p), 0.01**2), np.full(p, 0.002**2)
+    good = rng.random((n, p)) > 0.05
+    noise = np.sqrt(err2 + scatter2) * rng.normal(size=(n, p))
+    got = strength_chi2(model + noise, err2, good, model, scatter2, gradient)
+    t = np.clip(model1, 1e-3, 1.0) * np.log(np.clip(model1, 1e-3, 1.0))
+    for i in range(3):
+        sw = np.sqrt(good[i] / (err2[i] + scatter2))
+        chi2 = [np.sum((sw * noise[i] - sw[:, None] * x
+                        @ np.linalg.lstsq(sw[:, None] * x, sw * noise[i], rcond=None)[0]) ** 2)
+                for x in (gradient[i], np.column_stack([gradient[i], t]))]
+        np.testing.assert_allclose(got[i], chi2[0] - chi2[1], rtol=1e-8)
+    assert abs(got.mean() - 1.0) < 0.25, got.mean()  # sd of a mean of 300 chi^2_1: 0.08
+    richer = np.exp(-(1.1 * metal + hydrogen)) + noise  # a label change: projected out
+    deeper = np.exp(-1.1 * (metal + hydrogen)) + noise  # every line: not a label change
+    blind = np.median(strength_chi2(richer, err2, good, model, scatter2, gradient))
+    seen = np.median(strength_chi2(deeper, err2, good, model, scatter2, gradient))
+    per_pixel = np.median(pixel_chi2(deeper, err2, good, model, scatter2))
+    assert blind < 2.0 and seen > 100 and seen > 50 * (per_pixel - 1.0), (blind, seen, per_pixel)

@@ -9,7 +9,7 @@ The prediction catalog (docs/outputs.md) has one row per star:
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
     CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), CHI2_PEAK(_REL), CHI2_DOPPLER(_REL),
-    CHI2_LSF(_REL), FEATURE_DISTANCE                         shift statistics (SHIFT_COLUMNS)
+    CHI2_LSF(_REL), CHI2_LINES(_REL), FEATURE_DISTANCE      shift statistics (SHIFT_COLUMNS)
     L_EMULATOR                                               the emulator's best-fit labels
     FLAG                                                     bit field (FLAG_BITS)
 
@@ -56,10 +56,12 @@ FLAG_BITS = {
        "sit off their emulated positions (an unremoved radial velocity, a wavelength error)",
     10: "LSF_OOD: CHI2_LSF_REL exceeds its validation emulator.chi2_quantile: the lines are "
         "wider or narrower than emulated (another line-spread function or resolution)",
+    11: "LINES_OOD: CHI2_LINES_REL exceeds its validation emulator.chi2_quantile: all lines "
+        "are stronger or weaker together than any labels of the training set make them",
 }
 (FLAG_OOD, FLAG_BADPIX, FLAG_RESAMPLED, FLAG_NONFINITE, FLAG_MODEL_OOD, FLAG_SPECTRUM_OOD,
  FLAG_FEATURE_OOD, FLAG_BROADBAND_OOD, FLAG_PEAK_OOD, FLAG_DOPPLER_OOD,
- FLAG_LSF_OOD) = (1 << bit for bit in FLAG_BITS)
+ FLAG_LSF_OOD, FLAG_LINES_OOD) = (1 << bit for bit in FLAG_BITS)
 
 SHIFT_COLUMNS = {
     "CHI2_EMULATOR": "chi^2 per good pixel of the spectrum against the label -> flux emulator "
@@ -77,6 +79,10 @@ SHIFT_COLUMNS = {
     "CHI2_LSF": "squared significance of the residuals against the emulator at L_EMULATOR "
                 "along the emulated spectrum's second derivative (a change of line width)",
     "CHI2_LSF_REL": "CHI2_LSF divided by the validation median at the star's SNR",
+    "CHI2_LINES": "squared significance of the residuals against the emulator at L_EMULATOR "
+                  "along m ln m (every line's optical depth scaled alike), m the emulated "
+                  "spectrum, with the part the labels explain removed",
+    "CHI2_LINES_REL": "CHI2_LINES divided by the validation median at the star's SNR",
     "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
                         "training features, sqrt(D^2 / d) (about 1 in distribution)",
 }

@@ -129,6 +129,10 @@ def nearest(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 TEMPLATES = {"gradient": 1, "curvature": 2}
 """Template reductions of :func:`pixel_chi2`: the derivative order of the emulated spectrum."""
+STRENGTH = "strength"
+"""The line-strength reduction of :func:`pixel_chi2` (:func:`strength_chi2`)."""
+FLUX_MIN = 1e-3
+"""Emulated flux is clipped to [FLUX_MIN, 1] in the line-strength template m ln m."""
 
 
 class Residuals:
@@ -136,17 +140,19 @@ class Residuals:
     w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels."""
 
     def __init__(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray,
-                 model: np.ndarray, scatter2: np.ndarray):
+                 model: np.ndarray, scatter2: np.ndarray, label_gradient=None):
         with np.errstate(invalid="ignore", divide="ignore"):
             self.w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
         self.r = np.where(good, flux - model, 0.0)
         self.wr = self.w * self.r
-        self.good, self.model = good, model
+        self.good, self.model, self.label_gradient = good, model, label_gradient
 
     def statistic(self, width: int = 1, reduce: str = "mean") -> np.ndarray:
         """(N,) :func:`pixel_chi2` of these residuals."""
         if reduce in TEMPLATES:
             return self.template(TEMPLATES[reduce])
+        if reduce == STRENGTH:
+            return self.strength()
         with np.errstate(invalid="ignore", divide="ignore"):
             if width == 1 and reduce == "mean":
                 return (self.wr * self.r).sum(axis=1) / self.good.sum(axis=1)
@@ -165,6 +171,22 @@ class Residuals:
         template = self.model
         for _ in range(order):
             template = np.gradient(template, axis=1)
+        return self._projection(template)
+
+    def strength(self) -> np.ndarray:
+        """(N,) :func:`strength_chi2` of these residuals (``label_gradient`` required)."""
+        if self.label_gradient is None:
+            raise ValueError("the line-strength statistic needs the emulator's label gradient")
+        m = np.clip(self.model, FLUX_MIN, 1.0)
+        template = m * np.log(m)
+        g = self.label_gradient  # (N, P, L): remove what a change of the labels explains
+        wg = self.w[:, :, None] * g
+        normal = np.einsum("npl,npm->nlm", wg, g) + 1e-12 * np.eye(g.shape[2])
+        coef = np.linalg.solve(normal, np.einsum("npl,np->nl", wg, template)[..., None])
+        return self._projection(template - np.einsum("npl,nl->np", g, coef[..., 0]))
+
+    def _projection(self, template: np.ndarray) -> np.ndarray:
+        """(sum w r t)^2 / sum w t^2 per star: the squared significance along ``template``."""
         wt = self.w * template
         with np.errstate(invalid="ignore", divide="ignore"):
             norm = (wt * template).sum(axis=1)
@@ -187,6 +209,22 @@ def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
     spectrum, where the chi^2 per pixel sees each line's small misfit separately.
     """
     return Residuals(flux, err2, good, model, scatter2).template(order)
+
+
+def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
+                  scatter2: np.ndarray, label_gradient: np.ndarray) -> np.ndarray:
+    """(N,) squared significance of a residual along a common change of every line's strength.
+
+    With ``flux = exp(-tau)``, scaling every optical depth by ``1 + a`` gives
+    ``m exp(-a tau) ~ m + a m ln m``: the template is ``t = m ln m`` of the emulated spectrum
+    (m clipped to [FLUX_MIN, 1]). Labels can mimic much of it (a higher [Fe/H] strengthens the
+    metal lines), so t is first made W-orthogonal to the emulator's label gradients
+    G = dm/dlabel (N, P, L), ``t - G (G^T W G)^{-1} G^T W t``; what is left is the part of a
+    line-strength change that no labels reproduce (hydrogen and molecular lines against the
+    metal lines, weak against saturated ones). The statistic is then
+    ``(sum w r t)^2 / sum w t^2`` as in :func:`template_chi2`, about chi^2_1 for noise.
+    """
+    return Residuals(flux, err2, good, model, scatter2, label_gradient).strength()
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -303,13 +341,33 @@ class LabelEmulator:
         out = [np.empty(len(flux)) for _ in reductions]
         for s in range(0, len(flux), batch_size):
             sl = slice(s, s + batch_size)
-            region = self.region(labels[sl])
-            residuals = Residuals(np.asarray(flux[sl], np.float64),
-                                  np.asarray(flux_err[sl], np.float64) ** 2,
-                                  np.asarray(good[sl], bool) & self.usable[region],
-                                  self.flux(labels[sl]), self.scatter[region] ** 2)
+            residuals = self.residuals(np.asarray(flux[sl], np.float64),
+                                       np.asarray(flux_err[sl], np.float64) ** 2,
+                                       np.asarray(good[sl], bool), self.standardize(labels[sl]),
+                                       self.region(labels[sl]), reductions)
             for values, (width, reduce) in zip(out, reductions, strict=True):
                 values[sl] = residuals.statistic(width, reduce)
+        return out
+
+    def residuals(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray, z: np.ndarray,
+                  region: np.ndarray, reductions: list[tuple[int, str]]) -> Residuals:
+        """:class:`Residuals` of spectra (N, P) against the emulator at standardized labels
+        ``z`` (N, L) in ``region`` (N,), with the label gradient where ``reductions`` hold the
+        line-strength statistic."""
+        gradient = (self.label_gradient(z, region)
+                    if any(reduce == STRENGTH for _, reduce in reductions) else None)
+        return Residuals(flux, err2, good & self.usable[region],
+                         self.emulate(design(z, self.order), region),
+                         self.scatter[region] ** 2, gradient)
+
+    def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(N, P, L) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with
+        D = d phi / d z (:func:`design_gradient`), one product per region present."""
+        d = design_gradient(z, self.order)
+        out = np.empty((len(z), self.coef.shape[-1], z.shape[1]))
+        for k in np.unique(region):
+            rows = region == k
+            out[rows] = np.einsum("ntl,tp->npl", d[rows], self.coef[k])
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
@@ -366,10 +424,7 @@ class LabelEmulator:
             z = np.clip(np.nan_to_num(self.standardize(labels0[sl]), nan=0.0, posinf=0.0,
                                       neginf=0.0), lo, hi)
             z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
-            region = nearest(z, self.centres)
-            residuals = Residuals(f, err2, g0 & self.usable[region],
-                                  self.emulate(design(z, self.order), region),
-                                  self.scatter[region] ** 2)
+            residuals = self.residuals(f, err2, g0, z, nearest(z, self.centres), reductions)
             for values, (width, reduce) in zip(out, reductions, strict=True):
                 values[sl] = residuals.statistic(width, reduce)
             best[sl] = z * self.label_scale + self.label_mean

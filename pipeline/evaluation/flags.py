@@ -11,6 +11,7 @@ from pipeline.artifacts.catalog import (
     FLAG_BROADBAND_OOD,
     FLAG_DOPPLER_OOD,
     FLAG_FEATURE_OOD,
+    FLAG_LINES_OOD,
     FLAG_LSF_OOD,
     FLAG_MODEL_OOD,
     FLAG_NONFINITE,
@@ -47,12 +48,13 @@ def model_error_ratio(model_cov: np.ndarray, scaler, posterior) -> np.ndarray:
 
 SHIFT_BITS = {"CHI2_EMULATOR_REL": FLAG_SPECTRUM_OOD, "FEATURE_DISTANCE": FLAG_FEATURE_OOD,
               "CHI2_BROADBAND_REL": FLAG_BROADBAND_OOD, "CHI2_PEAK_REL": FLAG_PEAK_OOD,
-              "CHI2_DOPPLER_REL": FLAG_DOPPLER_OOD, "CHI2_LSF_REL": FLAG_LSF_OOD}
+              "CHI2_DOPPLER_REL": FLAG_DOPPLER_OOD, "CHI2_LSF_REL": FLAG_LSF_OOD,
+              "CHI2_LINES_REL": FLAG_LINES_OOD}
 """The FLAG bit of each thresholded shift statistic."""
 
 
 def shift_flags(shift: dict, thresholds: dict[str, float]) -> np.ndarray:
-    """(N,) int32 bits 5-10 from the statistics of ``pipeline.evaluation.shift``: each set
+    """(N,) int32 bits 5-11 from the statistics of ``pipeline.evaluation.shift``: each set
     where its statistic (:data:`SHIFT_BITS`) exceeds its validation threshold, given by
     column name in ``thresholds`` (``ShiftReference.thresholds``; NaN never flags)."""
     flags = np.zeros(len(next(iter(shift.values()))), np.int32)
@@ -72,7 +74,7 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
 
     ``model_ratio`` (N,) is :func:`model_error_ratio`; bit 4 is set where it exceeds
     ``predict.ood_model_factor``. ``shift`` and ``shift_thresholds`` (by statistic) set bits
-    5-10 (:func:`shift_flags`). Bit 0's margin beyond the training range is
+    5-11 (:func:`shift_flags`). Bit 0's margin beyond the training range is
     ``predict.ood_sigma`` training standard deviations per label, or ``range_margin`` (3,)
     physical units (the validation overshoot quantile of the emulator file) where that is
     larger.

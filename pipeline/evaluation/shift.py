@@ -19,7 +19,10 @@ needed):
   stands out here. ``CHI2_PEAK``, the largest window of ``peak_width`` pixels: a few
   emission lines or other narrow features. ``CHI2_DOPPLER`` and ``CHI2_LSF``, the residuals
   projected onto the first and second derivative of the emulated spectrum: lines shifted
-  (an unremoved radial velocity) or broadened (another line-spread function). Each divided by
+  (an unremoved radial velocity) or broadened (another line-spread function).
+  ``CHI2_LINES``, the residuals projected onto ``m ln m`` with the part the emulator's label
+  gradients explain removed: every line stronger or weaker together (an opacity scale, an
+  abundance pattern) beyond what a change of the labels reproduces. Each divided by
   its own validation median at the star's SNR (``_REL``); flag when that exceeds its
   validation ``chi2_quantile``.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
@@ -30,7 +33,7 @@ The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
 ``label_max``), the fit settings the threshold was set with (``fit_iterations``,
 ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, for each
-residual statistic (prefix ``broadband``, ``peak``, ``doppler``, ``lsf``) its
+residual statistic (prefix ``broadband``, ``peak``, ``doppler``, ``lsf``, ``lines``) its
 ``<prefix>_width``, trend (``<prefix>_snr_log``, ``<prefix>_snr_median``) and
 ``<prefix>_threshold``, the feature
 reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
@@ -68,7 +71,7 @@ EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
 """Catalog columns of the emulator's best-fit labels (physical units)."""
 RESIDUAL_STATISTICS = {"CHI2_BROADBAND": ("broadband", "mean"), "CHI2_PEAK": ("peak", "max"),
                        "CHI2_DOPPLER": ("doppler", "gradient"),
-                       "CHI2_LSF": ("lsf", "curvature")}
+                       "CHI2_LSF": ("lsf", "curvature"), "CHI2_LINES": ("lines", "strength")}
 """Catalog column -> (file prefix, and ``emulator.<prefix>_width`` where there is one;
 reduction of the residuals: :func:`pipeline.evaluation.emulator.pixel_chi2`)."""
 
@@ -143,7 +146,8 @@ class ShiftReference:
                                      "emulator step to set it at the best-fit labels")
             if any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values()):
                 raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
-                                     "Doppler and line-spread statistics (an older version); "
+                                     "Doppler, line-spread and line-strength statistics (an "
+                                     "older version); "
                                      "rerun the emulator step")
             residuals = {name: ResidualStatistic(int(a[f"{prefix}_width"]), reduce,
                                                  SnrTrend(a[f"{prefix}_snr_log"],

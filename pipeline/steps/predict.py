@@ -24,7 +24,7 @@ star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG
 Label-free shift statistics (``pipeline.evaluation.shift``: chi^2, broadband, peak, Doppler
 and line-spread statistics against the label -> flux emulator at its best-fit labels, fitted
 from the predicted ones; distance of the last hidden features from the training cloud) and
-their FLAG bits 5-10 come from the emulator file, by
+their FLAG bits 5-11 come from the emulator file, by
 default ``DIR/emulator.npz`` beside the model; without one their columns are NaN and those
 bits are never set (a warning says so).
 
