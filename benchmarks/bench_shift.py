@@ -226,9 +226,10 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, help="stars per set")
     parser.add_argument("--mask", type=lambda s: int(s, 0), default=-1,
                         help="FLAG bits that count as flagged (default: all)")
+    parser.add_argument("--shifts", nargs="+", help="only these shifts (default: the suite)")
     args = parser.parse_args()
     sizes = dict(QUICK if args.quick else FULL)
     if args.n:
         sizes["n_shift"] = args.n
-    print(table(run(sizes=sizes, model_dir=args.model_dir, posterior=args.posterior,
-                    configfile=args.configfile, mask=args.mask)))
+    print(table(run(sizes=sizes, names=args.shifts, model_dir=args.model_dir,
+                    posterior=args.posterior, configfile=args.configfile, mask=args.mask)))

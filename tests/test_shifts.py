@@ -171,3 +171,36 @@ def test_suite_labels_snr_and_names():
     assert ref.star_id[0].startswith("SHIFT-SPIKES")
     with pytest.raises(ConfigError, match="unknown shift 'nope'.*lines_x1.25"):
         shifts.shifted_spectra("nope", 2, 0, wave=SMALL)
+
+
+def test_oracle_best_fit_matches_scipy_least_squares():
+    """The oracle's Gauss-Newton fit of a shifted spectrum (line opacity x1.25) reaches the
+    minimum chi^2 an independent trust-region fit (scipy least_squares, finite differences)
+    finds, and an unshifted spectrum comes back at its own labels with chi^2 0."""
+    from scipy.optimize import least_squares
+
+    from benchmarks.shift_detectability import best_fit_labels
+
+    wave = synthetic.apogee_grid()[::8]
+    labels = np.array([[4600.0, 2.4, -0.2], [5600.0, 4.3, 0.1]])
+    model = synthetic.synthesize(labels, wave, np.float64)
+    err = 0.01 * np.sqrt(model)
+    err[:, :5] = 0.0  # bad pixels are ignored
+    theta, chi2, cov = best_fit_labels(model, err, labels + [40.0, 0.1, 0.05], wave)
+    np.testing.assert_allclose(theta, labels, rtol=1e-7)
+    assert np.all(chi2 < 1e-12) and np.all(np.linalg.eigvalsh(cov) > 0)
+
+    target = model ** 1.25
+    theta, chi2, _ = best_fit_labels(target, err, labels, wave)
+    scale = np.array([100.0, 0.1, 0.1])
+    for i in range(2):
+        good = err[i] > 0
+
+        def resid(x, i=i, good=good):
+            flux = synthetic.synthesize(x * scale, wave, np.float64)[0]
+            return ((target[i] - flux) / np.where(good, err[i], 1.0))[good]
+
+        ref = least_squares(resid, labels[i] / scale, x_scale="jac", xtol=1e-12, ftol=1e-12)
+        assert chi2[i] == pytest.approx(2.0 * ref.cost, rel=1e-4)
+        assert np.all(np.abs(theta[i] - ref.x * scale) < [0.5, 2e-3, 2e-3])
+        assert chi2[i] > 10.0  # the shift is not absorbed by the labels
