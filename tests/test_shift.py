@@ -513,6 +513,11 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     np.savez(tmp_path / "old.npz", **old)
     with pytest.raises(Exception, match="old.npz.*line-spread.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
+    with np.load(tmp_path / "emulator.npz") as npz:  # a file of the version before bit 11
+        old = {k: npz[k] for k in npz.files if not k.startswith("lines")}
+    np.savez(tmp_path / "old.npz", **old)
+    with pytest.raises(Exception, match="old.npz.*line-strength.*rerun the emulator step"):
+        ShiftReference.load(tmp_path / "old.npz")
 
 
 # ------------------------------------------------------------ the step and the catalog

@@ -147,8 +147,7 @@ class ShiftReference:
             if any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values()):
                 raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
                                      "Doppler, line-spread and line-strength statistics (an "
-                                     "older version); "
-                                     "rerun the emulator step")
+                                     "older version); rerun the emulator step")
             residuals = {name: ResidualStatistic(int(a[f"{prefix}_width"]), reduce,
                                                  SnrTrend(a[f"{prefix}_snr_log"],
                                                           a[f"{prefix}_snr_median"]),
