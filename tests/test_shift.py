@@ -797,7 +797,7 @@ def test_strength_statistic_is_a_nested_least_squares_test_blind_to_label_change
     model1 = np.exp(-(metal + hydrogen))
     model = np.broadcast_to(model1, (n, p))
     # one "label": the metal lines' abundance a, tau = a metal + hydrogen at a = 1
-    gradient = np.broadcast_to((-metal * model1)[:, None], (n, p, 1))
+    gradient = np.broadcast_to((-metal * model1)[None], (n, 1, p))
     err2, scatter2 = np.full((n, p), 0.01**2), np.full(p, 0.002**2)
     good = rng.random((n, p)) > 0.05
     noise = np.sqrt(err2 + scatter2) * rng.normal(size=(n, p))
@@ -807,7 +807,7 @@ def test_strength_statistic_is_a_nested_least_squares_test_blind_to_label_change
         sw = np.sqrt(good[i] / (err2[i] + scatter2))
         chi2 = [np.sum((sw * noise[i] - sw[:, None] * x
                         @ np.linalg.lstsq(sw[:, None] * x, sw * noise[i], rcond=None)[0]) ** 2)
-                for x in (gradient[i], np.column_stack([gradient[i], t]))]
+                for x in (gradient[i].T, np.column_stack([gradient[i].T, t]))]
         np.testing.assert_allclose(got[i], chi2[0] - chi2[1], rtol=1e-8)
     assert abs(got.mean() - 1.0) < 0.25, got.mean()  # sd of a mean of 300 chi^2_1: 0.08
     richer = np.exp(-(1.1 * metal + hydrogen)) + noise  # a label change: projected out

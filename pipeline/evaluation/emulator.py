@@ -179,11 +179,11 @@ class Residuals:
             raise ValueError("the line-strength statistic needs the emulator's label gradient")
         m = np.clip(self.model, FLUX_MIN, 1.0)
         template = m * np.log(m)
-        g = self.label_gradient  # (N, P, L): remove what a change of the labels explains
-        wg = self.w[:, :, None] * g
-        normal = np.einsum("npl,npm->nlm", wg, g) + 1e-12 * np.eye(g.shape[2])
-        coef = np.linalg.solve(normal, np.einsum("npl,np->nl", wg, template)[..., None])
-        return self._projection(template - np.einsum("npl,nl->np", g, coef[..., 0]))
+        g = self.label_gradient  # (N, L, P): remove what a change of the labels explains
+        wg = self.w[:, None, :] * g
+        normal = wg @ np.swapaxes(g, 1, 2) + 1e-12 * np.eye(g.shape[1])  # batched BLAS
+        coef = np.linalg.solve(normal, wg @ template[:, :, None])  # (N, L, 1)
+        return self._projection(template - (np.swapaxes(coef, 1, 2) @ g)[:, 0])
 
     def _projection(self, template: np.ndarray) -> np.ndarray:
         """(sum w r t)^2 / sum w t^2 per star: the squared significance along ``template``."""
@@ -219,7 +219,7 @@ def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
     ``m exp(-a tau) ~ m + a m ln m``: the template is ``t = m ln m`` of the emulated spectrum
     (m clipped to [FLUX_MIN, 1]). Labels can mimic much of it (a higher [Fe/H] strengthens the
     metal lines), so t is first made W-orthogonal to the emulator's label gradients
-    G = dm/dlabel (N, P, L), ``t - G (G^T W G)^{-1} G^T W t``; what is left is the part of a
+    G = dm/dlabel (N, L, P), ``t - G^T (G W G^T)^{-1} G W t``; what is left is the part of a
     line-strength change that no labels reproduce (hydrogen and molecular lines against the
     metal lines, weak against saturated ones). The statistic is then
     ``(sum w r t)^2 / sum w t^2`` as in :func:`template_chi2`, about chi^2_1 for noise.
@@ -361,13 +361,14 @@ class LabelEmulator:
                          self.scatter[region] ** 2, gradient)
 
     def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
-        """(N, P, L) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with
-        D = d phi / d z (:func:`design_gradient`), one product per region present."""
-        d = design_gradient(z, self.order)
-        out = np.empty((len(z), self.coef.shape[-1], z.shape[1]))
+        """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with
+        D = d phi / d z (:func:`design_gradient`), one matrix product per region present."""
+        d = np.swapaxes(design_gradient(z, self.order), 1, 2)  # (N, L, T)
+        out = np.empty((len(z), z.shape[1], self.coef.shape[-1]))
         for k in np.unique(region):
             rows = region == k
-            out[rows] = np.einsum("ntl,tp->npl", d[rows], self.coef[k])
+            out[rows] = (d[rows].reshape(-1, d.shape[2]) @ self.coef[k]).reshape(
+                rows.sum(), d.shape[1], -1)
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
