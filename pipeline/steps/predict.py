@@ -22,9 +22,9 @@ values, not noisy measurements: they add nothing to the flux-noise term (error 0
 star with more than ``predict.flag_bad_pixel_fraction`` of them is flagged (FLAG bit 1).
 
 Label-free shift statistics (``pipeline.evaluation.shift``: chi^2, broadband, peak, Doppler,
-line-spread and line-strength statistics against the label -> flux emulator at its best-fit labels, fitted
-from the predicted ones; distance of the last hidden features from the training cloud) and
-their FLAG bits 5-11 come from the emulator file, by
+line-spread and line-strength statistics against the label -> flux emulator at its best-fit
+labels, fitted from the predicted ones; distance of the last hidden features from the training
+cloud) and their FLAG bits 5-11 come from the emulator file, by
 default ``DIR/emulator.npz`` beside the model; without one their columns are NaN and those
 bits are never set (a warning says so).
 
