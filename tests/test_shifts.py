@@ -204,3 +204,15 @@ def test_oracle_best_fit_matches_scipy_least_squares():
         assert chi2[i] == pytest.approx(2.0 * ref.cost, rel=1e-4)
         assert np.all(np.abs(theta[i] - ref.x * scale) < [0.5, 2e-3, 2e-3])
         assert chi2[i] > 10.0  # the shift is not absorbed by the labels
+
+
+def test_oracle_bound_of_the_suite_stars():
+    """The oracle on a few of the suite's stars: a line-strength change leaves a chi^2 the
+    labels cannot absorb (power near 1) while biasing the best-fit [Fe/H] upward, and the
+    command prints a row per shift."""
+    from benchmarks.shift_detectability import main, oracle
+
+    r = oracle("lines_x1.25", 6, 2026)
+    assert r["n"] == 6 and 0.5 < r["power"] <= 1.0 and r["lambda_median"] > 100
+    assert r["bias_median"][2] > 0.02  # stronger lines read as a higher [Fe/H]
+    assert main(["--n", "2", "--only", "rv_5kms"]) == 0
