@@ -42,15 +42,9 @@ from pipeline.spectra import shifts, synthetic
 ALPHA = 0.02
 """False-alarm rate of the oracle test: the suite's allowance for flagged in-distribution stars."""
 
-NOISELESS = {
-    "lines_x1.25": lambda m, lab, w: m ** 1.25,
-    "continuum_x0.97": lambda m, lab, w: m * shifts.continuum_factor(w, 0.97, 0.0),
-    "continuum_tilt": lambda m, lab, w: m * shifts.continuum_factor(w, 1.0, 0.03),
-    "rv_5kms": lambda m, lab, w: synthetic.synthesize(
-        lab, w / (1.0 + shifts.RV_KMS / shifts.C_KMS), np.float64),
-    "lsf_broad": lambda m, lab, w: shifts.broaden_lsf(m, w, shifts.LSF_SIGMA_KMS),
-}
-"""The noiseless shifted model ``m'(model, labels, wave)`` of the suite's model-level shifts."""
+NOISELESS = {name: shift.noiseless for name, shift in shifts.SHIFTS.items() if shift.noiseless}
+"""The noiseless shifted model ``m'(model, labels, wave)`` of the suite's shifts of the spectrum
+itself (line strengths, continuum, radial velocity, line-spread function)."""
 
 
 def best_fit_labels(target, flux_err, labels, wave, iterations: int = 12):

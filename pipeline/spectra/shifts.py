@@ -183,11 +183,14 @@ def forest_seed(seed: int):
 # ------------------------------------------------------------------------------ suite
 @dataclass(frozen=True)
 class Shift:
-    """One shift of the suite: ``make(n, seed, cfg, wave) -> Spectra`` with true labels."""
+    """One shift of the suite: ``make(n, seed, cfg, wave) -> Spectra`` with true labels, and
+    for a shift of the spectrum itself (not of its noise or artefacts) ``noiseless(model,
+    labels, wave)``, the shifted noiseless spectrum (what an oracle fit compares with)."""
 
     name: str
     description: str
     make: Callable[[int, int, dict | None, np.ndarray], Spectra]
+    noiseless: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 def _base(n, seed, cfg, wave, labels=None, snr=None, name="shift"):
@@ -238,20 +241,34 @@ RV_KMS = 5.0
 LSF_SIGMA_KMS = 6.0
 BRACKETT_EMISSION = (linelist.BRACKETT[11], linelist.BRACKETT[12], linelist.BRACKETT[13])
 
+
+def _stronger_lines(model, labels, wave):
+    return model ** np.float32(1.25)
+
+
+def _radial_velocity(model, labels, wave):
+    return synthetic.synthesize(labels, wave / (1.0 + RV_KMS / C_KMS), model.dtype)
+
+
+def _broader_lsf(model, labels, wave):
+    return broaden_lsf(model, wave, LSF_SIGMA_KMS)
+
+
 SHIFTS: dict[str, Shift] = {s.name: s for s in (
     Shift("lines_x1.25", "line opacity x1.25 (flux -> flux**1.25)",
-          _on_model(lambda m, lab, w: m ** np.float32(1.25), "lines")),
+          _on_model(_stronger_lines, "lines"), _stronger_lines),
     Shift("continuum_x0.97", "continuum misnormalized by x0.97",
-          _on_observed(lambda s, rng: scale_continuum(s, 0.97), "cont")),
+          _on_observed(lambda s, rng: scale_continuum(s, 0.97), "cont"),
+          lambda m, lab, w: m * continuum_factor(w, 0.97)),
     Shift("continuum_tilt", "continuum tilted by +-3% from blue to red end",
-          _on_observed(lambda s, rng: scale_continuum(s, 1.0, 0.03), "tilt")),
+          _on_observed(lambda s, rng: scale_continuum(s, 1.0, 0.03), "tilt"),
+          lambda m, lab, w: m * continuum_factor(w, 1.0, 0.03)),
     Shift("snr_12", "SNR 12 (below the training range)", _low_snr),
     Shift("teff_hot", "Teff 800 K above the training maximum", _hot),
     Shift("rv_5kms", f"radial velocity {RV_KMS:g} km/s not removed",
-          _on_model(lambda m, lab, w: synthetic.synthesize(lab, w / (1.0 + RV_KMS / C_KMS)),
-                    "rv")),
+          _on_model(_radial_velocity, "rv"), _radial_velocity),
     Shift("lsf_broad", f"line-spread function broadened by a {LSF_SIGMA_KMS:g} km/s Gaussian",
-          _on_model(lambda m, lab, w: broaden_lsf(m, w, LSF_SIGMA_KMS), "lsf")),
+          _on_model(_broader_lsf, "lsf"), _broader_lsf),
     Shift("spikes", "20 unmasked cosmic-ray spikes per star",
           _on_observed(lambda s, rng: add_spikes(s, 20, rng), "spikes")),
     Shift("emission", "Brackett 11-13 in emission (amplitude 0.3, sigma 15 km/s)",
