@@ -79,9 +79,7 @@ def best_fit_labels(target, flux_err, labels, wave, iterations: int = 12):
                 break
             step[better] = 0.0
             step *= 0.5
-    jac = synthetic.label_jacobian(theta, wave)
-    fisher = np.einsum("npi,np,npj->nij", jac, weight, jac)
-    return theta, chi2, np.linalg.inv(fisher)
+    return theta, chi2, synthetic.cramer_rao_bound(theta, flux_err, wave)
 
 
 def oracle(name: str, n: int, seed: int, cfg=None, wave=None, chunk: int = 100) -> dict:
