@@ -469,7 +469,10 @@ def test_range_margin_is_the_validation_overshoot_quantile(rng):
 
 # ---------------------------------------------------------------------- file and catalog
 def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
+    from dataclasses import replace
+
     _, em, trend, threshold, _ = synthetic_reference
+    em = replace(em, strength_misfit=rng.uniform(0.0, 0.1, len(em.centres)))
     residuals = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
                                                                  scale * trend.median), limit)
                  for name, width, reduce, scale, limit in (
@@ -482,7 +485,7 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     ref.save(tmp_path / "emulator.npz")
     back = ShiftReference.load(tmp_path / "emulator.npz")
     assert not list(tmp_path.glob(".*tmp*"))
-    for k in ("coef", "scatter", "usable", "centres"):
+    for k in ("coef", "scatter", "usable", "centres", "strength_misfit"):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
     assert (back.fit_iterations, back.fit_margin) == (5, 0.2)
@@ -513,11 +516,12 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     np.savez(tmp_path / "old.npz", **old)
     with pytest.raises(Exception, match="old.npz.*line-spread.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
-    with np.load(tmp_path / "emulator.npz") as npz:  # a file of the version before bit 11
-        old = {k: npz[k] for k in npz.files if not k.startswith("lines")}
-    np.savez(tmp_path / "old.npz", **old)
-    with pytest.raises(Exception, match="old.npz.*line-strength.*rerun the emulator step"):
-        ShiftReference.load(tmp_path / "old.npz")
+    for old_key in ("lines", "strength_misfit"):  # versions before bit 11, before its misfit
+        with np.load(tmp_path / "emulator.npz") as npz:
+            old = {k: npz[k] for k in npz.files if not k.startswith(old_key)}
+        np.savez(tmp_path / "old.npz", **old)
+        with pytest.raises(Exception, match="old.npz.*line-strength.*rerun the emulator step"):
+            ShiftReference.load(tmp_path / "old.npz")
 
 
 # ------------------------------------------------------------ the step and the catalog
@@ -556,6 +560,9 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert info["provenance"]["MODEL"] and "CFGHASH" in info["provenance"]
     assert ref.range_margin.shape == (3,) and np.all(ref.range_margin >= 0)
     assert info["valid_flagged_range"] <= 3 * np.ceil(0.002 * 150) / 150 + 1e-9
+    misfit = ref.emulator.strength_misfit
+    assert misfit.shape == (info["regions"],) and np.all(np.isfinite(misfit) & (misfit >= 0))
+    assert info["valid_flagged_lines"] <= np.ceil(0.01 * 150) / 150 + 1e-9
 
 
 def test_every_thresholded_statistic_has_a_column_and_a_documented_bit(emulator_file):
@@ -816,3 +823,55 @@ def test_strength_statistic_is_a_nested_least_squares_test_blind_to_label_change
     seen = np.median(strength_chi2(deeper, err2, good, model, scatter2, gradient))
     per_pixel = np.median(pixel_chi2(deeper, err2, good, model, scatter2))
     assert blind < 2.0 and seen > 100 and seen > 50 * (per_pixel - 1.0), (blind, seen, per_pixel)
+
+
+def test_strength_amplitude_and_misfit_are_the_weighted_least_squares_ones(rng):
+    """strength_amplitude is the coefficient of m ln m in the nested fit (lstsq loop) and
+    1 / its noise variance the sum w t^2 of the orthogonalized template; with a misfit tau^2
+    the statistic is a^2 / (v + tau^2), and the emulator passes its region's tau to it."""
+    from pipeline.evaluation.emulator import Residuals
+
+    n, p = 4, 500
+    model = rng.uniform(0.3, 1.0, (n, p))
+    gradient = rng.normal(0, 0.05, (n, 2, p))
+    err2, scatter2 = np.full((n, p), 0.01**2), np.full(p, 0.002**2)
+    good = rng.random((n, p)) > 0.05
+    flux = model + 0.01 * rng.normal(size=(n, p))
+    tau2 = np.array([0.0, 1e-4, 1e-3, 1e-2])
+    res = Residuals(flux, err2, good, model, scatter2, gradient, tau2)
+    amplitude, variance = res.strength_amplitude()
+    t = model * np.log(model)
+    for i in range(n):
+        sw = np.sqrt(good[i] / (err2[i] + scatter2))
+        x = np.column_stack([gradient[i].T, t[i]])
+        coef, *_ = np.linalg.lstsq(sw[:, None] * x, sw * (flux[i] - model[i]), rcond=None)
+        cov = np.linalg.inv((sw[:, None] * x).T @ (sw[:, None] * x))
+        np.testing.assert_allclose([amplitude[i], variance[i]], [coef[-1], cov[-1, -1]],
+                                   rtol=1e-8)
+    np.testing.assert_allclose(res.strength(), amplitude**2 / (variance + tau2), rtol=1e-12)
+
+
+def test_strength_misfit_is_the_moment_estimate_per_region_shrunk_to_the_pool(rng):
+    """Amplitudes a ~ N(0, v + tau_k^2) with known tau_k per region and v varying: the fit
+    recovers tau_k where a region has many stars (within a few sampling errors), gives the
+    pooled value to a region without stars, and sits between its own and the pooled value
+    for a region of a few stars."""
+    from pipeline.evaluation.emulator import PRIOR_STARS, fit_strength_misfit
+
+    tau = np.array([0.01, 0.05, 0.2, 0.1])
+    region = np.repeat([0, 1, 2, 3], [4000, 4000, 4000, 10])
+    variance = rng.uniform(0.5, 2.0, len(region)) * 0.02**2
+    amplitude = rng.normal(size=len(region)) * np.sqrt(variance + tau[region] ** 2)
+    got = fit_strength_misfit(amplitude, variance, region, 5)
+    pooled = np.mean(amplitude**2 - variance)
+    # sd of a mean of 4000 squares of N(0, s^2): s^2 sqrt(2 / 4000); the pool weighs 20 stars
+    for k in range(3):
+        se = (tau[k] ** 2 + 0.02**2 * 1.25) * np.sqrt(2 / 4000)
+        expected = (4000 * tau[k] ** 2 + PRIOR_STARS * pooled) / (4000 + PRIOR_STARS)
+        assert abs(got[k] ** 2 - expected) < 4 * se, (k, got[k], tau[k])
+    np.testing.assert_allclose(got[4] ** 2, pooled, rtol=1e-10)
+    own = max(np.mean((amplitude**2 - variance)[region == 3]), 0)
+    np.testing.assert_allclose(got[3] ** 2, (10 * own + PRIOR_STARS * pooled)
+                               / (10 + PRIOR_STARS), rtol=1e-10)
+    # a line-strength change of amplitude 0.19 stands far out in region 0, not in region 2
+    assert 0.19**2 / (0.02**2 + got[0] ** 2) > 50 > 0.19**2 / (0.02**2 + got[2] ** 2)

@@ -49,7 +49,11 @@ takes the largest window chi^2 over narrow windows instead of the mean: a few em
 fill a handful of windows, which a mean over all pixels or windows hides. The Doppler and
 line-spread statistics project the residuals onto the first and second derivatives of the
 emulated spectrum (:func:`template_chi2`): lines shifted or broadened by a fraction of a pixel
-misfit each line a little, with a sign pattern that these templates sum over all lines.
+misfit each line a little, with a sign pattern that these templates sum over all lines. The
+line-strength statistic projects them onto m ln m (every optical depth scaled alike) less what
+a change of the labels explains (:func:`strength_chi2`), in units of the noise plus the
+emulator's own misfit along that template in the star's region, measured on validation stars
+(:func:`fit_strength_misfit`).
 """
 
 from __future__ import annotations
@@ -133,6 +137,8 @@ STRENGTH = "strength"
 """The line-strength reduction of :func:`pixel_chi2` (:func:`strength_chi2`)."""
 FLUX_MIN = 1e-3
 """Emulated flux is clipped to [FLUX_MIN, 1] in the line-strength template m ln m."""
+PRIOR_STARS = 20
+"""Weight, in stars, of the pooled estimate in each region's line-strength misfit."""
 
 
 class Residuals:
@@ -140,12 +146,14 @@ class Residuals:
     w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels."""
 
     def __init__(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray,
-                 model: np.ndarray, scatter2: np.ndarray, label_gradient=None):
+                 model: np.ndarray, scatter2: np.ndarray, label_gradient=None,
+                 strength_misfit2=0.0):
         with np.errstate(invalid="ignore", divide="ignore"):
             self.w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
         self.r = np.where(good, flux - model, 0.0)
         self.wr = self.w * self.r
         self.good, self.model, self.label_gradient = good, model, label_gradient
+        self.strength_misfit2 = strength_misfit2
 
     def statistic(self, width: int = 1, reduce: str = "mean") -> np.ndarray:
         """(N,) :func:`pixel_chi2` of these residuals."""
@@ -174,7 +182,15 @@ class Residuals:
         return self._projection(template)
 
     def strength(self) -> np.ndarray:
-        """(N,) :func:`strength_chi2` of these residuals (``label_gradient`` required)."""
+        """(N,) :func:`strength_chi2` of these residuals, a^2 / (v + tau^2) with a and v of
+        :meth:`strength_amplitude` and tau^2 = ``strength_misfit2``."""
+        amplitude, variance = self.strength_amplitude()
+        return amplitude**2 / (variance + self.strength_misfit2)
+
+    def strength_amplitude(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) each: the weighted least-squares amplitude a of the residuals along the
+        line-strength template (:func:`strength_chi2`) and its noise variance v = 1 / sum w t^2
+        (NaN without a good pixel); ``label_gradient`` required."""
         if self.label_gradient is None:
             raise ValueError("the line-strength statistic needs the emulator's label gradient")
         m = np.clip(self.model, FLUX_MIN, 1.0)
@@ -183,15 +199,22 @@ class Residuals:
         wg = self.w[:, None, :] * g
         normal = wg @ np.swapaxes(g, 1, 2) + 1e-12 * np.eye(g.shape[1])  # batched BLAS
         coef = np.linalg.solve(normal, wg @ template[:, :, None])  # (N, L, 1)
-        return self._projection(template - (np.swapaxes(coef, 1, 2) @ g)[:, 0])
+        return self._amplitude(template - (np.swapaxes(coef, 1, 2) @ g)[:, 0])
 
-    def _projection(self, template: np.ndarray) -> np.ndarray:
-        """(sum w r t)^2 / sum w t^2 per star: the squared significance along ``template``."""
+    def _amplitude(self, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Amplitude a = sum w r t / sum w t^2 of r = a t and its variance 1 / sum w t^2."""
         wt = self.w * template
         with np.errstate(invalid="ignore", divide="ignore"):
             norm = (wt * template).sum(axis=1)
-            value = (wt * self.r).sum(axis=1) ** 2 / norm
-            return np.where(norm > 0, value, np.nan)
+            seen = norm > 0
+            return (np.where(seen, (wt * self.r).sum(axis=1) / norm, np.nan),
+                    np.where(seen, 1.0 / norm, np.nan))
+
+    def _projection(self, template: np.ndarray) -> np.ndarray:
+        """(sum w r t)^2 / sum w t^2 = a^2 / v per star: the squared significance along
+        ``template``."""
+        amplitude, variance = self._amplitude(template)
+        return amplitude**2 / variance
 
 
 def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -212,7 +235,8 @@ def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
 
 
 def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
-                  scatter2: np.ndarray, label_gradient: np.ndarray) -> np.ndarray:
+                  scatter2: np.ndarray, label_gradient: np.ndarray,
+                  strength_misfit2=0.0) -> np.ndarray:
     """(N,) squared significance of a residual along a common change of every line's strength.
 
     With ``flux = exp(-tau)``, scaling every optical depth by ``1 + a`` gives
@@ -223,8 +247,37 @@ def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
     line-strength change that no labels reproduce (hydrogen and molecular lines against the
     metal lines, weak against saturated ones). The statistic is then
     ``(sum w r t)^2 / sum w t^2`` as in :func:`template_chi2`, about chi^2_1 for noise.
+
+    The emulator's own misfit has a part along t too, coherent over all lines where the
+    per-pixel scatter s_p treats it as independent: with its variance ``strength_misfit2``
+    (tau^2, per star; :func:`fit_strength_misfit`) the statistic is ``a^2 / (v + tau^2)``,
+    a = sum w r t / sum w t^2 the amplitude and v = 1 / sum w t^2 its noise variance.
     """
-    return Residuals(flux, err2, good, model, scatter2, label_gradient).strength()
+    return Residuals(flux, err2, good, model, scatter2, label_gradient,
+                     strength_misfit2).strength()
+
+
+def fit_strength_misfit(amplitude: np.ndarray, variance: np.ndarray, region: np.ndarray,
+                        n_regions: int, prior_stars: float = PRIOR_STARS) -> np.ndarray:
+    """(K,) tau_k, the emulator's misfit along the line-strength template in each region, from
+    the amplitudes a and noise variances v (:meth:`Residuals.strength_amplitude`) of stars the
+    emulator describes (validation stars at their best-fit labels) in ``region``.
+
+    Moment estimate, a = misfit + noise with E a^2 = tau_k^2 + v: per region
+    tau_k^2 = max(0, (sum_k (a^2 - v) + n0 tau0^2) / (n_k + n0)), shrunk towards the pooled
+    estimate tau0^2 = max(0, mean (a^2 - v)) with the weight of n0 = ``prior_stars`` stars, so
+    a region of a few validation stars borrows from the others (none: tau0). The misfit
+    differs by an order of magnitude between regions (weak lines of metal-poor or hot stars
+    leave little of the template once the label gradients are removed, so a small misfit
+    there is a large amplitude); one SNR trend over all stars would set the threshold by
+    those regions and hide a line-strength change everywhere else.
+    """
+    ok = np.isfinite(amplitude) & np.isfinite(variance)
+    excess = amplitude[ok] ** 2 - variance[ok]
+    pooled = max(float(excess.mean()), 0.0) if ok.any() else 0.0
+    n = np.bincount(region[ok], minlength=n_regions)
+    total = np.bincount(region[ok], excess, minlength=n_regions)
+    return np.sqrt(np.maximum((total + prior_stars * pooled) / (n + prior_stars), 0.0))
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -249,7 +302,9 @@ def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.n
 class LabelEmulator:
     """Fitted emulator: label standardization, region centres (K, L) in standardized labels,
     coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P), and the training label
-    box ``label_min``/``label_max`` (L,) in physical units (bounds of :meth:`best_fit`)."""
+    box ``label_min``/``label_max`` (L,) in physical units (bounds of :meth:`best_fit`), and
+    the misfit along the line-strength template per region ``strength_misfit`` (K,): zero
+    from :meth:`fit`, set from validation stars by :func:`fit_strength_misfit`."""
 
     label_mean: np.ndarray
     label_scale: np.ndarray
@@ -260,6 +315,7 @@ class LabelEmulator:
     usable: np.ndarray
     label_min: np.ndarray
     label_max: np.ndarray
+    strength_misfit: np.ndarray
 
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
@@ -298,7 +354,8 @@ class LabelEmulator:
             scatter.append(np.sqrt(np.maximum(excess, 0.0) + FLOOR**2))
             usable.append(n_p >= 2 * n_terms)
         return cls(mean, scale, int(order), centres, np.stack(coef), np.stack(scatter),
-                   np.stack(usable), labels.min(axis=0), labels.max(axis=0))
+                   np.stack(usable), labels.min(axis=0), labels.max(axis=0),
+                   np.zeros(len(centres)))
 
     def standardize(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, np.float64) - self.label_mean) / self.label_scale
@@ -339,15 +396,29 @@ class LabelEmulator:
         coefficients and its scatter and usable pixels broadcast, instead of gathering a
         (T, P) coefficient block per star."""
         out = [np.empty(len(flux)) for _ in reductions]
-        for s in range(0, len(flux), batch_size):
-            sl = slice(s, s + batch_size)
-            residuals = self.residuals(np.asarray(flux[sl], np.float64),
-                                       np.asarray(flux_err[sl], np.float64) ** 2,
-                                       np.asarray(good[sl], bool), self.standardize(labels[sl]),
-                                       self.region(labels[sl]), reductions)
+        for sl, residuals in self._batches(flux, flux_err, good, labels, reductions, batch_size):
             for values, (width, reduce) in zip(out, reductions, strict=True):
                 values[sl] = residuals.statistic(width, reduce)
         return out
+
+    def strength_amplitudes(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
+                            labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(2, N): each spectrum's amplitude along the line-strength template at ``labels``
+        and its noise variance (:meth:`Residuals.strength_amplitude`)."""
+        out = np.empty((2, len(flux)))
+        for sl, residuals in self._batches(flux, flux_err, good, labels, [(1, STRENGTH)],
+                                           batch_size):
+            out[:, sl] = residuals.strength_amplitude()
+        return out
+
+    def _batches(self, flux, flux_err, good, labels, reductions, batch_size):
+        """(slice, :class:`Residuals`) of each batch of spectra at ``labels``."""
+        for s in range(0, len(flux), batch_size):
+            sl = slice(s, s + batch_size)
+            yield sl, self.residuals(np.asarray(flux[sl], np.float64),
+                                     np.asarray(flux_err[sl], np.float64) ** 2,
+                                     np.asarray(good[sl], bool), self.standardize(labels[sl]),
+                                     self.region(labels[sl]), reductions)
 
     def residuals(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray, z: np.ndarray,
                   region: np.ndarray, reductions: list[tuple[int, str]]) -> Residuals:
@@ -358,7 +429,7 @@ class LabelEmulator:
                     if any(reduce == STRENGTH for _, reduce in reductions) else None)
         return Residuals(flux, err2, good & self.usable[region],
                          self.emulate(design(z, self.order), region),
-                         self.scatter[region] ** 2, gradient)
+                         self.scatter[region] ** 2, gradient, self.strength_misfit[region] ** 2)
 
     def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with

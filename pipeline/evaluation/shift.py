@@ -22,7 +22,9 @@ needed):
   (an unremoved radial velocity) or broadened (another line-spread function).
   ``CHI2_LINES``, the residuals projected onto ``m ln m`` with the part the emulator's label
   gradients explain removed: every line stronger or weaker together (an opacity scale, an
-  abundance pattern) beyond what a change of the labels reproduces. Each divided by
+  abundance pattern) beyond what a change of the labels reproduces, in units of the noise
+  plus the emulator's own misfit along that template in the star's label region (measured
+  on the validation stars, ``strength_misfit``). Each divided by
   its own validation median at the star's SNR (``_REL``); flag when that exceeds its
   validation ``chi2_quantile``.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
@@ -31,12 +33,12 @@ needed):
 
 The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
-``label_max``), the fit settings the threshold was set with (``fit_iterations``,
-``fit_margin``), the SNR trend (``snr_log``, ``snr_median``), ``chi2_threshold``, for each
-residual statistic (prefix ``broadband``, ``peak``, ``doppler``, ``lsf``, ``lines``) its
-``<prefix>_width``, trend (``<prefix>_snr_log``, ``<prefix>_snr_median``) and
-``<prefix>_threshold``, the feature
-reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
+``label_max``, ``strength_misfit``), the fit settings the threshold was set with
+(``fit_iterations``, ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``),
+``chi2_threshold``, for each residual statistic (prefix ``broadband``, ``peak``, ``doppler``,
+``lsf``, ``lines``) its ``<prefix>_width``, trend (``<prefix>_snr_log``,
+``<prefix>_snr_median``) and ``<prefix>_threshold``, the feature reference
+(``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
 flagged fractions, provenance). A file without the fit settings (from a version that set the
 threshold at the predicted labels) or without the residual statistics is refused.
@@ -59,14 +61,14 @@ import numpy as np
 from pipeline import LABELS
 from pipeline.artifacts.catalog import SHIFT_COLUMNS
 from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
-from pipeline.evaluation.emulator import LabelEmulator, SnrTrend
+from pipeline.evaluation.emulator import STRENGTH, LabelEmulator, SnrTrend, fit_strength_misfit
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
 from pipeline.spectra.validation import spectrum_snr
 
 EMULATOR_FILE = "emulator.npz"
 _EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable",
-                  "label_min", "label_max")
+                  "label_min", "label_max", "strength_misfit")
 EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
 """Catalog columns of the emulator's best-fit labels (physical units)."""
 RESIDUAL_STATISTICS = {"CHI2_BROADBAND": ("broadband", "mean"), "CHI2_PEAK": ("peak", "max"),
@@ -144,7 +146,8 @@ class ShiftReference:
                 raise ModelFileError(f"emulator file '{path}' holds a threshold of the chi^2 at "
                                      "the predicted labels (an older version); rerun the "
                                      "emulator step to set it at the best-fit labels")
-            if any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values()):
+            if (any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values())
+                    or "strength_misfit" not in a):
                 raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
                                      "Doppler, line-spread and line-strength statistics (an "
                                      "older version); rerun the emulator step")
@@ -218,6 +221,15 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     best, (chi2, *values) = emulator.fit_statistics(
         valid.flux, valid.flux_err, valid_good, valid_prediction, [(1, "mean"), *reductions],
         cfg["fit_iterations"], cfg["fit_margin"])
+    # the line-strength statistic in units of noise and the emulator's misfit along it
+    amplitude, variance = emulator.strength_amplitudes(valid.flux, valid.flux_err, valid_good,
+                                                       best)
+    region = emulator.region(best)
+    emulator.strength_misfit = fit_strength_misfit(amplitude, variance, region,
+                                                   len(emulator.centres))
+    values = [amplitude**2 / (variance + emulator.strength_misfit[region] ** 2)
+              if reduce == STRENGTH else value
+              for (_, reduce), value in zip(reductions, values, strict=True)]
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
     residuals, rel_of = {}, {}
