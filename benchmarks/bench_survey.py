@@ -3,7 +3,8 @@ the sharded input Jacobians, streamed, as the Snakemake path ``predict.inputs`` 
 
 Rows (each step in its own subprocess, peaks read as in bench_memory):
 
-* ``predict``: ``python -m pipeline.predict --format fits`` on ``small`` and ``large`` stars;
+* ``predict``: ``python -m pipeline.predict --format fits`` on ``small`` and ``large`` stars
+  (with the model directory's shift reference, so every shift statistic is computed);
   the anonymous peak of the large run against the small one (target <= 1.2: only the catalog
   rows, ~0.2 kB a star, accumulate).
 * ``jacobian``: ``python -m pipeline.steps.jacobian`` in two shards (run one after the other,
@@ -46,10 +47,15 @@ RATIO_TARGET = 1.5
 
 
 def make_model_and_posterior(root: Path, wave: np.ndarray, hidden) -> tuple[Path, Path]:
-    """An untrained model directory and a last-2-layer Laplace posterior fitted for it."""
+    """An untrained model directory with a shift reference (``emulator.npz``: emulator and
+    thresholds fitted on 400 + 150 generated stars, as the emulator step fits them, so predict
+    computes every shift statistic as on a survey) and a last-2-layer Laplace posterior."""
     from benchmarks.bench_memory import make_model_dir
     from pipeline.artifacts.model_dir import load_trained
+    from pipeline.config import validate
+    from pipeline.evaluation.shift import EMULATOR_FILE, fit_reference
     from pipeline.laplace import fit_laplace
+    from pipeline.spectra.validation import bad_pixel_mask
 
     model_dir = make_model_dir(root / "model", wave, hidden)
     model, scaler, _ = load_trained(model_dir)
@@ -59,6 +65,11 @@ def make_model_and_posterior(root: Path, wave: np.ndarray, hidden) -> tuple[Path
         (512, 3))
     posterior = root / "posterior.npz"
     fit_laplace(model, x, z, last_layers=2, device="cpu").save(posterior)
+    config = validate({})
+    train, valid = generated(400, 4, wave, config), generated(150, 5, wave, config)
+    good = [~bad_pixel_mask(s, config["data"]["bad_pixel_err"]) for s in (train, valid)]
+    fit_reference(model, train, valid, *good, valid.label_array(),
+                  config["emulator"]).save(model_dir / EMULATOR_FILE)
     return model_dir, posterior
 
 
@@ -91,25 +102,21 @@ def generated(n: int, seed: int, wave: np.ndarray, config: dict):
 
 def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: int,
                        batch_size: int, repeat: int = 3) -> tuple[float, float]:
-    """Best times of ``predict_catalog`` (error budget, shift statistics against an emulator
-    fitted here on 400 + 150 generated stars, flags, catalog table) and of ``input_jacobian``
-    alone on the same stars, interleaved so both see the same load of shared cores."""
+    """Best times of ``predict_catalog`` (error budget, shift statistics against the model
+    directory's emulator, flags, catalog table) and of ``input_jacobian`` alone on the same
+    stars, interleaved so both see the same load of shared cores."""
     from pipeline.artifacts.model_dir import load_trained
     from pipeline.config import validate
-    from pipeline.evaluation.shift import fit_reference
+    from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference
     from pipeline.laplace import Posterior
     from pipeline.nn.derivatives import input_jacobian
-    from pipeline.spectra.validation import bad_pixel_mask
     from pipeline.steps.predict import predict_catalog
 
     config = validate({"predict": {"batch_size": batch_size}})
     model, scaler, _ = load_trained(model_dir)
     post = Posterior.load(posterior, model)
     spectra = generated(n, 3, wave, config)
-    train, valid = generated(400, 4, wave, config), generated(150, 5, wave, config)
-    good = [~bad_pixel_mask(s, config["data"]["bad_pixel_err"]) for s in (train, valid)]
-    reference = fit_reference(model, train, valid, *good, valid.label_array(),
-                              config["emulator"])
+    reference = ShiftReference.load(model_dir / EMULATOR_FILE)
     run_full = lambda: predict_catalog(model, post, scaler, spectra, False, config,  # noqa: E731
                                        reference)
     run_alone = lambda: input_jacobian(model, spectra.flux, batch_size=batch_size,  # noqa: E731
