@@ -143,7 +143,9 @@ PRIOR_STARS = 20
 
 class Residuals:
     """Residuals of spectra (N, P) against emulated ones, weighted once for every statistic:
-    w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels."""
+    w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels; the label
+    gradient (N, L, P) and the misfit tau^2 (scalar or (N,)) serve the line-strength
+    statistic."""
 
     def __init__(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray,
                  model: np.ndarray, scatter2: np.ndarray, label_gradient=None,
