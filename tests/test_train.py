@@ -430,3 +430,22 @@ def test_validation_grid_must_match(toy, tmp_path):
     with pytest.raises(GridMismatchError, match="41 pixels"):
         train_mod.train_model(tiny_config(), train, make_spectra(20, 41, 2), tmp_path)
 
+
+
+def test_global_clipnorm_bounds_each_step():
+    """train.global_clipnorm reaches Adam: after one step on a batch with a huge gradient,
+    Adam's first moment is (1 - beta_1) times the gradient it was given, so its norm is
+    (1 - beta_1) times the clip; unclipped it is orders of magnitude larger."""
+    x, y = np.full((4, 40), 50.0, np.float32), np.full((4, 3), 1e4, np.float32)
+    moments = {}
+    for clip in (None, 1e-3):
+        cfg = tiny_config(global_clipnorm=clip)
+        train_mod.seed_everything(cfg)
+        model = train_mod.compiled_model(40, cfg)
+        model.train_on_batch(x, y)
+        opt = model.optimizer
+        m = [v.numpy() for v in opt.variables if "momentum" in v.path]
+        moments[clip] = float(np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in m)))
+    assert validate({})["train"]["global_clipnorm"] is None
+    np.testing.assert_allclose(moments[1e-3], (1 - 0.9) * 1e-3, rtol=1e-3)
+    assert moments[None] > 100 * moments[1e-3]

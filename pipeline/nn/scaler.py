@@ -18,19 +18,24 @@ from pipeline.spectra.validation import check_training_labels
 class LabelScaler:
     """Per-label standardization ``z = (y - mean) / scale`` of (TEFF, LOGG, FE_H).
 
-    ``mean`` and ``scale`` are float64 (3,): the training-set mean and standard deviation
-    (ddof = 0). Physical covariances are ``C_y = S C_z S`` with ``S = diag(scale)``, physical
-    Jacobians ``d y / d x = S d z / d x``. ``label_min`` and ``label_max`` (3,) record the
-    training label range, against which predictions are flagged as extrapolations.
+    ``mean`` and ``scale`` are float64 (3,): the training-set mean and the standard deviation
+    (ddof = 0) over sqrt(``weights``), the per-label weights of the training loss
+    (:mod:`pipeline.nn.label_weights`; ones: plain standardization), so that the mean squared
+    error of z is the w-weighted MSE of the standardized labels. Physical covariances are
+    ``C_y = S C_z S`` with ``S = diag(scale)``, physical Jacobians ``d y / d x = S d z / d x``.
+    ``label_min`` and ``label_max`` (3,) record the training label range, against which
+    predictions are flagged as extrapolations.
     """
 
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
     label_min: np.ndarray | None = None
     label_max: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
-    def fit(self, y: np.ndarray) -> LabelScaler:
-        """Fit mean and scale to labels ``y`` (N, 3); returns ``self``.
+    def fit(self, y: np.ndarray, weights: np.ndarray | None = None) -> LabelScaler:
+        """Fit mean and scale to labels ``y`` (N, 3) with loss ``weights`` (3,) (default
+        ones); returns ``self``.
 
         Raises
         ------
@@ -46,7 +51,8 @@ class LabelScaler:
             raise DataError(f"label '{LABELS[col]}' of row {row} is not finite; drop the row "
                             "(config data.nan_labels: drop) before training")
         check_training_labels(y)
-        self.mean, self.scale = y.mean(axis=0), y.std(axis=0)
+        self.weights = np.ones(y.shape[1]) if weights is None else np.asarray(weights, np.float64)
+        self.mean, self.scale = y.mean(axis=0), y.std(axis=0) / np.sqrt(self.weights)
         self.label_min, self.label_max = y.min(axis=0), y.max(axis=0)
         return self
 
@@ -91,6 +97,8 @@ class LabelScaler:
         if self.label_min is not None and self.label_max is not None:
             doc["label_min"] = np.asarray(self.label_min, np.float64).tolist()
             doc["label_max"] = np.asarray(self.label_max, np.float64).tolist()
+        if self.weights is not None:
+            doc["weights"] = np.asarray(self.weights, np.float64).tolist()
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -112,7 +120,7 @@ class LabelScaler:
             scale = np.asarray(doc["scale"], dtype=np.float64)
             labels = tuple(doc["labels"])
             bounds = [np.asarray(doc[k], dtype=np.float64) if k in doc else None
-                      for k in ("label_min", "label_max")]
+                      for k in ("label_min", "label_max", "weights")]
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(f"label scaler '{path}' is corrupt ({exc}); rerun the train "
                                  "step") from None
@@ -123,6 +131,7 @@ class LabelScaler:
                                  "finite mean and positive scale of length 3); rerun the "
                                  "train step")
         if any(b is not None and b.shape != mean.shape for b in bounds):
-            raise ModelFileError(f"label scaler '{path}' is corrupt (label_min/label_max must "
-                                 "have length 3); rerun the train step")
-        return cls(mean=mean, scale=scale, label_min=bounds[0], label_max=bounds[1])
+            raise ModelFileError(f"label scaler '{path}' is corrupt (label_min, label_max and "
+                                 "weights must have length 3); rerun the train step")
+        return cls(mean=mean, scale=scale, label_min=bounds[0], label_max=bounds[1],
+                   weights=bounds[2])

@@ -2,9 +2,11 @@
 
     python -m pipeline.steps.train --config-json J --train F --valid F --outdir results/model
 
-Loss: mean squared error of the standardized labels ``z = (y - mean) / scale`` (the
-:class:`~pipeline.nn.scaler.LabelScaler` fitted on the training labels), i.e. a Gaussian likelihood
-with unit variance per standardized label. Adam with config ``train.learning_rate``,
+Loss: mean squared error of the scaled labels ``z = (y - mean) / scale`` (the
+:class:`~pipeline.nn.scaler.LabelScaler` fitted on the training labels, scale = standard
+deviation / sqrt(w) with the per-label weights w of config ``train.label_weights``,
+:mod:`pipeline.nn.label_weights`), i.e. a Gaussian likelihood with unit variance per scaled
+label. Adam with config ``train.learning_rate``,
 ``beta_1``, ``beta_2``, ``epsilon``; mini-batches of ``train.batch_size``.
 
 Reproducibility and resume. Epoch e (0-based) visits the training stars in the order
@@ -46,6 +48,7 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import DataError, GridMismatchError, NumericalError, OutputError
 from pipeline.laplace.curvature import Head
 from pipeline.nn.diagnostics import log_diagnostics, unit_diagnostics
+from pipeline.nn.label_weights import label_weights
 from pipeline.nn.model import (
     build_model,
     input_statistics,
@@ -370,6 +373,7 @@ def compiled_model(n_pixels: int, config: dict, flux_stats=None, steps_per_epoch
         set_input_normalization(model, *flux_stats)
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate(tcfg, steps_per_epoch),
                                       weight_decay=tcfg.get("weight_decay") or None,
+                                      global_clipnorm=tcfg.get("global_clipnorm"),
                                       beta_1=tcfg["beta_1"],
                                       beta_2=tcfg["beta_2"], epsilon=tcfg["epsilon"])
     model.compile(optimizer=optimizer, loss="mse", jit_compile=tcfg.get("jit_compile", "auto"))
@@ -462,13 +466,17 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     outdir, tcfg = Path(outdir), config["train"]
     check_inputs(train, valid)
     seed_everything(config)
-    scaler = LabelScaler().fit(train.label_array())
+    flux_train = as_rows(train.flux)  # a row reader stays on disk: batches read its rows
+    weights = label_weights(flux_train, train.label_array(), tcfg["label_weights"],
+                            int(config["seed"]))
+    log.info("label weights of the loss (%s): %s", tcfg["label_weights"],
+             np.array2string(weights, precision=3))
+    scaler = LabelScaler().fit(train.label_array(), weights)
     z_train = scaler.transform(train.label_array()).astype(np.float32)
     z_valid = scaler.transform(valid.label_array()).astype(np.float32)
     if not np.isfinite(z_valid).all():
         raise DataError("a validation label is not finite; drop such rows "
                         "(config data.nan_labels: drop)")
-    flux_train = as_rows(train.flux)  # a row reader stays on disk: batches read its rows
     fingerprint = run_fingerprint(config, train, valid)
     root = outdir / CHECKPOINTS
 
