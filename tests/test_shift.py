@@ -565,6 +565,27 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert info["valid_flagged_lines"] <= np.ceil(0.01 * 150) / 150 + 1e-9
 
 
+def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulator_file):
+    """The stored misfit is the one of the training stars at their best-fit labels: the same
+    from the training file alone, while the validation stars, which set the thresholds, give
+    another. Estimated on the validation stars it made the line-strength bit flag them less
+    often than new stars."""
+    from pipeline.evaluation.shift import training_strength_misfit
+    from pipeline.spectra.fits import read_spectra
+    from pipeline.spectra.validation import bad_pixel_mask
+
+    ref = ShiftReference.load(emulator_file)
+    cfg = {**CONFIG["emulator"], "regions": 3}
+    train, valid = (read_spectra(emulator_file.parent / f"{s}.fits", require_labels=True)
+                    for s in ("train", "valid"))
+    stored = ref.emulator.strength_misfit.copy()
+    good = [~bad_pixel_mask(x, CONFIG["data"]["bad_pixel_err"]) for x in (train, valid)]
+    got = training_strength_misfit(ref.emulator, train, good[0], cfg, seed=CONFIG["seed"])
+    np.testing.assert_allclose(got, stored, rtol=1e-10)
+    other = training_strength_misfit(ref.emulator, valid, good[1], cfg, seed=CONFIG["seed"])
+    assert not np.allclose(other, stored, rtol=1e-3)
+
+
 def test_every_thresholded_statistic_has_a_column_and_a_documented_bit(emulator_file):
     """The three registries a new statistic must join agree: each threshold of the reference
     names a catalog column (SHIFT_COLUMNS) and a FLAG bit of its own (flags.SHIFT_BITS), and

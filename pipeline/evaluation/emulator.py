@@ -52,8 +52,8 @@ emulated spectrum (:func:`template_chi2`): lines shifted or broadened by a fract
 misfit each line a little, with a sign pattern that these templates sum over all lines. The
 line-strength statistic projects them onto m ln m (every optical depth scaled alike) less what
 a change of the labels explains (:func:`strength_chi2`), in units of the noise plus the
-emulator's own misfit along that template in the star's region, measured on validation stars
-(:func:`fit_strength_misfit`).
+emulator's own misfit along that template in the star's region, measured on training stars
+(:func:`fit_strength_misfit`, :func:`pipeline.evaluation.shift.training_strength_misfit`).
 """
 
 from __future__ import annotations
@@ -267,12 +267,12 @@ def fit_strength_misfit(amplitude: np.ndarray, variance: np.ndarray, region: np.
                         n_regions: int, prior_stars: float = PRIOR_STARS) -> np.ndarray:
     """(K,) tau_k, the emulator's misfit along the line-strength template in each region, from
     the amplitudes a and noise variances v (:meth:`Residuals.strength_amplitude`) of stars the
-    emulator describes (validation stars at their best-fit labels) in ``region``.
+    emulator describes (training stars at their best-fit labels) in ``region``.
 
     Moment estimate, a = misfit + noise with E a^2 = tau_k^2 + v: per region
     tau_k^2 = max(0, (sum_k (a^2 - v) + n0 tau0^2) / (n_k + n0)), shrunk towards the pooled
     estimate tau0^2 = max(0, mean (a^2 - v)) with the weight of n0 = ``prior_stars`` stars, so
-    a region of a few validation stars borrows from the others (none: tau0). The misfit
+    a region of a few stars borrows from the others (none: tau0). The misfit
     differs by an order of magnitude between regions (weak lines of metal-poor or hot stars
     leave little of the template once the label gradients are removed, so a small misfit
     there is a large amplitude); one SNR trend over all stars would set the threshold by
@@ -310,7 +310,7 @@ class LabelEmulator:
     coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P), and the training label
     box ``label_min``/``label_max`` (L,) in physical units (bounds of :meth:`best_fit`), and
     the misfit along the line-strength template per region ``strength_misfit`` (K,): zero
-    from :meth:`fit`, set from validation stars by :func:`fit_strength_misfit`."""
+    from :meth:`fit`, set from training stars by :func:`fit_strength_misfit`."""
 
     label_mean: np.ndarray
     label_scale: np.ndarray
