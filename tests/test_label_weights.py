@@ -84,6 +84,7 @@ def test_weighted_scaler_scales_by_root_weight_and_round_trips(rng, tmp_path):
     w = np.array([4.0, 1.0, 9.0])
     scaler = LabelScaler().fit(labels, w)
     np.testing.assert_allclose(scaler.scale, labels.std(0) / [2, 1, 3], rtol=1e-14)
+    np.testing.assert_allclose(scaler.std, labels.std(0), rtol=1e-14)
     z = scaler.transform(labels)
     # the MSE of z is the w-weighted MSE of the plainly standardized labels
     err = rng.normal(size=labels.shape) * labels.std(0)
@@ -95,3 +96,20 @@ def test_weighted_scaler_scales_by_root_weight_and_round_trips(rng, tmp_path):
     back = LabelScaler.load(tmp_path / "scaler.json")
     np.testing.assert_array_equal(back.weights, w)
     np.testing.assert_array_equal(back.scale, scaler.scale)
+
+
+def test_out_of_range_margin_is_in_standard_deviations_whatever_the_weights(rng):
+    """Bit 0's margin is predict.ood_sigma training standard deviations: a weighted scaler
+    (scale = std / sqrt(w)) flags exactly the stars an equally weighted one does."""
+    from pipeline.evaluation.flags import star_flags
+
+    labels = np.stack([rng.uniform(3500, 7000, 400), rng.uniform(0.2, 4.8, 400),
+                       rng.uniform(-2.5, 0.5, 400)], 1)
+    cfg = validate({})["predict"]
+    step = np.linspace(0, 0.5, 200)[:, None] * labels.std(0)  # 0 .. 0.5 std beyond the top
+    prediction = labels.max(0) + step
+    total = np.broadcast_to(np.eye(3), (200, 3, 3))
+    flags = [star_flags(prediction, total, np.zeros(200), False, LabelScaler().fit(labels, w),
+                        cfg) & 1 for w in (None, [9.0, 1.0, 4.0])]
+    np.testing.assert_array_equal(flags[0], flags[1])
+    assert 0 < flags[0].sum() < 200

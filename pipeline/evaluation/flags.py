@@ -80,7 +80,9 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
     larger.
     """
     lo, hi = training_range(scaler)
-    margin = predict_cfg["ood_sigma"] * np.asarray(scaler.scale, np.float64)
+    # standard deviations, not the scale, which the loss weights divide by sqrt(w)
+    margin = predict_cfg["ood_sigma"] * np.asarray(getattr(scaler, "std", scaler.scale),
+                                                   np.float64)
     if range_margin is not None:
         margin = np.maximum(margin, np.asarray(range_margin, np.float64))
     ood = np.any((prediction < lo - margin) | (prediction > hi + margin), axis=1)

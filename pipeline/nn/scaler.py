@@ -56,6 +56,13 @@ class LabelScaler:
         self.label_min, self.label_max = y.min(axis=0), y.max(axis=0)
         return self
 
+    @property
+    def std(self) -> np.ndarray:
+        """(3,) the training standard deviation of each label: ``scale * sqrt(weights)``."""
+        _, scale = self._fitted()
+        weights = np.ones_like(scale) if self.weights is None else self.weights
+        return scale * np.sqrt(weights)
+
     def _fitted(self) -> tuple[np.ndarray, np.ndarray]:
         if self.mean is None or self.scale is None:
             raise ModelFileError("the label scaler is not fitted; call fit(y) or load(path)")
