@@ -30,13 +30,9 @@ the one of the grid with the smallest leave-one-out MSE. Only the training split
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from pipeline.exceptions import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 EXPONENT = 0.5
 MAX_WEIGHT = 100.0
