@@ -431,7 +431,6 @@ def test_validation_grid_must_match(toy, tmp_path):
         train_mod.train_model(tiny_config(), train, make_spectra(20, 41, 2), tmp_path)
 
 
-
 def test_global_clipnorm_bounds_each_step():
     """train.global_clipnorm reaches Adam: after one step on a batch with a huge gradient,
     Adam's first moment is (1 - beta_1) times the gradient it was given, so its norm is
