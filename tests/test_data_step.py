@@ -8,6 +8,7 @@ from astropy.io import fits
 
 from pipeline.config import validate
 from pipeline.exceptions import ConfigError, DataError
+from pipeline.random_streams import random_stream
 from pipeline.spectra.fits import read_spectra, write_spectra
 from pipeline.spectra.synthetic import generate, sample_labels
 from pipeline.steps import data as data_step
@@ -63,7 +64,7 @@ def test_chunks_equal_one_shot_generation_and_rerun_is_identical(tmp_path):
     np.testing.assert_array_equal(sa.flux, sb.flux)
     np.testing.assert_array_equal(sa.label_array(), sb.label_array())
     # chunk 1 (rows 6..7) equals generate() with the chunk's seed and the split's labels
-    chunk = generate(1, data_step.random_stream(9, "noise", 1, 1), cfg,
+    chunk = generate(1, random_stream(9, "noise", 1, 1), cfg,
                      labels=sa.label_array()[6:7], snr=np.asarray(sa.labels["SNR"][6:7]))
     good = chunk.flux_err[0] > 0
     np.testing.assert_array_equal(sa.flux[6, good], chunk.flux[0, good])
@@ -73,17 +74,18 @@ def test_label_and_noise_streams_share_no_random_bits(tmp_path):
     # the collision of the former seeds: numpy pads short entropy with zeros
     old_labels, old_noise = np.random.SeedSequence([9, 1]), np.random.SeedSequence([9, 1, 0])
     assert (old_labels.generate_state(8) == old_noise.generate_state(8)).all()
-    states = [data_step.random_stream(9, "labels", s).generate_state(8) for s in range(3)]
-    states += [data_step.random_stream(9, "noise", s, c).generate_state(8)
+    states = [random_stream(9, "labels", s).generate_state(8) for s in range(3)]
+    states += [random_stream(9, "noise", s, c).generate_state(8)
                for s in range(3) for c in range(3)]
-    states.append(data_step.random_stream(9, "split").generate_state(8))
+    states += [random_stream(9, p).generate_state(8)
+               for p in ("split", "label_weights", "strength_misfit")]
     assert len({tuple(x) for x in states}) == len(states)
     # the written split: its labels are not the first draws of its first noise chunk
     cfg = validate(SMALL)
     spectra = read_spectra(data_step.write_synthetic_split(cfg, "valid", tmp_path / "v.fits"),
                            require_labels=True)
-    noise_rng = np.random.default_rng(data_step.random_stream(9, "noise", 1, 0))
-    labels_rng = np.random.default_rng(data_step.random_stream(9, "labels", 1))
+    noise_rng = np.random.default_rng(random_stream(9, "noise", 1, 0))
+    labels_rng = np.random.default_rng(random_stream(9, "labels", 1))
     n = spectra.n_stars
     np.testing.assert_allclose(spectra.label_array(), sample_labels(n, labels_rng, cfg["data"]),
                                rtol=1e-6)

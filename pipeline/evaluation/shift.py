@@ -64,6 +64,7 @@ from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
 from pipeline.evaluation.emulator import STRENGTH, LabelEmulator, SnrTrend, fit_strength_misfit
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
+from pipeline.random_streams import subset
 from pipeline.spectra.validation import spectrum_snr
 
 EMULATOR_FILE = "emulator.npz"
@@ -218,7 +219,7 @@ def training_strength_misfit(emulator: LabelEmulator, train, train_good: np.ndar
     emulator was fitted to these stars too, so the misfit comes out somewhat smaller than on
     new stars; the validation stars' threshold absorbs that alike for every new star."""
     n = len(train_good)
-    rows = np.sort(np.random.default_rng([seed, n]).permutation(n)[:MISFIT_STARS])
+    rows = subset(seed, "strength_misfit", n, MISFIT_STARS)
     flux, flux_err = (np.asarray(a[rows], np.float64) for a in (train.flux, train.flux_err))
     best, _ = emulator.best_fit(flux, flux_err, train_good[rows], train.label_array()[rows],
                                 cfg["fit_iterations"], cfg["fit_margin"])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.exceptions import ConfigError, DataError
+from pipeline.random_streams import subset
 
 EXPONENT = 0.5
 MAX_WEIGHT = 100.0
@@ -71,7 +72,7 @@ def ridge_label_weights(flux, labels: np.ndarray, n_stars: int = RIDGE_STARS,
     ``n_stars`` training stars drawn with ``seed``. ``flux`` (N, P) may be a row reader."""
     labels = np.asarray(labels, np.float64)
     n = len(labels)
-    rows = np.sort(np.random.default_rng([seed, n]).permutation(n)[:min(n_stars, n)])
+    rows = subset(seed, "label_weights", n, n_stars)
     if len(rows) < 10:
         raise DataError(f"label weights: {n} training stars are too few for the ridge fit; "
                         "set config key 'train.label_weights' to 'equal' or to three numbers")

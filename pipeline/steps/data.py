@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.exceptions import ConfigError, DataError
+from pipeline.random_streams import random_stream
 from pipeline.spectra import apogee, grids, synthetic, validation
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.fits import SpectraWriter, read_options, read_spectra, write_spectra
@@ -94,20 +95,6 @@ def write_datasets(config: dict, outputs) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------- synthetic
-STREAMS = ("labels", "noise", "split")
-
-
-def random_stream(seed: int, purpose: str, *key: int) -> np.random.SeedSequence:
-    """The SeedSequence of one use of randomness: entropy ``seed``, spawn key
-    (1 + index of ``purpose``, *key).
-
-    Each purpose has its own leading spawn-key word, so no two streams coincide. (Entropy
-    tuples would not do: numpy pads entropy shorter than its pool with zeros, so ``[seed, s]``
-    and ``[seed, s, 0]`` are the same SeedSequence and would share their random bits.)
-    """
-    return np.random.SeedSequence(seed, spawn_key=(1 + STREAMS.index(purpose), *key))
-
-
 def write_synthetic_split(config: dict, name: str, path: Path) -> Path:
     """Generate one split chunk by chunk into ``path`` (atomic, memory flat)."""
     data = config["data"]
