@@ -11,7 +11,9 @@ robust scatter (1.4826 MAD) in physical units, the active units per hidden layer
 and the last history row. ``--tiny-dwarfs`` uses the small network and the 800 / 300
 dwarf-box stars of tests/test_dwarfs.py instead (its fixture settings, overridable).
 ``--ridge`` adds linear ridge regression on the same stars, its penalty chosen on the
-validation split (the test's ``ridge_validation_mse``).
+validation split (the test's ``ridge_validation_mse``). ``--test FILE`` adds the network's RMSE
+and robust scatter on a held-out canonical file (the run's test split: its baselines are in
+the run's ``results/tables/precision.csv``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ def report(name: str, mse: np.ndarray, scale: np.ndarray, extra: str = "") -> No
           f"{np.round(np.sqrt(mse) * scale, 4).tolist()}{extra}", flush=True)
 
 
+def predict(model, scaler, spectra) -> tuple[np.ndarray, np.ndarray]:
+    """The network's scaled predictions (N, K) of ``spectra`` and its residuals (N, K) in
+    physical units."""
+    pred = np.asarray(model.predict(spectra.flux, verbose=0, batch_size=256), np.float64)
+    return pred, scaler.inverse_transform(pred) - spectra.label_array()
+
+
+def robust_scatter(residual: np.ndarray) -> np.ndarray:
+    """1.4826 MAD per column."""
+    return 1.4826 * np.median(np.abs(residual - np.median(residual, axis=0)), axis=0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train"), parser.add_argument("--valid")
@@ -63,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n-train", type=int, default=0)
     parser.add_argument("--tiny-dwarfs", action="store_true")
     parser.add_argument("--ridge", action="store_true")
+    parser.add_argument("--test", help="canonical file to report the network's precision on")
     parser.add_argument("--outdir", help="model directory (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
@@ -79,14 +94,20 @@ def main(argv=None) -> int:
     model, scaler, history = train_model(config, train, valid, outdir)
     seconds = time.perf_counter() - t0
     z = scaler.transform(valid.label_array())
-    pred = np.asarray(model.predict(valid.flux, verbose=0, batch_size=256), np.float64)
-    residual = scaler.inverse_transform(pred) - valid.label_array()
-    robust = 1.4826 * np.median(np.abs(residual - np.median(residual, axis=0)), axis=0)
+    pred, residual = predict(model, scaler, valid)
     active = [layer["active"] for layer in json.loads((outdir / "diagnostics.json").read_text())
               ["layers"]]
     report("network", ((pred - z) ** 2).mean(axis=0), scaler.scale,
-           f", robust scatter {np.round(robust, 4).tolist()}, active units {active}, "
-           f"{seconds:.0f} s, last epoch {history.iloc[-1].round(5).to_dict()}")
+           f", robust scatter {np.round(robust_scatter(residual), 4).tolist()}, "
+           f"active units {active}, {seconds:.0f} s, "
+           f"last epoch {history.iloc[-1].round(5).to_dict()}")
+    if args.test:
+        from pipeline.spectra.fits import read_spectra
+
+        test = read_spectra(args.test, require_labels=True)
+        _, residual = predict(model, scaler, test)
+        print(f"network on {args.test}: RMSE {np.round(np.sqrt((residual**2).mean(0)), 4).tolist()}"
+              f", robust scatter {np.round(robust_scatter(residual), 4).tolist()}", flush=True)
     if args.ridge:
         zt = scaler.transform(train.label_array())
         mse, lam = ridge_validation_mse(np.asarray(train.flux, np.float64), zt,
