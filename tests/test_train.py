@@ -310,6 +310,23 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, caplog):
     assert hist.equals(ref_hist)
 
 
+def test_checkpoint_of_other_label_weights_is_not_resumed(tmp_path, caplog, monkeypatch):
+    """Weights computed by code from the data (not in the config) must not resume a model
+    trained under other weights: it would be saved with the new scaler, its outputs rescaled."""
+    train, valid = make_spectra(48, 40, 3), make_spectra(32, 40, 4)
+    cfg = tiny_config(epochs=1, label_weights="ridge")
+    monkeypatch.setattr(train_mod, "label_weights", lambda *a: np.ones(3))
+    train_mod.train_model(cfg, train, valid, tmp_path)
+    monkeypatch.setattr(train_mod, "label_weights", lambda *a: np.array([2.0, 1.0, 1.0]))
+    caplog.set_level("INFO", logger="pipeline.nn.training")
+    model, scaler, _ = train_mod.train_model(cfg, train, valid, tmp_path)
+    assert "belongs to another config or data set" in caplog.text
+    assert "already finished" not in caplog.text
+    fresh, _, _ = train_mod.train_model(cfg, train, valid, tmp_path / "fresh")
+    assert weights_equal(model, fresh)
+    np.testing.assert_array_equal(scaler.weights, [2.0, 1.0, 1.0])
+
+
 @pytest.mark.slow
 def test_kill_and_resume_subprocess(tmp_path):
     train, valid = make_spectra(512, 200, 1), make_spectra(64, 200, 2)

@@ -404,9 +404,13 @@ def check_inputs(train: Spectra, valid: Spectra,
                             "pipeline.spectra.fits.read_spectra, which flags bad pixels")
 
 
-def run_fingerprint(config: dict, train: Spectra, valid: Spectra) -> str:
+def run_fingerprint(config: dict, train: Spectra, valid: Spectra,
+                    derived: tuple[np.ndarray, ...] = ()) -> str:
     """Hash of what determines the trained weights: a checkpoint resumes only on a match.
 
+    ``derived``: arrays computed from the data by code rather than read from the config (the
+    label scaler's mean and scale, which carry the loss weights; the input normalization),
+    so that a checkpoint of another version of that code is not resumed under a new scaler.
     The flux is hashed in row chunks (the same digest as the whole array: blake2b of a byte
     string fed in pieces), so a row reader is hashed without loading it. Excluded from the
     hash: ``train.stream`` (streamed and in-memory training give the same weights).
@@ -416,6 +420,8 @@ def run_fingerprint(config: dict, train: Spectra, valid: Spectra) -> str:
     described = {k: config.get(k) for k in keys}
     described["train"] = {k: v for k, v in (described["train"] or {}).items() if k != "stream"}
     digest.update(json.dumps(described, sort_keys=True).encode())
+    for arr in derived:
+        digest.update(np.ascontiguousarray(arr, np.float64))
     for spectra in (train, valid):
         flux = as_rows(spectra.flux, None)
         digest.update(str(tuple(flux.shape)).encode())
@@ -477,11 +483,11 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     if not np.isfinite(z_valid).all():
         raise DataError("a validation label is not finite; drop such rows "
                         "(config data.nan_labels: drop)")
-    fingerprint = run_fingerprint(config, train, valid)
-    root = outdir / CHECKPOINTS
-
     stats = (input_statistics(flux_train, config["model"].get("input_scale", "global"))
              if config["model"].get("input_normalization", True) else None)
+    fingerprint = run_fingerprint(config, train, valid,
+                                  (scaler.mean, scaler.scale, *(stats or ())))
+    root = outdir / CHECKPOINTS
     steps = math.ceil(train.n_stars / tcfg["batch_size"])
     model = compiled_model(train.n_pixels, config, stats, steps)
     state = resume(root, model, fingerprint)
