@@ -144,6 +144,33 @@ def test_predictive_covariance_matches_monte_carlo(data):
                                               jac), rtol=1e-9, atol=1e-15)
 
 
+def test_weights_of_units_dead_on_the_training_set_keep_their_prior_variance(rng):
+    """A ReLU unit that never activates on the training stars decouples its weights (zero
+    curvature rows): the predictive covariance skips them in the solves, and a new star that
+    switches the unit on gets the prior's variance there, as the explicit inverse gives."""
+    set_seed(2)
+    model = keras.Sequential([keras.Input((6,), dtype=D), keras.layers.Dense(8, "relu", dtype=D),
+                              keras.layers.Dense(5, "relu", dtype=D),
+                              keras.layers.Dense(3, dtype=D)])
+    x = rng.normal(size=(150, 6))
+    phi = keras.Model(model.inputs[0], model.layers[0].output)(x).numpy()
+    kernel, bias = (v.numpy() for v in model.layers[1].weights)
+    kernel[:, 4], bias[4] = 1.0, -phi.sum(axis=1).max() - 0.1  # unit 4: off on every star
+    model.layers[1].set_weights([kernel, bias])
+    y = model(x).numpy() + rng.normal(size=(150, 3)) * 0.1
+    post = fit_laplace(model, x, y, last_layers=2, device="cpu")
+    coupled, _, _ = post._split
+    assert (~coupled).sum() >= 8 + 1 + 3  # unit 4's kernel column, bias and outgoing row
+    new = np.vstack([x[:3], 20 * x[:3]])
+    hidden = keras.Model(model.inputs[0], model.layers[1].output)(new).numpy()
+    assert (hidden[:3, 4] == 0).all() and (hidden[3:, 4] > 0).any(), "the case: unit 4 on"
+    variables = [v for la in model.layers[-2:] for v in (la.kernel, la.bias)]
+    jac = independent_jacobians(model, new, variables)
+    reference = np.einsum("nkp,pq,nlq->nkl", jac, post.inverse_hessian(), jac)
+    np.testing.assert_allclose(post.predictive_covariance(new), reference, rtol=1e-9,
+                               atol=1e-14 * np.abs(reference).max())
+
+
 def test_save_load_reproduces_every_variance_bit_for_bit(data, tmp_path):
     model, x, y = data
     post = fit_laplace(model, x, y, last_layers=2, curvature="hessian", device="cpu")

@@ -7,6 +7,17 @@ Hessian) and the hyperparameters from :mod:`pipeline.laplace.evidence`. A = L L^
 once in float64 (on the GPU when one is visible); prediction never forms A^-1:
 
     Cov[f(x_n)] = J_n A^-1 J_n^T = V_n^T V_n,   V_n = L^-1 J_n^T   (triangular solves)
+
+Weights that no training star's output depends on (those into and out of ReLU units that never
+activate on the training set: half of the last-2-layer weights of the default network) have a
+zero curvature row, so A is block diagonal: their block is the prior's diagonal and L's rows and
+columns for them are zero off the diagonal. The predictive covariance splits exactly,
+
+    J_n A^-1 J_n^T = V_c^T V_c + sum_{i decoupled} J_ni J_ni^T / L_ii^2,   V_c = L_c^-1 J_nc^T,
+
+with L_c the coupled rows and columns of L (itself the Cholesky factor of the coupled block),
+so the solves cost (coupled / all)^2 of the full ones; a new star that switches such a unit on
+gets its prior variance there.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg as sl
@@ -169,15 +181,29 @@ class Posterior:
         are already known (``pipeline.nn.derivatives.forward_jacobian`` taps them from the
         forward pass of the input Jacobian), so the body is not run a second time."""
         phi = np.asarray(phi, np.float64)
+        coupled, chol, decoupled_var = self._split
         out = []
         for s in batches(len(phi), batch_size):
             jac = self.head.jacobian(phi[s])[0].numpy()  # (B, K, P)
-            b, k, p = jac.shape
-            v = _solve_lower(self.cholesky, jac.reshape(b * k, p).T, self.device)
-            v = v.T.reshape(b, k, p)
-            out.append(np.matmul(v, np.swapaxes(v, 1, 2)))
+            jac_c = jac[:, :, coupled]
+            b, k, p = jac_c.shape
+            v = _solve_lower(chol, jac_c.reshape(b * k, p).T, self.device).T.reshape(b, k, p)
+            jac_d = jac[:, :, ~coupled]
+            out.append(np.matmul(v, np.swapaxes(v, 1, 2))
+                       + np.einsum("bkp,blp,p->bkl", jac_d, jac_d, decoupled_var))
         cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
         return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
+
+    @cached_property
+    def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(coupled (P_L,) bool, L_c, the prior variances 1 / L_ii^2 of the decoupled weights):
+        a weight is decoupled when its row and column of L are zero off the diagonal (module
+        docstring)."""
+        off = self.cholesky != 0
+        np.fill_diagonal(off, False)
+        coupled = off.any(axis=0) | off.any(axis=1)
+        chol = np.ascontiguousarray(self.cholesky[np.ix_(coupled, coupled)])
+        return coupled, chol, 1.0 / np.diag(self.cholesky)[~coupled] ** 2
 
     def covariance(self) -> np.ndarray:
         """Sigma = A^-1 (P_L, P_L): the explicit inverse, formed only when asked for."""
