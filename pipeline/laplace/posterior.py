@@ -194,6 +194,11 @@ class Posterior:
         cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
         return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
 
+    @property
+    def n_decoupled(self) -> int:
+        """Weights decoupled from the training data (module docstring)."""
+        return int((~self._split[0]).sum())
+
     @cached_property
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(coupled (P_L,) bool, L_c, the prior variances 1 / L_ii^2 of the decoupled weights):
@@ -373,6 +378,9 @@ def fit_laplace(model, x, y, options: LaplaceOptions | None = None, *, weights=N
                           curvature=o.curvature, eigenvalues=eig,
                           evidence_curve={"prior_precision": grid, "log_evidence": curve},
                           info=info)
+    log.info("%d of %d weights are decoupled from the training data (prior variance only; the "
+             "predictive covariance solves with the other %d)", posterior.n_decoupled,
+             theta.size, theta.size - posterior.n_decoupled)
     posterior.info["train_model_std_q99"] = reference_model_std(
         posterior, x, o.reference_stars, o.batch_size).tolist()
     return posterior
