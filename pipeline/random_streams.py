@@ -2,16 +2,18 @@
 
 Every seeded draw of the pipeline that is not a training-epoch order takes its generator from
 ``np.random.default_rng(random_stream(seed, purpose, *key))``: the synthetic labels and noise of
-each split, the split permutation, and the subsets of training stars that the label weights and
-the line-strength misfit are estimated on. New purposes are appended to ``STREAMS``, so the
-streams that exist keep their bits (and the data they generate).
+each split, the split permutation, the subsets of training stars that the label weights and
+the line-strength misfit are estimated on, and the probe stars and redrawn weights of dormant
+units. New purposes are appended to ``STREAMS``, so the streams that exist keep their bits
+(and the data they generate).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-STREAMS = ("labels", "noise", "split", "label_weights", "strength_misfit")
+STREAMS = ("labels", "noise", "split", "label_weights", "strength_misfit", "dormant_probe",
+           "dormant")
 
 
 def random_stream(seed: int, purpose: str, *key: int) -> np.random.SeedSequence:

@@ -48,6 +48,7 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.exceptions import DataError, GridMismatchError, NumericalError, OutputError
 from pipeline.laplace.curvature import Head
 from pipeline.nn.diagnostics import log_diagnostics, unit_diagnostics
+from pipeline.nn.dormant import DormantRecycler
 from pipeline.nn.label_weights import label_weights
 from pipeline.nn.model import (
     build_model,
@@ -197,9 +198,10 @@ def resume(root: Path, model, fingerprint: str) -> TrainingState | None:
 class TrainingMonitor(keras.callbacks.Callback):
     """Stops on a non-finite loss, logs each epoch, early-stops and checkpoints."""
 
-    def __init__(self, state: TrainingState, config: dict, root: Path, n_stars: int):
+    def __init__(self, state: TrainingState, config: dict, root: Path, n_stars: int,
+                 recycler: DormantRecycler | None = None):
         super().__init__()
-        self.state, self.root, self.n_stars = state, root, n_stars
+        self.state, self.root, self.n_stars, self.recycler = state, root, n_stars, recycler
         self.es_cfg, self.epochs = config["train"]["early_stopping"], config["train"]["epochs"]
         self.lr_cfg = config["train"]["reduce_lr"]
         self.plateau = config["train"]["schedule"]["type"] == "plateau"
@@ -234,6 +236,10 @@ class TrainingMonitor(keras.callbacks.Callback):
         update_early_stopping(state, val_loss, self.model.get_weights, self.es_cfg)
         if self.plateau:  # a cosine schedule sets the rate from the step count itself
             update_learning_rate(state, self.model.optimizer, self.lr_cfg)
+        if self.recycler is not None and state.epoch < self.epochs and not state.stopped:
+            n = self.recycler(self.model, state.epoch)  # before the checkpoint: resumable
+            if n:
+                log.info("epoch %d: recycled %d dormant units", state.epoch, n)
         save_checkpoint(self.root, self.model, state)
         seconds = time.perf_counter() - self._t0
         log.info("epoch %d/%d: loss %.5f, val_loss %.5f (best %.5f at epoch %d), lr %.3g, "
@@ -500,6 +506,8 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
     else:
         log.info("training %s (%d weights) on %d spectra of %d pixels, %d steps per epoch",
                  model.name, model.count_params(), train.n_stars, train.n_pixels, steps)
+        recycler = (DormantRecycler(flux_train, int(config["seed"]))
+                    if tcfg["recycle_dormant"] else None)
         model.fit(
             training_dataset(flux_train, z_train, tcfg["batch_size"], int(config["seed"]),
                              state.epoch, tcfg["epochs"], tcfg["noise_augmentation"],
@@ -507,7 +515,8 @@ def train_model(config: dict, train: Spectra, valid: Spectra, outdir: str | Path
             validation_data=validation_dataset(as_rows(valid.flux), z_valid,
                                                tcfg["batch_size"]),
             epochs=tcfg["epochs"], initial_epoch=state.epoch, steps_per_epoch=steps, shuffle=False,
-            callbacks=[TrainingMonitor(state, config, root, train.n_stars), *callbacks],
+            callbacks=[TrainingMonitor(state, config, root, train.n_stars, recycler),
+                       *callbacks],
             verbose=1 if sys.stderr.isatty() else 0,
         )
     es = tcfg["early_stopping"]
