@@ -29,6 +29,7 @@ posterior is fitted on 512 generated stars.
     python -m benchmarks --only survey            # full size
     python -m benchmarks.bench_survey --quick     # minutes
     python -m benchmarks.bench_survey --ratio-only --reference --n 1024   # the ratio rows
+    python -m benchmarks.bench_survey --ratio-only --results results --n 1024  # a trained run
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def generated(n: int, seed: int, wave: np.ndarray, config: dict):
 
 
 def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: int,
-                       batch_size: int, repeat: int = 3) -> tuple[float, float]:
+                       batch_size: int, repeat: int = 3, spectra=None) -> tuple[float, float]:
     """Best times of ``predict_catalog`` (error budget, shift statistics against the model
     directory's emulator, flags, catalog table) and of ``input_jacobian`` alone on the same
-    stars, interleaved so both see the same load of shared cores."""
+    stars (``spectra``, else ``n`` generated ones), interleaved so both see the same load of
+    shared cores."""
     from pipeline.artifacts.model_dir import load_trained
     from pipeline.config import validate
     from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference
@@ -116,7 +118,7 @@ def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: in
     config = validate({"predict": {"batch_size": batch_size}})
     model, scaler, _ = load_trained(model_dir)
     post = Posterior.load(posterior, model)
-    spectra = generated(n, 3, wave, config)
+    spectra = generated(n, 3, wave, config) if spectra is None else spectra
     reference = ShiftReference.load(model_dir / EMULATOR_FILE)
     run_full = lambda: predict_catalog(model, post, scaler, spectra, False, config,  # noqa: E731
                                        reference)
@@ -195,7 +197,13 @@ def ratio_rows(root: Path, pixels: int | None, hidden, n: int, batch: int = 256)
     wave = grid(pixels)
     model_dir, posterior = make_model_and_posterior(root / "ratio", wave, hidden)
     full, alone = budget_vs_jacobian(model_dir, posterior, wave, n, batch)
-    tag = f"{n} stars x {wave.size} px, hidden {'-'.join(map(str, hidden))}, batch {batch}"
+    return ratio_table(full, alone, n,
+                       f"{n} stars x {wave.size} px, hidden {'-'.join(map(str, hidden))}, "
+                       f"batch {batch}")
+
+
+def ratio_table(full: float, alone: float, n: int, tag: str) -> list[dict]:
+    """The ratio row and the throughput row from the two best times on ``n`` stars."""
     return [
         row(f"survey: predict_catalog (error budget + shift statistics + flags) vs "
             f"input_jacobian alone, {tag}", full, alone, "s", full / alone,
@@ -203,6 +211,21 @@ def ratio_rows(root: Path, pixels: int | None, hidden, n: int, batch: int = 256)
         row(f"survey: predict_catalog throughput in one process, {tag}", n / full, n / alone,
             "stars/s", None, "report (baseline: input_jacobian)", None),
     ]
+
+
+def trained_ratio_rows(results: Path, n: int, batch: int = 256) -> list[dict]:
+    """The rows of :func:`ratio_rows` on a finished run: its trained model, emulator and
+    posterior, and the first ``n`` stars of its test split (an untrained network's predictions
+    start the emulator fit far from the labels, where stars change region more often)."""
+    from pipeline.spectra.fits import read_spectra
+
+    spectra = read_spectra(results / "data" / "test.fits")
+    spectra = spectra.subset(np.arange(min(n, spectra.n_stars)))
+    full, alone = budget_vs_jacobian(results / "model", results / "laplace" / "posterior.npz",
+                                     spectra.wave, spectra.n_stars, batch, spectra=spectra)
+    return ratio_table(full, alone, spectra.n_stars,
+                       f"{spectra.n_stars} test stars of {results}, its trained model, "
+                       f"batch {batch}")
 
 
 if __name__ == "__main__":
@@ -219,8 +242,13 @@ if __name__ == "__main__":
     parser.add_argument("--reference", action="store_true",
                         help="with --ratio-only: the reference network, not the quick one")
     parser.add_argument("--n", type=int, default=2048, help="stars of the ratio rows")
+    parser.add_argument("--results", type=Path,
+                        help="with --ratio-only: a finished run's results directory (its "
+                             "trained model and test stars instead of generated ones)")
     args = parser.parse_args()
-    if args.ratio_only:
+    if args.ratio_only and args.results:
+        rows = trained_ratio_rows(args.results, args.n)
+    elif args.ratio_only:
         with tempfile.TemporaryDirectory(prefix="bench-survey-") as tmp:
             rows = ratio_rows(Path(tmp), None, REFERENCE if args.reference else QUICK_CONFIG,
                               args.n)
