@@ -9,7 +9,10 @@ After each epoch but the last, the units of every hidden Dense layer followed by
 that are zero on all ``PROBE_STARS`` training stars (a fixed seeded subset) are recycled:
 
 * their incoming weights are drawn afresh from the layer's he_normal initializer and their
-  biases set to 0, so they fire again on about half of the stars;
+  biases set to minus the median of the new pre-activations over the probe stars, so each
+  fires on half of them (a zero bias, ReDo's choice, leaves many dead at birth here: the
+  inputs of a hidden layer are ReLU outputs with a large common mean, so w . x has the sign
+  of w . mean(x) for most stars);
 * their outgoing weights (the rows of the next layer's kernel) are set to 0, so the network's
   output, hence the loss, is unchanged by the recycling itself;
 * Adam's first and second moments of all those weights are reset to 0, so stale moments do not
@@ -54,29 +57,39 @@ class DormantRecycler:
         self.probe_flux = np.asarray(flux[rows], np.float32)
         self.seed = int(seed)
 
+    def probe(self, model, pairs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(inputs (S, fan_in), outputs (S, units)) of each pair's layer on the probe stars."""
+        tensors = [t for layer, _ in pairs for t in (layer.input, layer.output)]
+        values = keras.Model(model.inputs[0], tensors).predict(self.probe_flux, batch_size=256,
+                                                                verbose=0)
+        return [(np.asarray(values[2 * i]), np.asarray(values[2 * i + 1]))
+                for i in range(len(pairs))]
+
     def dormant(self, model, pairs) -> list[np.ndarray]:
         """(units,) bool per pair: the layer's units that are 0 on every probe star."""
-        probe = keras.Model(model.inputs[0], [layer.output for layer, _ in pairs])
-        acts = probe.predict(self.probe_flux, batch_size=256, verbose=0)
-        acts = acts if isinstance(acts, (list, tuple)) else [acts]
-        return [~(np.asarray(a) > 0).any(axis=0) for a in acts]
+        return [~(out > 0).any(axis=0) for _, out in self.probe(model, pairs)]
 
     def __call__(self, model, epoch: int) -> int:
         pairs = dense_pairs(model)
         if not pairs:
             return 0
         rng = np.random.default_rng(random_stream(self.seed, "dormant", epoch))
-        total = 0
-        for (layer, nxt), dead in zip(pairs, self.dormant(model, pairs), strict=True):
+        total, recycled = 0, {}  # layer -> its output after recycling, the next one's input
+        for (layer, nxt), (inputs, out) in zip(pairs, self.probe(model, pairs), strict=True):
+            inputs = recycled.get(id(layer), inputs)
+            dead = ~(out > 0).any(axis=0)
             if dead.any():
-                recycle(model.optimizer, layer, nxt, np.flatnonzero(dead), rng)
+                recycle(model.optimizer, layer, nxt, np.flatnonzero(dead), inputs, rng)
                 total += int(dead.sum())
+            recycled[id(nxt)] = layer(inputs).numpy()
         return total
 
 
-def recycle(optimizer, layer, nxt, units: np.ndarray, rng: np.random.Generator) -> None:
-    """Re-initialize ``units`` of ``layer`` (module docstring) and zero their outgoing weights
-    in ``nxt`` and the Adam moments of all of them."""
+def recycle(optimizer, layer, nxt, units: np.ndarray, inputs: np.ndarray,
+            rng: np.random.Generator) -> None:
+    """Re-initialize ``units`` of ``layer`` given its ``inputs`` (S, fan_in) on the probe stars
+    (module docstring) and zero their outgoing weights in ``nxt`` and the Adam moments of all
+    of them."""
     kernel, bias = (np.array(v.numpy()) for v in (layer.kernel, layer.bias))
     fan_in = kernel.shape[0]
     # he_normal: a normal truncated at 2 standard deviations, scaled to variance 2 / fan_in
@@ -84,7 +97,7 @@ def recycle(optimizer, layer, nxt, units: np.ndarray, rng: np.random.Generator) 
     while (out := np.abs(draw) > 2).any():
         draw[out] = rng.standard_normal(out.sum())
     kernel[:, units] = draw * np.sqrt(2.0 / fan_in) / 0.87962566103423978
-    bias[units] = 0.0
+    bias[units] = -np.median(inputs.astype(np.float64) @ kernel[:, units], axis=0)
     outgoing = np.array(nxt.kernel.numpy())
     outgoing[units, :] = 0.0
     for variable, value, index in ((layer.kernel, kernel, (slice(None), units)),
