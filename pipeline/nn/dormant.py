@@ -25,14 +25,10 @@ before the epoch's checkpoint is written, so a resumed run recycles as an uninte
 
 from __future__ import annotations
 
-import logging
-
 import keras
 import numpy as np
 
 from pipeline.random_streams import random_stream, subset
-
-log = logging.getLogger(__name__)
 
 PROBE_STARS = 1024
 
@@ -74,7 +70,7 @@ class DormantRecycler:
         if not pairs:
             return 0
         rng = np.random.default_rng(random_stream(self.seed, "dormant", epoch))
-        total, recycled = 0, {}  # layer -> its output after recycling, the next one's input
+        total, recycled = 0, {}  # id(layer) -> its input after the layers before it recycled
         for (layer, nxt), (inputs, out) in zip(pairs, self.probe(model, pairs), strict=True):
             inputs = recycled.get(id(layer), inputs)
             dead = ~(out > 0).any(axis=0)
