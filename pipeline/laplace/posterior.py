@@ -9,9 +9,10 @@ once in float64 (on the GPU when one is visible); prediction never forms A^-1:
     Cov[f(x_n)] = J_n A^-1 J_n^T = V_n^T V_n,   V_n = L^-1 J_n^T   (triangular solves)
 
 Weights that no training star's output depends on (those into and out of ReLU units that never
-activate on the training set: half of the last-2-layer weights of the default network) have a
-zero curvature row, so A is block diagonal: their block is the prior's diagonal and L's rows and
-columns for them are zero off the diagonal. The predictive covariance splits exactly,
+activate on the training set; most of the head of a network trained without recycling of
+dormant units, see pipeline.nn.dormant) have a zero curvature row, so A is block diagonal:
+their block is the prior's diagonal and L's rows and columns for them are zero off the
+diagonal. The predictive covariance splits exactly,
 
     J_n A^-1 J_n^T = V_c^T V_c + sum_{i decoupled} J_ni J_ni^T / L_ii^2,   V_c = L_c^-1 J_nc^T,
 

@@ -7,17 +7,19 @@ Loss: mean squared error of the scaled labels ``z = (y - mean) / scale`` (the
 deviation / sqrt(w) with the per-label weights w of config ``train.label_weights``,
 :mod:`pipeline.nn.label_weights`), i.e. a Gaussian likelihood with unit variance per scaled
 label. Adam with config ``train.learning_rate``,
-``beta_1``, ``beta_2``, ``epsilon``; mini-batches of ``train.batch_size``.
+``beta_1``, ``beta_2``, ``epsilon``; mini-batches of ``train.batch_size``. After each epoch but
+the last, ReLU units that died are recycled (``train.recycle_dormant``,
+:mod:`pipeline.nn.dormant`).
 
 Reproducibility and resume. Epoch e (0-based) visits the training stars in the order
 ``default_rng([seed, e]).permutation(N)``, a pure function of (seed, epoch) fed to tf.data;
 after every epoch ``outdir/checkpoints/epoch-NNNN/`` is written atomically (a temporary
 directory renamed into place) holding the model with its Adam state (``model.keras``) and
 ``state.json`` (history, early-stopping best loss, best epoch and wait count, and a
-fingerprint of config and data). A rerun after a kill resumes from the newest complete
-checkpoint and ends with weights identical to an uninterrupted run. Outputs ``wave.npy``,
-``scaler.json``, ``history.csv`` and finally ``model.keras`` (the file that marks completion)
-are written atomically. See docs/training.md.
+fingerprint of config, data and the label scaler). A rerun after a kill resumes from the
+newest complete checkpoint and ends with weights identical to an uninterrupted run. Outputs
+``wave.npy``, ``scaler.json``, ``history.csv`` and finally ``model.keras`` (the file that marks
+completion) are written atomically. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ def resume(root: Path, model, fingerprint: str) -> TrainingState | None:
 
 # ------------------------------------------------------------------------------------- monitor
 class TrainingMonitor(keras.callbacks.Callback):
-    """Stops on a non-finite loss, logs each epoch, early-stops and checkpoints."""
+    """Stops on a non-finite loss, logs each epoch, early-stops, recycles dormant units
+    (``recycler``, :mod:`pipeline.nn.dormant`) and checkpoints."""
 
     def __init__(self, state: TrainingState, config: dict, root: Path, n_stars: int,
                  recycler: DormantRecycler | None = None):
