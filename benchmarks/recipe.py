@@ -65,9 +65,11 @@ def predict(model, scaler, spectra) -> tuple[np.ndarray, np.ndarray]:
     return pred, scaler.inverse_transform(pred) - spectra.label_array()
 
 
-def robust_scatter(residual: np.ndarray) -> np.ndarray:
-    """1.4826 MAD per column."""
-    return 1.4826 * np.median(np.abs(residual - np.median(residual, axis=0)), axis=0)
+def robust_scatter(residual: np.ndarray) -> list[float]:
+    """Robust scatter (1.4826 MAD) of each column, as precision.csv reports it."""
+    from pipeline.evaluation.calibration import robust_scatter as column_scatter
+
+    return [round(column_scatter(r), 4) for r in np.asarray(residual).T]
 
 
 def main(argv=None) -> int:
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     active = [layer["active"] for layer in json.loads((outdir / "diagnostics.json").read_text())
               ["layers"]]
     report("network", ((pred - z) ** 2).mean(axis=0), scaler.scale,
-           f", robust scatter {np.round(robust_scatter(residual), 4).tolist()}, "
+           f", robust scatter {robust_scatter(residual)}, "
            f"active units {active}, {seconds:.0f} s, "
            f"last epoch {history.iloc[-1].round(5).to_dict()}")
     if args.test:
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         test = read_spectra(args.test, require_labels=True)
         _, residual = predict(model, scaler, test)
         print(f"network on {args.test}: RMSE {np.round(np.sqrt((residual**2).mean(0)), 4).tolist()}"
-              f", robust scatter {np.round(robust_scatter(residual), 4).tolist()}", flush=True)
+              f", robust scatter {robust_scatter(residual)}", flush=True)
     if args.ridge:
         zt = scaler.transform(train.label_array())
         mse, lam = ridge_validation_mse(np.asarray(train.flux, np.float64), zt,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.evaluation.calibration import robust_scatter
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.random_streams import subset
 
@@ -39,7 +40,6 @@ EXPONENT = 0.5
 MAX_WEIGHT = 100.0
 RIDGE_STARS = 2000
 ALPHAS = np.logspace(-6, 0, 13)  # lambda = alpha tr(K) / n, as the precision baselines
-ROBUST = 1.4826  # MAD -> standard deviation of a Gaussian
 
 
 def ridge_loo_residuals(flux: np.ndarray, z: np.ndarray,
@@ -79,8 +79,7 @@ def ridge_label_weights(flux, labels: np.ndarray, n_stars: int = RIDGE_STARS,
     z = labels[rows]
     z = (z - z.mean(axis=0)) / z.std(axis=0)
     residual = ridge_loo_residuals(np.asarray(flux[rows], np.float64), z)
-    centre = np.median(residual, axis=0)
-    v = (ROBUST * np.median(np.abs(residual - centre), axis=0)) ** 2
+    v = np.array([robust_scatter(r) for r in residual.T]) ** 2
     if not np.all(np.isfinite(v)) or not np.all(v > 0):
         raise DataError(f"label weights: the ridge residual variances {v} are not positive; "
                         "set config key 'train.label_weights' to 'equal' or to three numbers")
