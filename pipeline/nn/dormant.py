@@ -10,9 +10,9 @@ that are zero on all ``PROBE_STARS`` training stars (a fixed seeded subset) are 
 
 * their incoming weights are drawn afresh from the layer's he_normal initializer and their
   biases set to minus the median of the new pre-activations over the probe stars, so each
-  fires on half of them (a zero bias, ReDo's choice, leaves many dead at birth here: the
-  inputs of a hidden layer are ReLU outputs with a large common mean, so w . x has the sign
-  of w . mean(x) for most stars);
+  fires on half of them (with a zero bias, ReDo's choice, w . x would keep the sign of
+  w . mean(x) for most stars, since the inputs of a hidden layer are ReLU outputs with a
+  large common mean);
 * their outgoing weights (the rows of the next layer's kernel) are set to 0, so the network's
   output, hence the loss, is unchanged by the recycling itself;
 * Adam's first and second moments of all those weights are reset to 0, so stale moments do not
