@@ -81,8 +81,7 @@ def star_flags(prediction: np.ndarray, total: np.ndarray, bad_fraction: np.ndarr
     """
     lo, hi = training_range(scaler)
     # standard deviations, not the scale, which the loss weights divide by sqrt(w)
-    margin = predict_cfg["ood_sigma"] * np.asarray(getattr(scaler, "std", scaler.scale),
-                                                   np.float64)
+    margin = predict_cfg["ood_sigma"] * np.asarray(scaler.std, np.float64)
     if range_margin is not None:
         margin = np.maximum(margin, np.asarray(range_margin, np.float64))
     ood = np.any((prediction < lo - margin) | (prediction > hi + margin), axis=1)
