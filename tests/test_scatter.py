@@ -35,7 +35,7 @@ def test_constant_scatter_is_the_variance_mle(rng):
     coef[:, 0] = -1.5
     resid, _, _ = simulate(rng, 500, coef)
     zero = np.zeros_like(resid)
-    fit = fit_scatter(resid, zero, zero, kind="constant", cap_quantile=1.0)
+    fit = fit_scatter(resid, zero, zero, kind="constant", cap_quantile=1.0, calibration="fitted")
     # with no other variance the MLE of a constant variance is the mean square residual
     np.testing.assert_allclose(fit.std(zero, zero)[0] ** 2, np.mean(resid**2, axis=0),
                                rtol=1e-7)
@@ -45,7 +45,8 @@ def test_constant_scatter_is_the_variance_mle(rng):
 def test_linear_scatter_recovers_the_simulated_coefficients(rng):
     coef = np.array([[-1.0, 0.4, 0.0], [-2.0, -0.3, 0.1], [-1.5, 0.0, 0.5]])
     resid, mv, nv = simulate(rng, 40000, coef)
-    fit = fit_scatter(resid, mv, nv, kind="linear", ridge=0.0, cap_quantile=1.0)
+    fit = fit_scatter(resid, mv, nv, kind="linear", ridge=0.0, cap_quantile=1.0,
+                      calibration="fitted")
     # the fit's covariates are standardized: slope b on raw u is b * scale on standardized u
     np.testing.assert_allclose(fit.coef[:, 1:], coef[:, 1:] * fit.u_scale, atol=0.05)
     centred = coef[:, 0] + np.sum(coef[:, 1:] * (fit.u_centre - 0.5 * np.log(0.01)), axis=1)
@@ -193,8 +194,9 @@ def simulate_label_tail(rng, n, slope=-0.8):
 def test_label_covariates_calibrate_a_tail_that_the_errors_do_not_know(rng):
     resid, mv, nv, lab = simulate_label_tail(rng, 5000)
     resid2, mv2, nv2, lab2 = simulate_label_tail(rng, 20000)
-    old = fit_scatter(resid, mv, nv)
-    new = fit_scatter(resid, mv, nv, labels=lab)
+    # the maximum-likelihood widths: the balanced calibration would hide the misfit in the core
+    old = fit_scatter(resid, mv, nv, calibration="fitted")
+    new = fit_scatter(resid, mv, nv, labels=lab, calibration="fitted")
     assert not old.uses_labels and new.uses_labels
     z_old = resid2 / np.sqrt(old.std(mv2, nv2) ** 2 + mv2 + nv2)
     z_new = resid2 / np.sqrt(new.std(mv2, nv2, lab2) ** 2 + mv2 + nv2)
@@ -289,7 +291,7 @@ def test_squared_labels_follow_a_scatter_that_grows_towards_both_edges(rng):
     resid2, mv2, nv2, lab2 = simulate(20000)
     edge = np.abs(lab2[:, 2]) > 1.5  # ~2700 stars: sd of a std ~0.014
     for degree in (1, 2):
-        fit = fit_scatter(resid, mv, nv, labels=lab, label_degree=degree)
+        fit = fit_scatter(resid, mv, nv, labels=lab, label_degree=degree, calibration="fitted")
         assert fit.label_degree == degree and fit.coef.shape == (3, 3 + 3 * degree)
         again = ScatterModel.from_dict(fit.to_dict())
         assert again.std(mv2, nv2, lab2).tobytes() == fit.std(mv2, nv2, lab2).tobytes()
@@ -355,3 +357,54 @@ def test_calibration_check_whitens_with_the_reported_correlations(tmp_path, rng,
         else:
             assert abs(cov[0, 1] - 0.6) < 0.08, cov
         assert any(line.startswith("largest scatter") and "cap [80." in line for line in out)
+
+
+# ------------------------------------------------------------- the balanced width of the core
+def simulate_scale_mixture(rng, n, spread=0.35):
+    """Residuals of a scatter the covariates do not resolve: s = 0.3 exp(spread x), x a
+    standard normal per star and label, so excess kurtosis 3 (exp(4 spread^2) - 1), 1.9 for
+    spread 0.35 (before the small model and noise terms), like a network's residuals."""
+    model_var = 0.001 * np.exp(rng.normal(0, 1.0, (n, 3)))
+    noise_var = 0.001 * np.exp(rng.normal(0, 1.0, (n, 3)))
+    s = 0.3 * np.exp(spread * rng.normal(size=(n, 3)))
+    return np.sqrt(s**2 + model_var + noise_var) * rng.normal(size=(n, 3)), model_var, noise_var
+
+
+def test_balanced_factor_is_the_geometric_mean_of_the_std_and_coverage_factors(rng):
+    """With no other variance z = r / (c s): c_std is std(r / s) and c_cov the 68.27% quantile
+    of |r / s|, closed forms the root finder must reproduce."""
+    from pipeline.laplace.scatter import balanced_factor
+    r, s = rng.standard_t(4, 3000), np.exp(rng.normal(0, 0.3, 3000))
+    c_std, c_cov = np.std(r / s), np.quantile(np.abs(r / s), 0.6826894921370859)
+    np.testing.assert_allclose(balanced_factor(r, s, np.zeros(3000)), np.sqrt(c_std * c_cov),
+                               rtol=1e-3)  # the quantile lies between two order statistics
+    assert c_cov < 0.95 * c_std  # heavy tails: the two factors differ
+
+
+def test_balanced_calibration_splits_std_and_coverage_of_heavy_tailed_residuals(rng):
+    resid, mv, nv = simulate_scale_mixture(rng, 5000)
+    resid2, mv2, nv2 = simulate_scale_mixture(rng, 20000)
+    scores = {}
+    for calibration in ("fitted", "balanced"):
+        fit = fit_scatter(resid, mv, nv, calibration=calibration)
+        z = resid2 / np.sqrt(fit.std(mv2, nv2) ** 2 + mv2 + nv2)
+        scores[calibration] = z.std(axis=0), np.mean(np.abs(z) < 1, axis=0)
+    # N = 20000 fresh stars: sd of a coverage fraction 0.0033, of the z std about 0.01
+    std_fit, cover_fit = scores["fitted"]
+    std_bal, cover_bal = scores["balanced"]
+    # the maximum-likelihood width: std 1, but 73% of the stars within 1 sigma
+    assert np.all(np.abs(std_fit - 1) < 0.03) and np.all(cover_fit > 0.72), scores
+    # balanced: std still within 0.1 of 1, the coverage 1.5+ points nearer 68.3% (70.4-71.7%)
+    assert np.all(std_bal > std_fit) and np.all(std_bal < 1.1), scores
+    assert np.all(cover_bal > 0.6827) and np.all(cover_bal < cover_fit - 0.015), scores
+
+
+def test_balanced_calibration_leaves_gaussian_residuals_alone(rng):
+    resid, mv, nv = simulate(rng, 20000, np.array([[-1.0, 0.5, 0.0]] * 3))
+    fitted = fit_scatter(resid, mv, nv, calibration="fitted")
+    balanced = fit_scatter(resid, mv, nv)
+    # both factors are 1 up to sampling noise (sd of the coverage factor ~0.6% at N = 20000)
+    np.testing.assert_allclose(balanced.coef[:, 0], fitted.coef[:, 0], atol=0.02)
+    np.testing.assert_array_equal(balanced.coef[:, 1:], fitted.coef[:, 1:])
+    with pytest.raises(ConfigError, match="scatter_calibration"):
+        fit_scatter(resid, mv, nv, calibration="coverage")

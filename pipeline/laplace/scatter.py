@@ -40,6 +40,18 @@ The cap is what the validation stars support: cap_k is the q-quantile of |r_nk| 
 stars (q = config ``laplace.scatter_cap_quantile``, 0.99 by default). No star's scatter exceeds
 the size of the largest residuals seen on validation stars.
 
+Calibration of the core: the residuals of a network are heavier-tailed than a Gaussian even
+after the scatter model (a scale mixture: stars whose true scatter the covariates do not
+resolve), and then no single Gaussian width gets both summaries of the standardized residuals
+z = r / sqrt(V) right: the maximum-likelihood width gives std z near 1 but more than 68.3% of
+the stars within 1 sigma (the tail stars widen every error bar), while the width that covers
+68.3% gives std z above 1. With ``calibration`` 'balanced' (config
+``laplace.scatter_calibration``, the default) each label's scatter is scaled after the fit by
+c_k = sqrt(c_std c_cov), the geometric mean of the factors that make, on the validation stars,
+std z = 1 (c_std) and the fraction with |z| < 1 equal to 68.3% (c_cov): halfway, in log
+width, between the two, so that neither summary is off by more than the other ('fitted' keeps
+c_k = 1). For Gaussian residuals both factors are 1. c_k is folded into the intercept a_k.
+
 Correlations: the scatter covariance is D R D with D = diag(s_n) and R a correlation matrix
 fitted on the validation residuals. The correlation rho of the standardized residuals
 w_nk = r_nk / sqrt(V_nk) is estimated robustly (Spearman's rank correlation mapped to Pearson's
@@ -57,15 +69,20 @@ validation stars; ``linear`` fits a and b. Both fitted kinds fit R and the cap.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from scipy.optimize import minimize
+from scipy.optimize import brentq, minimize
 
 from pipeline.exceptions import ConfigError, DataError, NumericalError
 
+log = logging.getLogger(__name__)
+
 KINDS = ("likelihood", "constant", "linear")
+CALIBRATIONS = ("fitted", "balanced")
+COVERAGE_1SIGMA = 0.6826894921370859  # P(|z| < 1) of a standard normal
 FIELDS = ("coef", "u_centre", "u_scale", "u_lo", "u_hi", "cap", "correlation")
 TINY_VAR = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
 
@@ -203,6 +220,30 @@ def fit_correlation(residual, s, model_cov, noise_cov) -> np.ndarray:
     return nearest_correlation((rho - given) / np.maximum(share, TINY_VAR))
 
 
+def _width_factor(residual, s, other_var, target, bound: float = 1e3) -> float:
+    """c in [1 / bound, bound] with target(r / sqrt(c^2 s^2 + other_var)) = 0 (the summary
+    decreases with c); the bound where none is inside, when the scatter term can hardly move
+    the summary (a model and flux-noise variance that already exceed the residuals')."""
+    def f(c):
+        return target(residual / np.sqrt((c * s) ** 2 + other_var))
+    lo, hi = 1.0 / bound, bound
+    if f(lo) <= 0 or f(hi) >= 0:
+        c = lo if f(lo) <= 0 else hi
+        log.warning("scatter calibration: no factor in [%g, %g] reaches the target; using %g",
+                    lo, hi, c)
+        return c
+    return brentq(f, lo, hi, xtol=1e-12, rtol=1e-10)
+
+
+def balanced_factor(residual: np.ndarray, s: np.ndarray, other_var: np.ndarray) -> float:
+    """c = sqrt(c_std c_cov) for one label (module docstring): residuals r (N,), scatter s (N,)
+    and the other variances (model and flux noise) (N,), all standardized units."""
+    c_std = _width_factor(residual, s, other_var, lambda z: np.std(z) - 1.0)
+    c_cov = _width_factor(residual, s, other_var,
+                          lambda z: COVERAGE_1SIGMA - np.mean(np.abs(z) < 1.0))
+    return float(np.sqrt(c_std * c_cov))
+
+
 def _as_covariance(a: np.ndarray, name: str, shape: tuple) -> np.ndarray:
     a = np.asarray(a, np.float64)
     if a.shape == shape[:2]:
@@ -216,7 +257,7 @@ def _as_covariance(a: np.ndarray, name: str, shape: tuple) -> np.ndarray:
 def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
                 kind: str = "linear", ridge: float = 0.02,
                 cap_quantile: float = 0.99, labels: np.ndarray | None = None,
-                label_degree: int = 1) -> ScatterModel:
+                label_degree: int = 1, calibration: str = "balanced") -> ScatterModel:
     """Fit the scatter model to validation stars.
 
     Parameters
@@ -230,6 +271,8 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     labels : (N, K) the stars' predicted labels, standardized, to be covariates too; None for
         the two-covariate model.
     label_degree : 1 (the labels) or 2 (the labels and their squares) when labels are given.
+    calibration : 'balanced' scales each label's fitted scatter by :func:`balanced_factor`;
+        'fitted' keeps the maximum-likelihood width.
 
     Returns
     -------
@@ -238,6 +281,9 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     if kind not in ("constant", "linear"):
         raise ConfigError(f"config key 'laplace.scatter' = {kind!r} is not fitted on validation "
                           f"stars; valid kinds: {', '.join(KINDS)}")
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(f"config key 'laplace.scatter_calibration' = {calibration!r}; valid: "
+                          f"{', '.join(CALIBRATIONS)}")
     residual = np.asarray(residual, np.float64)
     n, k_labels = residual.shape
     model_cov = _as_covariance(model_cov, "model_cov", (n, k_labels, k_labels))
@@ -263,6 +309,10 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
         if not np.all(np.isfinite(res.x)):
             raise NumericalError(f"the scatter fit of label {k} did not converge: {res.message}")
         model.coef[k, :f.shape[1]] = res.x
+    if calibration == "balanced":
+        s = model.std(model_var, noise_var, labels)
+        for k in range(k_labels):
+            model.coef[k, 0] += np.log(balanced_factor(residual[:, k], s[:, k], extra_var[:, k]))
     model.correlation = fit_correlation(residual, model.std(model_var, noise_var, labels),
                                         model_cov, noise_cov)
     return model
@@ -271,9 +321,11 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
 def fit_configured(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
                    labels: np.ndarray, cfg: dict) -> ScatterModel:
     """``fit_scatter`` as the ``laplace`` config section says (``scatter``, ``scatter_ridge``,
-    ``scatter_cap_quantile``, ``scatter_labels``, ``scatter_label_degree``); ``labels`` are the
-    stars' predicted labels, standardized, used when ``scatter_labels`` is true."""
+    ``scatter_cap_quantile``, ``scatter_labels``, ``scatter_label_degree``,
+    ``scatter_calibration``); ``labels`` are the stars' predicted labels, standardized, used
+    when ``scatter_labels`` is true."""
     return fit_scatter(residual, model_cov, noise_cov, cfg["scatter"], ridge=cfg["scatter_ridge"],
                        cap_quantile=cfg["scatter_cap_quantile"],
                        labels=labels if cfg["scatter_labels"] else None,
-                       label_degree=cfg.get("scatter_label_degree", 1))
+                       label_degree=cfg.get("scatter_label_degree", 1),
+                       calibration=cfg.get("scatter_calibration", "balanced"))
