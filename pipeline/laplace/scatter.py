@@ -311,8 +311,11 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
         model.coef[k, :f.shape[1]] = res.x
     if calibration == "balanced":
         s = model.std(model_var, noise_var, labels)
-        for k in range(k_labels):
-            model.coef[k, 0] += np.log(balanced_factor(residual[:, k], s[:, k], extra_var[:, k]))
+        factor = np.array([balanced_factor(residual[:, k], s[:, k], extra_var[:, k])
+                           for k in range(k_labels)])
+        model.coef[:, 0] += np.log(factor)
+        log.info("balanced scatter calibration: the maximum-likelihood scatter scaled by %s",
+                 np.array2string(factor, precision=3))
     model.correlation = fit_correlation(residual, model.std(model_var, noise_var, labels),
                                         model_cov, noise_cov)
     return model
