@@ -227,8 +227,9 @@ def _width_factor(residual, s, other_var, target, bound: float = 1e3) -> float:
     def f(c):
         return target(residual / np.sqrt((c * s) ** 2 + other_var))
     lo, hi = 1.0 / bound, bound
-    if f(lo) <= 0 or f(hi) >= 0:
-        c = lo if f(lo) <= 0 else hi
+    f_lo, f_hi = f(lo), f(hi)
+    if f_lo <= 0 or f_hi >= 0:
+        c = lo if f_lo <= 0 else hi
         log.warning("scatter calibration: no factor in [%g, %g] reaches the target; using %g",
                     lo, hi, c)
         return c
