@@ -408,3 +408,13 @@ def test_balanced_calibration_leaves_gaussian_residuals_alone(rng):
     np.testing.assert_array_equal(balanced.coef[:, 1:], fitted.coef[:, 1:])
     with pytest.raises(ConfigError, match="scatter_calibration"):
         fit_scatter(resid, mv, nv, calibration="coverage")
+
+
+def test_balanced_factor_stops_at_its_bound_when_the_scatter_cannot_reach_the_targets(rng, caplog):
+    """Residuals smaller than the model and noise errors alone: no scatter width gives std z = 1
+    or 68.3% coverage, and the factor is the bracket's lower end (scatter ~ 0), with a warning."""
+    from pipeline.laplace.scatter import balanced_factor
+    r = 0.1 * rng.normal(size=2000)
+    with caplog.at_level("WARNING"):
+        assert balanced_factor(r, np.ones(2000), np.ones(2000)) == pytest.approx(1e-3)
+    assert "no factor" in caplog.text
