@@ -76,13 +76,13 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import brentq, minimize
 
+from pipeline.evaluation.calibration import nominal_coverage
 from pipeline.exceptions import ConfigError, DataError, NumericalError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("likelihood", "constant", "linear")
 CALIBRATIONS = ("fitted", "balanced")
-COVERAGE_1SIGMA = 0.6826894921370859  # P(|z| < 1) of a standard normal
 FIELDS = ("coef", "u_centre", "u_scale", "u_lo", "u_hi", "cap", "correlation")
 TINY_VAR = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
 
@@ -241,7 +241,7 @@ def balanced_factor(residual: np.ndarray, s: np.ndarray, other_var: np.ndarray) 
     and the other variances (model and flux noise) (N,), all standardized units."""
     c_std = _width_factor(residual, s, other_var, lambda z: np.std(z) - 1.0)
     c_cov = _width_factor(residual, s, other_var,
-                          lambda z: COVERAGE_1SIGMA - np.mean(np.abs(z) < 1.0))
+                          lambda z: nominal_coverage(1.0) - np.mean(np.abs(z) < 1.0))
     return float(np.sqrt(c_std * c_cov))
 
 
