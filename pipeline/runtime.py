@@ -72,6 +72,17 @@ def set_threads(threads: int | None) -> None:
         pass
 
 
+def cpu_threads() -> int:
+    """Threads a step may use for its NumPy work: TensorFlow's intra-op pool size when
+    :func:`set_threads` bounded it, else the CPUs this process may run on."""
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    if threads > 0:
+        return threads
+    if hasattr(os, "sched_getaffinity"):  # Linux: the CPUs a batch scheduler granted
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def seed_everything(config: dict) -> None:
     """Seed Python, NumPy and TensorFlow from config ``seed``; op determinism if configured."""
     keras.utils.set_random_seed(int(config["seed"]))

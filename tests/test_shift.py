@@ -189,6 +189,28 @@ def test_fit_statistics_are_the_statistics_at_the_best_fit(single_region, rng):
         np.testing.assert_allclose(value, expected, rtol=1e-12)
 
 
+def test_fit_statistics_per_star_whatever_the_threads_and_batches(rng):
+    """Stars of several regions, fitted in batches grouped by region on several threads: each
+    star's labels and statistics are those of fitting it alone (to float64 rounding), in the
+    input order, and any number of threads gives the same bits."""
+    labels, flux, err, good = _toy(rng, n=300, p=40)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=3)
+    start = labels + rng.normal(size=labels.shape) * NOISY
+    reductions = [(1, "mean"), (4, "max"), (1, "strength")]
+    best, values = em.fit_statistics(flux, err, good, start, reductions, batch_size=16)
+    assert len(set(em.region(start[:16]))) == len(em.centres) == 3  # mixed input order
+    for threads in (2, 3):
+        b, v = em.fit_statistics(flux, err, good, start, reductions, batch_size=16,
+                                 threads=threads)
+        np.testing.assert_array_equal(b, best)
+        np.testing.assert_array_equal(np.array(v), np.array(values))
+    for n in range(0, 300, 29):
+        b, v = em.fit_statistics(flux[n:n + 1], err[n:n + 1], good[n:n + 1], start[n:n + 1],
+                                 reductions)
+        np.testing.assert_allclose(b[0], best[n], rtol=1e-9)
+        np.testing.assert_allclose(np.array(v)[:, 0], np.array(values)[:, n], rtol=1e-6)
+
+
 def test_best_fit_recovers_labels_within_their_fisher_errors(single_region, rng):
     """On emulated spectra the fitted labels scatter about the true ones by their Fisher
     errors, (J^T W J)^{-1} with J from central differences of the emulated flux, and the

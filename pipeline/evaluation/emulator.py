@@ -58,11 +58,13 @@ emulator's own misfit along that template in the star's region, measured on trai
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import combinations_with_replacement
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline.exceptions import DataError
 
@@ -142,7 +144,8 @@ PRIOR_STARS = 20
 FIT_BATCH = 256
 """Stars per batch of :meth:`LabelEmulator.fit_statistics`. Each batch reads every present
 region's (P, T(T+1)/2) coefficient products (12 MB for the cubic emulator on 7213 pixels), so
-the normal matrices are memory-bound for small batches: 256 stars take 0.8 of the time of 64."""
+the normal matrices are memory-bound for small batches: 256 stars take 0.8 of the time of 64,
+and the batches group the stars by region."""
 
 
 class Residuals:
@@ -450,17 +453,17 @@ class LabelEmulator:
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
                  labels0: np.ndarray, iterations: int = 8, margin: float = 0.1,
-                 batch_size: int = FIT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = FIT_BATCH, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and chi2 (N,) there:
         :meth:`fit_statistics` with the chi^2 per pixel as the only reduction."""
         best, (chi2,) = self.fit_statistics(flux, flux_err, good, labels0, [(1, "mean")],
-                                            iterations, margin, batch_size)
+                                            iterations, margin, batch_size, threads)
         return best, chi2
 
     def fit_statistics(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
                        labels0: np.ndarray, reductions: list[tuple[int, str]],
-                       iterations: int = 8, margin: float = 0.1,
-                       batch_size: int = FIT_BATCH) -> tuple[np.ndarray, list[np.ndarray]]:
+                       iterations: int = 8, margin: float = 0.1, batch_size: int = FIT_BATCH,
+                       threads: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
         """Labels (N, L) minimizing :meth:`chi2` from ``labels0`` (N, L), and each reduction
         (width, reduce) of :func:`pixel_chi2` (N,) of the residuals there, as
         :meth:`statistics` computes them, from the emulated spectra of the fit's last step
@@ -488,24 +491,42 @@ class LabelEmulator:
         lambda x 10), so the result is never above ``chi2(labels0)`` (for labels0 in the box);
         the statistics returned are evaluated pixel by pixel at the result, as :meth:`chi2`
         does. Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
-        them at ``labels0`` clipped to the box.
+        them at ``labels0`` clipped to the box. ``threads`` batches run at once (the same
+        results for any number).
         """
         labels0 = np.asarray(labels0, np.float64)
         lo = self.standardize(self.label_min) - margin
         hi = self.standardize(self.label_max) + margin
-        best, out = np.empty_like(labels0), [np.empty(len(labels0)) for _ in reductions]
-        for s in range(0, len(labels0), batch_size):
-            sl = slice(s, s + batch_size)
-            g0 = np.asarray(good[sl], bool)
-            f = np.where(g0, np.asarray(flux[sl], np.float64), 0.0)  # NaN-free off good pixels
-            err2 = np.asarray(flux_err[sl], np.float64) ** 2
-            z = np.clip(np.nan_to_num(self.standardize(labels0[sl]), nan=0.0, posinf=0.0,
+
+        def fit_batch(rows):
+            g0 = np.asarray(good[rows], bool)
+            f = np.where(g0, np.asarray(flux[rows], np.float64), 0.0)  # NaN-free off good pixels
+            err2 = np.asarray(flux_err[rows], np.float64) ** 2
+            z = np.clip(np.nan_to_num(self.standardize(labels0[rows]), nan=0.0, posinf=0.0,
                                       neginf=0.0), lo, hi)
             z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
             residuals = self.residuals(f, err2, g0, z, nearest(z, self.centres), reductions)
-            for values, (width, reduce) in zip(out, reductions, strict=True):
-                values[sl] = residuals.statistic(width, reduce)
-            best[sl] = z * self.label_scale + self.label_mean
+            return (z * self.label_scale + self.label_mean,
+                    [residuals.statistic(width, reduce) for width, reduce in reductions])
+
+        # batches of stars in the order of their starting regions: a batch then spans a few
+        # regions, whose coefficient products (memory-bound reads) each serve many stars
+        by_region = np.argsort(self.region(labels0), kind="stable")
+        batches = [np.sort(by_region[s:s + batch_size])
+                   for s in range(0, len(labels0), batch_size)]
+        best, out = np.empty_like(labels0), [np.empty(len(labels0)) for _ in reductions]
+        self._outer_products  # noqa: B018 (built once, before the threads need it)
+        # Stars are independent and BLAS runs on one thread (its threads would split sums
+        # differently on another number of cores), so every thread count gives the same bits.
+        # Most of the work is element-wise NumPy (one core each, GIL released): a batch per
+        # thread uses the cores.
+        with (threadpool_limits(1, user_api="blas"),
+              ThreadPoolExecutor(max(1, int(threads))) as pool):
+            for rows, (labels, values) in zip(batches, pool.map(fit_batch, batches),
+                                              strict=True):
+                best[rows] = labels
+                for column, value in zip(out, values, strict=True):
+                    column[rows] = value
         return best, out
 
     @cached_property
@@ -550,8 +571,9 @@ class LabelEmulator:
         eye = np.eye(z.shape[1])
         for _ in range(iterations):
             d = design_gradient(z, self.order)  # (n, T, L)
-            normal = np.einsum("ntl,nts,nsm->nlm", d, a, d)
-            rhs = np.einsum("ntl,nt->nl", d, b - np.einsum("nts,ns->nt", a, design(z, self.order)))
+            d_t = np.swapaxes(d, 1, 2)  # batched matrix products: einsum does not use BLAS here
+            normal = d_t @ a @ d
+            rhs = (d_t @ (b - (a @ design(z, self.order)[:, :, None])[:, :, 0])[:, :, None])[..., 0]
             damped = normal + lam[:, None, None] * normal * eye + 1e-12 * eye  # 1e-12: no pixels
             step = np.linalg.solve(damped, rhs[:, :, None])[..., 0]
             step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label

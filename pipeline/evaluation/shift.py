@@ -171,21 +171,23 @@ class ShiftReference:
 
 
 def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, good,
-                     prediction, batch_size: int = 256, features=None, snr=None) -> dict:
+                     prediction, batch_size: int = 256, features=None, snr=None,
+                     threads: int = 1) -> dict:
     """Per-star (N,) statistics named by ``SHIFT_COLUMNS`` and the best-fit
     labels ``EMULATOR_LABEL_COLUMNS`` (NaN without a reference) for spectra with
     ``prediction`` (N, 3) physical labels; ``good`` (N, P) bool.
 
     ``features``: the stars' last hidden features (N, d) when the caller already has them
     (``error_budget(..., feature_layers=[last_dense_layer(model)])``), else computed here;
-    ``snr`` (N,) likewise (``spectrum_snr`` on the good pixels)."""
+    ``snr`` (N,) likewise (``spectrum_snr`` on the good pixels); ``threads`` for the
+    emulator fit (:meth:`~pipeline.evaluation.emulator.LabelEmulator.fit_statistics`)."""
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in (*SHIFT_COLUMNS, *EMULATOR_LABEL_COLUMNS)}
     reductions = [(1, "mean")] + [(w.width, w.reduce) for w in reference.residuals.values()]
     best, (chi2, *values) = reference.emulator.fit_statistics(
         flux, flux_err, good, prediction, reductions, reference.fit_iterations,
-        reference.fit_margin)
+        reference.fit_margin, threads=threads)
     if snr is None:
         snr = spectrum_snr(flux, flux_err, good)
     residuals = {}
@@ -208,7 +210,7 @@ MISFIT_STARS = 4000
 
 
 def training_strength_misfit(emulator: LabelEmulator, train, train_good: np.ndarray, cfg: dict,
-                             seed: int = 0) -> np.ndarray:
+                             seed: int = 0, threads: int = 1) -> np.ndarray:
     """(K,) the emulator's misfit along the line-strength template per region
     (:func:`~pipeline.evaluation.emulator.fit_strength_misfit`), from up to ``MISFIT_STARS``
     training stars at their best-fit labels started from their true labels. Training stars,
@@ -222,13 +224,13 @@ def training_strength_misfit(emulator: LabelEmulator, train, train_good: np.ndar
     rows = subset(seed, "strength_misfit", n, MISFIT_STARS)
     flux, flux_err = (np.asarray(a[rows], np.float64) for a in (train.flux, train.flux_err))
     best, _ = emulator.best_fit(flux, flux_err, train_good[rows], train.label_array()[rows],
-                                cfg["fit_iterations"], cfg["fit_margin"])
+                                cfg["fit_iterations"], cfg["fit_margin"], threads=threads)
     amplitude, variance = emulator.strength_amplitudes(flux, flux_err, train_good[rows], best)
     return fit_strength_misfit(amplitude, variance, emulator.region(best), len(emulator.centres))
 
 
 def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
-                  cfg: dict, seed: int = 0) -> ShiftReference:
+                  cfg: dict, seed: int = 0, threads: int = 1) -> ShiftReference:
     """The reference: emulator and feature cloud from ``train`` (Spectra with labels),
     SNR trend and thresholds from the ``valid`` spectra at the emulator's best-fit labels
     started from their predicted labels (as the predict step will compute them).
@@ -236,16 +238,18 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     ``cfg`` is the ``emulator`` config section (order, ridge, regions, fit_iterations,
     fit_margin, broadband_width, peak_width, snr_bins, chi2_quantile, feature_quantile,
     range_quantile, batch_size); the template statistics have no width (stored as 1).
+    ``threads`` for the emulator fits.
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
                                  regions=cfg["regions"], seed=seed)
     reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
                   for prefix, reduce in RESIDUAL_STATISTICS.values()]
-    emulator.strength_misfit = training_strength_misfit(emulator, train, train_good, cfg, seed)
+    emulator.strength_misfit = training_strength_misfit(emulator, train, train_good, cfg, seed,
+                                                        threads)
     best, (chi2, *values) = emulator.fit_statistics(
         valid.flux, valid.flux_err, valid_good, valid_prediction, [(1, "mean"), *reductions],
-        cfg["fit_iterations"], cfg["fit_margin"])
+        cfg["fit_iterations"], cfg["fit_margin"], threads=threads)
     # the line-strength statistic in units of noise and the emulator's misfit along it
     amplitude, variance = emulator.strength_amplitudes(valid.flux, valid.flux_err, valid_good,
                                                        best)

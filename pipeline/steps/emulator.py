@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, config: dict) -> None:
     prediction = scaler.inverse_transform(np.asarray(
         model.predict(valid.flux, batch_size=cfg["batch_size"], verbose=0), np.float64))
     reference = fit_reference(model, train, valid, *good, prediction, cfg,
-                              seed=int(config["seed"]))
+                              seed=int(config["seed"]), threads=runtime.cpu_threads())
     reference.info["provenance"] = provenance(config, device=runtime.device_name(),
                                               model=str(args.model))
     reference.save(args.out)

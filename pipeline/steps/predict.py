@@ -105,7 +105,7 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
         [(model, posterior, scaler), *members], spectra, config, scatter,
         None if reference is None else last_dense_layer(model))
     shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
-                             budget["prediction"], batch, features, snr)
+                             budget["prediction"], batch, features, snr, runtime.cpu_threads())
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
     laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
