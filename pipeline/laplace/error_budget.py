@@ -58,7 +58,8 @@ def noise_covariance(jacobian: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
     -------
     (N, 3, 3) float64 covariance, computed as (D * e)(D * e)^T in float64.
     """
-    scaled = np.asarray(jacobian, np.float64) * np.asarray(flux_err, np.float64)[:, None, :]
+    scaled = np.array(jacobian, np.float64)  # a float64 copy, scaled in place (no second one)
+    scaled *= np.asarray(flux_err, np.float64)[:, None, :]
     return np.einsum("nip,njp->nij", scaled, scaled)
 
 
