@@ -132,4 +132,36 @@ def run(quick: bool, n_pixels: int = N_PIXELS, hidden=REFERENCE_HIDDEN,
     rows.append(row(f"input_jacobian vs floor 4 x compiled forward, batch {big}, {tag}",
                     t_batched[big], floor, "s", ratio, f"<= {FLOOR_TARGET:g}x floor",
                     bool(ratio <= FLOOR_TARGET)))
-    return rows
+    return rows + xla_rows(model, x, big, tag)
+
+
+def xla_rows(model, x: np.ndarray, batch: int, tag: str, repeat: int = 3) -> list[dict]:
+    """The XLA-compiled Jacobian pass (config ``inference_jit``) against the plain one: time,
+    bits of two XLA runs (target: identical) and the largest difference from the plain pass
+    relative to the largest Jacobian entry (float32 rounding of a reordered computation)."""
+    from pipeline.nn.derivatives import input_jacobian, set_jit_compile
+
+    plain = input_jacobian(model, x, batch_size=batch)
+    set_jit_compile(True)
+    try:
+        first = input_jacobian(model, x, batch_size=batch)  # traces and compiles
+        again = input_jacobian(model, x, batch_size=batch)
+        t_xla = t_plain = np.inf
+        for _ in range(repeat):  # interleaved, as above
+            t_xla = min(t_xla, best_time(lambda: input_jacobian(model, x, batch_size=batch), 1))
+            set_jit_compile(False)
+            t_plain = min(t_plain, best_time(lambda: input_jacobian(model, x, batch_size=batch),
+                                             1))
+            set_jit_compile(True)
+    finally:
+        set_jit_compile(False)
+    twice = float(np.max(np.abs(first - again)))
+    rel = float(np.max(np.abs(first - plain)) / max(np.max(np.abs(plain)), 1e-30))
+    return [
+        row(f"input_jacobian XLA-compiled vs plain, batch {batch}, {tag}", t_xla, t_plain, "s",
+            t_xla / t_plain, "report (< 1 means XLA helps)", None),
+        row(f"input_jacobian XLA-compiled run twice: max abs difference, batch {batch}, {tag}",
+            twice, None, "abs", None, "== 0 (deterministic)", twice == 0.0),
+        row(f"input_jacobian XLA-compiled vs plain: max difference / max |entry|, batch {batch}, "
+            f"{tag}", rel, None, "rel", None, "<= 1e-4", rel <= 1e-4),
+    ]

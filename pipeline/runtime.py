@@ -51,6 +51,8 @@ with _quiet_native_stderr():
     import keras
     import tensorflow as tf
 
+    from pipeline.nn.derivatives import set_jit_compile  # imports TensorFlow too
+
 
 def set_threads(threads: int | None) -> None:
     """Use at most ``threads`` threads for TensorFlow ops (None: TensorFlow's default).
@@ -103,11 +105,14 @@ def gpu_visible() -> bool:
 
 
 def configure(config: dict, threads: int | None = None) -> None:
-    """Thread pools, seeds and determinism of a step, before its first TensorFlow op."""
+    """Thread pools, seeds and determinism of a step, before its first TensorFlow op, and
+    whether its Jacobian pass is XLA-compiled (config ``inference_jit``)."""
     with _quiet_native_stderr():  # whichever call starts the runtime, CUDA probing is quiet
         set_threads(threads)
         gpu_visible()
         seed_everything(config)
+    jit = config.get("inference_jit", "auto")
+    set_jit_compile(not gpu_visible() if jit == "auto" else jit)
 
 
 def device_name() -> str:

@@ -29,8 +29,15 @@ import tensorflow as tf
 ZERO = tf.UnconnectedGradients.ZERO
 HESSIAN_DIAGONAL_METHODS = ("exact", "hutchinson")
 
-# model -> {(batch_size, feature_shape, dtype, tapped layers): compiled function}
+# model -> {(batch_size, feature_shape, dtype, tapped layers, jit): compiled function}
 _JACOBIAN_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_JIT = {"compile": False}  # XLA for the Jacobian pass; steps set it (runtime.configure)
+
+
+def set_jit_compile(on: bool) -> None:
+    """XLA-compile the Jacobian pass of :func:`forward_jacobian` from now on (config
+    ``inference_jit``; ``pipeline.runtime.configure`` sets it for every step)."""
+    _JIT["compile"] = bool(on)
 
 
 class ForwardJacobian(NamedTuple):
@@ -48,7 +55,8 @@ def _batch_jacobian_fn(model, batch_size: int, feature_shape: tuple, dtype: tf.D
     """The compiled (B, *in) -> (f (B, n_out), inputs of ``layers``..., Jacobian
     (B, n_out, *in)) of ``model``, cached per batch shape and tapped layers."""
     cache = _JACOBIAN_FNS.setdefault(model, {})
-    key = (batch_size, feature_shape, dtype.name, tuple(layer.name for layer in layers))
+    jit = _JIT["compile"]
+    key = (batch_size, feature_shape, dtype.name, tuple(layer.name for layer in layers), jit)
     if key not in cache:
         spec = tf.TensorSpec((batch_size, *feature_shape), dtype)
         # the tapped activations are intermediate tensors of the same graph: one forward
@@ -56,7 +64,7 @@ def _batch_jacobian_fn(model, batch_size: int, feature_shape: tuple, dtype: tf.D
         probe = model if not layers else keras.Model(
             model.inputs[0], [model.outputs[0], *(layer.input for layer in layers)])
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], jit_compile=jit)
         def jacobian(x):
             # One forward pass, then the K vector-Jacobian products with one-hot cotangents
             # e_k vectorized into a single backward pass (pfor): close to the floor of one
