@@ -102,6 +102,34 @@ def test_forward_jacobian_is_the_separate_passes_in_one(rng):
     assert len(derivatives._JACOBIAN_FNS[model]) == 2
 
 
+def test_xla_jacobian_pass_is_deterministic_and_matches_the_plain_one(rng):
+    """config ``inference_jit``: the XLA-compiled pass gives the same bits twice and the
+    plain pass's outputs, features and Jacobian to float32 rounding (a smooth model: no ReLU
+    kink to fall on either side of); ``auto`` turns it on without a GPU; the plain pass is
+    left cached beside it."""
+    from pipeline import runtime
+
+    model = smooth_model(7)
+    x = rng.normal(size=(10, 7)).astype(np.float32)
+    layers = [model.layers[1]]
+    plain = forward_jacobian(model, x, batch_size=4, layers=layers)
+    try:
+        derivatives.set_jit_compile(True)
+        xla, again = (forward_jacobian(model, x, batch_size=4, layers=layers) for _ in range(2))
+        runtime.configure({"seed": 0, "deterministic": True, "inference_jit": "auto"})
+        assert derivatives._JIT["compile"] is (not runtime.gpu_visible())
+        runtime.configure({"seed": 0, "deterministic": True, "inference_jit": False})
+        assert derivatives._JIT["compile"] is False
+    finally:
+        derivatives.set_jit_compile(False)
+    for a, b in ((xla.outputs, again.outputs), (xla.jacobian, again.jacobian)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(xla.outputs, plain.outputs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xla.features[0], plain.features[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xla.jacobian, plain.jacobian, rtol=1e-5, atol=1e-6)
+    assert len(derivatives._JACOBIAN_FNS[model]) == 2  # plain and XLA, same batch and taps
+
+
 def test_input_jacobian_with_batchnorm_is_independent_of_batch_size(rng):
     model = smooth_model(6, batchnorm=True)
     bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
