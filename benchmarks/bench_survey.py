@@ -107,13 +107,15 @@ def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: in
                        spectra=None) -> tuple[float, float, float]:
     """Best times of ``predict_catalog`` (error budget, shift statistics against the model
     directory's emulator, flags, catalog table), of the error budget alone
-    (``mixture_budget``: prediction, model, scatter and flux-noise covariances) and of
+    (``mixture_budget``: prediction, model, scatter and flux-noise covariances; with a scatter
+    model that takes the emulator offset, the emulator fit it needs too) and of
     ``input_jacobian`` alone on the same stars (``spectra``, else ``n`` generated ones),
     interleaved so all see the same load of shared cores."""
     from pipeline.artifacts.model_dir import load_trained
     from pipeline.config import validate
     from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference
     from pipeline.laplace import Posterior
+    from pipeline.laplace.error_budget import needs_emulator
     from pipeline.nn.derivatives import input_jacobian
     from pipeline.steps.predict import mixture_budget, predict_catalog
 
@@ -124,7 +126,9 @@ def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: in
     reference = ShiftReference.load(model_dir / EMULATOR_FILE)
     run_full = lambda: predict_catalog(model, post, scaler, spectra, False, config,  # noqa: E731
                                        reference)
-    run_budget = lambda: mixture_budget([(model, post, scaler)], spectra, config)  # noqa: E731
+    needs = reference if needs_emulator(post) else None
+    run_budget = lambda: mixture_budget([(model, post, scaler)], spectra, config,  # noqa: E731
+                                        reference=needs)
     run_alone = lambda: input_jacobian(model, spectra.flux, batch_size=batch_size,  # noqa: E731
                                        scaler=scaler)
     runs = (run_full, run_budget, run_alone)

@@ -174,3 +174,10 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """Short stable hash of a configuration (sorted JSON), recorded in provenance."""
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def scatter_uses_emulator(laplace: Mapping[str, Any]) -> bool:
+    """Whether the ``laplace`` config section fits a scatter model that takes the offset of
+    the predicted labels from the emulator's (``scatter_emulator``; 'linear' scatter only):
+    its laplace and ensemble_scatter jobs then need the emulator file."""
+    return laplace["scatter"] == "linear" and bool(laplace.get("scatter_emulator", False))

@@ -5,6 +5,7 @@ import shlex
 
 import yaml
 
+from pipeline.config import scatter_uses_emulator
 from pipeline.artifacts.model_dir import (
     DIAGNOSTICS_FILE,
     HISTORY_FILE,
@@ -75,6 +76,15 @@ ENSEMBLE_SCATTER = (
 )
 # reference of the label-free shift flags (pipeline.evaluation.shift), fitted for member 0
 EMULATOR = f"{expand(MODEL_DIR, member=[0])[0]}/{EMULATOR_FILE}"
+# the emulator file as an input of the scatter fits that take the offset of the predicted
+# labels from the emulator's (laplace.scatter_emulator)
+SCATTER_EMULATOR = {"emulator": EMULATOR} if scatter_uses_emulator(config["laplace"]) else {}
+
+
+def emulator_arg(wildcards, input):
+    """``--emulator FILE `` (its trailing space keeps the command's spacing) when the rule's
+    input has the emulator file, else nothing."""
+    return f"--emulator {input.emulator} " if "emulator" in input.keys() else ""
 
 
 def step_config(*sections, seed=None):

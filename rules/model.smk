@@ -32,6 +32,7 @@ rule train:
 rule laplace:
     input:
         **MODEL_FILES,
+        **SCATTER_EMULATOR,
         train=f"{OUT}/data/train.fits",
         valid=f"{OUT}/data/valid.fits",
     output:
@@ -49,15 +50,17 @@ rule laplace:
     params:
         config=member_step_config("laplace"),
         model=lambda w, input: os.path.dirname(input.model),
+        emulator=emulator_arg,
     shell:
         "python -m pipeline.steps.laplace --config-json {params.config} --threads {threads} "
         "--model {params.model} --train {input.train} --valid {input.valid} "
-        "--out {output.posterior} > {log} 2>&1"
+        "{params.emulator}--out {output.posterior} > {log} 2>&1"
 
 
 rule ensemble_scatter:
     input:
         **ALL_MEMBERS,
+        **SCATTER_EMULATOR,
         valid=f"{OUT}/data/valid.fits",
     output:
         scatter=ensemble_scatter_path(OUT),
@@ -73,10 +76,11 @@ rule ensemble_scatter:
     params:
         config=step_config("laplace", "predict"),
         members=member_args,
+        emulator=emulator_arg,
     shell:
         "python -m pipeline.steps.ensemble_scatter --config-json {params.config} "
         "--threads {threads} {params.members} --valid {input.valid} "
-        "--out {output.scatter} > {log} 2>&1"
+        "{params.emulator}--out {output.scatter} > {log} 2>&1"
 
 
 rule emulator:

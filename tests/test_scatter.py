@@ -268,9 +268,11 @@ def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
             table[name + "_ERR_NOISE"] = scale[k] * np.sqrt(nv[:, k])
         table.write(tmp_path / "predictions" / f"{split}.fits")
     assert main(["--results", str(tmp_path), "--min-stars", "500"]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("test, all")]
-    old, *new = (np.array(ln.split("|z|<1 [")[1].rstrip("]").split(), float) for ln in lines)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("test, all")]
+    old, *new = (np.array(ln.split("|z|<1 [")[1].split("]")[0].split(), float) for ln in lines)
     assert len(new) == 2, lines  # labels, and squared labels too
+    assert "offset refit is skipped" in out  # the catalogs have no emulator labels
     assert np.all(old > 0.72) and np.all(np.abs(np.array(new) - 0.6827) < 0.03), (old, new)
 
 
@@ -418,3 +420,101 @@ def test_balanced_factor_stops_at_its_bound_when_the_scatter_cannot_reach_the_ta
     with caplog.at_level("WARNING"):
         assert balanced_factor(r, np.ones(2000), np.ones(2000)) == pytest.approx(1e-3)
     assert "no factor" in caplog.text
+
+
+# ------------------------------------------------------------------ the emulator offset
+def simulate_offsets(rng, n):
+    """A scale mixture (``simulate_scale_mixture``: scatter s per star that no error covariate
+    resolves) and a second estimate of every label whose own error is independent and about
+    0.6 s (itself scale-mixed): the offsets d = network - emulator carry s."""
+    model_var = 0.001 * np.exp(rng.normal(0, 1.0, (n, 3)))
+    noise_var = 0.001 * np.exp(rng.normal(0, 1.0, (n, 3)))
+    s = 0.3 * np.exp(0.35 * rng.normal(size=(n, 3)))
+    resid = np.sqrt(s**2 + model_var + noise_var) * rng.normal(size=(n, 3))
+    emulator_error = 0.6 * s * np.exp(0.5 * rng.normal(size=(n, 3))) * rng.normal(size=(n, 3))
+    return resid, model_var, noise_var, resid - emulator_error
+
+
+def test_the_emulator_offset_resolves_the_heavy_tail(rng):
+    """Without the offset no covariate sees s: fresh stars' z have excess kurtosis ~1.6 and
+    the balanced width leaves 70% within 1 sigma. With it the tail is mostly resolved: the
+    kurtosis falls below half, the std and the coverage near their Gaussian values, the NLL
+    drops, and the offset component grows with the offset."""
+    from scipy import stats
+    resid, mv, nv, offset = simulate_offsets(rng, 5000)
+    resid2, mv2, nv2, offset2 = simulate_offsets(rng, 20000)
+    scores = {}
+    for name, off, off2 in (("plain", None, None), ("offset", offset, offset2)):
+        fit = fit_scatter(resid, mv, nv, offset=off)
+        var = fit.std(mv2, nv2, offset=off2) ** 2 + mv2 + nv2
+        z = resid2 / np.sqrt(var)
+        scores[name] = (stats.kurtosis(z), z.std(axis=0), np.mean(np.abs(z) < 1, axis=0),
+                        np.mean(0.5 * np.log(var) + 0.5 * z**2, axis=0), fit)
+    kurt, std, cover, nll, fit = scores["offset"]
+    assert fit.uses_offset and np.all(fit.offset_coef[:, 1] > 0.3), fit.offset_coef
+    assert np.all(fit.coef[:, -1] == 0)  # o belongs to the second component only
+    assert np.all(scores["plain"][0] > 1.2) and np.all(kurt < 0.5 * scores["plain"][0]), scores
+    assert np.all(np.abs(std - 1) < 0.05) and np.all(np.abs(cover - 0.6827) < 0.035), scores
+    assert np.all(nll < scores["plain"][3] - 0.05), scores
+
+
+def simulate_shared_tail(rng, n):
+    """``simulate_offsets`` plus an error both estimates share, 0.1 exp(-zhat_3), 0.27 at
+    zhat_3 = -1 and 0.74 at -2 (weak lines: the same degeneracy for both), which the offsets
+    cannot see; the predicted labels are standard normal."""
+    resid, mv, nv, offset = simulate_offsets(rng, n)
+    labels = rng.normal(size=(n, 3))
+    shared = 0.1 * np.exp(-labels[:, 2:]) * rng.normal(size=(n, 3))
+    return resid + shared, mv, nv, offset, labels
+
+
+def test_an_error_both_estimates_share_keeps_its_scatter(rng):
+    """Where the network and the emulator err together their offset is small although the
+    residual is not: the offset only adds a component, so the label covariates keep those
+    stars' scatter (z std near 1 in the tail region of fresh stars) while the offset still
+    sharpens the rest."""
+    resid, mv, nv, offset, labels = simulate_shared_tail(rng, 6000)
+    resid2, mv2, nv2, offset2, labels2 = simulate_shared_tail(rng, 20000)
+    fit = fit_scatter(resid, mv, nv, labels=labels, label_degree=2, offset=offset)
+    z = resid2 / np.sqrt(fit.std(mv2, nv2, labels2, offset2) ** 2 + mv2 + nv2)
+    tail = labels2[:, 2] < -1
+    assert np.all(np.abs(z[tail].std(axis=0) - 1) < 0.12), z[tail].std(axis=0)
+    assert np.all(np.abs(z[~tail].std(axis=0) - 1) < 0.08), z[~tail].std(axis=0)
+    assert np.all(np.abs(np.mean(np.abs(z[~tail]) < 1, axis=0) - 0.6827) < 0.04)
+
+
+def test_offset_floor_missing_offsets_and_the_cap(rng):
+    """A star without an emulator fit (NaN offset) gets the scatter of the largest validation
+    offset, never above the cap; a chance zero offset gets the floor's, not 0; the stored
+    arrays say the offset is a covariate and a model without it still loads."""
+    resid, mv, nv, offset = simulate_offsets(rng, 3000)
+    fit = fit_scatter(resid, mv, nv, offset=offset)
+    np.testing.assert_allclose(fit.offset_floor, 0.5 * np.median(np.abs(offset), axis=0))
+    probe = np.tile(np.median(mv, axis=0), (3, 1)), np.tile(np.median(nv, axis=0), (3, 1))
+    s = fit.std(*probe, offset=np.array([[np.nan] * 3, [0.0] * 3, [1e-30] * 3]))
+    largest = fit.std(*probe, offset=np.tile(np.nanmax(np.abs(offset), axis=0) * 10, (3, 1)))
+    np.testing.assert_allclose(s[0], largest[0])
+    assert np.all(s[0] <= fit.cap) and np.all(s[1] > 0) and np.all(np.isfinite(s))
+    np.testing.assert_array_equal(s[1], s[2])  # below the floor, the offset no longer matters
+    with pytest.raises(DataError, match="scatter_emulator"):
+        fit.std(*probe)
+    again = ScatterModel.from_dict(fit.to_dict())
+    np.testing.assert_array_equal(again.std(*probe, offset=offset[:3]),
+                                  fit.std(*probe, offset=offset[:3]))
+    old = fit_scatter(resid, mv, nv).to_dict()
+    del old["offset_floor"]  # a posterior written before the offset existed
+    assert not ScatterModel.from_dict(old).uses_offset
+
+
+def test_the_configured_offset_needs_the_emulator(rng):
+    from pipeline.laplace.scatter import fit_configured
+    resid, mv, nv, offset = simulate_offsets(rng, 500)
+    cfg = {"scatter": "linear", "scatter_ridge": 0.02, "scatter_cap_quantile": 0.99,
+           "scatter_labels": False, "scatter_emulator": True}
+    with pytest.raises(ConfigError, match="scatter_emulator"):
+        fit_configured(resid, mv, nv, resid, cfg)
+    assert fit_configured(resid, mv, nv, resid, cfg, offset).uses_offset
+    assert not fit_configured(resid, mv, nv, resid, {**cfg, "scatter_emulator": False},
+                              offset).uses_offset
+    with pytest.raises(DataError, match="emulator offset"):
+        fit_scatter(resid, mv, nv, offset=np.full_like(offset, np.nan))

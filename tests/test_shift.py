@@ -687,6 +687,55 @@ def test_predict_writes_shift_columns_and_bits(tiny_model_dir, emulator_file, tm
     assert "CFGHASH" in header and header["EMULATOR"] == str(emulator_file)
 
 
+def test_laplace_step_fits_the_emulator_offset_and_predict_applies_it(tiny_model_dir,
+                                                                     emulator_file, tmp_path,
+                                                                     capsys):
+    """With laplace.scatter_emulator the scatter model takes the offset of each star's labels
+    from the emulator's: the laplace step refuses to fit it without the emulator file (before
+    any fit, nothing written), fits it with one, and predict evaluates the same model at the
+    catalog's own emulator labels; without the file predict refuses too and leaves no
+    catalog."""
+    from astropy.table import Table
+
+    from pipeline.cli import main
+    from pipeline.laplace import Posterior
+    from pipeline.steps import laplace, predict
+
+    root = emulator_file.parent
+    post = tmp_path / "laplace" / "posterior.npz"
+    config = {"laplace": {"device": "cpu", "last_layers": 1, "scatter_emulator": True}}
+    args = ["--config-json", json.dumps(config), "--model", str(tiny_model_dir), "--train",
+            str(root / "train.fits"), "--valid", str(root / "valid.fits"), "--out", str(post)]
+    assert main(laplace.build_parser, laplace.run, args) != 0
+    assert "laplace.scatter_emulator" in capsys.readouterr().err and not post.exists()
+    assert main(laplace.build_parser, laplace.run, [*args, "--emulator",
+                                                    str(emulator_file)]) == 0
+    model, scaler, _ = load_trained(tiny_model_dir)
+    scatter = Posterior.load(post, model).scatter_model
+    assert scatter.uses_offset and scatter.coef.shape == (3, 10)
+
+    out = tmp_path / "pred"
+    argv = ["--model", str(tiny_model_dir), "--posterior", str(post), "--out", str(out),
+            str(root / "valid.fits")]
+    assert main(predict.build_parser, predict.run, [*argv[:4], "--emulator", str(tmp_path /
+                                                    "none.npz"), *argv[4:]]) != 0
+    assert main(predict.build_parser, predict.run, argv) != 0  # no emulator beside the model
+    assert "scatter_emulator" in capsys.readouterr().err and not out.exists()
+    assert main(predict.build_parser, predict.run, [*argv[:4], "--emulator",
+                                                    str(emulator_file), *argv[4:]]) == 0
+    table = Table.read(out / "valid.fits", hdu="CATALOG")
+
+    def columns(suffix):
+        return np.column_stack([np.asarray(table[f"{label}{suffix}"], np.float64)
+                                for label in LABELS])
+    scale = np.asarray(scaler.scale)
+    labels = scaler.transform(columns(""))
+    expected = scatter.std((columns("_ERR_MODEL") / scale) ** 2,
+                           (columns("_ERR_NOISE") / scale) ** 2, labels,
+                           labels - scaler.transform(columns("_EMULATOR"))) * scale
+    np.testing.assert_allclose(columns("_ERR_SCATTER"), expected, rtol=1e-5)
+
+
 def test_predict_refuses_an_emulator_file_of_another_grid(tiny_model_dir, emulator_file,
                                                           tmp_path, monkeypatch):
     from pipeline.exceptions import ModelFileError

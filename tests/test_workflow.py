@@ -88,6 +88,27 @@ def test_predict_reads_the_emulator_rules_output(dry_run):
     assert commands and all("--emulator results/model/emulator.npz" in c for c in commands)
 
 
+def test_scatter_fits_get_the_emulator_file_when_the_offset_is_a_covariate(dry_run):
+    """laplace.scatter_emulator: the laplace and ensemble_scatter jobs fit the scatter with
+    the emulator offset, so they wait for the emulator file and pass it on; by default (or
+    with a scatter kind without covariates) they do not."""
+    def commands(step, *args):
+        text = dry_run("-p", *args)
+        return [line for line in text.splitlines() if f"pipeline.steps.{step} " in line]
+
+    on = "laplace={scatter_emulator: true}"
+    found = commands("laplace", "--config", on)
+    assert found and all("--emulator results/model/emulator.npz --out" in c for c in found)
+    for option in ([], ["--config", "laplace={scatter: constant, scatter_emulator: true}"]):
+        found = commands("laplace", *option)
+        assert found and not any("--emulator" in c for c in found), option
+    found = commands("laplace", "--config", on, "ensemble={members: 2}")
+    assert len(found) == 2
+    assert all("--emulator results/model/member-0/emulator.npz" in c for c in found)
+    found = commands("ensemble_scatter", "--config", on, "ensemble={members: 2}")
+    assert len(found) == 1 and "--emulator results/model/member-0/emulator.npz" in found[0]
+
+
 def test_config_overrides_reach_the_dag(dry_run):
     counts = job_counts(dry_run("--config", "jacobian={shards: 5, splits: [test]}"))
     assert counts["jacobian"] == 5

@@ -72,7 +72,7 @@ def mixture_moments(means: np.ndarray, covariances: np.ndarray) -> tuple[np.ndar
 
 
 def ensemble_budget(budgets: list[dict], scatter: ScatterModel | None = None,
-                    scaler=None) -> dict:
+                    scaler=None, emulator_labels: np.ndarray | None = None) -> dict:
     """The mixture's error budget from the members' ``error_budget`` results (module docstring).
 
     One member and no ``scatter``: its budget, returned as it is. Otherwise ``prediction``,
@@ -80,7 +80,8 @@ def ensemble_budget(budgets: list[dict], scatter: ScatterModel | None = None,
     between-member covariance) and ``model_laplace`` (the mean of the members' Laplace
     covariances, the quantity whose training percentile the MODEL_OOD flag compares with).
     ``scatter``: the ensemble's scatter model (``fit_mixture_scatter``), evaluated with the
-    ``scaler`` (``LabelScaler``) it was fitted with, instead of the members' mean scatter.
+    ``scaler`` (``LabelScaler``) it was fitted with, instead of the members' mean scatter;
+    ``emulator_labels`` (N, K, physical) when that model takes the emulator offset.
     """
     if not budgets:
         raise DataError("an ensemble needs at least one member")
@@ -94,13 +95,15 @@ def ensemble_budget(budgets: list[dict], scatter: ScatterModel | None = None,
                             axis=0) for part in PARTS}
     model = within["model"] + between
     part = (within["scatter"] if scatter is None
-            else physical_scatter(scatter, scaler, model, within["noise"], mean))
+            else physical_scatter(scatter, scaler, model, within["noise"], mean,
+                                  emulator_labels))
     return {"prediction": mean, "model": model, "scatter": part,
             "noise": within["noise"], "total": model + part + within["noise"],
             "ensemble": between, "model_laplace": within["model"]}
 
 
-def fit_mixture_scatter(budget: dict, true_labels: np.ndarray, scaler, cfg: dict) -> ScatterModel:
+def fit_mixture_scatter(budget: dict, true_labels: np.ndarray, scaler, cfg: dict,
+                        emulator_labels: np.ndarray | None = None) -> ScatterModel:
     """The ensemble's scatter model fitted on validation stars (module docstring).
 
     Parameters
@@ -111,11 +114,14 @@ def fit_mixture_scatter(budget: dict, true_labels: np.ndarray, scaler, cfg: dict
     scaler : ``LabelScaler`` of the members (standardized units of the fit).
     cfg : the ``laplace`` config section (``scatter``, ``scatter_ridge``,
         ``scatter_cap_quantile``, ``scatter_labels``, ``scatter_label_degree``), as for one
-        model's ``calibrate_scatter``.
+        model's ``calibrate_scatter``; with ``scatter_emulator``, ``emulator_labels`` (N, 3,
+        physical) are the emulator's best-fit labels of the stars.
     """
     scale = np.asarray(scaler.scale, np.float64)
     to_standard = 1.0 / np.outer(scale, scale)
     prediction = scaler.transform(budget["prediction"])
+    offset = (None if emulator_labels is None
+              else prediction - scaler.transform(np.asarray(emulator_labels, np.float64)))
     return fit_configured(prediction - scaler.transform(true_labels),
                           budget["model"] * to_standard, budget["noise"] * to_standard,
-                          prediction, cfg)
+                          prediction, cfg, offset)

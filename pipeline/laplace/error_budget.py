@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.exceptions import DataError
 from pipeline.laplace.noise_response import star_snr
+from pipeline.laplace.scatter import ScatterModel
 from pipeline.nn.derivatives import forward_jacobian, input_jacobian
 from pipeline.streaming import batches, progress
 
@@ -77,32 +78,58 @@ def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size:
     return out
 
 
+def needs_emulator(source) -> bool:
+    """Whether the scatter of ``source`` (a posterior, or an ensemble's ``ScatterModel``) takes
+    the emulator offset as a covariate (``pipeline.laplace.scatter``)."""
+    model = source if isinstance(source, ScatterModel) else getattr(source, "scatter_model", None)
+    return model is not None and model.uses_offset
+
+
 def scatter_covariance(posterior, model_var: np.ndarray, noise_var: np.ndarray,
-                       labels: np.ndarray | None = None) -> np.ndarray:
+                       labels: np.ndarray | None = None,
+                       offset: np.ndarray | None = None) -> np.ndarray:
     """Scatter covariance (N, 3, 3) in standardized units of stars with model and flux-noise
-    variances (N, 3, standardized units) and predicted labels (N, 3, standardized).
+    variances (N, 3, standardized units), predicted labels (N, 3, standardized) and their
+    offsets from the emulator's best-fit labels (N, 3, standardized; used only by a scatter
+    model that takes them, ``needs_emulator``).
 
     The posterior's ``scatter_covariance`` (a fitted scatter model D R D, or the Laplace noise
     without double-counted flux noise) when it has one, else diag(``noise_std``^2).
     """
     if hasattr(posterior, "scatter_covariance"):
-        return np.asarray(posterior.scatter_covariance(model_var, noise_var, labels), np.float64)
+        extra = {"offset": offset} if needs_emulator(posterior) else {}
+        return np.asarray(posterior.scatter_covariance(model_var, noise_var, labels, **extra),
+                          np.float64)
     var = np.broadcast_to(np.asarray(posterior.noise_std, np.float64) ** 2, np.shape(noise_var))
     return var[:, :, None] * np.eye(var.shape[1])
 
 
 def physical_scatter(source, scaler, cov_model: np.ndarray, cov_noise: np.ndarray,
-                     prediction: np.ndarray) -> np.ndarray:
+                     prediction: np.ndarray, emulator_labels: np.ndarray | None = None
+                     ) -> np.ndarray:
     """Scatter covariance (N, 3, 3), physical units, of stars with physical model and
-    flux-noise covariances (N, 3, 3) and predicted labels (N, 3, physical units):
+    flux-noise covariances (N, 3, 3), predicted labels and the emulator's best-fit labels
+    (N, 3, physical units; needed only when ``needs_emulator(source)``):
     ``scatter_covariance`` of ``source`` (a posterior, or an ensemble's ``ScatterModel``) in
-    standardized units, whose covariates are the standardized variances diag(C) / scale^2 and
-    the standardized predictions."""
+    standardized units, whose covariates are the standardized variances diag(C) / scale^2,
+    the standardized predictions and their offsets from the emulator's labels."""
     scale2 = np.asarray(scaler.scale, np.float64) ** 2
+    labels = scaler.transform(np.asarray(prediction, np.float64))
+    offset = None
+    if emulator_labels is not None:
+        offset = labels - scaler.transform(np.asarray(emulator_labels, np.float64))
     return scaler.covariance_to_physical(scatter_covariance(
         source, np.diagonal(cov_model, axis1=1, axis2=2) / scale2,
-        np.diagonal(cov_noise, axis1=1, axis2=2) / scale2,
-        scaler.transform(np.asarray(prediction, np.float64))))
+        np.diagonal(cov_noise, axis1=1, axis2=2) / scale2, labels, offset))
+
+
+def with_scatter(budget: dict, source, scaler, emulator_labels: np.ndarray | None = None
+                 ) -> dict:
+    """``budget`` (``prediction``, ``model``, ``noise``; physical units) completed with the
+    ``scatter`` covariance of ``source`` (:func:`physical_scatter`) and ``total``."""
+    scatter = physical_scatter(source, scaler, budget["model"], budget["noise"],
+                               budget["prediction"], emulator_labels)
+    return {**budget, "scatter": scatter, "total": budget["model"] + scatter + budget["noise"]}
 
 
 def predict_standardized(model, x: np.ndarray) -> np.ndarray:
@@ -111,7 +138,8 @@ def predict_standardized(model, x: np.ndarray) -> np.ndarray:
 
 
 def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarray,
-                 batch_size: int = 256, *, feature_layers=(), snr=None) -> dict:
+                 batch_size: int = 256, *, feature_layers=(), snr=None,
+                 scatter: bool = True) -> dict:
     """Predictions and their error budget for every star, streamed in batches.
 
     Each batch takes one compiled pass (``pipeline.nn.derivatives.forward_jacobian``): the
@@ -135,6 +163,9 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
         last Dense layer for the feature distance of ``pipeline.evaluation.shift``.
     snr : (N,) the stars' SNR for the noise response, when the caller has it; else measured
         here (median flux / flux_err over the pixels with noise, ``noise_response.star_snr``).
+    scatter : False leaves out ``scatter`` and ``total``, for a caller that completes the
+        budget with :func:`with_scatter` once it has the emulator's labels of the stars (a
+        scatter model that takes the emulator offset, ``needs_emulator``).
 
     Returns
     -------
@@ -150,7 +181,6 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
     prediction = np.empty((n, 3))
     cov_model = np.empty((n, 3, 3))
     cov_noise = np.empty((n, 3, 3))
-    cov_scatter = np.zeros((n, 3, 3))
     features = [[] for _ in feature_layers]
     head = getattr(posterior, "head", None) if hasattr(posterior, "feature_covariance") else None
     response = getattr(posterior, "noise_response", None)
@@ -172,13 +202,11 @@ def error_budget(model, posterior, scaler, flux: np.ndarray, flux_err: np.ndarra
         if response is not None:
             cov_noise[s] = response.scale(cov_noise[s], star_snr(x, flux_err[s])
                                           if snr is None else snr[s])
-        cov_scatter[s] = physical_scatter(posterior, scaler, cov_model[s], cov_noise[s],
-                                         prediction[s])
         for store, layer in zip(features, feature_layers, strict=True):
             store.append(np.asarray(tapped[layer], np.float64))
-    total = cov_model + cov_scatter + cov_noise
-    budget = {"prediction": prediction, "model": cov_model, "scatter": cov_scatter,
-              "noise": cov_noise, "total": total}
+    budget = {"prediction": prediction, "model": cov_model, "noise": cov_noise}
+    if scatter:
+        budget = with_scatter(budget, posterior, scaler)
     if feature_layers:
         budget["features"] = [np.concatenate(f) if f else np.zeros((0, 0)) for f in features]
     return budget

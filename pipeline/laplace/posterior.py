@@ -148,10 +148,11 @@ class Posterior:
         value = self.info.get("train_model_std_q99")
         return None if value is None else np.asarray(value, np.float64)
 
-    def scatter_covariance(self, model_var, noise_var, labels=None) -> np.ndarray:
+    def scatter_covariance(self, model_var, noise_var, labels=None, offset=None) -> np.ndarray:
         """Aleatoric scatter covariance (N, K, K), standardized, of stars with model and
-        flux-noise variances (N, K, standardized units) and predicted labels (N, K,
-        standardized; used when the scatter model has them as covariates).
+        flux-noise variances (N, K, standardized units), predicted labels and their offsets
+        from the emulator's best-fit labels (N, K, standardized; used when the scatter model
+        has them as covariates).
 
         The validation-calibrated scatter model (``info['scatter']``, pipeline.laplace.scatter)
         when the laplace step fitted one: D R D. Else the Laplace noise: diag(sigma_k^2) when
@@ -164,7 +165,7 @@ class Posterior:
         noise_var = np.asarray(noise_var, np.float64)
         scatter = self.scatter_model
         if scatter is not None:
-            return scatter.covariance(model_var, noise_var, labels)
+            return scatter.covariance(model_var, noise_var, labels, offset)
         var = np.broadcast_to(self.noise_std**2, noise_var.shape)
         if self.info.get("hyperparameters", "evidence") == "evidence":
             var = np.maximum(var - noise_var, 0.0)
@@ -399,17 +400,20 @@ def reference_model_std(posterior: Posterior, x, n_stars: int, batch_size: int) 
     return np.percentile(np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), 99, axis=0)
 
 
-def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict):
+def calibrate_scatter(posterior: Posterior, model, x_valid, y_valid, noise_valid, cfg: dict,
+                      emulator_labels=None):
     """Fit the scatter model (pipeline.laplace.scatter) on validation stars, given their model
     and flux-noise covariances; their predicted labels are covariates too unless
-    ``cfg['scatter_labels']`` is false (their squares too with ``scatter_label_degree`` 2)."""
+    ``cfg['scatter_labels']`` is false (their squares too with ``scatter_label_degree`` 2),
+    and with ``cfg['scatter_emulator']`` their offsets from ``emulator_labels``, a callable
+    that maps the stars' standardized predictions (N, K) to the emulator's best-fit labels
+    there (N, K, standardized)."""
     batch = cfg["batch_size"]
     z = np.concatenate([predict_standardized(model, x_valid[s])
                         for s in batches(len(x_valid), batch)])
     model_cov = posterior.predictive_covariance(x_valid, batch_size=batch)
-    scatter = fit_configured(z - y_valid, model_cov, noise_valid, z, cfg)
-    log.info("scatter model (%s) fitted on %d validation stars: coefficients %s, cap %s, "
-             "correlation %s", cfg["scatter"], len(z), np.array2string(scatter.coef, precision=4),
-             np.array2string(scatter.cap, precision=4),
-             np.array2string(scatter.correlation, precision=3))
+    offset = None if emulator_labels is None else z - emulator_labels(z)
+    scatter = fit_configured(z - y_valid, model_cov, noise_valid, z, cfg, offset)
+    log.info("scatter model (%s) fitted on %d validation stars: %s", cfg["scatter"], len(z),
+             scatter.describe())
     return scatter

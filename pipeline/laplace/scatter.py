@@ -23,6 +23,8 @@ capped:
 
     s_k(u) = min(exp(a_k + b_k . clip(u, u_lo, u_hi)), cap_k)
 
+(with the emulator offset, a second component under the cap, below).
+
 Why few covariates and a penalty: the nine covariates of an earlier, unpenalized design (the
 predicted labels and the model and noise stds of all three labels) are nearly collinear (the
 three noise stds correlate at r ~ 0.99), so that fit gave large slopes of opposite sign that
@@ -39,6 +41,29 @@ towards 0).
 The cap is what the validation stars support: cap_k is the q-quantile of |r_nk| over validation
 stars (q = config ``laplace.scatter_cap_quantile``, 0.99 by default). No star's scatter exceeds
 the size of the largest residuals seen on validation stars.
+
+The emulator offset (config ``laplace.scatter_emulator``): the label -> flux emulator
+(pipeline.evaluation.emulator) fits the whole spectrum by chi^2 and is a second, independent
+estimate of the labels. On the default run its median error is a third of the network's but
+its tail (a fit in a local minimum) as heavy, and where the two disagree the network is
+usually the one that missed: |z| correlates with the offset at Spearman 0.5-0.7 on
+validation and test stars, with nothing else above 0.12. Where they agree, they may still
+both be wrong, in the same direction: hot metal-poor stars, whose weak lines leave both with
+the same degeneracy. So the offset adds a second scatter component instead of scaling the
+first,
+
+    s_k^2 = exp(2 (a_k + b_k . u_k)) + exp(2 (a'_k + b'_k o_k)),
+    o_nk = 0.5 log(max(d_nk^2 - E_nk, 0) + f_k^2),   d_nk = zhat_nk - zhat^emu_nk:
+
+the scatter the two estimates share, which only the star's place in label space predicts,
+plus the scatter their disagreement reveals. d is the offset of the network's label from the
+emulator's best-fit label of the same spectrum (standardized units), counted beyond what the
+network's own flux noise E_nk explains (both estimates move with the noise of a low-SNR
+spectrum, and that part is already in the flux-noise term), with a floor f_k = half the
+validation median |d_k| so that a chance agreement does not promise an error near 0. o is
+standardized and clipped like the other covariates; a star whose emulator fit failed (no
+labels) gets the largest validation offset. Both components are fitted together (the shared
+one first alone, as the start), with the same ridge on the slopes.
 
 Calibration of the core: the residuals of a network are heavier-tailed than a Gaussian even
 after the scatter model (a scale mixture: stars whose true scatter the covariates do not
@@ -70,20 +95,23 @@ validation stars; ``linear`` fits a and b. Both fitted kinds fit R and the cap.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
 from scipy.optimize import brentq, minimize
 
+from pipeline.config import scatter_uses_emulator as uses_emulator
 from pipeline.evaluation.calibration import nominal_coverage
 from pipeline.exceptions import ConfigError, DataError, NumericalError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("likelihood", "constant", "linear")
+OFFSET_FLOOR = 0.5  # the offset floor f_k, as a fraction of the validation median |d_k|
 CALIBRATIONS = ("fitted", "balanced")
 FIELDS = ("coef", "u_centre", "u_scale", "u_lo", "u_hi", "cap", "correlation")
+OFFSET_FIELDS = ("offset_floor", "offset_coef")  # absent from models fitted without the offset
 TINY_VAR = 1e-300  # a star without flux noise (every pixel bad) gets the clip floor
 
 
@@ -109,13 +137,25 @@ def covariates(model_var: np.ndarray, noise_var: np.ndarray,
                           axis=-1)
 
 
+def offset_covariate(offset: np.ndarray, floor: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    """o (N, K, 1) = 0.5 log(max(d^2 - E, 0) + f^2) of the emulator offsets d (N, K), the
+    flux-noise variances E (N, K) and the floors f (K,), all standardized; a star without an
+    offset (NaN: its emulator fit failed) gets +inf, which the clip box turns into the largest
+    validation offset."""
+    offset = np.asarray(offset, np.float64)
+    excess = np.maximum(offset**2 - np.asarray(noise_var, np.float64), 0.0)
+    o = 0.5 * np.log(np.where(np.isnan(offset), np.nan, excess) + np.asarray(floor) ** 2)
+    return np.where(np.isnan(o), np.inf, o)[:, :, None]
+
+
 @dataclass
 class ScatterModel:
     """Per label k: ``coef`` (K, 1 + C) = [a_k, b_k]; covariate centre, scale and clip range
-    (K, C); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R. C = 2
-    (model and noise stds), 2 + K (and the predicted labels) or 2 + 2K (and their squares):
-    the stored arrays say which, so a model fitted before labels (or their squares) were
-    covariates still loads and works."""
+    (K, C); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R;
+    ``offset_floor`` (K,) the floors f_k of the emulator offset, empty when the offset is not
+    a covariate. C = 2 (model and noise stds), + K (the predicted labels) or + 2K (and their
+    squares), + 1 (the emulator offset): the stored arrays say which, so a model fitted
+    without some of these covariates still loads and works."""
 
     coef: np.ndarray
     u_centre: np.ndarray
@@ -124,47 +164,83 @@ class ScatterModel:
     u_hi: np.ndarray
     cap: np.ndarray
     correlation: np.ndarray
+    offset_floor: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    offset_coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
-    def uses_labels(self) -> bool:
-        """Whether the predicted labels are covariates (C > 2)."""
-        return self.u_centre.shape[-1] > 2
+    def uses_offset(self) -> bool:
+        """Whether the emulator offset is a covariate (``offset_floor`` not empty)."""
+        return self.offset_floor.size > 0
 
     @property
     def label_degree(self) -> int:
         """0 (no label covariates), 1 (the labels) or 2 (and their squares)."""
-        return (self.u_centre.shape[-1] - 2) // self.u_centre.shape[0]
+        n_labels = self.u_centre.shape[-1] - 2 - int(self.uses_offset)
+        return n_labels // self.u_centre.shape[0]
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the predicted labels are covariates."""
+        return self.label_degree > 0
 
     def design(self, u: np.ndarray) -> np.ndarray:
         """Design (N, K, 1 + C) = [1, clip(standardized u)] of covariates u (N, K, C)."""
         u = np.clip((u - self.u_centre) / self.u_scale, self.u_lo, self.u_hi)
         return np.concatenate([np.ones(u.shape[:-1] + (1,)), u], axis=-1)
 
-    def std(self, model_var: np.ndarray, noise_var: np.ndarray,
-            labels: np.ndarray | None = None) -> np.ndarray:
-        """Scatter s (N, K), standardized units, of stars with model and flux-noise variances
-        (N, K) and predicted labels (N, K), standardized units; never above ``cap``. The labels
-        are needed when they are covariates (``uses_labels``) and ignored otherwise."""
+    def covariates(self, model_var, noise_var, labels=None, offset=None) -> np.ndarray:
+        """u (N, K, C) of stars as this model takes them (module docstring): predicted
+        ``labels`` (N, K) needed when they are covariates, emulator ``offset`` (N, K) when it
+        is one (``uses_offset``), both standardized; ignored otherwise."""
         if self.uses_labels and labels is None:
             raise DataError("this scatter model has the predicted labels as covariates "
                             "(laplace.scatter_labels): pass the stars' predicted labels")
+        if self.uses_offset and offset is None:
+            raise DataError("this scatter model has the emulator offset as a covariate "
+                            "(laplace.scatter_emulator): pass the offsets of the stars' "
+                            "predicted labels from the emulator's best-fit labels (the "
+                            "predict step needs the emulator file, --emulator)")
         u = covariates(model_var, noise_var, labels if self.uses_labels else None,
                        max(self.label_degree, 1))
-        log_s = np.einsum("nkc,kc->nk", self.design(u), self.coef)
-        return np.minimum(np.exp(log_s), self.cap)
+        if self.uses_offset:
+            u = np.concatenate([u, offset_covariate(offset, self.offset_floor, noise_var)],
+                               axis=-1)
+        return u
+
+    def std(self, model_var: np.ndarray, noise_var: np.ndarray,
+            labels: np.ndarray | None = None, offset: np.ndarray | None = None) -> np.ndarray:
+        """Scatter s (N, K), standardized units, of stars with model and flux-noise variances
+        (N, K), predicted labels and emulator offsets (N, K, see :meth:`covariates`),
+        standardized units; never above ``cap``."""
+        f = self.design(self.covariates(model_var, noise_var, labels, offset))
+        s2 = np.exp(2.0 * np.einsum("nkc,kc->nk", f, self.coef))
+        if self.uses_offset:  # the coefficient of o in ``coef`` is 0: o is the second component's
+            s2 += np.exp(2.0 * (self.offset_coef[:, 0] + self.offset_coef[:, 1] * f[..., -1]))
+        return np.minimum(np.sqrt(s2), self.cap)
 
     def covariance(self, model_var: np.ndarray, noise_var: np.ndarray,
-                   labels: np.ndarray | None = None) -> np.ndarray:
+                   labels: np.ndarray | None = None,
+                   offset: np.ndarray | None = None) -> np.ndarray:
         """Scatter covariance D R D (N, K, K), D = diag(``std``), standardized units."""
-        s = self.std(model_var, noise_var, labels)
+        s = self.std(model_var, noise_var, labels, offset)
         return s[:, :, None] * self.correlation * s[:, None, :]
 
     # the name error_budget.scatter_covariance asks a posterior for: an ensemble passes its
     # ScatterModel where a single model passes its Posterior
     scatter_covariance = covariance
 
+    def describe(self) -> str:
+        """The fitted numbers for a log line: coefficients, offset component, cap, R."""
+        offset = ""
+        if self.uses_offset:
+            offset = (", emulator-offset component [a', b'] "
+                      f"{np.array2string(self.offset_coef, precision=4)}")
+        return (f"coefficients {np.array2string(self.coef, precision=4)}{offset}, cap "
+                f"{np.array2string(self.cap, precision=4)}, correlation "
+                f"{np.array2string(self.correlation, precision=3)}")
+
     def to_dict(self) -> dict:
-        return {k: getattr(self, k).tolist() for k in FIELDS}
+        return {k: getattr(self, k).tolist() for k in (*FIELDS, *OFFSET_FIELDS)}
 
     @classmethod
     def from_dict(cls, doc: dict) -> ScatterModel:
@@ -172,19 +248,32 @@ class ScatterModel:
         if missing:
             raise DataError(f"posterior info['scatter'] lacks {missing}: it was written by an "
                             "older scatter model; rerun the laplace step to refit it")
-        return cls(*(np.asarray(doc[k], np.float64) for k in FIELDS))
+        return cls(*(np.asarray(doc[k], np.float64) for k in FIELDS),
+                   **{k: np.asarray(doc.get(k, []), np.float64) for k in OFFSET_FIELDS})
 
 
-def _objective(c, f, r2, extra, ridge):
-    """Mean Gaussian NLL (up to a constant) of residuals with variance exp(2 f c) + extra,
-    plus 0.5 ridge |slopes|^2; and its gradient."""
-    s2 = np.exp(2.0 * f @ c)
-    v = s2 + extra
+def _objective(c, designs, r2, extra, ridge):
+    """Mean Gaussian NLL (up to a constant) of residuals with variance
+    sum_j exp(2 f_j c_j) + extra over the scatter components' ``designs`` f_j (N, C_j), c the
+    c_j concatenated, plus 0.5 ridge |slopes|^2 (every entry but each component's first); and
+    its gradient."""
+    parts = np.split(c, np.cumsum([f.shape[1] for f in designs])[:-1])
+    s2 = [np.exp(2.0 * f @ cj) for f, cj in zip(designs, parts, strict=True)]
+    v = sum(s2) + extra
     n = len(r2)
-    slopes = np.concatenate([[0.0], c[1:]])
+    slopes = np.concatenate([np.concatenate([[0.0], cj[1:]]) for cj in parts])
     value = 0.5 * np.sum(np.log(v) + r2 / v) / n + 0.5 * ridge * slopes @ slopes
-    grad = f.T @ ((1.0 / v - r2 / v**2) * s2) / n + ridge * slopes
-    return value, grad
+    w = (1.0 / v - r2 / v**2) / n
+    grad = np.concatenate([f.T @ (w * sj) for f, sj in zip(designs, s2, strict=True)])
+    return value, grad + ridge * slopes
+
+
+def _minimize(designs, r2, extra, ridge, start, label):
+    res = minimize(_objective, start, args=(designs, r2, extra, ridge), jac=True,
+                   method="L-BFGS-B", options={"maxiter": 1000, "ftol": 1e-14, "gtol": 1e-10})
+    if not np.all(np.isfinite(res.x)):
+        raise NumericalError(f"the scatter fit of label {label} did not converge: {res.message}")
+    return res.x
 
 
 def robust_correlation(w: np.ndarray) -> np.ndarray:
@@ -258,7 +347,8 @@ def _as_covariance(a: np.ndarray, name: str, shape: tuple) -> np.ndarray:
 def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
                 kind: str = "linear", ridge: float = 0.02,
                 cap_quantile: float = 0.99, labels: np.ndarray | None = None,
-                label_degree: int = 1, calibration: str = "balanced") -> ScatterModel:
+                label_degree: int = 1, calibration: str = "balanced",
+                offset: np.ndarray | None = None) -> ScatterModel:
     """Fit the scatter model to validation stars.
 
     Parameters
@@ -274,6 +364,8 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     label_degree : 1 (the labels) or 2 (the labels and their squares) when labels are given.
     calibration : 'balanced' scales each label's fitted scatter by :func:`balanced_factor`;
         'fitted' keeps the maximum-likelihood width.
+    offset : (N, K) the stars' predicted minus emulator best-fit labels, standardized, to be a
+        covariate too (NaN where the emulator fit failed); None leaves it out.
 
     Returns
     -------
@@ -292,44 +384,68 @@ def fit_scatter(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarr
     model_var = np.diagonal(model_cov, axis1=1, axis2=2)
     noise_var = np.diagonal(noise_cov, axis1=1, axis2=2)
     u = covariates(model_var, noise_var, labels, label_degree)
+    floor = np.zeros(0)
+    if offset is not None:
+        if np.isnan(offset).all(axis=0).any():
+            raise DataError("scatter fit: no validation star has an emulator offset; every "
+                            "emulator fit failed, or set laplace.scatter_emulator to false")
+        floor = np.maximum(OFFSET_FLOOR * np.nanmedian(np.abs(offset), axis=0), 1e-6)
+        o = offset_covariate(offset, floor, noise_var)
+        finite = np.isfinite(o)
+        # stars whose emulator fit failed count as the largest offset seen
+        u = np.concatenate([u, np.where(finite, o, np.max(o, axis=0, where=finite,
+                                                          initial=-np.inf))], axis=-1)
     centre, scale = u.mean(axis=0), u.std(axis=0)
     scale = np.where(scale > 1e-12, scale, 1.0)  # a constant covariate: its slope stays 0
     std_u = (u - centre) / scale
     model = ScatterModel(np.zeros((k_labels, 1 + u.shape[-1])), centre, scale, std_u.min(axis=0),
                          std_u.max(axis=0), np.quantile(np.abs(residual), cap_quantile, axis=0),
-                         np.eye(k_labels))
+                         np.eye(k_labels), floor,
+                         np.zeros((k_labels, 2)) if offset is not None else np.zeros(0))
     f_all = model.design(u)
     extra_var = model_var + noise_var
+    n_shared = f_all.shape[-1] - int(model.uses_offset)  # the shared component's columns
     for k in range(k_labels):
-        f = f_all[:, k, :1] if kind == "constant" else f_all[:, k]
+        f = f_all[:, k, :1] if kind == "constant" else f_all[:, k, :n_shared]
         r2 = residual[:, k] ** 2
         start = np.zeros(f.shape[1])
         start[0] = 0.5 * np.log(max(np.mean(np.maximum(r2 - extra_var[:, k], 0.0)), 1e-12))
-        res = minimize(_objective, start, args=(f, r2, extra_var[:, k], ridge), jac=True,
-                       method="L-BFGS-B", options={"maxiter": 500, "ftol": 1e-14, "gtol": 1e-10})
-        if not np.all(np.isfinite(res.x)):
-            raise NumericalError(f"the scatter fit of label {k} did not converge: {res.message}")
-        model.coef[k, :f.shape[1]] = res.x
+        model.coef[k, :f.shape[1]] = _minimize([f], r2, extra_var[:, k], ridge, start, k)
+        if model.uses_offset:  # then both components together, from the shared one's fit
+            g = f_all[:, k, [0, -1]]
+            both = _minimize([f, g], r2, extra_var[:, k], ridge,
+                             np.concatenate([model.coef[k, :n_shared], [start[0] - 0.5, 0.5]]), k)
+            model.coef[k, :n_shared], model.offset_coef[k] = both[:n_shared], both[n_shared:]
     if calibration == "balanced":
-        s = model.std(model_var, noise_var, labels)
+        s = model.std(model_var, noise_var, labels, offset)
         factor = np.array([balanced_factor(residual[:, k], s[:, k], extra_var[:, k])
                            for k in range(k_labels)])
         model.coef[:, 0] += np.log(factor)
+        if model.uses_offset:
+            model.offset_coef[:, 0] += np.log(factor)
         log.info("balanced scatter calibration: the maximum-likelihood scatter scaled by %s",
                  np.array2string(factor, precision=3))
-    model.correlation = fit_correlation(residual, model.std(model_var, noise_var, labels),
+    model.correlation = fit_correlation(residual, model.std(model_var, noise_var, labels, offset),
                                         model_cov, noise_cov)
     return model
 
 
 def fit_configured(residual: np.ndarray, model_cov: np.ndarray, noise_cov: np.ndarray,
-                   labels: np.ndarray, cfg: dict) -> ScatterModel:
+                   labels: np.ndarray, cfg: dict, offset: np.ndarray | None = None
+                   ) -> ScatterModel:
     """``fit_scatter`` as the ``laplace`` config section says (``scatter``, ``scatter_ridge``,
     ``scatter_cap_quantile``, ``scatter_labels``, ``scatter_label_degree``,
-    ``scatter_calibration``); ``labels`` are the stars' predicted labels, standardized, used
-    when ``scatter_labels`` is true."""
+    ``scatter_calibration``, ``scatter_emulator``); ``labels`` are the stars' predicted
+    labels, standardized, used when ``scatter_labels`` is true; ``offset`` their offsets from
+    the emulator's best-fit labels, standardized, needed when ``scatter_emulator`` is true."""
+    if uses_emulator(cfg) and offset is None:
+        raise ConfigError("config key 'laplace.scatter_emulator' is true but no emulator "
+                          "offsets were given: pass the emulator file (--emulator, the "
+                          "emulator step's emulator.npz) or set it to false")
     return fit_scatter(residual, model_cov, noise_cov, cfg["scatter"], ridge=cfg["scatter_ridge"],
                        cap_quantile=cfg["scatter_cap_quantile"],
                        labels=labels if cfg["scatter_labels"] else None,
                        label_degree=cfg.get("scatter_label_degree", 1),
-                       calibration=cfg.get("scatter_calibration", "balanced"))
+                       calibration=cfg.get("scatter_calibration", "balanced"),
+                       offset=offset if uses_emulator(cfg) else None)
+

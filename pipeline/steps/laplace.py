@@ -1,6 +1,10 @@
 """Step ``laplace``: fit the last-k-layer Laplace posterior of the trained model.
 
-    python -m pipeline.steps.laplace --config-json J --model DIR --train F --valid F --out F.npz
+    python -m pipeline.steps.laplace --config-json J --model DIR --train F --valid F \
+        [--emulator F] --out F.npz
+
+``--emulator``: the emulator step's file, needed when the scatter model takes the offset of
+the predicted labels from the emulator's best-fit labels (``laplace.scatter_emulator``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from pipeline import LABELS, runtime
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
+from pipeline.config import scatter_uses_emulator
+from pipeline.evaluation.feature_distance import last_hidden_units
+from pipeline.evaluation.shift import ShiftReference
+from pipeline.exceptions import ConfigError
 from pipeline.laplace.error_budget import noise_covariances, predict_standardized
 from pipeline.laplace.noise_response import fit_noise_response, star_snr
 from pipeline.laplace.posterior import LaplaceOptions, calibrate_scatter, fit_laplace
@@ -28,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="trained model directory")
     parser.add_argument("--train", required=True, help="training spectra (canonical FITS)")
     parser.add_argument("--valid", required=True, help="validation spectra (canonical FITS)")
+    parser.add_argument("--emulator", help="emulator file (the emulator step's emulator.npz); "
+                        "needed with laplace.scatter_emulator")
     parser.add_argument("--out", required=True, help="posterior file (.npz)")
     return parser
 
@@ -39,7 +49,11 @@ def run(args: argparse.Namespace, config: dict) -> None:
     runtime.configure(config, args.threads)
     model, scaler, wave = load_trained(args.model)
     train, valid = read_labelled_on_grid((args.train, args.valid), wave, config)
-    flux_err = np.where(bad_pixel_mask(valid, data["bad_pixel_err"]), 0.0, valid.flux_err)
+    bad = bad_pixel_mask(valid, data["bad_pixel_err"])
+    # checked before the fits: the scatter model's emulator offsets need the emulator file
+    emulator_labels = (emulator_fit(args.emulator, model, scaler, valid, ~bad)
+                       if scatter_uses_emulator(cfg) else None)
+    flux_err = np.where(bad, 0.0, valid.flux_err)
     noise_valid = None  # flux noise of each validation star, D diag(e^2) D^T, standardized
     if cfg["hyperparameters"] == "validation" or cfg["scatter"] != "likelihood":
         noise_valid = noise_covariances(model, valid.flux, flux_err, cfg["batch_size"])
@@ -58,9 +72,28 @@ def run(args: argparse.Namespace, config: dict) -> None:
     posterior.noise_response = response
     if cfg["scatter"] != "likelihood":
         posterior.scatter_model = calibrate_scatter(
-            posterior, model, valid.flux, y_valid, noise_valid, cfg)
+            posterior, model, valid.flux, y_valid, noise_valid, cfg, emulator_labels)
     posterior.save(args.out, provenance=provenance(config, device=runtime.device_name()))
     log.info("wrote %s", args.out)
+
+
+def emulator_fit(path: str | None, model, scaler, valid, good):
+    """The map from the validation stars' standardized predictions to the emulator's best-fit
+    labels there (standardized), as the predict step fits them (``ShiftReference`` settings,
+    good pixels only)."""
+    if path is None:
+        raise ConfigError("config key 'laplace.scatter_emulator' is true: the laplace step "
+                          "needs the emulator file (--emulator, the emulator step's "
+                          "emulator.npz), or set the key to false")
+    reference = ShiftReference.load(path)
+    reference.check(path, valid.flux.shape[1], last_hidden_units(model))
+
+    def fit(z):
+        best, _ = reference.emulator.best_fit(
+            valid.flux, valid.flux_err, good, scaler.inverse_transform(z),
+            reference.fit_iterations, reference.fit_margin, threads=runtime.cpu_threads())
+        return scaler.transform(best)
+    return fit
 
 
 def measure_noise_response(model, flux, flux_err, noise_valid, cfg: dict, seed: int):

@@ -49,11 +49,16 @@ from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.evaluation.feature_distance import last_dense_layer, last_hidden_units
 from pipeline.evaluation.flags import model_error_ratio, star_flags
-from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference, shift_statistics
+from pipeline.evaluation.shift import (
+    EMULATOR_FILE,
+    EMULATOR_LABEL_COLUMNS,
+    ShiftReference,
+    shift_statistics,
+)
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace import Posterior
 from pipeline.laplace.ensemble import ensemble_budget
-from pipeline.laplace.error_budget import error_budget
+from pipeline.laplace.error_budget import error_budget, needs_emulator, with_scatter
 from pipeline.laplace.scatter import ScatterModel
 from pipeline.spectra.dataset import Spectra
 from pipeline.spectra.inputs import FORMATS, detect_format, input_chunks
@@ -65,27 +70,39 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------ catalog
 def mixture_budget(members: list, spectra: Spectra, config: dict,
                    scatter: ScatterModel | None = None,
-                   feature_layer=None) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray]:
+                   reference: ShiftReference | None = None) -> tuple[dict, np.ndarray, dict]:
     """The error budget of ``spectra`` under the (model, posterior, scaler) ``members`` (one:
     the single model; several: their mixture, with the ensemble's ``scatter`` model when given,
-    ``pipeline.laplace.ensemble``), the stars' bad-pixel mask (N, P), the first member's
-    inputs of ``feature_layer`` (N, d) from the same pass (None without a layer), and the
-    stars' SNR on their good pixels (N,), measured once for every member's noise response.
+    ``pipeline.laplace.ensemble``), the stars' bad-pixel mask (N, P) and their shift
+    statistics against ``reference`` (the emulator file; NaN without one), whose best-fit
+    emulator labels a scatter model may take as a covariate (``laplace.scatter_emulator``).
 
-    Bad pixels carry no flux noise (module docstring)."""
+    The first member's forward pass also gives the last hidden features of the shift
+    statistics; the SNR on the good pixels is measured once for every member's noise response
+    and for the statistics. Bad pixels carry no flux noise (module docstring)."""
+    (model, posterior, scaler), *others = members
+    sources = [p for _, p, _ in members] + ([] if scatter is None else [scatter])
+    if reference is None and any(map(needs_emulator, sources)):
+        raise ConfigError("the scatter model takes the offset of the predicted labels from the "
+                          "emulator's (laplace.scatter_emulator): pass the emulator file "
+                          "(--emulator, the emulator step's emulator.npz beside the model)")
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
     snr = spectrum_snr(spectra.flux, noise_err, ~bad)
     batch = config["predict"]["batch_size"]
-    (model, posterior, scaler), *others = members
-    # the first member's pass also taps the features of ``feature_layer`` (shift statistics)
-    first = error_budget(model, posterior, scaler, spectra.flux, noise_err, batch,
-                         feature_layers=[] if feature_layer is None else [feature_layer], snr=snr)
-    features = first.pop("features", [None])[0]
-    budget = ensemble_budget([first, *(error_budget(m, p, s, spectra.flux, noise_err, batch,
-                                                    snr=snr)
-                                       for m, p, s in others)], scatter=scatter, scaler=scaler)
-    return budget, bad, features, snr
+    layers = [] if reference is None else [last_dense_layer(model)]
+    budgets = [error_budget(m, p, s, spectra.flux, noise_err, batch, snr=snr, scatter=False,
+                            feature_layers=layers if i == 0 else [])
+               for i, (m, p, s) in enumerate(members)]
+    features = budgets[0].pop("features", [None])[0]
+    prediction = np.mean([b["prediction"] for b in budgets], axis=0)  # the mixture's mean
+    shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad, prediction,
+                             batch, features, snr, runtime.cpu_threads())
+    emulator = np.stack([shift[column] for column in EMULATOR_LABEL_COLUMNS], axis=1)
+    budgets = [with_scatter(b, p, s, emulator)
+               for b, (_, p, s) in zip(budgets, members, strict=True)]
+    budget = ensemble_budget(budgets, scatter=scatter, scaler=scaler, emulator_labels=emulator)
+    return budget, bad, shift
 
 
 def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
@@ -100,12 +117,8 @@ def predict_catalog(model, posterior, scaler, spectra: Spectra, resampled: bool,
     MODEL_OOD reference and the last-hidden-layer features of the shift flags are the first
     member's.
     """
-    batch = config["predict"]["batch_size"]
-    budget, bad, features, snr = mixture_budget(
-        [(model, posterior, scaler), *members], spectra, config, scatter,
-        None if reference is None else last_dense_layer(model))
-    shift = shift_statistics(reference, model, spectra.flux, spectra.flux_err, ~bad,
-                             budget["prediction"], batch, features, snr, runtime.cpu_threads())
+    budget, bad, shift = mixture_budget([(model, posterior, scaler), *members], spectra, config,
+                                        scatter, reference)
     # the flag compares Laplace errors with their training percentile: no ensemble spread in it
     laplace_cov = budget.get("model_laplace", budget["model"])
     flags = star_flags(budget["prediction"], budget["total"], bad.mean(axis=1), resampled,
