@@ -110,16 +110,32 @@ def budget_vs_jacobian(model_dir: Path, posterior: Path, wave: np.ndarray, n: in
     (``mixture_budget``: prediction, model, scatter and flux-noise covariances; with a scatter
     model that takes the emulator offset, the emulator fit it needs too) and of
     ``input_jacobian`` alone on the same stars (``spectra``, else ``n`` generated ones),
-    interleaved so all see the same load of shared cores."""
-    from pipeline.artifacts.model_dir import load_trained
+    interleaved so all see the same load of shared cores. The Jacobian pass is compiled as
+    the predict step compiles it (``inference_jit``)."""
     from pipeline.config import validate
+    from pipeline.nn.derivatives import set_jit_compile
+    from pipeline.runtime import gpu_visible
+
+    config = validate({"predict": {"batch_size": batch_size}})
+    # the predict step's Jacobian pass, XLA-compiled as config inference_jit says (auto: on
+    # without a GPU), for every timed path alike; the caller's setting restored after
+    previous = set_jit_compile(not gpu_visible() if config["inference_jit"] == "auto"
+                               else config["inference_jit"])
+    try:
+        return _best_times(model_dir, posterior, wave, n, batch_size, repeat, spectra, config)
+    finally:
+        set_jit_compile(previous)
+
+
+def _best_times(model_dir, posterior, wave, n, batch_size, repeat, spectra, config):
+    """The best times of :func:`budget_vs_jacobian` under the compile setting in force."""
+    from pipeline.artifacts.model_dir import load_trained
     from pipeline.evaluation.shift import EMULATOR_FILE, ShiftReference
     from pipeline.laplace import Posterior
     from pipeline.laplace.error_budget import needs_emulator
     from pipeline.nn.derivatives import input_jacobian
     from pipeline.steps.predict import mixture_budget, predict_catalog
 
-    config = validate({"predict": {"batch_size": batch_size}})
     model, scaler, _ = load_trained(model_dir)
     post = Posterior.load(posterior, model)
     spectra = generated(n, 3, wave, config) if spectra is None else spectra
@@ -207,7 +223,7 @@ def ratio_rows(root: Path, pixels: int | None, hidden, n: int, batch: int = 256)
     model_dir, posterior = make_model_and_posterior(root / "ratio", wave, hidden)
     return ratio_table(*budget_vs_jacobian(model_dir, posterior, wave, n, batch), n,
                        f"{n} stars x {wave.size} px, hidden {'-'.join(map(str, hidden))}, "
-                       f"batch {batch}")
+                       f"batch {batch}, inference_jit auto")
 
 
 def ratio_table(full: float, budget: float, alone: float, n: int, tag: str) -> list[dict]:
@@ -238,7 +254,7 @@ def trained_ratio_rows(results: Path, n: int, batch: int = 256) -> list[dict]:
                                spectra.wave, spectra.n_stars, batch, spectra=spectra)
     return ratio_table(*times, spectra.n_stars,
                        f"{spectra.n_stars} test stars of {results}, its trained model, "
-                       f"batch {batch}")
+                       f"batch {batch}, inference_jit auto")
 
 
 if __name__ == "__main__":

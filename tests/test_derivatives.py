@@ -114,7 +114,8 @@ def test_xla_jacobian_pass_is_deterministic_and_matches_the_plain_one(rng):
     layers = [model.layers[1]]
     plain = forward_jacobian(model, x, batch_size=4, layers=layers)
     try:
-        derivatives.set_jit_compile(True)
+        before = derivatives._JIT["compile"]
+        assert derivatives.set_jit_compile(True) is before  # the previous setting, to restore
         xla, again = (forward_jacobian(model, x, batch_size=4, layers=layers) for _ in range(2))
         runtime.configure({"seed": 0, "deterministic": True, "inference_jit": "auto"})
         assert derivatives._JIT["compile"] is (not runtime.gpu_visible())

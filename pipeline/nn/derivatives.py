@@ -34,10 +34,12 @@ _JACOBIAN_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _JIT = {"compile": False}  # XLA for the Jacobian pass; steps set it (runtime.configure)
 
 
-def set_jit_compile(on: bool) -> None:
+def set_jit_compile(on: bool) -> bool:
     """XLA-compile the Jacobian pass of :func:`forward_jacobian` from now on (config
-    ``inference_jit``; ``pipeline.runtime.configure`` sets it for every step)."""
-    _JIT["compile"] = bool(on)
+    ``inference_jit``; ``pipeline.runtime.configure`` sets it for every step); returns the
+    previous setting, for a caller that restores it."""
+    previous, _JIT["compile"] = _JIT["compile"], bool(on)
+    return previous
 
 
 class ForwardJacobian(NamedTuple):
