@@ -5,7 +5,6 @@ import shlex
 
 import yaml
 
-from pipeline.config import scatter_uses_emulator
 from pipeline.artifacts.model_dir import (
     DIAGNOSTICS_FILE,
     HISTORY_FILE,
@@ -20,6 +19,7 @@ from pipeline.artifacts.members import (
     model_dir,
     posterior_path,
 )
+from pipeline.config import scatter_uses_emulator
 from pipeline.evaluation.shift import EMULATOR_FILE
 
 OUT = "results"
@@ -78,7 +78,9 @@ ENSEMBLE_SCATTER = (
 EMULATOR = f"{expand(MODEL_DIR, member=[0])[0]}/{EMULATOR_FILE}"
 # the emulator file as an input of the scatter fits that take the offset of the predicted
 # labels from the emulator's (laplace.scatter_emulator)
-SCATTER_EMULATOR = {"emulator": EMULATOR} if scatter_uses_emulator(config["laplace"]) else {}
+SCATTER_EMULATOR = (
+    {"emulator": EMULATOR} if scatter_uses_emulator(config["laplace"]) else {}
+)
 
 
 def emulator_arg(wildcards, input):
