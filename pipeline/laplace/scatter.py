@@ -46,7 +46,7 @@ The emulator offset (config ``laplace.scatter_emulator``): the label -> flux emu
 (pipeline.evaluation.emulator) fits the whole spectrum by chi^2 and is a second, independent
 estimate of the labels. On the default run its median error is a third of the network's but
 its tail (a fit in a local minimum) as heavy, and where the two disagree the network is
-usually the one that missed: |z| correlates with the offset at Spearman 0.5-0.7 on
+usually the one that missed: |z| correlates with the offset at Spearman 0.46-0.71 on
 validation and test stars, with nothing else above 0.12. Where they agree, they may still
 both be wrong, in the same direction: hot metal-poor stars, whose weak lines leave both with
 the same degeneracy. So the offset adds a second scatter component instead of scaling the
@@ -63,7 +63,9 @@ spectrum, and that part is already in the flux-noise term), with a floor f_k = h
 validation median |d_k| so that a chance agreement does not promise an error near 0. o is
 standardized and clipped like the other covariates; a star whose emulator fit failed (no
 labels) gets the largest validation offset. Both components are fitted together (the shared
-one first alone, as the start), with the same ridge on the slopes.
+one first alone, as the start), with the same ridge on the slopes. Off by default: d is close
+to the realized residual, so a width that follows |d| makes the z-scores lighter-tailed than a
+Gaussian (docs/laplace.md has the measurements).
 
 Calibration of the core: the residuals of a network are heavier-tailed than a Gaussian even
 after the scatter model (a scale mixture: stars whose true scatter the covariates do not

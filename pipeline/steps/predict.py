@@ -26,7 +26,9 @@ line-spread and line-strength statistics against the label -> flux emulator at i
 labels, fitted from the predicted ones; distance of the last hidden features from the training
 cloud) and their FLAG bits 5-11 come from the emulator file, by
 default ``DIR/emulator.npz`` beside the model; without one their columns are NaN and those
-bits are never set (a warning says so).
+bits are never set (a warning says so), and a posterior whose scatter model takes the offset
+from the emulator's labels (``laplace.scatter_emulator``) is refused. The statistics come
+before the scatter term, which may need those labels.
 
 A canonical FITS input is read ``predict.chunk_size`` stars at a time (memory-mapped row
 slices) and each chunk's catalog rows are written before the next is read
@@ -80,7 +82,7 @@ def mixture_budget(members: list, spectra: Spectra, config: dict,
     The first member's forward pass also gives the last hidden features of the shift
     statistics; the SNR on the good pixels is measured once for every member's noise response
     and for the statistics. Bad pixels carry no flux noise (module docstring)."""
-    (model, posterior, scaler), *others = members
+    model, _, scaler = members[0]
     sources = [p for _, p, _ in members] + ([] if scatter is None else [scatter])
     if reference is None and any(map(needs_emulator, sources)):
         raise ConfigError("the scatter model takes the offset of the predicted labels from the "
