@@ -112,17 +112,18 @@ def test_xla_jacobian_pass_is_deterministic_and_matches_the_plain_one(rng):
     model = smooth_model(7)
     x = rng.normal(size=(10, 7)).astype(np.float32)
     layers = [model.layers[1]]
-    plain = forward_jacobian(model, x, batch_size=4, layers=layers)
+    # an earlier step run in this process (runtime.configure, auto) may have left XLA on
+    before = derivatives.set_jit_compile(False)
     try:
-        before = derivatives._JIT["compile"]
-        assert derivatives.set_jit_compile(True) is before  # the previous setting, to restore
+        plain = forward_jacobian(model, x, batch_size=4, layers=layers)
+        assert derivatives.set_jit_compile(True) is False  # the previous setting, to restore
         xla, again = (forward_jacobian(model, x, batch_size=4, layers=layers) for _ in range(2))
         runtime.configure({"seed": 0, "deterministic": True, "inference_jit": "auto"})
         assert derivatives._JIT["compile"] is (not runtime.gpu_visible())
         runtime.configure({"seed": 0, "deterministic": True, "inference_jit": False})
         assert derivatives._JIT["compile"] is False
     finally:
-        derivatives.set_jit_compile(False)
+        derivatives.set_jit_compile(before)
     for a, b in ((xla.outputs, again.outputs), (xla.jacobian, again.jacobian)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(xla.outputs, plain.outputs, rtol=1e-5, atol=1e-6)
