@@ -19,14 +19,13 @@ from pipeline.artifacts.model_dir import load_trained
 from pipeline.artifacts.provenance import provenance
 from pipeline.cli import base_parser, main
 from pipeline.config import scatter_uses_emulator
-from pipeline.evaluation.feature_distance import last_hidden_units
-from pipeline.evaluation.shift import ShiftReference
 from pipeline.exceptions import ConfigError
 from pipeline.laplace.error_budget import noise_covariances, predict_standardized
 from pipeline.laplace.noise_response import fit_noise_response, star_snr
 from pipeline.laplace.posterior import LaplaceOptions, calibrate_scatter, fit_laplace
 from pipeline.spectra.inputs import read_labelled_on_grid
 from pipeline.spectra.validation import bad_pixel_mask
+from pipeline.steps.predict import load_reference
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,7 @@ def emulator_fit(path: str | None, model, scaler, valid, good):
         raise ConfigError("config key 'laplace.scatter_emulator' is true: the laplace step "
                           "needs the emulator file (--emulator, the emulator step's "
                           "emulator.npz), or set the key to false")
-    reference = ShiftReference.load(path)
-    reference.check(path, valid.flux.shape[1], last_hidden_units(model))
+    reference, _ = load_reference(path, "", model, valid.flux.shape[1])
 
     def fit(z):
         best, _ = reference.emulator.best_fit(
