@@ -1,6 +1,6 @@
 """Refit the scatter model offline from a run's catalogs: two covariates, labels, squares, offset.
 
-    python -m benchmarks.scatter_refit --results results [--min-stars 100]
+    python -m benchmarks.scatter_refit --results results [--min-stars 100] [--hinge-scan]
 
 Reads ``predictions/valid.fits`` and ``predictions/test.fits`` (columns L, L_TRUE,
 L_ERR_MODEL, L_ERR_NOISE, SNR, L_EMULATOR) and ``model/scaler.json`` of a finished run, refits
@@ -17,6 +17,14 @@ first prints, per split, the median |error| of the network's and the emulator's 
 Spearman's rho of the catalog's own |z| (L_ERR) with |offset| / L_ERR, the SNR and the
 predicted labels: what the tail of the residuals follows. Writes nothing.
 
+``--hinge-scan`` instead chooses the hinge of the emulator-offset component
+(``pipeline.laplace.scatter.OFFSET_HINGE``) without the test stars: for each factor of
+``HINGE_FACTORS`` (and without the offset), five-fold cross-validation on the validation
+stars (the model fitted on four fifths, z computed on the fifth left out) and, over the
+out-of-fold z, the std, the 1-sigma coverage, the excess kurtosis, the mean Gaussian negative
+log-likelihood and the number of the 15 label x SNR-quintile bins outside z std 1 +- 0.1 or
+68.3% +- 3 points.
+
 Where it stops holding: the catalogs carry only the diagonal of the model and flux-noise
 covariances, which is all the scatter levels use, but the correlation R refitted here is not
 the laplace step's; the fit sees the catalogs' rounded physical columns, not the step's float64
@@ -32,13 +40,15 @@ import numpy as np
 from astropy.table import Table
 from scipy import stats
 
-from pipeline.laplace.scatter import fit_scatter
+from pipeline.laplace.scatter import OFFSET_HINGE, fit_scatter
 from pipeline.nn.scaler import LabelScaler
 
 LABELS = ("TEFF", "LOGG", "FE_H")
 # (label degree, emulator offset) of each refit and its name
 VARIANTS = {(0, False): "", (1, False): ", labels", (2, False): ", labels, squared labels",
             (2, True): ", labels, squared labels, emulator offset"}
+HINGE_FACTORS = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
+FOLDS = 5
 
 
 def read_split(path: Path, scaler: LabelScaler) -> dict:
@@ -82,13 +92,74 @@ def summary(name: str, z: np.ndarray) -> str:
             f"  kurtosis {np.array2string(stats.kurtosis(z, axis=0), precision=2)}")
 
 
+def refit_z(fit_on: dict, apply_to: dict, degree: int, offset: bool,
+            hinge: float = OFFSET_HINGE) -> tuple[np.ndarray, np.ndarray]:
+    """z and the total std (N, 3) of the ``apply_to`` stars under the scatter model fitted on
+    the ``fit_on`` stars (labels up to ``degree``, with the emulator offset or not)."""
+    fit = fit_scatter(fit_on["pred"] - fit_on["true"], fit_on["model"], fit_on["noise"],
+                      labels=fit_on["pred"] if degree else None, label_degree=max(degree, 1),
+                      offset=fit_on["offset"] if offset else None, offset_hinge=hinge)
+    s = fit.std(apply_to["model"], apply_to["noise"], apply_to["pred"], apply_to["offset"])
+    total = np.sqrt(s**2 + apply_to["model"] + apply_to["noise"])
+    return (apply_to["pred"] - apply_to["true"]) / total, total
+
+
+def bins_outside(z: np.ndarray, snr: np.ndarray) -> int:
+    """Label x SNR-quintile bins whose z std is off 1 by more than 0.1 or whose 1-sigma
+    coverage is off 68.3% by more than 3 points."""
+    edges = np.quantile(snr, np.linspace(0, 1, 6))
+    count = 0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        zb = z[(snr >= lo) & (snr <= hi)]
+        count += int(np.sum((np.abs(zb.std(0, ddof=1) - 1) > 0.1)
+                            | (np.abs(np.mean(np.abs(zb) < 1, axis=0) - 0.683) > 0.03)))
+    return count
+
+
+def smallest_decile(z: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """(3,) RMS residual over RMS predicted error of the tenth of the stars with the smallest
+    predicted errors (1 when those are right; the bin of ENCE where a variance floor shows)."""
+    rows = np.argsort(total, axis=0)[: max(1, len(z) // 10)]
+    pick = np.take_along_axis
+    return np.sqrt(np.mean(pick(z * total, rows, 0) ** 2, axis=0)
+                   / np.mean(pick(total, rows, 0) ** 2, axis=0))
+
+
+def hinge_scan(valid: dict) -> None:
+    """Out-of-fold calibration of each hinge factor (module docstring)."""
+    if valid["offset"] is None:
+        print("== no emulator labels in the validation catalog: nothing to scan")
+        return
+    n = len(valid["pred"])
+    fold = np.random.default_rng(0).permutation(n) % FOLDS
+    split = {f: [{k: v[rows] if isinstance(v, np.ndarray) else v for k, v in valid.items()}
+                 for rows in (fold != f, fold == f)] for f in range(FOLDS)}
+    print(f"== hinge of the emulator-offset component, {FOLDS}-fold cross-validation on {n} "
+          "validation stars (Teff, log g, [Fe/H])")
+    for hinge in (None, *HINGE_FACTORS):
+        z, total = np.empty((n, 3)), np.empty((n, 3))
+        for f, (fit_on, left_out) in split.items():
+            z[fold == f], total[fold == f] = refit_z(
+                fit_on, left_out, 2, hinge is not None, OFFSET_HINGE if hinge is None else hinge)
+        nll = np.mean(0.5 * z**2 + np.log(total) + 0.5 * np.log(2 * np.pi), axis=0)
+        print(f"{'no offset' if hinge is None else f'hinge {hinge:g} x median':20s}"
+              f"{summary('', z)[28:]}  NLL {np.array2string(nll, precision=3)}"
+              f"  bins outside {bins_outside(z, valid['snr'])}/15  smallest-error decile RMSE / "
+              f"RMV {np.array2string(smallest_decile(z, total), precision=2)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", required=True, type=Path, help="a run's results folder")
     parser.add_argument("--min-stars", type=int, default=100, help="smallest SNR bin reported")
+    parser.add_argument("--hinge-scan", action="store_true",
+                        help="cross-validate the offset hinge on the validation stars instead")
     args = parser.parse_args(argv)
     scaler = LabelScaler.load(args.results / "model" / "scaler.json")
     valid = read_split(args.results / "predictions" / "valid.fits", scaler)
+    if args.hinge_scan:
+        hinge_scan(valid)
+        return 0
     test = read_split(args.results / "predictions" / "test.fits", scaler)
     for split, data in (("valid", valid), ("test", test)):
         emulator_diagnostics(split, data)
@@ -97,11 +168,7 @@ def main(argv=None) -> int:
         if offset and (valid["offset"] is None or test["offset"] is None):
             print("== no emulator labels in the catalogs: the offset refit is skipped")
             continue
-        fit = fit_scatter(valid["pred"] - valid["true"], valid["model"], valid["noise"],
-                          labels=valid["pred"] if degree else None, label_degree=max(degree, 1),
-                          offset=valid["offset"] if offset else None)
-        s = fit.std(test["model"], test["noise"], test["pred"], test["offset"])
-        z = (test["pred"] - test["true"]) / np.sqrt(s**2 + test["model"] + test["noise"])
+        z, _ = refit_z(valid, test, degree, offset)
         print(f"== covariates: model, noise{name} "
               f"(fitted on {len(valid['pred'])} validation stars)")
         print(summary("test, all", z))

@@ -180,4 +180,4 @@ def scatter_uses_emulator(laplace: Mapping[str, Any]) -> bool:
     """Whether the ``laplace`` config section fits a scatter model that takes the offset of
     the predicted labels from the emulator's (``scatter_emulator``; 'linear' scatter only):
     its laplace and ensemble_scatter jobs then need the emulator file."""
-    return laplace["scatter"] == "linear" and bool(laplace.get("scatter_emulator", False))
+    return laplace["scatter"] == "linear" and bool(laplace.get("scatter_emulator", True))

@@ -280,7 +280,7 @@ def test_mixture_scatter_vanishes_when_the_mixture_variance_is_already_right(kin
 
     budgets, truth, scaler = _validation_members(np.random.default_rng(11))
     cfg = {"scatter": kind, "scatter_ridge": 0.02, "scatter_cap_quantile": 0.99,
-           "scatter_labels": labels}
+           "scatter_labels": labels, "scatter_emulator": False}
     share, z_tol = (0.08, 0.06) if labels and kind == "linear" else (0.06, 0.04)
     mixture = ensemble_budget(budgets)
     scatter = fit_mixture_scatter(mixture, truth, scaler, cfg)

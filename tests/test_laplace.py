@@ -271,8 +271,9 @@ def test_laplace_step_writes_a_posterior_that_reloads(tmp_path, rng):
     np.save(model_dir / WAVE_FILE, wave)
     out = tmp_path / "laplace" / "posterior.npz"
     for mode in ("evidence", "validation"):
-        argv = ["--config-json", json.dumps({"laplace": {"hyperparameters": mode,
-                                                         "device": "cpu"}}),
+        # no emulator file here: the scatter model without the emulator offset (test_shift)
+        argv = ["--config-json", json.dumps({"laplace": {"hyperparameters": mode, "device": "cpu",
+                                                         "scatter_emulator": False}}),
                 "--model", str(model_dir), "--train", str(files["train"]),
                 "--valid", str(files["valid"]), "--out", str(out)]
         assert main(build_parser, run, argv) == 0

@@ -8,6 +8,8 @@ import pytest
 from pipeline.exceptions import ConfigError, DataError
 from pipeline.laplace.posterior import Posterior
 from pipeline.laplace.scatter import (
+    FIELDS,
+    OFFSET_HINGE,
     ScatterModel,
     covariates,
     fit_scatter,
@@ -451,8 +453,7 @@ def test_the_emulator_offset_resolves_the_heavy_tail(rng):
         scores[name] = (stats.kurtosis(z), z.std(axis=0), np.mean(np.abs(z) < 1, axis=0),
                         np.mean(0.5 * np.log(var) + 0.5 * z**2, axis=0), fit)
     kurt, std, cover, nll, fit = scores["offset"]
-    assert fit.uses_offset and np.all(fit.offset_coef[:, 1] > 0.3), fit.offset_coef
-    assert np.all(fit.coef[:, -1] == 0)  # o belongs to the second component only
+    assert fit.uses_offset and np.all(fit.offset_weight > 0.05), fit.offset_weight
     assert np.all(scores["plain"][0] > 1.2) and np.all(kurt < 0.5 * scores["plain"][0]), scores
     assert np.all(np.abs(std - 1) < 0.05) and np.all(np.abs(cover - 0.6827) < 0.035), scores
     assert np.all(nll < scores["plain"][3] - 0.05), scores
@@ -466,6 +467,35 @@ def simulate_shared_tail(rng, n):
     labels = rng.normal(size=(n, 3))
     shared = 0.1 * np.exp(-labels[:, 2:]) * rng.normal(size=(n, 3))
     return resid + shared, mv, nv, offset, labels
+
+
+def test_hinge_scan_cross_validates_the_offset_hinge_on_validation_stars(tmp_path, rng, capsys):
+    """benchmarks.scatter_refit --hinge-scan: each hinge factor and the fit without the offset
+    are scored out of fold on the validation catalog alone (the test catalog is not read); on
+    offsets that carry each star's scatter the lowest hinge (0: every offset counts) beats the
+    fit without the offset in NLL on every label."""
+    from astropy.table import Table
+
+    from benchmarks.scatter_refit import HINGE_FACTORS, main
+    from pipeline.nn.scaler import LabelScaler
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "predictions").mkdir()
+    LabelScaler(mean=np.zeros(3), scale=np.ones(3)).save(tmp_path / "model" / "scaler.json")
+    resid, mv, nv, offset = simulate_offsets(rng, 3000)
+    labels = rng.normal(size=(3000, 3))
+    table = Table({"SNR": rng.uniform(30, 300, 3000)})
+    for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
+        table[name], table[name + "_TRUE"] = labels[:, k], labels[:, k] - resid[:, k]
+        table[name + "_ERR_MODEL"] = np.sqrt(mv[:, k])
+        table[name + "_ERR_NOISE"] = np.sqrt(nv[:, k])
+        table[name + "_EMULATOR"] = labels[:, k] - offset[:, k]
+    table.write(tmp_path / "predictions" / "valid.fits")
+    assert main(["--results", str(tmp_path), "--hinge-scan"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "bins outside" in ln]
+    assert len(rows) == 1 + len(HINGE_FACTORS), rows
+    nll = [np.array(ln.split("NLL [")[1].split("]")[0].split(), float) for ln in rows]
+    assert HINGE_FACTORS[0] == 0 and np.all(nll[1] < nll[0] - 0.05), rows
 
 
 def test_an_error_both_estimates_share_keeps_its_scatter(rng):
@@ -483,27 +513,37 @@ def test_an_error_both_estimates_share_keeps_its_scatter(rng):
     assert np.all(np.abs(np.mean(np.abs(z[~tail]) < 1, axis=0) - 0.6827) < 0.04)
 
 
-def test_offset_floor_missing_offsets_and_the_cap(rng):
-    """A star without an emulator fit (NaN offset) gets the scatter of the largest validation
-    offset, never above the cap; a chance zero offset gets the floor's, not 0; the stored
-    arrays say the offset is a covariate and a model without it still loads."""
+def test_offset_hinge_missing_offsets_and_the_cap(rng):
+    """Below the hinge (twice the typical offset of the star: the validation median |offset|
+    and its own flux-noise std) the offset adds nothing: the scatter is the first component's
+    alone, so no variance floor lands on the most precise stars and a low-SNR star's noise is
+    not counted twice. A star without an emulator fit (NaN offset) gets the cap; the stored
+    arrays say the model has the component, a model without it still loads, and one with the
+    older log-linear component is refused."""
     resid, mv, nv, offset = simulate_offsets(rng, 3000)
     fit = fit_scatter(resid, mv, nv, offset=offset)
-    np.testing.assert_allclose(fit.offset_floor, 0.5 * np.median(np.abs(offset), axis=0))
-    probe = np.tile(np.median(mv, axis=0), (3, 1)), np.tile(np.median(nv, axis=0), (3, 1))
-    s = fit.std(*probe, offset=np.array([[np.nan] * 3, [0.0] * 3, [1e-30] * 3]))
-    largest = fit.std(*probe, offset=np.tile(np.nanmax(np.abs(offset), axis=0) * 10, (3, 1)))
-    np.testing.assert_allclose(s[0], largest[0])
-    assert np.all(s[0] <= fit.cap) and np.all(s[1] > 0) and np.all(np.isfinite(s))
-    np.testing.assert_array_equal(s[1], s[2])  # below the floor, the offset no longer matters
+    np.testing.assert_allclose(fit.offset_typical, np.median(np.abs(offset), axis=0))
+    np.testing.assert_allclose(fit.offset_hinge, OFFSET_HINGE)
+    probe = np.tile(np.median(mv, axis=0), (5, 1)), np.tile(np.median(nv, axis=0), (5, 1))
+    probe[1][4] *= 100  # a low-SNR star: its noise moves the hinge out
+    below = OFFSET_HINGE * np.sqrt(fit.offset_typical**2 + probe[1][0]) * 0.99
+    noisy = 1.5 * below
+    s = fit.std(*probe, offset=np.array([[np.nan] * 3, [0.0] * 3, below, 1.5 * below, noisy]))
+    first = ScatterModel(*(getattr(fit, k) for k in FIELDS)).std(*probe)
+    np.testing.assert_allclose(s[[1, 2, 4]], first[[1, 2, 4]])
+    assert np.all(s[3] > first[3])
+    np.testing.assert_allclose(s[0], fit.cap)
     with pytest.raises(DataError, match="scatter_emulator"):
         fit.std(*probe)
     again = ScatterModel.from_dict(fit.to_dict())
-    np.testing.assert_array_equal(again.std(*probe, offset=offset[:3]),
-                                  fit.std(*probe, offset=offset[:3]))
+    np.testing.assert_array_equal(again.std(*probe, offset=offset[:5]),
+                                  fit.std(*probe, offset=offset[:5]))
     old = fit_scatter(resid, mv, nv).to_dict()
-    del old["offset_floor"]  # a posterior written before the offset existed
+    for key in ("offset_typical", "offset_hinge", "offset_weight"):
+        del old[key]  # a posterior written before the offset existed
     assert not ScatterModel.from_dict(old).uses_offset
+    with pytest.raises(DataError, match="older form"):
+        ScatterModel.from_dict({**fit.to_dict(), "offset_coef": [[0.0, 1.0]] * 3})
 
 
 def test_the_configured_offset_needs_the_emulator(rng):

@@ -89,19 +89,21 @@ def test_predict_reads_the_emulator_rules_output(dry_run):
 
 
 def test_scatter_fits_get_the_emulator_file_when_the_offset_is_a_covariate(dry_run):
-    """laplace.scatter_emulator: the laplace and ensemble_scatter jobs fit the scatter with
-    the emulator offset, so they wait for the emulator file and pass it on; by default (or
-    with a scatter kind without covariates) they do not."""
+    """laplace.scatter_emulator (on by default): the laplace and ensemble_scatter jobs fit the
+    scatter with the emulator offset, so they wait for the emulator file and pass it on; with
+    the option off (or a scatter kind without covariates) they do not."""
     def commands(step, *args):
         text = dry_run("-p", *args)
         return [line for line in text.splitlines() if f"pipeline.steps.{step} " in line]
 
     on = "laplace={scatter_emulator: true}"
-    found = commands("laplace", "--config", on)
-    assert found and all("--emulator results/model/emulator.npz --out" in c for c in found)
-    for option in ([], ["--config", "laplace={scatter: constant, scatter_emulator: true}"]):
+    for option in ([], ["--config", on]):
         found = commands("laplace", *option)
-        assert found and not any("--emulator" in c for c in found), option
+        assert found and all("--emulator results/model/emulator.npz --out" in c for c in found)
+    for off in ("laplace={scatter_emulator: false}",
+                "laplace={scatter: constant, scatter_emulator: true}"):
+        found = commands("laplace", "--config", off)
+        assert found and not any("--emulator" in c for c in found), off
     found = commands("laplace", "--config", on, "ensemble={members: 2}")
     assert len(found) == 2
     assert all("--emulator results/model/member-0/emulator.npz" in c for c in found)
@@ -268,8 +270,8 @@ def test_ensemble_predict_gets_one_model_and_posterior_per_member(dry_run):
     assert (f"{pairs} --scatter results/laplace/ensemble_scatter.npz "
             "--emulator results/model/member-0/emulator.npz --format") in text
     assert ("pipeline.steps.ensemble_scatter --config-json") in text
-    assert (f"{pairs} --valid results/data/valid.fits "
-            "--out results/laplace/ensemble_scatter.npz") in text
+    assert (f"{pairs} --valid results/data/valid.fits --emulator results/model/member-0/"
+            "emulator.npz --out results/laplace/ensemble_scatter.npz") in text
     # a 'likelihood' scatter has no model to refit: the members' Laplace noise, as before
     text = dry_run("-p", "--config", "ensemble={members: 2}", "laplace={scatter: likelihood}")
     assert f"{pairs} --emulator" in text and "ensemble_scatter" not in text
