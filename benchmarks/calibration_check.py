@@ -13,6 +13,8 @@ prints:
 * the kurtosis of each label's z = r / L_ERR (3 for a Gaussian) and how many of the stars with
   |z| > 3 have a true label within 2% of the width of the label box from its edge (the box of
   the catalog's true labels);
+* per label, in each decile of L_ERR, the RMS residual over the RMS predicted error (1 for
+  calibrated errors; a variance floor shows as values below 1 in the lowest deciles);
 * the largest L_ERR_SCATTER against the scatter model's cap (posterior, physical units);
 * the network's noise response stored in the posterior (ratio of the Monte-Carlo to the
   delta-method flux-noise variance by effective SNR), when the laplace step measured it.
@@ -48,6 +50,13 @@ def total_covariance(table: Table) -> np.ndarray:
     return err[:, :, None] * corr * err[:, None, :]
 
 
+def decile_ratio(residual: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(10,) RMS residual over RMS error in each decile of the error (err = residual / z)."""
+    err = residual / z
+    deciles = np.array_split(np.argsort(err), 10)
+    return np.array([np.sqrt(np.mean(residual[d] ** 2) / np.mean(err[d] ** 2)) for d in deciles])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", required=True, type=Path, help="a run's results folder")
@@ -73,6 +82,8 @@ def main(argv=None) -> int:
         print(f"{label}: z kurtosis {np.mean(z[:, k] ** 4) / np.mean(z[:, k] ** 2) ** 2:.2f}, "
               f"|z| > 3: {tail.sum()} stars, {np.sum(tail & edge)} of them at the label box's "
               f"edge ({100 * np.mean(edge):.1f}% of all stars are)")
+        print(f"  RMSE / RMS error by decile of {label}_ERR: "
+              f"{np.array2string(decile_ratio(residual[:, k], z[:, k]), precision=2)}")
     info = json.loads(str(np.load(args.results / "laplace" / "posterior.npz")["info"]))
     scaler = LabelScaler.load(args.results / "model" / "scaler.json")
     cap = np.asarray(info["scatter"]["cap"]) * np.asarray(scaler.scale)

@@ -17,13 +17,15 @@ first prints, per split, the median |error| of the network's and the emulator's 
 Spearman's rho of the catalog's own |z| (L_ERR) with |offset| / L_ERR, the SNR and the
 predicted labels: what the tail of the residuals follows. Writes nothing.
 
-``--hinge-scan`` instead chooses the hinge of the emulator-offset component
-(``pipeline.laplace.scatter.OFFSET_HINGE``) without the test stars: for each factor of
+``--hinge-scan`` instead scores the hinge factor c of the emulator-offset component
+(``pipeline.laplace.scatter.OFFSET_HINGE``) without the test stars: for each c of
 ``HINGE_FACTORS`` (and without the offset), five-fold cross-validation on the validation
 stars (the model fitted on four fifths, z computed on the fifth left out) and, over the
 out-of-fold z, the std, the 1-sigma coverage, the excess kurtosis, the mean Gaussian negative
-log-likelihood and the number of the 15 label x SNR-quintile bins outside z std 1 +- 0.1 or
-68.3% +- 3 points.
+log-likelihood, the number of the 15 label x SNR-quintile bins outside z std 1 +- 0.1 or
+68.3% +- 3 points and the RMS residual over RMS error of the tenth of the stars with the
+smallest errors. Validation spectra cover only the training SNR range: how c treats a noisier
+spectrum is not seen here (docs/laplace.md).
 
 Where it stops holding: the catalogs carry only the diagonal of the model and flux-noise
 covariances, which is all the scatter levels use, but the correlation R refitted here is not
@@ -142,7 +144,7 @@ def hinge_scan(valid: dict) -> None:
             z[fold == f], total[fold == f] = refit_z(
                 fit_on, left_out, 2, hinge is not None, OFFSET_HINGE if hinge is None else hinge)
         nll = np.mean(0.5 * z**2 + np.log(total) + 0.5 * np.log(2 * np.pi), axis=0)
-        print(f"{'no offset' if hinge is None else f'hinge {hinge:g} x median':20s}"
+        print(f"{'no offset' if hinge is None else f'hinge c = {hinge:g}':20s}"
               f"{summary('', z)[28:]}  NLL {np.array2string(nll, precision=3)}"
               f"  bins outside {bins_outside(z, valid['snr'])}/15  smallest-error decile RMSE / "
               f"RMV {np.array2string(smallest_decile(z, total), precision=2)}")

@@ -361,6 +361,22 @@ def test_calibration_check_whitens_with_the_reported_correlations(tmp_path, rng,
         else:
             assert abs(cov[0, 1] - 0.6) < 0.08, cov
         assert any(line.startswith("largest scatter") and "cap [80." in line for line in out)
+        # errors drawn as reported: RMSE / RMS error near 1 in every decile (400 stars each)
+        deciles = [np.array(line.split("[")[1].strip("]").split(), float)
+                   for line in out if "by decile of" in line]
+        assert len(deciles) == 3 and np.all(np.abs(np.array(deciles) - 1) < 0.15), deciles
+
+
+def test_decile_ratio_shows_a_variance_floor(rng):
+    """Errors with a floor under them (sqrt(s^2 + f^2) reported, s true) come out too wide in
+    the deciles of the smallest errors, which the decile ratio shows; errors as drawn give 1."""
+    from benchmarks.calibration_check import decile_ratio
+
+    s = np.exp(rng.normal(0, 0.5, 20000))
+    resid = s * rng.normal(size=s.size)
+    np.testing.assert_allclose(decile_ratio(resid, resid / s), 1.0, atol=0.06)
+    floored = decile_ratio(resid, resid / np.sqrt(s**2 + 2.0))
+    assert floored[0] < 0.5 and floored[-1] > floored[0] + 0.3, floored
 
 
 # ------------------------------------------------------------- the balanced width of the core
