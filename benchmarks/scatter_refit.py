@@ -42,6 +42,7 @@ import numpy as np
 from astropy.table import Table
 from scipy import stats
 
+from benchmarks.calibration_check import decile_ratio
 from pipeline.laplace.scatter import OFFSET_HINGE, fit_scatter
 from pipeline.nn.scaler import LabelScaler
 
@@ -121,10 +122,7 @@ def bins_outside(z: np.ndarray, snr: np.ndarray) -> int:
 def smallest_decile(z: np.ndarray, total: np.ndarray) -> np.ndarray:
     """(3,) RMS residual over RMS predicted error of the tenth of the stars with the smallest
     predicted errors (1 when those are right; the bin of ENCE where a variance floor shows)."""
-    rows = np.argsort(total, axis=0)[: max(1, len(z) // 10)]
-    pick = np.take_along_axis
-    return np.sqrt(np.mean(pick(z * total, rows, 0) ** 2, axis=0)
-                   / np.mean(pick(total, rows, 0) ** 2, axis=0))
+    return np.array([decile_ratio(z[:, k] * total[:, k], z[:, k])[0] for k in range(3)])
 
 
 def hinge_scan(valid: dict) -> None:

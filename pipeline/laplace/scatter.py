@@ -58,22 +58,21 @@ first, a hinge that is zero for the bulk of the stars:
 the scatter the two estimates share, which only the star's place in label space predicts,
 plus the scatter their disagreement reveals. d is the offset of the network's label from the
 emulator's best-fit label of the same spectrum (standardized units), counted beyond c =
-``OFFSET_HINGE`` (2) times the offset typical of such a star: m_k, the validation median
-|d_k|, and the star's own flux-noise std sqrt(E_nk) (at low SNR both estimates move with the
-noise, the network much more than the emulator, so d is mostly the network's noise error,
-which the flux-noise term already carries: counting it again widened the errors at SNR 12 by
-20-25%). The weight w_k >= 0 is fitted with the first component by maximum likelihood. Why a
-hinge: the small offsets of most stars are mostly
-the network's realized error, and a width that follows them makes the z-scores
-lighter-tailed than a Gaussian (a component log-linear in log(d^2 + g^2), g half the median
-|d|, did: kurtosis -0.6); one with a floor under it (g five times the median) added that
-floor's variance to every star and made the errors of the most precise tenth up to twice too
-wide. The hinge leaves the first component in charge below f and widens the errors only of
-the stars whose offset is well beyond the typical one, the network's large misses. The factor
-was chosen by five-fold cross-validation on the default run's validation stars, as the one
-that brings the most label x SNR-quintile bins within 0.1 of z std 1 and 3 points of 68.3%
-coverage (``python -m benchmarks.scatter_refit --results results --hinge-scan``). A star
-whose emulator fit failed (no labels) gets the cap.
+``OFFSET_HINGE`` (2) times the offset typical of such a star: m_k, the validation median |d_k|,
+and the star's own flux-noise std sqrt(E_nk). At low SNR both estimates move with the noise, the
+network much more than the emulator, so d is mostly the network's noise error, which the
+flux-noise term already carries; an offset that is only noise crosses the hinge for 4.6% of
+stars (32% with E itself as its part, which made the shift suite's SNR-12 errors too wide). The
+weight w_k >= 0 is fitted with the first component by maximum likelihood. Why a hinge: the small
+offsets of most stars are mostly the network's realized error, and a width that follows them
+makes the z-scores lighter-tailed than a Gaussian (a component log-linear in log(d^2 + g^2), g
+half the median |d|, did); with a floor under it (a larger g) the floor's variance lands on
+every star and the most precise stars get errors much too wide. The hinge leaves the first
+component in charge below it and widens the errors only of the stars whose offset is well beyond
+the typical one, the network's large misses. Five-fold cross-validation on the validation stars
+(``python -m benchmarks.scatter_refit --results results --hinge-scan``) finds c = 1-3 alike
+there, all better than no component; c = 2 for the noise above, which validation spectra (SNR
+30-300) do not test. A star whose emulator fit failed (no labels) gets the cap.
 
 Calibration of the core: the residuals of a network are heavier-tailed than a Gaussian even
 after the scatter model (a scale mixture: stars whose true scatter the covariates do not
@@ -118,7 +117,7 @@ from pipeline.exceptions import ConfigError, DataError, NumericalError
 log = logging.getLogger(__name__)
 
 KINDS = ("likelihood", "constant", "linear")
-OFFSET_HINGE = 2.0  # the hinge f_k of the offset component, in validation median |d_k|
+OFFSET_HINGE = 2.0  # the hinge factor c of the offset component (module docstring)
 CALIBRATIONS = ("fitted", "balanced")
 FIELDS = ("coef", "u_centre", "u_scale", "u_lo", "u_hi", "cap", "correlation")
 # absent from models without the offset component
@@ -166,9 +165,9 @@ class ScatterModel:
     (K, C); ``cap`` (K,) the largest scatter; ``correlation`` (K, K) the matrix R;
     ``offset_typical`` (K,) the typical offsets m_k, ``offset_hinge`` (K,) the hinge factor c
     and ``offset_weight`` (K,) the weights w_k of the emulator-offset component, empty when
-    the model has none. C = 2 (model and noise stds),
-    + K (the predicted labels) or + 2K (and their squares): the stored arrays say which, so a
-    model fitted without some of these covariates still loads and works."""
+    the model has none. C = 2 (model and noise stds), + K (the predicted labels) or + 2K (and
+    their squares): the stored arrays say which, so a model fitted without some of these
+    covariates still loads and works."""
 
     coef: np.ndarray
     u_centre: np.ndarray
