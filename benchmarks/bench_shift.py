@@ -2,12 +2,12 @@
 
 For each shift of :data:`pipeline.spectra.shifts.SHIFTS` (line strengths x1.25, continuum x0.97
 and a tilt, SNR 12, Teff above the training range, an RV of 5 km/s, a broader LSF, cosmic-ray
-spikes, emission lines, another line forest) the pipeline's own commands run on temporary
-files: ``pipeline.steps.data`` / ``train`` / ``laplace`` fit a small model on the generator
-(or ``--model-dir``/``--posterior`` reuse a run's), and ``pipeline.steps.predict`` gives every
-shifted star its labels, full error budget and FLAG. Reported per shift: the flagged fraction
-(a star is flagged when ``FLAG & mask != 0``, mask default all bits) and, per label, the z std
-and 68.3% coverage of the unflagged stars (``z = (pred - true) / LABEL_ERR``); the
+spikes, emission lines, another line forest) the pipeline's own commands run on temporary files:
+``pipeline.steps.data`` / ``train`` / ``emulator`` / ``laplace`` fit a small model on the
+generator (or ``--model-dir``/``--posterior`` reuse a run's), and ``pipeline.steps.predict``
+gives every shifted star its labels, full error budget and FLAG. Reported per shift: the flagged
+fraction (a star is flagged when ``FLAG & mask != 0``, mask default all bits) and, per label,
+the z std and 68.3% coverage of the unflagged stars (``z = (pred - true) / LABEL_ERR``); the
 in-distribution reference set, drawn the same way without a shift, is the baseline row.
 
 Verdict per shift and label (the acceptance criterion of the shift suite): at least 90% of the
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import row
+from pipeline.config import scatter_uses_emulator
 from pipeline.evaluation.shift import EMULATOR_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,20 +70,21 @@ def _step(module: str, argv: list[str]) -> None:
 
 
 def fit_model(config: dict, workdir: Path, threads: int) -> tuple[Path, Path]:
-    """data -> train -> laplace, emulator with the pipeline's commands; the model dir (holding
-    the emulator file of the shift flags) and the posterior."""
+    """data -> train -> emulator -> laplace with the pipeline's commands (the laplace step's
+    scatter model takes the emulator's labels when ``laplace.scatter_emulator`` says so, as
+    the Snakefile's rule does); the model dir (holding the emulator file of the shift flags)
+    and the posterior."""
     cfg = ["--config-json", json.dumps(config), "--threads", str(threads)]
     data = workdir / "data"
     _step("data", [*cfg, "--outdir", str(data)])
     model = workdir / "model"
-    _step("train", [*cfg, "--train", str(data / "train.fits"), "--valid",
-                    str(data / "valid.fits"), "--outdir", str(model)])
+    splits = ["--train", str(data / "train.fits"), "--valid", str(data / "valid.fits")]
+    _step("train", [*cfg, *splits, "--outdir", str(model)])
+    _step("emulator", [*cfg, "--model", str(model), *splits, "--out", str(model / EMULATOR_FILE)])
     posterior = workdir / "posterior.npz"
-    _step("laplace", [*cfg, "--model", str(model), "--train", str(data / "train.fits"),
-                      "--valid", str(data / "valid.fits"), "--out", str(posterior)])
-    _step("emulator", [*cfg, "--model", str(model), "--train", str(data / "train.fits"),
-                       "--valid", str(data / "valid.fits"), "--out",
-                       str(model / EMULATOR_FILE)])
+    emulator = (["--emulator", str(model / EMULATOR_FILE)]
+                if scatter_uses_emulator(config["laplace"]) else [])
+    _step("laplace", [*cfg, "--model", str(model), *splits, *emulator, "--out", str(posterior)])
     return model, posterior
 
 

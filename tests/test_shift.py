@@ -712,7 +712,8 @@ def test_laplace_step_fits_the_emulator_offset_and_predict_applies_it(tiny_model
                                                     str(emulator_file)]) == 0
     model, scaler, _ = load_trained(tiny_model_dir)
     scatter = Posterior.load(post, model).scatter_model
-    assert scatter.uses_offset and scatter.coef.shape == (3, 10)
+    assert scatter.uses_offset and scatter.coef.shape == (3, 9)  # the offset: its own weight
+    assert scatter.offset_weight.shape == (3,) and np.all(scatter.offset_weight >= 0)
 
     out = tmp_path / "pred"
     argv = ["--model", str(tiny_model_dir), "--posterior", str(post), "--out", str(out),
