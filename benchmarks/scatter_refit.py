@@ -142,8 +142,8 @@ def hinge_scan(valid: dict) -> None:
             z[fold == f], total[fold == f] = refit_z(
                 fit_on, left_out, 2, hinge is not None, OFFSET_HINGE if hinge is None else hinge)
         nll = np.mean(0.5 * z**2 + np.log(total) + 0.5 * np.log(2 * np.pi), axis=0)
-        print(f"{'no offset' if hinge is None else f'hinge c = {hinge:g}':20s}"
-              f"{summary('', z)[28:]}  NLL {np.array2string(nll, precision=3)}"
+        name = "no offset" if hinge is None else f"hinge c = {hinge:g}"
+        print(f"{summary(name, z)}  NLL {np.array2string(nll, precision=3)}"
               f"  bins outside {bins_outside(z, valid['snr'])}/15  smallest-error decile RMSE / "
               f"RMV {np.array2string(smallest_decile(z, total), precision=2)}")
 
