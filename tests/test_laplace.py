@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
 from pipeline.laplace import Posterior, evidence, fit_laplace
-from pipeline.laplace.curvature import ggn_blocks
+from pipeline.laplace.curvature import Head, ggn_blocks
 from pipeline.laplace.posterior import cholesky_with_jitter
 from tests.conftest import set_seed
 
@@ -168,6 +168,55 @@ def test_weights_of_units_dead_on_the_training_set_keep_their_prior_variance(rng
     reference = np.einsum("nkp,pq,nlq->nkl", jac, post.inverse_hessian(), jac)
     np.testing.assert_allclose(post.predictive_covariance(new), reference, rtol=1e-9,
                                atol=1e-14 * np.abs(reference).max())
+
+
+def kronecker_case(rng, last_layers, subset=False, n_in=40, hidden=(24, 16)):
+    """A ReLU network with a random SPD posterior precision over its last layers (weight 5
+    decoupled) and 20 inputs: Posterior built without a fit; ``subset``: the head's weights
+    without the first layer's kernel."""
+    set_seed(4)
+    model = keras.Sequential([keras.Input((n_in,), dtype=D)]
+                             + [keras.layers.Dense(h, "relu", dtype=D) for h in hidden]
+                             + [keras.layers.Dense(3, dtype=D)])
+    head = Head(model, last_layers)
+    if subset:
+        head = Head(model, last_layers, head.names[1:])
+    m = rng.normal(size=(head.n_params, head.n_params)) / np.sqrt(head.n_params)
+    precision = m @ m.T + 0.1 * np.eye(head.n_params)
+    precision[:, 5] = precision[5, :] = 0.0  # weight 5 decoupled: prior only
+    precision[5, 5] = 3.0
+    post = Posterior(head, np.linalg.cholesky(precision), prior_precision=[1.0],
+                     groups=np.zeros(head.n_params, int), noise_std=np.ones(3), log_evidence=0.0,
+                     curvature="ggn", eigenvalues=np.ones(head.n_params),
+                     evidence_curve={"prior_precision": [1.0], "log_evidence": [0.0]},
+                     info={"device": "cpu"})
+    return model, post, np.linalg.inv(precision), rng.normal(size=(20, n_in))
+
+
+@pytest.mark.parametrize("last_layers", [1, 2, 3])
+def test_kronecker_route_equals_the_triangular_solves_and_the_explicit_inverse(rng, last_layers):
+    """The outer-product route of the predictive covariance (pipeline.laplace.kronecker), the
+    triangular solves and J Sigma J^T with numpy's inverse of the precision agree for heads
+    of one, two and three layers, decoupled weights included."""
+    model, post, sigma, x = kronecker_case(rng, last_layers)
+    assert post.n_decoupled == 1
+    assert post._kronecker is not None  # the route is chosen: its first layer dominates
+    kron = post.predictive_covariance(x)
+    post.__dict__["_kronecker"] = None  # force the triangular solves
+    solves = post.predictive_covariance(x)
+    jac = independent_jacobians(model, x, post.head.variables)
+    reference = np.einsum("nkp,pq,nlq->nkl", jac, sigma, jac)
+    np.testing.assert_allclose(kron, reference, rtol=1e-10, atol=1e-13 * np.abs(reference).max())
+    np.testing.assert_allclose(kron, solves, rtol=1e-10, atol=1e-13 * np.abs(reference).max())
+
+
+def test_kronecker_route_only_where_it_applies(rng):
+    """A head whose weights start past the first layer's kernel (a subset), or a posterior
+    fitted on the GPU (its solves run there), keeps the triangular solves."""
+    assert kronecker_case(rng, 2, subset=True)[1]._kronecker is None
+    post = kronecker_case(rng, 2)[1]
+    post.device = "gpu"
+    assert post._kronecker is None
 
 
 def test_save_load_reproduces_every_variance_bit_for_bit(data, tmp_path):
