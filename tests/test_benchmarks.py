@@ -17,6 +17,7 @@ from benchmarks import (
     bench_memory,
     bench_shift,
     bench_survey,
+    snr_calibration,
 )
 from benchmarks.run import discover, table
 from pipeline.config import validate
@@ -213,6 +214,42 @@ def test_shift_metrics_and_verdict_against_brute_force(rng):
     assert not bench_shift.verdict(ok, "TEFF", reference=True)  # > 2% flagged
     assert bench_shift.verdict({"flagged": 2.0, "TEFF": {"z_std": 1.05, "coverage": 70.0}},
                                "TEFF", reference=True)
+
+
+def test_snr_bins_find_the_miscalibrated_bin_and_the_chance_of_missing(rng):
+    """Per-SNR-bin calibration: calibrated bins pass, the bin whose errors are 25% too small
+    misses, and a cell of 300 calibrated stars misses "within 3 points" about a quarter of
+    the time (simulated here), one of 3000 almost never."""
+    n = 20000
+    snr = rng.uniform(10, 300, n)
+    z = rng.standard_normal((n, 3))
+    z[snr > 242, 1] *= 1.25  # the top SNR bin of log g: errors too small
+    table = shift_catalog(z, np.zeros(n))
+    table["SNR"] = snr
+    rows = snr_calibration.bin_rows(table, 5)
+    assert len(rows) == 15 and all(r["n"] == n // 5 for r in rows)
+    missed = {(r["bin"], r["label"]) for r in rows if not r["ok"]}
+    assert missed == {("5", "LOGG")}
+    top = next(r for r in rows if (r["bin"], r["label"]) == ("5", "LOGG"))
+    assert top["z_std"] == pytest.approx(1.25, abs=0.04) and top["snr"][0] > 240
+    draws = rng.standard_normal((4000, 300))
+    cover = 100 * (np.abs(draws) < 1).mean(axis=1)
+    std = draws.std(axis=1, ddof=1)
+    simulated = np.mean((np.abs(cover - 68.27) > 3) | (std < 0.9) | (std > 1.1))
+    assert snr_calibration.chance_of_missing(300) == pytest.approx(simulated, abs=0.04)
+    assert snr_calibration.chance_of_missing(3000) < 0.01
+    assert "cells missing the target: 1 of 15" in snr_calibration.report(rows, 0.5)
+
+
+def test_snr_calibration_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):
+    """The command's path: draw, predict with the run's model, bin by SNR."""
+    from tests.conftest import REPO
+
+    rows, flagged = snr_calibration.measure(tiny_model_dir, tiny_posterior_file, 40, 2,
+                                            REPO / "config" / "quick.yaml", workdir=tmp_path)
+    assert [r["n"] for r in rows] == [20] * 6 and 0.0 <= flagged <= 100.0
+    assert rows[0]["snr"][1] <= rows[3]["snr"][0]  # bin 1 below bin 2
+    assert not list(tmp_path.iterdir())  # nothing left behind
 
 
 @pytest.mark.slow

@@ -1,0 +1,121 @@
+"""Calibration per SNR bin on many new in-distribution stars: miscalibration or noise?
+
+    python -m benchmarks.snr_calibration --model-dir results/model \
+        --posterior results/laplace/posterior.npz [--n 15000] [--bins 5]
+
+On the 1500-star test split a SNR bin holds 300 stars, whose 68.3% coverage strays by 2.7
+points (one standard error) by chance alone, so the target "within 3 points in every bin" is
+missed in about a quarter of the (bin, label) cells of perfectly calibrated errors. Here
+``n`` new stars are drawn as the shift suite's in-distribution reference set is (the
+generator with the run's label and SNR distributions and another seed,
+``pipeline.spectra.shifts.reference_spectra``), labelled by ``pipeline.predict`` with the
+run's model, posterior and emulator, and split into ``bins`` equal-count SNR bins. Printed
+per bin and label: stars, z std and 68.3% coverage with their standard errors, and whether
+the cell meets the target (z std in [0.9, 1.1], coverage within 3 points); then the flagged
+fraction (target <= 2%), the cells that miss and how many would miss by chance with
+calibrated errors (from the standard errors: a cell fails by chance with probability
+1 - (1 - p_z)(1 - p_cov)). Writes nothing outside a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import norm
+
+from benchmarks.bench_shift import NOMINAL, _step, bench_config, write_sets
+
+SEED_NAME = "reference"
+Z_STD_RANGE = (0.9, 1.1)
+COVERAGE_POINTS = 3.0
+
+
+def chance_of_missing(n: int) -> float:
+    """Probability that a cell of ``n`` calibrated stars misses the target by noise alone."""
+    from pipeline.evaluation.calibration import sampling_errors
+
+    se = sampling_errors(n)
+    p_z = 2 * norm.sf((Z_STD_RANGE[1] - 1.0) / se["Z_STD_SE"])
+    p_cov = 2 * norm.sf(COVERAGE_POINTS / (100.0 * se["COVERAGE_68.3_SE"]))
+    return float(1 - (1 - p_z) * (1 - p_cov))
+
+
+def bin_rows(catalog, n_bins: int) -> list[dict]:
+    """Per SNR bin and label: N, z std, coverage (percent), their standard errors, verdict."""
+    from pipeline import LABELS
+    from pipeline.evaluation.calibration import calibration_metrics
+    from pipeline.evaluation.precision import snr_bins
+
+    snr = np.asarray(catalog["SNR"], np.float64)
+    rows = []
+    for name, index in snr_bins(snr, n_bins)[1:]:
+        for label in LABELS:
+            m = calibration_metrics(*(np.asarray(catalog[c], np.float64)[index]
+                                      for c in (label, f"{label}_ERR", f"{label}_TRUE")), 5)
+            cov = 100.0 * m["COVERAGE_68.3"]
+            rows.append({"bin": name, "snr": (float(snr[index].min()), float(snr[index].max())),
+                         "label": label, "n": m["N"], "z_std": m["Z_STD"],
+                         "z_std_se": m["Z_STD_SE"], "coverage": cov,
+                         "coverage_se": 100.0 * m["COVERAGE_68.3_SE"],
+                         "ok": bool(Z_STD_RANGE[0] <= m["Z_STD"] <= Z_STD_RANGE[1]
+                                    and abs(cov - NOMINAL) <= COVERAGE_POINTS),
+                         "chance": chance_of_missing(m["N"])})
+    return rows
+
+
+def report(rows: list[dict], flagged: float) -> str:
+    """The Markdown table and the summary lines."""
+    lines = ["| SNR bin | SNR range | label | N | z std | coverage % | target |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['bin']} | {r['snr'][0]:.0f}-{r['snr'][1]:.0f} | {r['label']} | "
+                     f"{r['n']} | {r['z_std']:.3f} +- {r['z_std_se']:.3f} | "
+                     f"{r['coverage']:.1f} +- {r['coverage_se']:.1f} | "
+                     f"{'ok' if r['ok'] else 'MISS'} |")
+    missed = sum(not r["ok"] for r in rows)
+    lines += ["", f"flagged: {flagged:.2f}% of the stars (target <= 2%)",
+              f"cells missing the target: {missed} of {len(rows)}; expected by chance with "
+              f"calibrated errors: {sum(r['chance'] for r in rows):.1f}"]
+    return "\n".join(lines)
+
+
+def measure(model_dir: Path, posterior: Path, n: int, n_bins: int, configfile=None,
+            threads: int = 2, workdir=None) -> tuple[list[dict], float]:
+    """Draw, label and bin ``n`` in-distribution stars; (rows, flagged percent)."""
+    from pipeline.artifacts.catalog import read_table
+
+    config = bench_config({}, configfile, existing_model=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        wave = np.load(Path(model_dir) / "wave.npy")
+        (path,) = write_sets((), n, config, wave, tmp / "sets")
+        _step("predict", ["--config-json", json.dumps(config), "--threads", str(threads),
+                          "--model", str(model_dir), "--posterior", str(posterior),
+                          "--format", "fits", "--out", str(tmp / "catalogs"), str(path)])
+        catalog = read_table(tmp / "catalogs" / f"{SEED_NAME}.fits")
+    flagged = 100.0 * float((np.asarray(catalog["FLAG"]) != 0).mean())
+    return bin_rows(catalog, n_bins), flagged
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="a run's model directory")
+    parser.add_argument("--posterior", required=True, help="its Laplace posterior (.npz)")
+    parser.add_argument("--configfile", help="that run's config (default: the schema's)")
+    parser.add_argument("--n", type=int, default=15000, help="stars to draw (default 15000)")
+    parser.add_argument("--bins", type=int, default=5, help="equal-count SNR bins (default 5, "
+                        "as tables.snr_bins)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    rows, flagged = measure(Path(args.model_dir), Path(args.posterior), args.n, args.bins,
+                            args.configfile, args.threads)
+    print(report(rows, flagged))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
