@@ -9,11 +9,16 @@
 * laplace fit / epoch: the whole ``fit_laplace`` (features, curvature, evidence fit,
   Cholesky, eigenvalues) against one training epoch (Adam, batch 64) on the same stars; target
   <= 2 at 12,000 stars of the reference network (the full run), reported only with --quick.
+* predictive covariance: ``Posterior.feature_covariance`` of the last-2-layer head of the
+  reference network (128 -> 32 -> 3, 4227 weights, a random SPD precision) on 2048 stars by
+  the Kronecker route (``pipeline.laplace.kronecker``) against the triangular solves with the
+  Cholesky factor, their largest difference relative to sigma_k sigma_l, and the one-off
+  cost of forming Sigma for the route in stars' worth of solves.
 
 The float64 Cholesky timings (CPU and GPU, last-2 and last-3-layer sizes) are in
 benchmarks/bench_cholesky.py.
 
-    python -m benchmarks.bench_laplace [--quick]
+    python -m benchmarks.bench_laplace [--quick] [--predictive]   # --predictive: those rows only
 """
 
 from __future__ import annotations
@@ -123,12 +128,55 @@ def bench_evidence(quick: bool, n: int | None = None, hidden=None) -> list[dict]
                 chol, "s", t_new / chol, "report", None)]
 
 
+def bench_predictive(quick: bool, hidden=(128, 32), n: int | None = None) -> list[dict]:
+    """Kronecker route vs triangular solves (module docstring); ``hidden``: the head's input
+    and hidden widths."""
+    import keras
+
+    from pipeline.laplace import Posterior
+    from pipeline.laplace.curvature import Head
+
+    n = n or (512 if quick else 2048)
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((hidden[0],)), keras.layers.Dense(hidden[1], "relu"),
+                              keras.layers.Dense(3)])
+    head = Head(model, 2)
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((head.n_params, head.n_params)) / np.sqrt(head.n_params)
+    post = Posterior(head, np.linalg.cholesky(m @ m.T + 0.1 * np.eye(head.n_params)),
+                     prior_precision=[1.0], groups=np.zeros(head.n_params, int),
+                     noise_std=np.ones(3), log_evidence=0.0, curvature="ggn",
+                     eigenvalues=np.ones(head.n_params),
+                     evidence_curve={"prior_precision": [1.0], "log_evidence": [0.0]},
+                     info={"device": "cpu"})
+    phi = np.maximum(rng.standard_normal((n, hidden[0])), 0.0)
+    build = best_time(lambda: post._kronecker, 1)  # the first access forms it
+    kron_cov = post.feature_covariance(phi)
+    kron = best_time(lambda: post.feature_covariance(phi))
+    post.__dict__["_kronecker"] = None  # the triangular solves from here on
+    solves_cov = post.feature_covariance(phi)
+    solves = best_time(lambda: post.feature_covariance(phi))
+    sd = np.sqrt(np.einsum("nkk->nk", solves_cov))
+    diff = float((np.abs(kron_cov - solves_cov) / (sd[:, :, None] * sd[:, None, :])).max())
+    saved = (solves - kron) / n  # seconds a star
+    tag = f"last-2-layer head {hidden[0]}-{hidden[1]}-3 ({head.n_params} weights), {n} stars"
+    return [row(f"predictive covariance, triangular solves / Kronecker route, {tag}", solves,
+                kron, "s", solves / kron, "report (> 1: Kronecker faster)", None),
+            row(f"predictive covariance, Kronecker route vs solves, {tag}", diff, None,
+                "max abs diff / (s_k s_l)", None, "<= 1e-8", bool(diff <= 1e-8)),
+            row(f"forming Sigma for the Kronecker route (potri, packing), {tag}", build,
+                saved if saved > 0 else None, "s", build / saved if saved > 0 else None,
+                "report (ratio: stars whose saved time pays for it)", None)]
+
+
 def run(quick: bool = False) -> list[dict]:
     """Benchmark rows {'benchmark', 'value', 'baseline', 'ratio', 'target', 'unit', 'ok'}."""
-    return [bench_curvature(quick), *bench_evidence(quick), bench_fit(quick)]
+    return [bench_curvature(quick), *bench_evidence(quick), bench_fit(quick),
+            *bench_predictive(quick)]
 
 
 if __name__ == "__main__":
-    for row in run(quick="--quick" in sys.argv):
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()))
+    from benchmarks.run import table
+
+    quick = "--quick" in sys.argv
+    print(table(bench_predictive(quick) if "--predictive" in sys.argv else run(quick)))

@@ -168,6 +168,12 @@ def test_last_two_layer_rows_have_equal_variances():
 
 
 @pytest.mark.slow
+def test_predictive_covariance_rows_tiny():
+    rows = bench_laplace.bench_predictive(True, hidden=(16, 8), n=64)
+    check_rows(rows)
+    assert rows[1]["ok"] and rows[1]["value"] < 1e-10  # the two routes agree
+
+
 def test_memory_rows_tiny(tmp_path):
     rows = bench_memory.run(quick=True, sizes=(20, 200), n_pixels=30, workdir=tmp_path,
                             train_sizes=(20, 200), train_pixels=30)

@@ -36,22 +36,23 @@ class KroneckerCovariance:
     bias); ``n_out``: d_out of the first layer, whose m d_out weights come first."""
 
     def __init__(self, cholesky: np.ndarray, n_in: int, n_out: int):
+        # potri: the lower triangle of Sigma, read below only there (row >= column)
         inv, info = sl.lapack.dpotri(cholesky, lower=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"potri failed (info {info})")
-        sigma = np.tril(inv) + np.tril(inv, -1).T  # potri fills the lower triangle only
         self.m, self.d = n_in, n_out
         first = n_in * n_out
-        i, i2 = np.triu_indices(n_in)
-        j, j2 = np.triu_indices(n_out)
-        s = sigma[:first, :first].reshape(n_in, n_out, n_in, n_out)
-        # sum over (i, i') and (i', i) together: S[i, :, i', :] + S[i', :, i, :] off the diagonal
-        pairs = s[i, :, i2, :] + np.where((i != i2)[:, None, None], s[i2, :, i, :], 0.0)
-        self.pairs = (i, i2)
-        self.columns = (j, j2)
-        self.packed = np.ascontiguousarray(pairs[:, j, j2])  # (m(m+1)/2, d(d+1)/2)
-        self.cross = np.ascontiguousarray(sigma[:first, first:].reshape(n_in, -1))  # (m, d R)
-        self.rest = np.ascontiguousarray(sigma[first:, first:])  # (R, R)
+        i, i2 = (a[:, None] for a in np.triu_indices(n_in))  # pairs i <= i'
+        j, j2 = np.triu_indices(n_out)  # packed columns j <= j'
+        low = inv[:first, :first].reshape(n_in, n_out, n_in, n_out)
+        # S[i, j, i', j'] + S[i', j, i, j'] for i < i', S[i, j, i, j'] for i = i', from the
+        # lower triangle: weight (i', .) comes after (i, .) for i < i', and (i, j') after
+        # (i, j) for j <= j'
+        self.packed = low[i2, j2, i, j] + np.where(i < i2, low[i2, j, i, j2], 0.0)
+        self.pairs, self.columns = (i[:, 0], i2[:, 0]), (j, j2)
+        self.cross = np.ascontiguousarray(inv[first:, :first].T).reshape(n_in, -1)  # (m, d R)
+        rest = np.tril(inv[first:, first:])
+        self.rest = rest + np.tril(rest, -1).T  # (R, R)
 
     def covariance(self, phi: np.ndarray, jacobian: np.ndarray) -> np.ndarray:
         """(N, K, K) J Sigma J^T of stars with head features ``phi`` (N, d_in) and head

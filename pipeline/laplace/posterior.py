@@ -4,7 +4,7 @@
 
 with C_k the per-label curvature blocks of :mod:`pipeline.laplace.curvature` (GGN or exact
 Hessian) and the hyperparameters from :mod:`pipeline.laplace.evidence`. A = L L^T is factorized
-once in float64 (on the GPU when one is visible); prediction never forms A^-1:
+once in float64 (on the GPU when one is visible); prediction solves with it,
 
     Cov[f(x_n)] = J_n A^-1 J_n^T = V_n^T V_n,   V_n = L^-1 J_n^T   (triangular solves)
 
