@@ -17,7 +17,7 @@ from benchmarks import (
     bench_memory,
     bench_shift,
     bench_survey,
-    snr_calibration,
+    binned_calibration,
 )
 from benchmarks.run import discover, table
 from pipeline.config import validate
@@ -232,29 +232,32 @@ def test_snr_bins_find_the_miscalibrated_bin_and_the_chance_of_missing(rng):
     z[snr > 242, 1] *= 1.25  # the top SNR bin of log g: errors too small
     table = shift_catalog(z, np.zeros(n))
     table["SNR"] = snr
-    rows = snr_calibration.bin_rows(table, 5)
+    rows = binned_calibration.bin_rows(table, 5)
     assert len(rows) == 15 and all(r["n"] == n // 5 for r in rows)
     missed = {(r["bin"], r["label"]) for r in rows if not r["ok"]}
     assert missed == {("5", "LOGG")}
     top = next(r for r in rows if (r["bin"], r["label"]) == ("5", "LOGG"))
-    assert top["z_std"] == pytest.approx(1.25, abs=0.04) and top["snr"][0] > 240
+    assert top["z_std"] == pytest.approx(1.25, abs=0.04) and top["range"][0] > 240
+    by_label = binned_calibration.bin_rows(table, 5, label_bins=2)  # + 2 bins of each label
+    assert len(by_label) == 15 + 3 * 2 * 3
+    assert {r["group"] for r in by_label} == {"SNR", "TEFF", "LOGG", "FE_H"}
     draws = rng.standard_normal((4000, 300))
     cover = 100 * (np.abs(draws) < 1).mean(axis=1)
     std = draws.std(axis=1, ddof=1)
     simulated = np.mean((np.abs(cover - 68.27) > 3) | (std < 0.9) | (std > 1.1))
-    assert snr_calibration.chance_of_missing(300) == pytest.approx(simulated, abs=0.04)
-    assert snr_calibration.chance_of_missing(3000) < 0.01
-    assert "cells missing the target: 1 of 15" in snr_calibration.report(rows, 0.5)
+    assert binned_calibration.chance_of_missing(300) == pytest.approx(simulated, abs=0.04)
+    assert binned_calibration.chance_of_missing(3000) < 0.01
+    assert "cells missing the target: 1 of 15" in binned_calibration.report(rows, 0.5)
 
 
-def test_snr_calibration_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):
+def test_binned_calibration_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):
     """The command's path: draw, predict with the run's model, bin by SNR."""
     from tests.conftest import REPO
 
-    rows, flagged = snr_calibration.measure(tiny_model_dir, tiny_posterior_file, 40, 2,
-                                            REPO / "config" / "quick.yaml", workdir=tmp_path)
+    rows, flagged = binned_calibration.measure(tiny_model_dir, tiny_posterior_file, 40, 2, 1,
+                                               REPO / "config" / "quick.yaml", workdir=tmp_path)
     assert [r["n"] for r in rows] == [20] * 6 and 0.0 <= flagged <= 100.0
-    assert rows[0]["snr"][1] <= rows[3]["snr"][0]  # bin 1 below bin 2
+    assert rows[0]["range"][1] <= rows[3]["range"][0]  # bin 1 below bin 2
     assert not list(tmp_path.iterdir())  # nothing left behind
 
 

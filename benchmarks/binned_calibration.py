@@ -1,7 +1,8 @@
-"""Calibration per SNR bin on many new in-distribution stars: miscalibration or noise?
+"""Calibration per SNR bin and per label region on many new in-distribution stars: miscalibration
+or noise?
 
-    python -m benchmarks.snr_calibration --model-dir results/model \
-        --posterior results/laplace/posterior.npz [--n 15000] [--bins 5]
+    python -m benchmarks.binned_calibration --model-dir results/model \
+        --posterior results/laplace/posterior.npz [--n 15000] [--bins 5] [--label-bins 3]
 
 On the 1500-star test split a SNR bin holds 300 stars, whose 68.3% coverage strays by 2.7
 points (one standard error) by chance alone, so the target "within 3 points in every bin" is
@@ -9,12 +10,14 @@ missed in about a quarter of the (bin, label) cells of perfectly calibrated erro
 ``n`` new stars are drawn as the shift suite's in-distribution reference set is (the
 generator with the run's label and SNR distributions and another seed,
 ``pipeline.spectra.shifts.reference_spectra``), labelled by ``pipeline.predict`` with the
-run's model, posterior and emulator, and split into ``bins`` equal-count SNR bins. Printed
-per bin and label: stars, z std and 68.3% coverage with their standard errors, and whether
-the cell meets the target (z std in [0.9, 1.1], coverage within 3 points); then the flagged
-fraction (target <= 2%), the cells that miss and how many would miss by chance with
-calibrated errors (from the standard errors: a cell fails by chance with probability
-1 - (1 - p_z)(1 - p_cov)). Writes nothing outside a temporary directory.
+run's model, posterior and emulator, and grouped as calibration.csv groups them
+(``pipeline.steps.tables.calibration_groups``): ``bins`` equal-count SNR bins and
+``label_bins`` equal-count bins of each predicted label. Printed per group, bin and label:
+stars, z std and 68.3% coverage with their standard errors, and whether the cell meets the
+target (z std in [0.9, 1.1], coverage within 3 points); then the flagged fraction (target
+<= 2%), the cells that miss and how many would miss by chance with calibrated errors (from
+the standard errors: a cell fails by chance with probability 1 - (1 - p_z)(1 - p_cov)).
+Writes nothing outside a temporary directory.
 """
 
 from __future__ import annotations
@@ -44,23 +47,24 @@ def chance_of_missing(n: int) -> float:
     return float(1 - (1 - p_z) * (1 - p_cov))
 
 
-def bin_rows(catalog, n_bins: int) -> list[dict]:
-    """Per SNR bin and label: N, z std, coverage (percent), their standard errors, verdict."""
+def bin_rows(catalog, n_bins: int, label_bins: int = 1) -> list[dict]:
+    """Per group (SNR, then each label's predicted value), bin and label: N, z std, coverage
+    (percent), their standard errors, verdict, chance of missing."""
     from pipeline import LABELS
     from pipeline.evaluation.calibration import calibration_metrics
-    from pipeline.evaluation.precision import snr_bins
+    from pipeline.steps.tables import calibration_groups
 
     snr = np.asarray(catalog["SNR"], np.float64)
+    config = {"tables": {"snr_bins": n_bins, "label_bins": label_bins}}
     rows = []
-    for name, index in snr_bins(snr, n_bins)[1:]:
+    for group, name, lo, hi, index in calibration_groups(catalog, snr, config)[1:]:
         for label in LABELS:
             m = calibration_metrics(*(np.asarray(catalog[c], np.float64)[index]
                                       for c in (label, f"{label}_ERR", f"{label}_TRUE")), 5)
             cov = 100.0 * m["COVERAGE_68.3"]
-            rows.append({"bin": name, "snr": (float(snr[index].min()), float(snr[index].max())),
-                         "label": label, "n": m["N"], "z_std": m["Z_STD"],
-                         "z_std_se": m["Z_STD_SE"], "coverage": cov,
-                         "coverage_se": 100.0 * m["COVERAGE_68.3_SE"],
+            rows.append({"group": group, "bin": name, "range": (lo, hi), "label": label,
+                         "n": m["N"], "z_std": m["Z_STD"], "z_std_se": m["Z_STD_SE"],
+                         "coverage": cov, "coverage_se": 100.0 * m["COVERAGE_68.3_SE"],
                          "ok": bool(Z_STD_RANGE[0] <= m["Z_STD"] <= Z_STD_RANGE[1]
                                     and abs(cov - NOMINAL) <= COVERAGE_POINTS),
                          "chance": chance_of_missing(m["N"])})
@@ -69,10 +73,11 @@ def bin_rows(catalog, n_bins: int) -> list[dict]:
 
 def report(rows: list[dict], flagged: float) -> str:
     """The Markdown table and the summary lines."""
-    lines = ["| SNR bin | SNR range | label | N | z std | coverage % | target |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| group | bin | range | label | N | z std | coverage % | target |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['bin']} | {r['snr'][0]:.0f}-{r['snr'][1]:.0f} | {r['label']} | "
+        lines.append(f"| {r['group']} | {r['bin']} | {r['range'][0]:.4g} to {r['range'][1]:.4g}"
+                     f" | {r['label']} | "
                      f"{r['n']} | {r['z_std']:.3f} +- {r['z_std_se']:.3f} | "
                      f"{r['coverage']:.1f} +- {r['coverage_se']:.1f} | "
                      f"{'ok' if r['ok'] else 'MISS'} |")
@@ -83,8 +88,8 @@ def report(rows: list[dict], flagged: float) -> str:
     return "\n".join(lines)
 
 
-def measure(model_dir: Path, posterior: Path, n: int, n_bins: int, configfile=None,
-            threads: int = 2, workdir=None) -> tuple[list[dict], float]:
+def measure(model_dir: Path, posterior: Path, n: int, n_bins: int, label_bins: int = 1,
+            configfile=None, threads: int = 2, workdir=None) -> tuple[list[dict], float]:
     """Draw, label and bin ``n`` in-distribution stars; (rows, flagged percent)."""
     from pipeline.artifacts.catalog import read_table
 
@@ -98,7 +103,7 @@ def measure(model_dir: Path, posterior: Path, n: int, n_bins: int, configfile=No
                           "--format", "fits", "--out", str(tmp / "catalogs"), str(path)])
         catalog = read_table(tmp / "catalogs" / f"{SEED_NAME}.fits")
     flagged = 100.0 * float((np.asarray(catalog["FLAG"]) != 0).mean())
-    return bin_rows(catalog, n_bins), flagged
+    return bin_rows(catalog, n_bins, label_bins), flagged
 
 
 def main(argv=None) -> int:
@@ -109,10 +114,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=15000, help="stars to draw (default 15000)")
     parser.add_argument("--bins", type=int, default=5, help="equal-count SNR bins (default 5, "
                         "as tables.snr_bins)")
+    parser.add_argument("--label-bins", type=int, default=3, help="equal-count bins of each "
+                        "predicted label (default 3, as tables.label_bins; 1: none)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     rows, flagged = measure(Path(args.model_dir), Path(args.posterior), args.n, args.bins,
-                            args.configfile, args.threads)
+                            args.label_bins, args.configfile, args.threads)
     print(report(rows, flagged))
     return 0
 
