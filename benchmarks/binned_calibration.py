@@ -17,7 +17,7 @@ stars, z std and 68.3% coverage with their standard errors, and whether the cell
 target (z std in [0.9, 1.1], coverage within 3 points); then the flagged fraction (target
 <= 2%), the cells that miss and how many would miss by chance with calibrated errors (from
 the standard errors: a cell fails by chance with probability 1 - (1 - p_z)(1 - p_cov)).
-Writes nothing outside a temporary directory.
+Writes nothing outside a temporary directory unless ``--keep DIR``.
 """
 
 from __future__ import annotations
@@ -89,19 +89,25 @@ def report(rows: list[dict], flagged: float) -> str:
 
 
 def measure(model_dir: Path, posterior: Path, n: int, n_bins: int, label_bins: int = 1,
-            configfile=None, threads: int = 2, workdir=None) -> tuple[list[dict], float]:
-    """Draw, label and bin ``n`` in-distribution stars; (rows, flagged percent)."""
+            configfile=None, threads: int = 2, workdir=None, keep=None
+            ) -> tuple[list[dict], float]:
+    """Draw, label and bin ``n`` in-distribution stars; (rows, flagged percent). ``keep``: a
+    directory that keeps the spectra (``sets/``) and the catalog (``catalogs/``), e.g. for
+    ``benchmarks.scatter_refit --catalog``; else a temporary one."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        return _measure(Path(model_dir), Path(posterior), n, n_bins, label_bins, configfile,
+                        threads, Path(keep) if keep else Path(tmp))
+
+
+def _measure(model_dir, posterior, n, n_bins, label_bins, configfile, threads, root):
     from pipeline.artifacts.catalog import read_table
 
     config = bench_config({}, configfile, existing_model=True)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        tmp = Path(tmp)
-        wave = np.load(Path(model_dir) / "wave.npy")
-        (path,) = write_sets((), n, config, wave, tmp / "sets")
-        _step("predict", ["--config-json", json.dumps(config), "--threads", str(threads),
-                          "--model", str(model_dir), "--posterior", str(posterior),
-                          "--format", "fits", "--out", str(tmp / "catalogs"), str(path)])
-        catalog = read_table(tmp / "catalogs" / f"{SEED_NAME}.fits")
+    (path,) = write_sets((), n, config, np.load(model_dir / "wave.npy"), root / "sets")
+    _step("predict", ["--config-json", json.dumps(config), "--threads", str(threads),
+                      "--model", str(model_dir), "--posterior", str(posterior),
+                      "--format", "fits", "--out", str(root / "catalogs"), str(path)])
+    catalog = read_table(root / "catalogs" / f"{SEED_NAME}.fits")
     flagged = 100.0 * float((np.asarray(catalog["FLAG"]) != 0).mean())
     return bin_rows(catalog, n_bins, label_bins), flagged
 
@@ -117,9 +123,11 @@ def main(argv=None) -> int:
     parser.add_argument("--label-bins", type=int, default=3, help="equal-count bins of each "
                         "predicted label (default 3, as tables.label_bins; 1: none)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", help="directory to keep the spectra and the catalog in "
+                        "(catalogs/reference.fits; default: a temporary one)")
     args = parser.parse_args(argv)
-    rows, flagged = measure(Path(args.model_dir), Path(args.posterior), args.n, args.bins,
-                            args.label_bins, args.configfile, args.threads)
+    rows, flagged = measure(args.model_dir, args.posterior, args.n, args.bins,
+                            args.label_bins, args.configfile, args.threads, keep=args.keep)
     print(report(rows, flagged))
     return 0
 

@@ -1,6 +1,7 @@
 """Refit the scatter model offline from a run's catalogs: two covariates, labels, squares, offset.
 
     python -m benchmarks.scatter_refit --results results [--min-stars 100] [--hinge-scan]
+        [--catalog new_stars.fits]
 
 Reads ``predictions/valid.fits`` and ``predictions/test.fits`` (columns L, L_TRUE,
 L_ERR_MODEL, L_ERR_NOISE, SNR, L_EMULATOR) and ``model/scaler.json`` of a finished run, refits
@@ -15,7 +16,11 @@ stars, in SNR quintiles of at least
 ``--min-stars`` stars, and for true [Fe/H] < -1. With the emulator's labels in the catalogs it
 first prints, per split, the median |error| of the network's and the emulator's labels and
 Spearman's rho of the catalog's own |z| (L_ERR) with |offset| / L_ERR, the SNR and the
-predicted labels: what the tail of the residuals follows. Writes nothing.
+predicted labels: what the tail of the residuals follows. ``--catalog`` scores the refits on
+another catalog with true labels instead of the test split, e.g. the 15000 new stars that
+``python -m benchmarks.binned_calibration --keep DIR`` labels (``DIR/catalogs/reference.fits``),
+where the label x SNR-quintile bins outside z std 1 +- 0.1 or 68.3% +- 3 points mean something
+(3000 stars a bin): their count is printed per refit. Writes nothing.
 
 ``--hinge-scan`` instead scores the hinge factor c of the emulator-offset component
 (``pipeline.laplace.scatter.OFFSET_HINGE``) without the test stars: for each c of
@@ -154,13 +159,15 @@ def main(argv=None) -> int:
     parser.add_argument("--min-stars", type=int, default=100, help="smallest SNR bin reported")
     parser.add_argument("--hinge-scan", action="store_true",
                         help="cross-validate the offset hinge on the validation stars instead")
+    parser.add_argument("--catalog", type=Path, help="score on this catalog (with true labels) "
+                        "instead of the run's test split")
     args = parser.parse_args(argv)
     scaler = LabelScaler.load(args.results / "model" / "scaler.json")
     valid = read_split(args.results / "predictions" / "valid.fits", scaler)
     if args.hinge_scan:
         hinge_scan(valid)
         return 0
-    test = read_split(args.results / "predictions" / "test.fits", scaler)
+    test = read_split(args.catalog or args.results / "predictions" / "test.fits", scaler)
     for split, data in (("valid", valid), ("test", test)):
         emulator_diagnostics(split, data)
     edges = np.quantile(test["snr"], np.linspace(0, 1, 6))
@@ -171,7 +178,8 @@ def main(argv=None) -> int:
         z, _ = refit_z(valid, test, degree, offset)
         print(f"== covariates: model, noise{name} "
               f"(fitted on {len(valid['pred'])} validation stars)")
-        print(summary("test, all", z))
+        print(f"{summary('test, all', z)}  label x SNR-quintile bins outside "
+              f"{bins_outside(z, test['snr'])}/15")
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             rows = (test["snr"] >= lo) & (test["snr"] <= hi)
             if rows.sum() >= args.min_stars:

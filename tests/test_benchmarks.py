@@ -254,11 +254,14 @@ def test_binned_calibration_of_an_existing_model(tiny_model_dir, tiny_posterior_
     """The command's path: draw, predict with the run's model, bin by SNR."""
     from tests.conftest import REPO
 
+    (tmp_path / "tmp").mkdir()
     rows, flagged = binned_calibration.measure(tiny_model_dir, tiny_posterior_file, 40, 2, 1,
-                                               REPO / "config" / "quick.yaml", workdir=tmp_path)
+                                               REPO / "config" / "quick.yaml",
+                                               workdir=tmp_path / "tmp", keep=tmp_path / "kept")
     assert [r["n"] for r in rows] == [20] * 6 and 0.0 <= flagged <= 100.0
     assert rows[0]["range"][1] <= rows[3]["range"][0]  # bin 1 below bin 2
-    assert not list(tmp_path.iterdir())  # nothing left behind
+    assert not list((tmp_path / "tmp").iterdir())  # the temporary directory is gone
+    assert (tmp_path / "kept" / "catalogs" / "reference.fits").is_file()  # --keep
 
 
 @pytest.mark.slow

@@ -260,15 +260,16 @@ def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
     (tmp_path / "model").mkdir()
     (tmp_path / "predictions").mkdir()
     LabelScaler(mean=mean, scale=scale).save(tmp_path / "model" / "scaler.json")
-    for split in ("valid", "test"):
-        resid, mv, nv, lab = simulate_label_tail(rng, 4000)
-        table = Table({"SNR": rng.uniform(30, 300, 4000)})
+    for path, n in ((tmp_path / "predictions" / "valid.fits", 4000),
+                    (tmp_path / "predictions" / "test.fits", 4000), (tmp_path / "new.fits", 3000)):
+        resid, mv, nv, lab = simulate_label_tail(rng, n)
+        table = Table({"SNR": rng.uniform(30, 300, n)})
         for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
             table[name] = mean[k] + scale[k] * lab[:, k]
             table[name + "_TRUE"] = mean[k] + scale[k] * (lab[:, k] - resid[:, k])
             table[name + "_ERR_MODEL"] = scale[k] * np.sqrt(mv[:, k])
             table[name + "_ERR_NOISE"] = scale[k] * np.sqrt(nv[:, k])
-        table.write(tmp_path / "predictions" / f"{split}.fits")
+        table.write(path)
     assert main(["--results", str(tmp_path), "--min-stars", "500"]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("test, all")]
@@ -276,6 +277,11 @@ def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
     assert len(new) == 2, lines  # labels, and squared labels too
     assert "offset refit is skipped" in out  # the catalogs have no emulator labels
     assert np.all(old > 0.72) and np.all(np.abs(np.array(new) - 0.6827) < 0.03), (old, new)
+    assert all("N= 4000" in ln and "bins outside" in ln for ln in lines)
+    # --catalog: the same refits scored on other stars
+    assert main(["--results", str(tmp_path), "--catalog", str(tmp_path / "new.fits")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("test, all")]
+    assert len(lines) == 3 and all("N= 3000" in ln for ln in lines)
 
 
 def test_squared_labels_follow_a_scatter_that_grows_towards_both_edges(rng):
