@@ -947,6 +947,38 @@ def test_strength_amplitude_and_misfit_are_the_weighted_least_squares_ones(rng):
     np.testing.assert_allclose(res.strength(), amplitude**2 / (variance + tau2), rtol=1e-12)
 
 
+def test_coefficient_gradient_is_the_explicit_label_gradient(rng):
+    """The emulator's label gradient against central differences of its emulated flux, and
+    its products through the coefficients (CoefficientGradient, which never forms G) against
+    the explicit array: G v, G W G^T, and the line-strength amplitudes of the emulator's
+    residuals (several regions in one batch) against those with the explicit gradient."""
+    from pipeline.evaluation.emulator import CoefficientGradient, ExplicitGradient, Residuals
+
+    labels, flux, err, good = _toy(rng, n=160)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=3)
+    z, region = em.standardize(labels[:30]), em.region(labels[:30])
+    assert len(set(region)) == 3
+    g = em.label_gradient(z, region)
+    h = 1e-6
+    for l in range(3):
+        step = np.zeros(3)
+        step[l] = h
+        fd = (em.emulate(design(z + step, 2), region)
+              - em.emulate(design(z - step, 2), region)) / (2 * h)
+        np.testing.assert_allclose(g[:, l], fd, rtol=1e-6, atol=1e-8)
+    explicit, coef = ExplicitGradient(g), CoefficientGradient(em, z, region)
+    v, w = rng.normal(size=(30, flux.shape[1])), rng.uniform(0, 2, (30, flux.shape[1]))
+    np.testing.assert_allclose(coef.dot(v), explicit.dot(v), rtol=1e-10)
+    np.testing.assert_allclose(coef.gram(w), explicit.gram(w), rtol=1e-10)
+    err2 = err[:30] ** 2
+    model = em.emulate(design(z, 2), region)
+    by_coef = em.residuals(flux[:30], err2, good[:30], z, region, [(1, "strength")])
+    by_array = Residuals(flux[:30], err2, good[:30] & em.usable[region], model,
+                         em.scatter[region] ** 2, g)
+    np.testing.assert_allclose(by_coef.strength_amplitude(), by_array.strength_amplitude(),
+                               rtol=1e-8)
+
+
 def test_strength_misfit_is_the_moment_estimate_per_region_shrunk_to_the_pool(rng):
     """Amplitudes a ~ N(0, v + tau_k^2) with known tau_k per region and v varying: the fit
     recovers tau_k where a region has many stars (within a few sampling errors), gives the

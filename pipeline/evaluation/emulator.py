@@ -151,8 +151,8 @@ and the batches group the stars by region."""
 class Residuals:
     """Residuals of spectra (N, P) against emulated ones, weighted once for every statistic:
     w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels; the label
-    gradient (N, L, P) and the misfit tau^2 (scalar or (N,)) serve the line-strength
-    statistic."""
+    gradient G = dm/dz (an (N, L, P) array, or a :class:`CoefficientGradient` that never forms
+    it) and the misfit tau^2 (scalar or (N,)) serve the line-strength statistic."""
 
     def __init__(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray,
                  model: np.ndarray, scatter2: np.ndarray, label_gradient=None,
@@ -199,16 +199,28 @@ class Residuals:
     def strength_amplitude(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) each: the weighted least-squares amplitude a of the residuals along the
         line-strength template (:func:`strength_chi2`) and its noise variance v = 1 / sum w t^2
-        (NaN without a good pixel); ``label_gradient`` required."""
+        (NaN without a good pixel); ``label_gradient`` required.
+
+        With t' = t - c^T G the template less its W-projection onto the label gradients,
+        c = (G W G^T)^-1 G W t, the sums need only L-vectors of G: sum w r t' =
+        sum w r t - c . (G W r) and sum w t'^2 = sum w t^2 - c . (G W t), so G itself (N, L, P)
+        need not be formed (:class:`CoefficientGradient`)."""
         if self.label_gradient is None:
             raise ValueError("the line-strength statistic needs the emulator's label gradient")
+        g = self.label_gradient
+        if isinstance(g, np.ndarray):
+            g = ExplicitGradient(g)
         m = np.clip(self.model, FLUX_MIN, 1.0)
         template = m * np.log(m)
-        g = self.label_gradient  # (N, L, P): remove what a change of the labels explains
-        wg = self.w[:, None, :] * g
-        normal = wg @ np.swapaxes(g, 1, 2) + 1e-12 * np.eye(g.shape[1])  # batched BLAS
-        coef = np.linalg.solve(normal, wg @ template[:, :, None])  # (N, L, 1)
-        return self._amplitude(template - (np.swapaxes(coef, 1, 2) @ g)[:, 0])
+        wt = self.w * template
+        gwt = g.dot(wt)  # (N, L)
+        normal = g.gram(self.w) + 1e-12 * np.eye(gwt.shape[1])
+        coef = np.linalg.solve(normal, gwt[:, :, None])[..., 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm = (wt * template).sum(axis=1) - (coef * gwt).sum(axis=1)
+            seen = norm > 0
+            amplitude = ((wt * self.r).sum(axis=1) - (coef * g.dot(self.wr)).sum(axis=1)) / norm
+            return np.where(seen, amplitude, np.nan), np.where(seen, 1.0 / norm, np.nan)
 
     def _amplitude(self, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Amplitude a = sum w r t / sum w t^2 of r = a t and its variance 1 / sum w t^2."""
@@ -224,6 +236,38 @@ class Residuals:
         ``template``."""
         amplitude, variance = self._amplitude(template)
         return amplitude**2 / variance
+
+
+class ExplicitGradient:
+    """Label gradients G (N, L, P) given as an array: the products the line-strength statistic
+    takes, G v (N, L) for per-star pixel vectors v (N, P) and G diag(w) G^T (N, L, L)."""
+
+    def __init__(self, g: np.ndarray):
+        self.g = g
+
+    def dot(self, v: np.ndarray) -> np.ndarray:
+        return (self.g @ v[:, :, None])[..., 0]
+
+    def gram(self, w: np.ndarray) -> np.ndarray:
+        return (w[:, None, :] * self.g) @ np.swapaxes(self.g, 1, 2)
+
+
+class CoefficientGradient:
+    """The emulator's label gradients G = D^T C_k (D = d phi / d z (N, T, L) at the stars'
+    standardized labels, C_k the (T, P) coefficients of each star's region) through their
+    factors: G v = D^T (C_k v) and G diag(w) G^T = D^T (C_k diag(w) C_k^T) D, one matrix
+    product per region present, without the (N, L, P) array
+    (:meth:`LabelEmulator.label_gradient`)."""
+
+    def __init__(self, emulator: LabelEmulator, z: np.ndarray, region: np.ndarray):
+        self.emulator, self.region = emulator, region
+        self.d = design_gradient(z, emulator.order)  # (N, T, L)
+
+    def dot(self, v: np.ndarray) -> np.ndarray:
+        return np.einsum("nt,ntl->nl", self.emulator.coef_dot(v, self.region), self.d)
+
+    def gram(self, w: np.ndarray) -> np.ndarray:
+        return np.swapaxes(self.d, 1, 2) @ self.emulator.coef_gram(w, self.region) @ self.d
 
 
 def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -434,7 +478,7 @@ class LabelEmulator:
         """:class:`Residuals` of spectra (N, P) against the emulator at standardized labels
         ``z`` (N, L) in ``region`` (N,), with the label gradient where ``reductions`` hold the
         line-strength statistic."""
-        gradient = (self.label_gradient(z, region)
+        gradient = (CoefficientGradient(self, z, region)
                     if any(reduce == STRENGTH for _, reduce in reductions) else None)
         return Residuals(flux, err2, good & self.usable[region],
                          self.emulate(design(z, self.order), region),
@@ -532,31 +576,47 @@ class LabelEmulator:
     @cached_property
     def _outer_products(self) -> np.ndarray:
         """(K, P, T(T+1)/2) products c_kpi c_kpj, i <= j, of each region's coefficients: the
-        columns of :meth:`_quadratic_terms`, built once (not for each batch and each star that
+        columns of :meth:`coef_gram`, built once (not for each batch and each star that
         changes region), C-ordered for the matrix product with the pixel weights."""
         i, j = np.triu_indices(self.coef.shape[1])
         return np.ascontiguousarray(np.swapaxes(self.coef[:, i] * self.coef[:, j], 1, 2))
 
-    def _quadratic_terms(self, f, err2, g0, region):
-        """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
-        (S NaN for a star without good usable pixels). One matrix product per region present,
-        with the per-pixel products c_kpi c_kpj (i <= j, A is symmetric) as columns."""
+    def coef_dot(self, v: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(N, T) C_k v of per-star pixel vectors v (N, P), C_k (T, P) the coefficients of each
+        star's region: one matrix product per region present."""
+        out = np.empty((len(v), self.coef.shape[1]))
+        for k in np.unique(region):
+            rows = region == k
+            out[rows] = v[rows] @ self.coef[k].T
+        return out
+
+    def coef_gram(self, w: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(N, T, T) C_k diag(w) C_k^T of per-star pixel weights w (N, P): one matrix product
+        per region present, with the per-pixel products c_kpi c_kpj (i <= j, the result is
+        symmetric) as columns."""
         n_terms = self.coef.shape[1]
         i, j = np.triu_indices(n_terms)
+        out = np.empty((len(w), n_terms, n_terms))
+        for k in np.unique(region):
+            rows = region == k
+            upper, block = w[rows] @ self._outer_products[k], np.empty((rows.sum(), n_terms,
+                                                                        n_terms))
+            block[:, i, j] = upper
+            block[:, j, i] = upper
+            out[rows] = block
+        return out
+
+    def _quadratic_terms(self, f, err2, g0, region):
+        """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
+        (S NaN for a star without good usable pixels): :meth:`coef_gram` and :meth:`coef_dot`
+        of the normalized weights."""
         g = g0 & self.usable[region]
         n_good = g.sum(axis=1)
         with np.errstate(divide="ignore"):
             w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
         w /= np.maximum(n_good, 1)[:, None]
-        a, b = np.empty((len(f), n_terms, n_terms)), np.empty((len(f), n_terms))
-        for k in np.unique(region):
-            rows = region == k
-            upper, block = w[rows] @ self._outer_products[k], np.empty((rows.sum(),) + a.shape[1:])
-            block[:, i, j] = upper
-            block[:, j, i] = upper
-            a[rows] = block
-            b[rows] = (w[rows] * f[rows]) @ self.coef[k].T
-        return a, b, np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan)
+        return (self.coef_gram(w, region), self.coef_dot(w * f, region),
+                np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan))
 
     def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
         """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`)."""
