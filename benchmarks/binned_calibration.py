@@ -32,7 +32,7 @@ from scipy.stats import norm
 
 from benchmarks.bench_shift import NOMINAL, _step, bench_config, write_sets
 
-SEED_NAME = "reference"
+SET_NAME = "reference"  # the in-distribution set of the shift suite (write_sets)
 Z_STD_RANGE = (0.9, 1.1)
 COVERAGE_POINTS = 3.0
 
@@ -107,7 +107,7 @@ def _measure(model_dir, posterior, n, n_bins, label_bins, configfile, threads, r
     _step("predict", ["--config-json", json.dumps(config), "--threads", str(threads),
                       "--model", str(model_dir), "--posterior", str(posterior),
                       "--format", "fits", "--out", str(root / "catalogs"), str(path)])
-    catalog = read_table(root / "catalogs" / f"{SEED_NAME}.fits")
+    catalog = read_table(root / "catalogs" / f"{SET_NAME}.fits")
     flagged = 100.0 * float((np.asarray(catalog["FLAG"]) != 0).mean())
     return bin_rows(catalog, n_bins, label_bins), flagged
 
