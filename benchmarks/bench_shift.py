@@ -36,6 +36,10 @@ from pipeline.evaluation.shift import EMULATOR_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 NOMINAL = 68.27
+Z_STD_RANGE = (0.9, 1.1)
+"""Band of the z std of in-distribution stars (the reference set, a calibration cell)."""
+COVERAGE_POINTS = 3.0
+"""Largest distance of their 68.3% coverage from nominal, in percentage points."""
 SHIFT_SEED = 2026
 """Entropy of the shifted and reference sets, unrelated to the training data's seeds."""
 
@@ -124,12 +128,18 @@ def shift_metrics(catalog, mask: int = -1) -> dict:
     return out
 
 
+def in_band(z_std: float, coverage: float) -> bool:
+    """Whether in-distribution stars are calibrated: z std in ``Z_STD_RANGE`` and coverage
+    (percent) within ``COVERAGE_POINTS`` of 68.3%."""
+    return bool(Z_STD_RANGE[0] <= z_std <= Z_STD_RANGE[1]
+                and abs(coverage - NOMINAL) <= COVERAGE_POINTS)
+
+
 def verdict(metrics: dict, label: str, reference: bool = False) -> bool:
     """The acceptance criterion (module docstring) of one label of one set."""
     m = metrics[label]
     if reference:
-        return (metrics["flagged"] <= 2.0 and 0.9 <= m["z_std"] <= 1.1
-                and abs(m["coverage"] - NOMINAL) <= 3.0)
+        return metrics["flagged"] <= 2.0 and in_band(m["z_std"], m["coverage"])
     if metrics["flagged"] >= 90.0:
         return True
     return bool(m["z_std"] <= 1.2 and abs(m["coverage"] - NOMINAL) <= 5.0)

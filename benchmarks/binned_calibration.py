@@ -30,11 +30,16 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from benchmarks.bench_shift import NOMINAL, _step, bench_config, write_sets
+from benchmarks.bench_shift import (
+    COVERAGE_POINTS,
+    Z_STD_RANGE,
+    _step,
+    bench_config,
+    in_band,
+    write_sets,
+)
 
 SET_NAME = "reference"  # the in-distribution set of the shift suite (write_sets)
-Z_STD_RANGE = (0.9, 1.1)
-COVERAGE_POINTS = 3.0
 
 
 def chance_of_missing(n: int) -> float:
@@ -65,8 +70,7 @@ def bin_rows(catalog, n_bins: int, label_bins: int = 1) -> list[dict]:
             rows.append({"group": group, "bin": name, "range": (lo, hi), "label": label,
                          "n": m["N"], "z_std": m["Z_STD"], "z_std_se": m["Z_STD_SE"],
                          "coverage": cov, "coverage_se": 100.0 * m["COVERAGE_68.3_SE"],
-                         "ok": bool(Z_STD_RANGE[0] <= m["Z_STD"] <= Z_STD_RANGE[1]
-                                    and abs(cov - NOMINAL) <= COVERAGE_POINTS),
+                         "ok": in_band(m["Z_STD"], cov),
                          "chance": chance_of_missing(m["N"])})
     return rows
 
