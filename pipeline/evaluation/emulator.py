@@ -148,6 +148,16 @@ the normal matrices are memory-bound for small batches: 256 stars take 0.8 of th
 and the batches group the stars by region."""
 
 
+def window_sums(a: np.ndarray, width: int) -> np.ndarray:
+    """(N, ceil(P / width)) sums of ``a`` (N, P) over windows of ``width`` adjacent pixels,
+    the last window holding what is left (no padded copy of ``a``)."""
+    whole = a.shape[1] - a.shape[1] % width
+    sums = a[:, :whole].reshape(len(a), -1, width).sum(axis=2)
+    if whole == a.shape[1]:
+        return sums
+    return np.concatenate([sums, a[:, whole:].sum(axis=1, keepdims=True)], axis=1)
+
+
 class Residuals:
     """Residuals of spectra (N, P) against emulated ones, weighted once for every statistic:
     w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels; the label
@@ -163,6 +173,7 @@ class Residuals:
         self.wr = self.w * self.r
         self.good, self.model, self.label_gradient = good, model, label_gradient
         self.strength_misfit2 = strength_misfit2
+        self._derivatives = {}
 
     def statistic(self, width: int = 1, reduce: str = "mean") -> np.ndarray:
         """(N,) :func:`pixel_chi2` of these residuals."""
@@ -173,9 +184,7 @@ class Residuals:
         with np.errstate(invalid="ignore", divide="ignore"):
             if width == 1 and reduce == "mean":
                 return (self.wr * self.r).sum(axis=1) / self.good.sum(axis=1)
-            pad = -self.w.shape[1] % width  # the last, partial window gets zero-weight pixels
-            sums = [np.pad(a, ((0, 0), (0, pad))).reshape(len(a), -1, width).sum(axis=2)
-                    for a in (self.w, self.wr)]
+            sums = [window_sums(a, width) for a in (self.w, self.wr)]
             seen = sums[0] > 0
             if reduce == "max":
                 b2 = np.where(seen, sums[1] ** 2 / sums[0], -np.inf).max(axis=1)
@@ -185,10 +194,16 @@ class Residuals:
 
     def template(self, order: int) -> np.ndarray:
         """(N,) :func:`template_chi2` of these residuals."""
-        template = self.model
-        for _ in range(order):
-            template = np.gradient(template, axis=1)
-        return self._projection(template)
+        return self._projection(self._derivative(order))
+
+    def _derivative(self, order: int) -> np.ndarray:
+        """The ``order``-th derivative of the emulated spectra along the pixels, each order
+        computed once for all the templates that need it."""
+        if order == 0:
+            return self.model
+        if order not in self._derivatives:
+            self._derivatives[order] = np.gradient(self._derivative(order - 1), axis=1)
+        return self._derivatives[order]
 
     def strength(self) -> np.ndarray:
         """(N,) :func:`strength_chi2` of these residuals, a^2 / (v + tau^2) with a and v of
@@ -214,12 +229,12 @@ class Residuals:
         template = m * np.log(m)
         wt = self.w * template
         gwt = g.dot(wt)  # (N, L)
-        normal = g.gram(self.w) + 1e-12 * np.eye(gwt.shape[1])
-        coef = np.linalg.solve(normal, gwt[:, :, None])[..., 0]
+        gram, gwr = g.residual_products(self.w, self.wr)
+        coef = np.linalg.solve(gram + 1e-12 * np.eye(gwt.shape[1]), gwt[:, :, None])[..., 0]
         with np.errstate(invalid="ignore", divide="ignore"):
             norm = (wt * template).sum(axis=1) - (coef * gwt).sum(axis=1)
             seen = norm > 0
-            amplitude = ((wt * self.r).sum(axis=1) - (coef * g.dot(self.wr)).sum(axis=1)) / norm
+            amplitude = ((wt * self.r).sum(axis=1) - (coef * gwr).sum(axis=1)) / norm
             return np.where(seen, amplitude, np.nan), np.where(seen, 1.0 / norm, np.nan)
 
     def _amplitude(self, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +266,10 @@ class ExplicitGradient:
     def gram(self, w: np.ndarray) -> np.ndarray:
         return (w[:, None, :] * self.g) @ np.swapaxes(self.g, 1, 2)
 
+    def residual_products(self, w: np.ndarray, wr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """G diag(w) G^T (N, L, L) and G (w r) (N, L)."""
+        return self.gram(w), self.dot(wr)
+
 
 class CoefficientGradient:
     """The emulator's label gradients G = D^T C_k (D = d phi / d z (N, T, L) at the stars'
@@ -259,15 +278,31 @@ class CoefficientGradient:
     product per region present, without the (N, L, P) array
     (:meth:`LabelEmulator.label_gradient`)."""
 
-    def __init__(self, emulator: LabelEmulator, z: np.ndarray, region: np.ndarray):
-        self.emulator, self.region = emulator, region
+    def __init__(self, emulator: LabelEmulator, z: np.ndarray, region: np.ndarray,
+                 weighted=None):
+        self.emulator, self.region, self.weighted = emulator, region, weighted
         self.d = design_gradient(z, emulator.order)  # (N, T, L)
 
     def dot(self, v: np.ndarray) -> np.ndarray:
-        return np.einsum("nt,ntl->nl", self.emulator.coef_dot(v, self.region), self.d)
+        return self._through_d(self.emulator.coef_dot(v, self.region))
 
     def gram(self, w: np.ndarray) -> np.ndarray:
-        return np.swapaxes(self.d, 1, 2) @ self.emulator.coef_gram(w, self.region) @ self.d
+        return self._between_d(self.emulator.coef_gram(w, self.region))
+
+    def residual_products(self, w: np.ndarray, wr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """G diag(w) G^T and G (w r): from ``weighted`` = (C_k diag(w) C_k^T, C_k (w r)) when
+        the caller already has them for these weights and residuals (the emulator fit's last
+        normal equations), else summed over the pixels."""
+        if self.weighted is None:
+            return self.gram(w), self.dot(wr)
+        gram, dot = self.weighted
+        return self._between_d(gram), self._through_d(dot)
+
+    def _through_d(self, c: np.ndarray) -> np.ndarray:
+        return np.einsum("nt,ntl->nl", c, self.d)
+
+    def _between_d(self, c: np.ndarray) -> np.ndarray:
+        return np.swapaxes(self.d, 1, 2) @ c @ self.d
 
 
 def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -474,11 +509,13 @@ class LabelEmulator:
                                      self.region(labels[sl]), reductions)
 
     def residuals(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray, z: np.ndarray,
-                  region: np.ndarray, reductions: list[tuple[int, str]]) -> Residuals:
+                  region: np.ndarray, reductions: list[tuple[int, str]],
+                  weighted=None) -> Residuals:
         """:class:`Residuals` of spectra (N, P) against the emulator at standardized labels
         ``z`` (N, L) in ``region`` (N,), with the label gradient where ``reductions`` hold the
-        line-strength statistic."""
-        gradient = (CoefficientGradient(self, z, region)
+        line-strength statistic (``weighted``: its :class:`CoefficientGradient` products
+        when known)."""
+        gradient = (CoefficientGradient(self, z, region, weighted)
                     if any(reduce == STRENGTH for _, reduce in reductions) else None)
         return Residuals(flux, err2, good & self.usable[region],
                          self.emulate(design(z, self.order), region),
@@ -548,8 +585,14 @@ class LabelEmulator:
             err2 = np.asarray(flux_err[rows], np.float64) ** 2
             z = np.clip(np.nan_to_num(self.standardize(labels0[rows]), nan=0.0, posinf=0.0,
                                       neginf=0.0), lo, hi)
-            z = self._levenberg_marquardt(f, err2, g0, z, lo, hi, iterations)
-            residuals = self.residuals(f, err2, g0, z, nearest(z, self.centres), reductions)
+            z, region, (a, b, _) = self._levenberg_marquardt(f, err2, g0, z, lo, hi,
+                                                              iterations)
+            # the line-strength statistic's C_k W C_k^T and C_k W r are the last normal
+            # equations times the good pixels: n A and n (b - A phi), no second pixel sum
+            n = (g0 & self.usable[region]).sum(axis=1)[:, None]
+            weighted = (n[:, :, None] * a,
+                        n * (b - (a @ design(z, self.order)[:, :, None])[:, :, 0]))
+            residuals = self.residuals(f, err2, g0, z, region, reductions, weighted)
             return (z * self.label_scale + self.label_mean,
                     [residuals.statistic(width, reduce) for width, reduce in reductions])
 
@@ -619,7 +662,8 @@ class LabelEmulator:
                 np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan))
 
     def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
-        """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`)."""
+        """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`), its region
+        (that of the nearest centre) and the :meth:`_quadratic_terms` (A, b, S) there."""
         def quadratic(z, a, b, s):
             phi = design(z, self.order)
             return np.einsum("nt,nts,ns->n", phi, a, phi) - 2 * np.einsum("nt,nt->n", phi, b) + s
@@ -653,7 +697,7 @@ class LabelEmulator:
             a[switch], b[switch], s[switch] = a_t[switch], b_t[switch], s_t[switch]
             region = np.where(better, region_t, region)
             lam = np.where(better, lam / 10, lam * 10)
-        return z
+        return z, region, (a, b, s)
 
 
 @dataclass
