@@ -1,7 +1,7 @@
 """Refit the scatter model offline from a run's catalogs: two covariates, labels, squares, offset.
 
     python -m benchmarks.scatter_refit --results results [--min-stars 100] [--hinge-scan]
-        [--catalog new_stars.fits]
+        [--catalog new_stars.fits [--fit-sizes 900 3000]]
 
 Reads ``predictions/valid.fits`` and ``predictions/test.fits`` (columns L, L_TRUE,
 L_ERR_MODEL, L_ERR_NOISE, SNR, L_EMULATOR) and ``model/scaler.json`` of a finished run, refits
@@ -21,6 +21,14 @@ another catalog with true labels instead of the test split, e.g. the 15000 new s
 ``python -m benchmarks.binned_calibration --keep DIR`` labels (``DIR/catalogs/reference.fits``),
 where the label x SNR-quintile bins outside z std 1 +- 0.1 or 68.3% +- 3 points mean something
 (3000 stars a bin): their count is printed per refit. Writes nothing.
+
+``--fit-sizes N [N ...]`` (with ``--catalog``) asks how many stars the scatter model needs:
+half of the catalog's stars, drawn at random, are scored; the other half is cut into disjoint
+draws of N stars each, the refit with every covariate the catalogs allow is fitted on each
+draw, and the line of each draw gives its scores and its count of label x SNR-quintile bins
+outside the bands on the scored half, after the same fit on the run's validation stars. How
+much the count moves between draws of one size is what a calibration set of that size leaves
+to chance.
 
 ``--hinge-scan`` instead scores the hinge factor c of the emulator-offset component
 (``pipeline.laplace.scatter.OFFSET_HINGE``) without the test stars: for each c of
@@ -153,6 +161,32 @@ def hinge_scan(valid: dict) -> None:
               f"RMV {np.array2string(smallest_decile(z, total), precision=2)}")
 
 
+def fit_size_scan(valid: dict, catalog: dict, sizes: list[int], seed: int = 0) -> None:
+    """Scores on a random half of ``catalog`` of the refit (all covariates present) fitted on
+    the validation stars and on disjoint draws of each of ``sizes`` stars from the other
+    half (module docstring, ``--fit-sizes``)."""
+    n = len(catalog["pred"])
+    order = np.random.default_rng(seed).permutation(n)
+    scored, pool = order[: n // 2], order[n // 2:]
+    if max(sizes) > len(pool):
+        raise SystemExit(f"--fit-sizes: the largest draw ({max(sizes)} stars) exceeds the "
+                         f"{len(pool)} stars the catalog leaves after the scored half; "
+                         "use smaller sizes or a larger catalog")
+    offset = valid["offset"] is not None and catalog["offset"] is not None
+    take = lambda data, rows: {k: None if v is None else v[rows]  # noqa: E731
+                               for k, v in data.items()}
+    score = take(catalog, scored)
+    print(f"== fitted on a calibration set of N stars (labels, squared labels"
+          f"{', emulator offset' if offset else ''}), scored on {len(scored)} other stars")
+    fits = [(f"validation split ({len(valid['pred'])})", valid)]
+    fits += [(f"{size} stars, draw {i + 1}", take(catalog, pool[i * size:(i + 1) * size]))
+             for size in sizes for i in range(len(pool) // size)]
+    for name, fit_on in fits:
+        z, _ = refit_z(fit_on, score, 2, offset)
+        print(f"{summary(name, z)}  label x SNR-quintile bins outside "
+              f"{bins_outside(z, score['snr'])}/15")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", required=True, type=Path, help="a run's results folder")
@@ -161,13 +195,20 @@ def main(argv=None) -> int:
                         help="cross-validate the offset hinge on the validation stars instead")
     parser.add_argument("--catalog", type=Path, help="score on this catalog (with true labels) "
                         "instead of the run's test split")
+    parser.add_argument("--fit-sizes", type=int, nargs="+", help="with --catalog: refit on "
+                        "disjoint draws of these many of its stars instead (module docstring)")
     args = parser.parse_args(argv)
+    if args.fit_sizes and args.catalog is None:
+        parser.error("--fit-sizes draws its calibration sets from --catalog: give one")
     scaler = LabelScaler.load(args.results / "model" / "scaler.json")
     valid = read_split(args.results / "predictions" / "valid.fits", scaler)
     if args.hinge_scan:
         hinge_scan(valid)
         return 0
     test = read_split(args.catalog or args.results / "predictions" / "test.fits", scaler)
+    if args.fit_sizes:
+        fit_size_scan(valid, test, args.fit_sizes)
+        return 0
     for split, data in (("valid", valid), ("test", test)):
         emulator_diagnostics(split, data)
     edges = np.quantile(test["snr"], np.linspace(0, 1, 6))

@@ -284,6 +284,44 @@ def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
     assert len(lines) == 3 and all("N= 3000" in ln for ln in lines)
 
 
+def test_fit_sizes_refit_on_disjoint_draws_of_the_catalog(tmp_path, rng, capsys):
+    """benchmarks.scatter_refit --fit-sizes: the refit fitted on the validation split, then on
+    every disjoint draw of each size from one half of the --catalog stars, each scored on the
+    other half; on a well-specified label tail draws of 1000 stars are calibrated; a size the
+    catalog cannot hold, or the option without --catalog, is refused."""
+    from astropy.table import Table
+
+    from benchmarks.scatter_refit import main
+    from pipeline.nn.scaler import LabelScaler
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "predictions").mkdir()
+    LabelScaler(mean=np.zeros(3), scale=np.ones(3)).save(tmp_path / "model" / "scaler.json")
+    for path, n in ((tmp_path / "predictions" / "valid.fits", 300), (tmp_path / "new.fits", 4000)):
+        resid, mv, nv, lab = simulate_label_tail(rng, n)
+        table = Table({"SNR": rng.uniform(30, 300, n)})
+        for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
+            table[name], table[name + "_TRUE"] = lab[:, k], lab[:, k] - resid[:, k]
+            table[name + "_ERR_MODEL"] = np.sqrt(mv[:, k])
+            table[name + "_ERR_NOISE"] = np.sqrt(nv[:, k])
+        table.write(path)
+    args = ["--results", str(tmp_path), "--catalog", str(tmp_path / "new.fits")]
+    assert main([*args, "--fit-sizes", "500", "1000"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "bins outside" in ln]
+    names = [ln.split("N=")[0].strip() for ln in rows]
+    assert names == ["validation split (300)", *(f"500 stars, draw {i}" for i in range(1, 5)),
+                     "1000 stars, draw 1", "1000 stars, draw 2"], names
+    assert all("N= 2000" in ln for ln in rows)
+    for ln in rows[-2:]:
+        coverage = np.array(ln.split("|z|<1 [")[1].split("]")[0].split(), float)
+        assert np.all(np.abs(coverage - 0.6827) < 0.035), ln
+    with pytest.raises(SystemExit, match="2001 stars"):
+        main([*args, "--fit-sizes", "2001"])
+    with pytest.raises(SystemExit):
+        main(["--results", str(tmp_path), "--fit-sizes", "500"])
+    assert "--fit-sizes draws its calibration sets from --catalog" in capsys.readouterr().err
+
+
 def test_squared_labels_follow_a_scatter_that_grows_towards_both_edges(rng):
     """A network misses more at both edges of its training box: labels uniform in the box
     (unit variance), s = 0.2 exp(0.5 zhat_3^2), 4.5 times larger at the edges than in the
