@@ -25,8 +25,9 @@ where the label x SNR-quintile bins outside z std 1 +- 0.1 or 68.3% +- 3 points 
 ``--fit-sizes N [N ...]`` (with ``--catalog``) asks how many stars the scatter model needs:
 half of the catalog's stars, drawn at random, are scored; the other half is cut into disjoint
 draws of N stars each, the refit with every covariate the catalogs allow is fitted on each
-draw, and the line of each draw gives its scores and its count of label x SNR-quintile bins
-outside the bands on the scored half, after the same fit on the run's validation stars. How
+draw, and the line of each draw gives its scores and its counts of label x SNR-quintile and
+label x label-tercile (of the predicted labels, as calibration.csv bins them) bins outside the
+bands on the scored half, after the same fit on the run's validation stars. How
 much the count moves between draws of one size is what a calibration set of that size leaves
 to chance.
 
@@ -120,10 +121,11 @@ def refit_z(fit_on: dict, apply_to: dict, degree: int, offset: bool,
     return (apply_to["pred"] - apply_to["true"]) / total, total
 
 
-def bins_outside(z: np.ndarray, snr: np.ndarray) -> int:
-    """Label x SNR-quintile bins whose z std is off 1 by more than 0.1 or whose 1-sigma
-    coverage is off 68.3% by more than 3 points."""
-    edges = np.quantile(snr, np.linspace(0, 1, 6))
+def bins_outside(z: np.ndarray, snr: np.ndarray, n_bins: int = 5) -> int:
+    """Label x SNR-quintile bins (``n_bins`` equal-count bins of ``snr``, or of any other
+    per-star value) whose z std is off 1 by more than 0.1 or whose 1-sigma coverage is off
+    68.3% by more than 3 points."""
+    edges = np.quantile(snr, np.linspace(0, 1, n_bins + 1))
     count = 0
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         zb = z[(snr >= lo) & (snr <= hi)]
@@ -183,8 +185,10 @@ def fit_size_scan(valid: dict, catalog: dict, sizes: list[int], seed: int = 0) -
              for size in sizes for i in range(len(pool) // size)]
     for name, fit_on in fits:
         z, _ = refit_z(fit_on, score, 2, offset)
+        by_label = sum(bins_outside(z, score["pred"][:, k], 3) for k in range(3))
         print(f"{summary(name, z)}  label x SNR-quintile bins outside "
-              f"{bins_outside(z, score['snr'])}/15")
+              f"{bins_outside(z, score['snr'])}/15, label x label-tercile bins outside "
+              f"{by_label}/27")
 
 
 def main(argv=None) -> int:

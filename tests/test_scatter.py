@@ -311,7 +311,7 @@ def test_fit_sizes_refit_on_disjoint_draws_of_the_catalog(tmp_path, rng, capsys)
     names = [ln.split("N=")[0].strip() for ln in rows]
     assert names == ["validation split (300)", *(f"500 stars, draw {i}" for i in range(1, 5)),
                      "1000 stars, draw 1", "1000 stars, draw 2"], names
-    assert all("N= 2000" in ln for ln in rows)
+    assert all("N= 2000" in ln and "label-tercile bins outside" in ln for ln in rows)
     for ln in rows[-2:]:
         coverage = np.array(ln.split("|z|<1 [")[1].split("]")[0].split(), float)
         assert np.all(np.abs(coverage - 0.6827) < 0.035), ln

@@ -597,6 +597,28 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert info["valid_flagged_lines"] <= np.ceil(0.01 * 150) / 150 + 1e-9
 
 
+def test_best_fit_only_gives_the_same_labels_without_the_residual_statistics(
+        tiny_model_dir, emulator_file):
+    """What the error budget needs of the emulator (its best-fit labels, for a scatter model
+    with the emulator offset) comes out bit for bit the same from the reference without its
+    residual statistics, which are then left out; the reference itself is not changed."""
+    from pipeline.evaluation.shift import EMULATOR_LABEL_COLUMNS, shift_statistics
+    from pipeline.spectra.synthetic import generate
+
+    model, scaler, wave = load_trained(tiny_model_dir)
+    ref = ShiftReference.load(emulator_file)
+    stars = generate(40, 33, wave=wave)
+    good = stars.flux_err > 0
+    prediction = scaler.inverse_transform(np.asarray(model(stars.flux), np.float64))
+    full = shift_statistics(ref, model, stars.flux, stars.flux_err, good, prediction)
+    fit = shift_statistics(ref.best_fit_only(), model, stars.flux, stars.flux_err, good,
+                           prediction)
+    for column in (*EMULATOR_LABEL_COLUMNS, "CHI2_EMULATOR", "FEATURE_DISTANCE"):
+        np.testing.assert_array_equal(fit[column], full[column])
+    assert "CHI2_LINES" in full and not any(c.startswith("CHI2_LINES") for c in fit)
+    assert len(ref.residuals) == 5
+
+
 def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulator_file):
     """The stored misfit is the one of the training stars at their best-fit labels: the same
     from the training file alone, while the validation stars, which set the thresholds, give

@@ -53,7 +53,7 @@ the grid does not flag them, one that extrapolates further than that does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,12 @@ class ShiftReference:
     fit_margin: float
     residuals: dict[str, ResidualStatistic]
     info: dict = field(default_factory=dict)
+
+    def best_fit_only(self) -> ShiftReference:
+        """This reference without its residual statistics: :func:`shift_statistics` then fits
+        the emulator's labels (what a scatter model with the emulator offset needs) and its
+        chi^2, without the broadband, peak, Doppler, line-spread and line-strength sums."""
+        return replace(self, residuals={})
 
     @property
     def thresholds(self) -> dict[str, float]:
