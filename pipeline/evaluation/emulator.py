@@ -587,11 +587,13 @@ class LabelEmulator:
                                       neginf=0.0), lo, hi)
             z, region, (a, b, _) = self._levenberg_marquardt(f, err2, g0, z, lo, hi,
                                                               iterations)
-            # the line-strength statistic's C_k W C_k^T and C_k W r are the last normal
-            # equations times the good pixels: n A and n (b - A phi), no second pixel sum
-            n = (g0 & self.usable[region]).sum(axis=1)[:, None]
-            weighted = (n[:, :, None] * a,
-                        n * (b - (a @ design(z, self.order)[:, :, None])[:, :, 0]))
+            weighted = None
+            if any(reduce == STRENGTH for _, reduce in reductions):
+                # the line-strength statistic's C_k W C_k^T and C_k W r are the last normal
+                # equations times the good pixels: n A and n (b - A phi), no second pixel sum
+                n = (g0 & self.usable[region]).sum(axis=1)[:, None]
+                weighted = (n[:, :, None] * a,
+                            n * (b - (a @ design(z, self.order)[:, :, None])[:, :, 0]))
             residuals = self.residuals(f, err2, g0, z, region, reductions, weighted)
             return (z * self.label_scale + self.label_mean,
                     [residuals.statistic(width, reduce) for width, reduce in reductions])
