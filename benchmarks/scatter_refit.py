@@ -85,6 +85,11 @@ def read_split(path: Path, scaler: LabelScaler) -> dict:
                        if "TEFF_EMULATOR" in t.colnames else None)}
 
 
+def stars(data: dict, rows) -> dict:
+    """The :func:`read_split` arrays of the stars ``rows`` (absent columns stay None)."""
+    return {k: v[rows] if isinstance(v, np.ndarray) else v for k, v in data.items()}
+
+
 def emulator_diagnostics(split: str, data: dict) -> None:
     """Median |error| of the network's and the emulator's labels (standardized), and
     Spearman's rho of the catalog's |z| with the offset |d| / err, the SNR and the labels."""
@@ -147,8 +152,7 @@ def hinge_scan(valid: dict) -> None:
         return
     n = len(valid["pred"])
     fold = np.random.default_rng(0).permutation(n) % FOLDS
-    split = {f: [{k: v[rows] if isinstance(v, np.ndarray) else v for k, v in valid.items()}
-                 for rows in (fold != f, fold == f)] for f in range(FOLDS)}
+    split = {f: [stars(valid, rows) for rows in (fold != f, fold == f)] for f in range(FOLDS)}
     print(f"== hinge of the emulator-offset component, {FOLDS}-fold cross-validation on {n} "
           "validation stars (Teff, log g, [Fe/H])")
     for hinge in (None, *HINGE_FACTORS):
@@ -175,13 +179,11 @@ def fit_size_scan(valid: dict, catalog: dict, sizes: list[int], seed: int = 0) -
                          f"{len(pool)} stars the catalog leaves after the scored half; "
                          "use smaller sizes or a larger catalog")
     offset = valid["offset"] is not None and catalog["offset"] is not None
-    take = lambda data, rows: {k: None if v is None else v[rows]  # noqa: E731
-                               for k, v in data.items()}
-    score = take(catalog, scored)
+    score = stars(catalog, scored)
     print(f"== fitted on a calibration set of N stars (labels, squared labels"
           f"{', emulator offset' if offset else ''}), scored on {len(scored)} other stars")
     fits = [(f"validation split ({len(valid['pred'])})", valid)]
-    fits += [(f"{size} stars, draw {i + 1}", take(catalog, pool[i * size:(i + 1) * size]))
+    fits += [(f"{size} stars, draw {i + 1}", stars(catalog, pool[i * size:(i + 1) * size]))
              for size in sizes for i in range(len(pool) // size)]
     for name, fit_on in fits:
         z, _ = refit_z(fit_on, score, 2, offset)
