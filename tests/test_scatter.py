@@ -247,29 +247,44 @@ def test_the_stored_arrays_say_whether_labels_are_covariates(rng):
         new.std(mv, nv, lab[:, :2])
 
 
+def refit_results(root, mean=(0.0, 0.0, 0.0), scale=(1.0, 1.0, 1.0)) -> None:
+    """A results folder as benchmarks.scatter_refit reads it: model/scaler.json, predictions/."""
+    from pipeline.nn.scaler import LabelScaler
+
+    (root / "model").mkdir()
+    (root / "predictions").mkdir()
+    LabelScaler(mean=np.asarray(mean), scale=np.asarray(scale)).save(
+        root / "model" / "scaler.json")
+
+
+def write_refit_catalog(path, rng, resid, mv, nv, labels, mean=(0.0, 0.0, 0.0),
+                        scale=(1.0, 1.0, 1.0), offset=None) -> None:
+    """A catalog of standardized ``labels``, residuals and model / noise variances in physical
+    units (``mean``, ``scale``), SNR uniform in 30-300, and emulator labels at ``offset``."""
+    from astropy.table import Table
+
+    table = Table({"SNR": rng.uniform(30, 300, len(labels))})
+    for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
+        table[name] = mean[k] + scale[k] * labels[:, k]
+        table[name + "_TRUE"] = mean[k] + scale[k] * (labels[:, k] - resid[:, k])
+        table[name + "_ERR_MODEL"] = scale[k] * np.sqrt(mv[:, k])
+        table[name + "_ERR_NOISE"] = scale[k] * np.sqrt(nv[:, k])
+        if offset is not None:
+            table[name + "_EMULATOR"] = mean[k] + scale[k] * (labels[:, k] - offset[:, k])
+    table.write(path)
+
+
 def test_offline_refit_command_scores_a_runs_catalogs(tmp_path, rng, capsys):
     """benchmarks.scatter_refit on catalogs of a label-dependent tail: it reads the physical
     columns back to standardized units (the scaler), and the label covariates bring the
     coverage of the test stars to 68.3% where the two-covariate fit over-covers."""
-    from astropy.table import Table
-
     from benchmarks.scatter_refit import main
-    from pipeline.nn.scaler import LabelScaler
 
     mean, scale = np.array([4800.0, 3.0, -0.3]), np.array([800.0, 1.3, 0.6])
-    (tmp_path / "model").mkdir()
-    (tmp_path / "predictions").mkdir()
-    LabelScaler(mean=mean, scale=scale).save(tmp_path / "model" / "scaler.json")
+    refit_results(tmp_path, mean, scale)
     for path, n in ((tmp_path / "predictions" / "valid.fits", 4000),
                     (tmp_path / "predictions" / "test.fits", 4000), (tmp_path / "new.fits", 3000)):
-        resid, mv, nv, lab = simulate_label_tail(rng, n)
-        table = Table({"SNR": rng.uniform(30, 300, n)})
-        for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
-            table[name] = mean[k] + scale[k] * lab[:, k]
-            table[name + "_TRUE"] = mean[k] + scale[k] * (lab[:, k] - resid[:, k])
-            table[name + "_ERR_MODEL"] = scale[k] * np.sqrt(mv[:, k])
-            table[name + "_ERR_NOISE"] = scale[k] * np.sqrt(nv[:, k])
-        table.write(path)
+        write_refit_catalog(path, rng, *simulate_label_tail(rng, n), mean, scale)
     assert main(["--results", str(tmp_path), "--min-stars", "500"]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("test, all")]
@@ -289,22 +304,11 @@ def test_fit_sizes_refit_on_disjoint_draws_of_the_catalog(tmp_path, rng, capsys)
     every disjoint draw of each size from one half of the --catalog stars, each scored on the
     other half; on a well-specified label tail draws of 1000 stars are calibrated; a size the
     catalog cannot hold, or the option without --catalog, is refused."""
-    from astropy.table import Table
-
     from benchmarks.scatter_refit import main
-    from pipeline.nn.scaler import LabelScaler
 
-    (tmp_path / "model").mkdir()
-    (tmp_path / "predictions").mkdir()
-    LabelScaler(mean=np.zeros(3), scale=np.ones(3)).save(tmp_path / "model" / "scaler.json")
+    refit_results(tmp_path)
     for path, n in ((tmp_path / "predictions" / "valid.fits", 300), (tmp_path / "new.fits", 4000)):
-        resid, mv, nv, lab = simulate_label_tail(rng, n)
-        table = Table({"SNR": rng.uniform(30, 300, n)})
-        for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
-            table[name], table[name + "_TRUE"] = lab[:, k], lab[:, k] - resid[:, k]
-            table[name + "_ERR_MODEL"] = np.sqrt(mv[:, k])
-            table[name + "_ERR_NOISE"] = np.sqrt(nv[:, k])
-        table.write(path)
+        write_refit_catalog(path, rng, *simulate_label_tail(rng, n))
     args = ["--results", str(tmp_path), "--catalog", str(tmp_path / "new.fits")]
     assert main([*args, "--fit-sizes", "500", "1000"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "bins outside" in ln]
@@ -534,23 +538,13 @@ def test_hinge_scan_cross_validates_the_offset_hinge_on_validation_stars(tmp_pat
     are scored out of fold on the validation catalog alone (the test catalog is not read); on
     offsets that carry each star's scatter the lowest hinge (0: every offset counts) beats the
     fit without the offset in NLL on every label."""
-    from astropy.table import Table
-
     from benchmarks.scatter_refit import HINGE_FACTORS, main
-    from pipeline.nn.scaler import LabelScaler
 
-    (tmp_path / "model").mkdir()
-    (tmp_path / "predictions").mkdir()
-    LabelScaler(mean=np.zeros(3), scale=np.ones(3)).save(tmp_path / "model" / "scaler.json")
+    refit_results(tmp_path)
     resid, mv, nv, offset = simulate_offsets(rng, 3000)
     labels = rng.normal(size=(3000, 3))
-    table = Table({"SNR": rng.uniform(30, 300, 3000)})
-    for k, name in enumerate(("TEFF", "LOGG", "FE_H")):
-        table[name], table[name + "_TRUE"] = labels[:, k], labels[:, k] - resid[:, k]
-        table[name + "_ERR_MODEL"] = np.sqrt(mv[:, k])
-        table[name + "_ERR_NOISE"] = np.sqrt(nv[:, k])
-        table[name + "_EMULATOR"] = labels[:, k] - offset[:, k]
-    table.write(tmp_path / "predictions" / "valid.fits")
+    write_refit_catalog(tmp_path / "predictions" / "valid.fits", rng, resid, mv, nv, labels,
+                        offset=offset)
     assert main(["--results", str(tmp_path), "--hinge-scan"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "bins outside" in ln]
     assert len(rows) == 1 + len(HINGE_FACTORS), rows
