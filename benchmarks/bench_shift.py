@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks.common import row
 from pipeline.config import scatter_uses_emulator
 from pipeline.evaluation.shift import EMULATOR_FILE
+from pipeline.spectra.shifts import LINES_SCALE
 
 REPO = Path(__file__).resolve().parent.parent
 NOMINAL = 68.27
@@ -41,6 +42,10 @@ Z_STD_RANGE = (0.9, 1.1)
 COVERAGE_POINTS = 3.0
 """Largest distance of their 68.3% coverage from nominal, in percentage points."""
 SHIFT_SEED = 2026
+LINES_SET = f"lines_x{LINES_SCALE:g}"
+LINES_CHANGE = LINES_SCALE - 1.0
+"""The line-strength shift's fractional change of every optical depth, against which each
+star's LINES_LIMIT is read."""
 """Entropy of the shifted and reference sets, unrelated to the training data's seeds."""
 
 QUICK = {"n_train": 3000, "n_valid": 600, "n_shift": 500, "hidden": [64, 32], "epochs": 25}
@@ -125,7 +130,20 @@ def shift_metrics(catalog, mask: int = -1) -> dict:
                                 np.asarray(catalog[f"{label}_TRUE"])[keep], n_bins=5)
         out[label] = {"n": m["N"], "z_mean": m["Z_MEAN"], "z_std": m["Z_STD"],
                       "coverage": 100.0 * m["COVERAGE_68.3"]}
+    if "LINES_LIMIT" in catalog.colnames:
+        out["lines_limit"] = by_lines_limit(np.asarray(catalog["LINES_LIMIT"]), flagged)
     return out
+
+
+def by_lines_limit(limit: np.ndarray, flagged: np.ndarray,
+                   change: float = LINES_CHANGE) -> dict:
+    """Stars whose LINES_LIMIT is below ``change`` (a line-strength change of that size
+    reaches their line-strength threshold in expectation) and the rest: the percentage of
+    stars below, and the flagged percentage of each group (NaN for an empty group)."""
+    below = limit < change
+    return {"below": 100.0 * float(below.mean()),
+            **{key: 100.0 * float(flagged[group].mean()) if group.any() else float("nan")
+               for key, group in (("flagged_below", below), ("flagged_above", ~below))}}
 
 
 def in_band(z_std: float, coverage: float) -> bool:
@@ -158,6 +176,10 @@ def rows_of(results: dict) -> list[dict]:
                        m["flagged"] / ref["flagged"] if ref["flagged"] > 0 else None,
                        "<= 2" if is_ref else ">= 90 (or calibrated)",
                        m["flagged"] <= 2.0 if is_ref else None))
+        if name == LINES_SET and "lines_limit" in m:
+            out.append(row(lines_limit_text(name, m["lines_limit"]),
+                           m["lines_limit"]["flagged_below"], m["lines_limit"]["flagged_above"],
+                           "% of stars", None, "report (baseline: the other stars)", None))
         for label in LABELS:
             lab = m[label]
             ok = verdict(m, label, is_ref)
@@ -187,7 +209,17 @@ def summary(results: dict) -> str:
         ok = all(verdict(m, lab, name == "reference") for lab in LABELS)
         lines.append(f"| {name} | {m['flagged']:.1f} | " + " | ".join(cells)
                      + f" | {'pass' if ok else 'FAIL'} |")
+    if "lines_limit" in results.get(LINES_SET, {}):
+        limit = results[LINES_SET]["lines_limit"]
+        lines.append(f"\n{lines_limit_text(LINES_SET, limit)}: {limit['flagged_below']:.1f}% "
+                     f"(the other stars: {limit['flagged_above']:.1f}%)")
     return "\n".join(lines)
+
+
+def lines_limit_text(name: str, limit: dict) -> str:
+    """What the LINES_LIMIT row measures."""
+    return (f"shift {name}: flagged among the {limit['below']:.1f}% of its stars whose "
+            f"LINES_LIMIT is below {LINES_CHANGE:g}")
 
 
 def measure(sizes: dict, names=None, workdir=None, model_dir=None, posterior=None,

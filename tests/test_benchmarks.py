@@ -222,6 +222,28 @@ def test_shift_metrics_and_verdict_against_brute_force(rng):
                                "TEFF", reference=True)
 
 
+def test_lines_limit_split_of_the_line_strength_shift(rng):
+    """The suite's line-strength set is split at LINES_LIMIT = 0.25 (its change): the share of
+    stars below and the flagged share of each group, as counted by hand; a row and a summary
+    line for that set only."""
+    n = 300
+    z, flag = rng.standard_normal((n, 3)), np.where(rng.random(n) < 0.6, 1 << 11, 0)
+    table = shift_catalog(z, flag)
+    table["LINES_LIMIT"] = rng.uniform(0.0, 0.5, n)
+    below = table["LINES_LIMIT"] < 0.25
+    m = bench_shift.shift_metrics(table)
+    assert m["lines_limit"]["below"] == pytest.approx(100 * below.mean())
+    assert m["lines_limit"]["flagged_below"] == pytest.approx(100 * np.mean(flag[below] != 0))
+    assert m["lines_limit"]["flagged_above"] == pytest.approx(100 * np.mean(flag[~below] != 0))
+    results = {"reference": m, bench_shift.LINES_SET: m}
+    rows = [r for r in bench_shift.rows_of(results) if "LINES_LIMIT" in r["benchmark"]]
+    assert len(rows) == 1 and rows[0]["benchmark"].startswith("shift lines_x1.25: flagged")
+    assert rows[0]["value"] == m["lines_limit"]["flagged_below"]
+    assert bench_shift.summary(results).count("LINES_LIMIT is below 0.25") == 1
+    none_below = bench_shift.by_lines_limit(np.ones(5), np.zeros(5, bool))
+    assert none_below["below"] == 0 and np.isnan(none_below["flagged_below"])
+
+
 def test_snr_bins_find_the_miscalibrated_bin_and_the_chance_of_missing(rng):
     """Per-SNR-bin calibration: calibrated bins pass, the bin whose errors are 25% too small
     misses, and a cell of 300 calibrated stars misses "within 3 points" about a quarter of

@@ -619,6 +619,40 @@ def test_best_fit_only_gives_the_same_labels_without_the_residual_statistics(
     assert len(ref.residuals) == 5
 
 
+@pytest.mark.parametrize("change", [0.01, 0.03])
+def test_lines_limit_is_the_change_that_reaches_the_threshold(tiny_model_dir, emulator_file,
+                                                              change):
+    """LINES_LIMIT L means what the catalog says, to first order: emulated spectra (no noise,
+    no misfit of their own) whose optical depths all change by a fraction c (m + c m ln m)
+    come out of the whole fit (labels refitted, the part of the change the label gradients
+    explain absorbed) with CHI2_LINES_REL = (c / L)^2 times the flag threshold, so the flag
+    fires in expectation at c = L; without the change the statistic is about 0. (The tiny
+    emulator's L of 0.4-1.3 is outside the first-order regime; the small c tests the scale.)"""
+    from pipeline.evaluation.emulator import FLUX_MIN
+    from pipeline.evaluation.shift import shift_statistics
+    from pipeline.spectra.synthetic import generate
+
+    model, _, wave = load_trained(tiny_model_dir)
+    ref = ShiftReference.load(emulator_file)
+    stars = generate(30, 34, wave=wave)
+    labels = np.clip(stars.label_array(), ref.emulator.label_min, ref.emulator.label_max)
+    good = stars.flux_err > 0
+    m = ref.emulator.flux(labels)
+    clipped = np.clip(m, FLUX_MIN, 1.0)  # as the statistic's template clips it
+
+    def statistics(flux):
+        return shift_statistics(ref, model, flux, stars.flux_err, good, labels)
+
+    threshold = ref.residuals["CHI2_LINES"].threshold
+    plain = statistics(m)
+    limit = plain["LINES_LIMIT"]
+    assert np.all(np.isfinite(limit) & (limit > 0))
+    assert np.max(plain["CHI2_LINES_REL"]) < 1e-3 * threshold * (change / limit.max()) ** 2
+    changed = statistics(m + change * clipped * np.log(clipped))
+    ratio = changed["CHI2_LINES_REL"] / threshold / (change / limit) ** 2
+    np.testing.assert_allclose(ratio, 1.0, rtol=0.05)  # 3% second order at c = 0.03
+
+
 def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulator_file):
     """The stored misfit is the one of the training stars at their best-fit labels: the same
     from the training file alone, while the validation stars, which set the thresholds, give

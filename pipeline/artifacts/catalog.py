@@ -9,7 +9,8 @@ The prediction catalog (docs/outputs.md) has one row per star:
     L_TRUE                                                   when the input had labels
     SNR                                                      when the input had it
     CHI2_EMULATOR(_REL), CHI2_BROADBAND(_REL), CHI2_PEAK(_REL), CHI2_DOPPLER(_REL),
-    CHI2_LSF(_REL), CHI2_LINES(_REL), FEATURE_DISTANCE      shift statistics (SHIFT_COLUMNS)
+    CHI2_LSF(_REL), CHI2_LINES(_REL), LINES_LIMIT,
+    FEATURE_DISTANCE                                         shift statistics (SHIFT_COLUMNS)
     L_EMULATOR                                               the emulator's best-fit labels
     FLAG                                                     bit field (FLAG_BITS)
 
@@ -83,10 +84,15 @@ SHIFT_COLUMNS = {
                   "along m ln m (every line's optical depth scaled alike), m the emulated "
                   "spectrum, with the part the labels explain removed",
     "CHI2_LINES_REL": "CHI2_LINES divided by the validation median at the star's SNR",
+    "LINES_LIMIT": "smallest fractional change of every line's optical depth alike (either "
+                   "sign) whose expected CHI2_LINES_REL reaches its flag threshold in this "
+                   "star (bit 11 catches about half such stars): a smaller line-list or "
+                   "abundance-pattern error goes unseen",
     "FEATURE_DISTANCE": "Mahalanobis distance of the last-hidden-layer features from the "
                         "training features, sqrt(D^2 / d) (about 1 in distribution)",
 }
-"""Label-free shift statistics (pipeline.evaluation.shift), dimensionless."""
+"""Label-free shift statistics (pipeline.evaluation.shift) and the line-strength statistic's
+detection limit, dimensionless."""
 
 _BUDGET_SUFFIX = {"model": "_ERR_MODEL", "noise": "_ERR_NOISE", "scatter": "_ERR_SCATTER"}
 _DESCRIPTION = {

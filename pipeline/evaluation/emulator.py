@@ -137,6 +137,12 @@ TEMPLATES = {"gradient": 1, "curvature": 2}
 """Template reductions of :func:`pixel_chi2`: the derivative order of the emulated spectrum."""
 STRENGTH = "strength"
 """The line-strength reduction of :func:`pixel_chi2` (:func:`strength_chi2`)."""
+STRENGTH_VARIANCE = "strength_variance"
+"""The reduction giving v + tau^2, the variance of the line-strength amplitude of a star the
+emulator describes (:meth:`Residuals.strength_variance`): how small a change of the line
+strengths the statistic can see in that star."""
+GRADIENT_REDUCTIONS = (STRENGTH, STRENGTH_VARIANCE)
+"""The reductions that need the emulator's label gradient."""
 FLUX_MIN = 1e-3
 """Emulated flux is clipped to [FLUX_MIN, 1] in the line-strength template m ln m."""
 PRIOR_STARS = 20
@@ -173,7 +179,7 @@ class Residuals:
         self.wr = self.w * self.r
         self.good, self.model, self.label_gradient = good, model, label_gradient
         self.strength_misfit2 = strength_misfit2
-        self._derivatives = {}
+        self._derivatives, self._strength = {}, None
 
     def statistic(self, width: int = 1, reduce: str = "mean") -> np.ndarray:
         """(N,) :func:`pixel_chi2` of these residuals."""
@@ -181,6 +187,8 @@ class Residuals:
             return self.template(TEMPLATES[reduce])
         if reduce == STRENGTH:
             return self.strength()
+        if reduce == STRENGTH_VARIANCE:
+            return self.strength_variance()
         with np.errstate(invalid="ignore", divide="ignore"):
             if width == 1 and reduce == "mean":
                 return (self.wr * self.r).sum(axis=1) / self.good.sum(axis=1)
@@ -208,13 +216,26 @@ class Residuals:
     def strength(self) -> np.ndarray:
         """(N,) :func:`strength_chi2` of these residuals, a^2 / (v + tau^2) with a and v of
         :meth:`strength_amplitude` and tau^2 = ``strength_misfit2``."""
-        amplitude, variance = self.strength_amplitude()
-        return amplitude**2 / (variance + self.strength_misfit2)
+        return self.strength_amplitude()[0] ** 2 / self.strength_variance()
+
+    def strength_variance(self) -> np.ndarray:
+        """(N,) v + tau^2, the variance of the line-strength amplitude a of a star the emulator
+        describes: its noise and the emulator's misfit along the template. A common change of
+        every optical depth by a fraction c (flux m -> m**(1 + c)) adds about c to a, so the
+        statistic's expectation grows by c^2 / (v + tau^2)."""
+        return self.strength_amplitude()[1] + self.strength_misfit2
 
     def strength_amplitude(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) each: the weighted least-squares amplitude a of the residuals along the
         line-strength template (:func:`strength_chi2`) and its noise variance v = 1 / sum w t^2
-        (NaN without a good pixel); ``label_gradient`` required.
+        (NaN without a good pixel); ``label_gradient`` required. Computed once for the
+        statistic and its variance."""
+        if self._strength is None:
+            self._strength = self._strength_amplitude()
+        return self._strength
+
+    def _strength_amplitude(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`strength_amplitude`, computed.
 
         With t' = t - c^T G the template less its W-projection onto the label gradients,
         c = (G W G^T)^-1 G W t, the sums need only L-vectors of G: sum w r t' =
@@ -516,7 +537,7 @@ class LabelEmulator:
         line-strength statistic (``weighted``: its :class:`CoefficientGradient` products
         when known)."""
         gradient = (CoefficientGradient(self, z, region, weighted)
-                    if any(reduce == STRENGTH for _, reduce in reductions) else None)
+                    if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions) else None)
         return Residuals(flux, err2, good & self.usable[region],
                          self.emulate(design(z, self.order), region),
                          self.scatter[region] ** 2, gradient, self.strength_misfit[region] ** 2)
@@ -588,7 +609,7 @@ class LabelEmulator:
             z, region, (a, b, _) = self._levenberg_marquardt(f, err2, g0, z, lo, hi,
                                                               iterations)
             weighted = None
-            if any(reduce == STRENGTH for _, reduce in reductions):
+            if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions):
                 # the line-strength statistic's C_k W C_k^T and C_k W r are the last normal
                 # equations times the good pixels: n A and n (b - A phi), no second pixel sum
                 n = (g0 & self.usable[region]).sum(axis=1)[:, None]

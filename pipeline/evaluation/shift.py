@@ -26,7 +26,9 @@ needed):
   plus the emulator's own misfit along that template in the star's label region (measured
   on training stars, ``strength_misfit``). Each divided by
   its own validation median at the star's SNR (``_REL``); flag when that exceeds its
-  validation ``chi2_quantile``.
+  validation ``chi2_quantile``. ``LINES_LIMIT``: the smallest common fractional change of
+  the optical depths at which that flag fires in expectation (:func:`lines_limit`), large
+  where weak lines leave little of the template or the emulator's misfit is large.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
   training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
   validation ``feature_quantile``.
@@ -61,7 +63,13 @@ import numpy as np
 from pipeline import LABELS
 from pipeline.artifacts.catalog import SHIFT_COLUMNS
 from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
-from pipeline.evaluation.emulator import STRENGTH, LabelEmulator, SnrTrend, fit_strength_misfit
+from pipeline.evaluation.emulator import (
+    STRENGTH,
+    STRENGTH_VARIANCE,
+    LabelEmulator,
+    SnrTrend,
+    fit_strength_misfit,
+)
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
 from pipeline.random_streams import subset
@@ -190,13 +198,17 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
     n = len(flux)
     if reference is None:
         return {k: np.full(n, np.nan) for k in (*SHIFT_COLUMNS, *EMULATOR_LABEL_COLUMNS)}
-    reductions = [(1, "mean")] + [(w.width, w.reduce) for w in reference.residuals.values()]
+    lines = reference.residuals.get("CHI2_LINES")
+    reductions = ([(1, "mean")] + [(w.width, w.reduce) for w in reference.residuals.values()]
+                  + ([(1, STRENGTH_VARIANCE)] if lines else []))
     best, (chi2, *values) = reference.emulator.fit_statistics(
         flux, flux_err, good, prediction, reductions, reference.fit_iterations,
         reference.fit_margin, threads=threads)
     if snr is None:
         snr = spectrum_snr(flux, flux_err, good)
     residuals = {}
+    if lines:
+        residuals["LINES_LIMIT"] = lines_limit(values.pop(), lines.threshold * lines.trend(snr))
     for (name, w), value in zip(reference.residuals.items(), values, strict=True):
         residuals[name], residuals[f"{name}_REL"] = value, value / w.trend(snr)
     if features is None:
@@ -205,6 +217,17 @@ def shift_statistics(reference: ShiftReference | None, model, flux, flux_err, go
             **residuals,
             "FEATURE_DISTANCE": reference.features.distance(features),
             **dict(zip(EMULATOR_LABEL_COLUMNS, best.T, strict=True))}
+
+
+def lines_limit(variance: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """(N,) the smallest fractional change c of every optical depth alike (m -> m**(1 + c),
+    either sign) that the line-strength statistic flags in expectation: c^2 / (v + tau^2)
+    reaching ``threshold`` (the flag threshold on CHI2_LINES_REL times the star's validation
+    median, so in units of CHI2_LINES), with ``variance`` v + tau^2
+    (:meth:`~pipeline.evaluation.emulator.Residuals.strength_variance`). To first order the
+    change adds c to the amplitude a, so a star at the limit sits at the threshold on
+    average and is flagged about half the time."""
+    return np.sqrt(threshold * variance)
 
 
 def range_overshoot(prediction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

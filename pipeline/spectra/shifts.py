@@ -242,8 +242,12 @@ LSF_SIGMA_KMS = 6.0
 BRACKETT_EMISSION = (linelist.BRACKETT[11], linelist.BRACKETT[12], linelist.BRACKETT[13])
 
 
+LINES_SCALE = 1.25
+"""Every line's optical depth times this in the suite's line-strength shift."""
+
+
 def _stronger_lines(model, labels, wave):
-    return model ** np.float32(1.25)
+    return model ** np.float32(LINES_SCALE)
 
 
 def _radial_velocity(model, labels, wave):
@@ -255,7 +259,8 @@ def _broader_lsf(model, labels, wave):
 
 
 SHIFTS: dict[str, Shift] = {s.name: s for s in (
-    Shift("lines_x1.25", "line opacity x1.25 (flux -> flux**1.25)",
+    Shift(f"lines_x{LINES_SCALE:g}",
+          f"line opacity x{LINES_SCALE:g} (flux -> flux**{LINES_SCALE:g})",
           _on_model(_stronger_lines, "lines"), _stronger_lines),
     Shift("continuum_x0.97", "continuum misnormalized by x0.97",
           _on_observed(lambda s, rng: scale_continuum(s, 0.97), "cont"),
