@@ -1,12 +1,13 @@
 """Run every benchmark and print one table of ratios measured in this run.
 
-    python -m benchmarks            # the full set (about 10-15 minutes on 2 cores)
+    python -m benchmarks            # the full set (48 minutes on 2 idle cores)
     python -m benchmarks --quick    # smaller sizes, a smoke test
     python -m benchmarks --only jacobian --markdown benchmarks/RESULTS.md
     python -m benchmarks --only shift --model-dir results/model \
         --posterior results/laplace/posterior.npz --configfile config/config.yaml
 
-Each module ``benchmarks/bench_*.py`` exposes ``run(quick: bool) -> list[dict]`` with rows
+Each module ``benchmarks/bench_*.py`` runs in its own interpreter and exposes
+``run(quick: bool) -> list[dict]`` with rows
 ``{"benchmark", "value", "baseline", "ratio", "target", "unit", "ok"}``. Absolute times depend
 on the machine; the ratios against the naive baseline measured in the same run are the result.
 """
@@ -16,10 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +64,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def module_rows(name: str, quick: bool, given: dict) -> list[dict]:
+    """The rows of ``benchmarks.<name>.run`` with the options of ``given`` it accepts."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    accepted = inspect.signature(module.run).parameters
+    return module.run(quick=quick, **{k: v for k, v in given.items() if k in accepted})
+
+
+def isolated_rows(name: str, quick: bool, given: dict) -> list[dict]:
+    """:func:`module_rows` in a fresh interpreter. Benchmarks that run pipeline steps in
+    their process leave process-wide TensorFlow state behind (op determinism, which makes
+    Keras drop ``jit_compile``; the XLA setting of the Jacobian pass), and in one process
+    that state changed the timings of the modules after them."""
+    with tempfile.TemporaryDirectory(prefix="bench-rows-") as tmp:
+        out = Path(tmp) / "rows.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
+        subprocess.run([sys.executable, "-c", _CHILD, name, json.dumps(quick),
+                        json.dumps(given), str(out)], check=True, env=env)
+        return json.loads(out.read_text())
+
+
+_CHILD = """import json, sys
+from benchmarks.run import module_rows
+rows = module_rows(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]))
+with open(sys.argv[4], "w") as f:
+    json.dump(rows, f, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -81,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and not any(o in name for o in args.only):
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        module = importlib.import_module(f"benchmarks.{name}")
-        accepted = inspect.signature(module.run).parameters
-        rows += module.run(quick=args.quick, **{k: v for k, v in given.items() if k in accepted})
+        rows += isolated_rows(name, args.quick, given)
     text = table(rows)
     print(text)
     elapsed = time.perf_counter() - t0

@@ -42,6 +42,26 @@ def check_rows(rows: list[dict]) -> None:
     assert text.count("\n") == len(rows) + 1
 
 
+def test_each_module_runs_in_a_fresh_interpreter(monkeypatch):
+    """The runner's rows come back from a child interpreter (NumPy scalars as plain numbers)
+    and what a module sets process-wide stays there: op determinism set in one child is not
+    set in the next, nor here."""
+    from benchmarks import run as runner
+
+    child = runner._CHILD.replace("from benchmarks.run import module_rows", (
+        "import numpy as np, tensorflow as tf\n"
+        "from tensorflow.python.framework.config import is_op_determinism_enabled\n"
+        "def module_rows(name, quick, given):\n"
+        "    was = is_op_determinism_enabled()\n"
+        "    tf.config.experimental.enable_op_determinism()\n"
+        "    return [{'benchmark': name, 'value': np.float32(2.5), 'ok': np.bool_(not was),"
+        " 'quick': quick, **given}]"))
+    monkeypatch.setattr(runner, "_CHILD", child)
+    rows = [runner.isolated_rows(name, True, {"configfile": "x"}) for name in ("a", "b")]
+    assert rows == [[{"benchmark": n, "value": 2.5, "ok": True, "quick": True,
+                      "configfile": "x"}] for n in ("a", "b")]
+
+
 def test_runner_discovers_these_benchmarks():
     names = discover()
     for name in ("bench_cholesky", "bench_jacobian", "bench_memory", "bench_laplace_torch",
