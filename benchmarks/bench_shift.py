@@ -42,11 +42,11 @@ Z_STD_RANGE = (0.9, 1.1)
 COVERAGE_POINTS = 3.0
 """Largest distance of their 68.3% coverage from nominal, in percentage points."""
 SHIFT_SEED = 2026
+"""Entropy of the shifted and reference sets, unrelated to the training data's seeds."""
 LINES_SET = f"lines_x{LINES_SCALE:g}"
 LINES_CHANGE = LINES_SCALE - 1.0
 """The line-strength shift's fractional change of every optical depth, against which each
 star's LINES_LIMIT is read."""
-"""Entropy of the shifted and reference sets, unrelated to the training data's seeds."""
 
 QUICK = {"n_train": 3000, "n_valid": 600, "n_shift": 500, "hidden": [64, 32], "epochs": 25}
 FULL = {"n_train": 8000, "n_valid": 1500, "n_shift": 1500, "hidden": [256, 128, 32],
