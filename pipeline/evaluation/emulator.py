@@ -14,16 +14,23 @@ own polynomial, a star the region of the nearest centre. In region k the coeffic
 
     sum_n w_np (f_np - phi_n . c_kp)^2 / n_kp + ridge |c_kp|^2,   n_kp = sum_n w_np
 
-(``w_np`` = 1 on good pixels of the region's stars, 0 elsewhere): ``c_kp = A_kp^{-1} b_kp``
-with ``A_kp = Phi^T W_kp Phi / n_kp + ridge I``, ``b_kp = Phi^T W_kp f_p / n_kp``. All P
-normal matrices of a region come from one matrix product ``W_k^T (Phi_i Phi_j)`` and one
-batched ``numpy.linalg.solve``. The intrinsic scatter is the moment estimate
+``c_kp = A_kp^{-1} b_kp`` with ``A_kp = Phi^T W_kp Phi / n_kp + ridge I``,
+``b_kp = Phi^T W_kp f_p / n_kp``. All P normal matrices of a region come from one matrix
+product ``W_k^T (Phi_i Phi_j)`` and one batched ``numpy.linalg.solve``. The intrinsic scatter
+is the moment estimate over the m_kp good pixels g_np of the region's stars
 
-    s_kp^2 = max(0, sum_n w_np (r_np^2 - sigma_np^2) / (n_kp - T)) + floor^2
+    s_kp^2 = max(0, sum_n g_np (r_np^2 - sigma_np^2) / (m_kp - T)) + floor^2
 
 which absorbs astrophysical scatter and the emulator's misfit; the floor (``FLOOR`` = 1e-3 in
 normalized flux) keeps saturated line cores, whose flux and flux error are both near 0, from
-dominating. The chi^2 per good pixel of a spectrum at labels y (region k that of y)::
+dominating. The weights (``weighting``) are The Cannon's, ``w_np = g_np / (sigma_np^2 +
+s_kp^2)`` with s_kp from a first fit with ``w_np = g_np`` (``inverse_variance``, the default),
+or that first fit alone (``uniform``). Uniform weights let the noisiest training stars set the
+coefficients' noise, E[sigma^2] E[1 / sigma^2] times the variance of the inverse-variance fit
+(4.6 for SNR drawn log-uniformly in 30-300), and it counts against every high-SNR spectrum the
+emulator is compared with (the misfit along the line-strength template, below, falls most in the
+metal-poor regions; docs/outputs.md, *Shift flags*). The chi^2 per good pixel of a spectrum at
+labels y (region k that of y)::
 
     chi2(y) = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
 
@@ -70,6 +77,8 @@ from pipeline.exceptions import DataError
 
 FLOOR = 1e-3
 """Floor of the intrinsic scatter s_kp (normalized flux)."""
+WEIGHTINGS = ("inverse_variance", "uniform")
+"""Weights w_np of the emulator fit (module docstring)."""
 
 
 def monomials(n_labels: int, order: int) -> list[tuple[int, ...]]:
@@ -112,6 +121,17 @@ def ridge_solve(phi: np.ndarray, w: np.ndarray, target: np.ndarray,
     a += ridge * np.eye(n_terms)
     b = ((w * target).T @ phi) / norm[:, None]  # (P, T)
     return np.linalg.solve(a, b[:, :, None])[:, :, 0].T
+
+
+def _region_fit(phi: np.ndarray, good: np.ndarray, w: np.ndarray, flux: np.ndarray,
+                err2: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients (T, P) of one region's stars, fitted with weights ``w`` (N, P; 0 off the
+    ``good`` pixels) by :func:`ridge_solve`, and the intrinsic scatter s^2 (P,) of their
+    residuals: the moment estimate over the good pixels with the floor (module docstring)."""
+    coef = ridge_solve(phi, w, flux, ridge)
+    resid = np.where(good, flux - phi @ coef, 0.0)
+    dof = np.maximum(good.sum(axis=0) - phi.shape[1], 1.0)
+    return coef, np.maximum((resid**2 - err2).sum(axis=0) / dof, 0.0) + FLOOR**2
 
 
 def _regions(z: np.ndarray, n_regions: int, min_stars: int, seed: int) -> np.ndarray:
@@ -429,8 +449,11 @@ class LabelEmulator:
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
             good: np.ndarray, order: int = 2, ridge: float = 1e-6, regions: int = 1,
-            seed: int = 0) -> LabelEmulator:
-        """Fit to training stars: labels (N, L), flux/flux_err/good (N, P)."""
+            seed: int = 0, weighting: str = "inverse_variance") -> LabelEmulator:
+        """Fit to training stars: labels (N, L), flux/flux_err/good (N, P); ``weighting``
+        one of ``WEIGHTINGS`` (module docstring)."""
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"emulator weighting {weighting!r}: use one of {WEIGHTINGS}")
         labels = np.asarray(labels, np.float64)
         if not np.all(np.isfinite(labels)):
             raise DataError("emulator: the training labels must be finite (rows "
@@ -452,16 +475,16 @@ class LabelEmulator:
         coef, scatter, usable = [], [], []
         for k in range(len(centres)):  # a few regions; every pixel of one is one solve
             rows = region == k
-            w = good[rows].astype(np.float64)
-            f = np.where(good[rows], np.asarray(flux[rows], np.float64), 0.0)
-            c = ridge_solve(phi[rows], w, f, ridge)
-            resid = np.where(good[rows], f - phi[rows] @ c, 0.0)
-            err2 = np.where(good[rows], np.asarray(flux_err[rows], np.float64) ** 2, 0.0)
-            n_p = w.sum(axis=0)
-            excess = (resid**2 - err2).sum(axis=0) / np.maximum(n_p - n_terms, 1.0)
+            g = good[rows]
+            f = np.where(g, np.asarray(flux[rows], np.float64), 0.0)
+            err2 = np.where(g, np.asarray(flux_err[rows], np.float64) ** 2, 0.0)
+            c, s2 = _region_fit(phi[rows], g, g.astype(np.float64), f, err2, ridge)
+            if weighting == "inverse_variance":  # the Cannon's weights, s_kp from the above
+                c, s2 = _region_fit(phi[rows], g, np.where(g, 1.0 / (err2 + s2), 0.0), f,
+                                    err2, ridge)
             coef.append(c)
-            scatter.append(np.sqrt(np.maximum(excess, 0.0) + FLOOR**2))
-            usable.append(n_p >= 2 * n_terms)
+            scatter.append(np.sqrt(s2))
+            usable.append(g.sum(axis=0) >= 2 * n_terms)
         return cls(mean, scale, int(order), centres, np.stack(coef), np.stack(scatter),
                    np.stack(usable), labels.min(axis=0), labels.max(axis=0),
                    np.zeros(len(centres)))

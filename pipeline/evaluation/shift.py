@@ -271,7 +271,8 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     """
     emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
                                  order=cfg["order"], ridge=cfg["ridge"],
-                                 regions=cfg["regions"], seed=seed)
+                                 regions=cfg["regions"], seed=seed,
+                                 weighting=cfg["weighting"])
     reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
                   for prefix, reduce in RESIDUAL_STATISTICS.values()]
     emulator.strength_misfit = training_strength_misfit(emulator, train, train_good, cfg, seed,
@@ -306,7 +307,8 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     overshoot = range_overshoot(valid_prediction, labels.min(axis=0), labels.max(axis=0))
     range_margin = np.nanquantile(overshoot, cfg["range_quantile"], axis=0)
     info = {"n_train": len(train.flux), "n_valid": len(valid.flux),
-            "regions": len(emulator.centres), "feature_dim": len(features.mean),
+            "regions": len(emulator.centres), "weighting": cfg["weighting"],
+            "feature_dim": len(features.mean),
             "valid_chi2_median": float(np.nanmedian(chi2)),
             "valid_feature_distance_median": float(np.nanmedian(dist)),
             "valid_flagged_chi2": float(np.mean(rel > chi2_threshold)),
