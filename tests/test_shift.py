@@ -105,8 +105,7 @@ def test_emulator_rejects_an_unknown_weighting(rng):
 
 def test_emulator_regions_are_separate_fits(rng):
     labels, flux, err, good = _toy(rng, n=300)
-    em = LabelEmulator.fit(labels, flux, err, good, order=1, ridge=1e-3, regions=3,
-                           weighting="uniform")
+    em = LabelEmulator.fit(labels, flux, err, good, order=1, ridge=1e-3, regions=3)
     region = em.region(labels)
     assert len(em.centres) == 3 and np.bincount(region).min() >= 16
     alone = LabelEmulator.fit(labels, flux, err, good, order=1, ridge=1e-3, regions=1)

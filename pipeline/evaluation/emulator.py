@@ -23,14 +23,13 @@ is the moment estimate over the m_kp good pixels g_np of the region's stars
 
 which absorbs astrophysical scatter and the emulator's misfit; the floor (``FLOOR`` = 1e-3 in
 normalized flux) keeps saturated line cores, whose flux and flux error are both near 0, from
-dominating. The weights (``weighting``) are The Cannon's, ``w_np = g_np / (sigma_np^2 +
-s_kp^2)`` with s_kp from a first fit with ``w_np = g_np`` (``inverse_variance``, the default),
-or that first fit alone (``uniform``). Uniform weights let the noisiest training stars set the
-coefficients' noise, E[sigma^2] E[1 / sigma^2] times the variance of the inverse-variance fit
-(4.6 for SNR drawn log-uniformly in 30-300), and it counts against every high-SNR spectrum the
-emulator is compared with (the misfit along the line-strength template, below, falls most in the
-metal-poor regions; docs/outputs.md, *Shift flags*). The chi^2 per good pixel of a spectrum at
-labels y (region k that of y)::
+dominating. The weights (``weighting``) are ``w_np = g_np`` (``uniform``, the default) or
+The Cannon's, ``w_np = g_np / (sigma_np^2 + s_kp^2)`` with s_kp from a first, uniform fit
+(``inverse_variance``). Uniform weights let the noisiest training stars set the coefficients'
+noise, E[sigma^2] E[1 / sigma^2] times the variance of the inverse-variance fit (4.6 for SNR
+drawn log-uniformly in 30-300), and it counts against every high-SNR spectrum the emulator is
+compared with; the gain in the shift flags and why it is not the default: docs/outputs.md,
+*Shift flags*. The chi^2 per good pixel of a spectrum at labels y (region k that of y)::
 
     chi2(y) = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
 
@@ -77,7 +76,7 @@ from pipeline.exceptions import DataError
 
 FLOOR = 1e-3
 """Floor of the intrinsic scatter s_kp (normalized flux)."""
-WEIGHTINGS = ("inverse_variance", "uniform")
+WEIGHTINGS = ("uniform", "inverse_variance")
 """Weights w_np of the emulator fit (module docstring)."""
 
 
@@ -449,7 +448,7 @@ class LabelEmulator:
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
             good: np.ndarray, order: int = 2, ridge: float = 1e-6, regions: int = 1,
-            seed: int = 0, weighting: str = "inverse_variance") -> LabelEmulator:
+            seed: int = 0, weighting: str = "uniform") -> LabelEmulator:
         """Fit to training stars: labels (N, L), flux/flux_err/good (N, P); ``weighting``
         one of ``WEIGHTINGS`` (module docstring)."""
         if weighting not in WEIGHTINGS:
@@ -479,7 +478,7 @@ class LabelEmulator:
             f = np.where(g, np.asarray(flux[rows], np.float64), 0.0)
             err2 = np.where(g, np.asarray(flux_err[rows], np.float64) ** 2, 0.0)
             c, s2 = _region_fit(phi[rows], g, g.astype(np.float64), f, err2, ridge)
-            if weighting == "inverse_variance":  # the Cannon's weights, s_kp from the above
+            if weighting == "inverse_variance":  # The Cannon's weights, s_kp from the above
                 c, s2 = _region_fit(phi[rows], g, np.where(g, 1.0 / (err2 + s2), 0.0), f,
                                     err2, ridge)
             coef.append(c)
