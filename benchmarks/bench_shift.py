@@ -230,6 +230,10 @@ def measure(sizes: dict, names=None, workdir=None, model_dir=None, posterior=Non
     from pipeline.spectra import shifts
 
     names = list(shifts.SHIFTS) if names is None else list(names)
+    unknown = sorted(set(names) - set(shifts.SHIFTS) - {"reference"})
+    if unknown:
+        raise ValueError(f"unknown shifts {unknown}: choose from {sorted(shifts.SHIFTS)}")
+    names = [name for name in dict.fromkeys(names) if name != "reference"]  # always measured
     if (model_dir is None) != (posterior is None):
         raise ValueError("--model-dir and --posterior go together (the run's model directory "
                          "and its Laplace posterior .npz)")

@@ -321,17 +321,21 @@ def test_shift_rows_tiny_model(tmp_path):
 
 
 def test_shift_rows_of_an_existing_model(tiny_model_dir, tiny_posterior_file, tmp_path):
-    """``--model-dir``/``--posterior``: no training, the run's model predicts every set."""
+    """``--model-dir``/``--posterior``: no training, the run's model predicts every set
+    (the reference set once, whether named or not; a name repeated, once)."""
     from tests.conftest import REPO
 
     sizes = {"n_shift": 15}
-    rows = bench_shift.run(sizes=sizes, names=["snr_12"], workdir=tmp_path,
+    rows = bench_shift.run(sizes=sizes, names=["reference", "snr_12", "snr_12"], workdir=tmp_path,
                            model_dir=tiny_model_dir, posterior=tiny_posterior_file,
                            configfile=REPO / "config" / "quick.yaml")
     check_rows(rows)
     assert len(rows) == 2 * 4 and all("n=15" in r["benchmark"] for r in rows[1:4])
     with pytest.raises(ValueError, match="--posterior"):
         bench_shift.run(sizes=sizes, names=["snr_12"], model_dir=tiny_model_dir)
+    with pytest.raises(ValueError, match=r"unknown shifts \['snr_5'\]"):
+        bench_shift.run(sizes=sizes, names=["snr_5"], model_dir=tiny_model_dir,
+                        posterior=tiny_posterior_file)
 
 
 @pytest.mark.slow
