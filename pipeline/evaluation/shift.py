@@ -64,7 +64,6 @@ from pipeline import LABELS
 from pipeline.artifacts.catalog import SHIFT_COLUMNS
 from pipeline.artifacts.npz_file import read_npz, unreadable, write_npz
 from pipeline.evaluation.emulator import (
-    STRENGTH,
     STRENGTH_VARIANCE,
     LabelEmulator,
     SnrTrend,
@@ -277,16 +276,10 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
                   for prefix, reduce in RESIDUAL_STATISTICS.values()]
     emulator.strength_misfit = training_strength_misfit(emulator, train, train_good, cfg, seed,
                                                         threads)
-    best, (chi2, *values) = emulator.fit_statistics(
+    # with the misfit set, the line-strength statistic comes in units of noise and misfit
+    _, (chi2, *values) = emulator.fit_statistics(
         valid.flux, valid.flux_err, valid_good, valid_prediction, [(1, "mean"), *reductions],
         cfg["fit_iterations"], cfg["fit_margin"], threads=threads)
-    # the line-strength statistic in units of noise and the emulator's misfit along it
-    amplitude, variance = emulator.strength_amplitudes(valid.flux, valid.flux_err, valid_good,
-                                                       best)
-    region = emulator.region(best)
-    values = [amplitude**2 / (variance + emulator.strength_misfit[region] ** 2)
-              if reduce == STRENGTH else value
-              for (_, reduce), value in zip(reductions, values, strict=True)]
     snr = spectrum_snr(valid.flux, valid.flux_err, valid_good)
     trend = SnrTrend.fit(snr, chi2, cfg["snr_bins"])
     residuals, rel_of = {}, {}
