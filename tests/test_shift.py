@@ -889,6 +889,7 @@ def test_spectrum_snr_and_snr_trend(rng, n_pixels):
         flux, err, good, strict=True)]
     assert len({int(c) % 2 for c in good.sum(axis=1)}) == 2  # odd and even counts
     np.testing.assert_array_equal(snr, brute)  # the same median, bit for bit
+    np.testing.assert_array_equal(spectrum_snr(flux, err, good, batch_size=30, threads=3), snr)
     assert np.isnan(snr[3])
     trend = SnrTrend.fit(np.array([40.0] * 60 + [160.0] * 60), np.array([1.0] * 60 + [3.0] * 60),
                          n_bins=8)  # 120 stars: 2 bins of 50+

@@ -173,6 +173,12 @@ the normal matrices are memory-bound for small batches: 256 stars take 0.8 of th
 and the batches group the stars by region."""
 
 
+def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) sum_p a_np b_np of two (N, P) arrays in one fused loop, without the (N, P) product
+    ``(a * b).sum(axis=1)`` writes and reads again (about half the time on 7213 pixels)."""
+    return np.einsum("np,np->n", a, b)
+
+
 def window_sums(a: np.ndarray, width: int) -> np.ndarray:
     """(N, ceil(P / width)) sums of ``a`` (N, P) over windows of ``width`` adjacent pixels,
     the last window holding what is left (no padded copy of ``a``)."""
@@ -210,7 +216,7 @@ class Residuals:
             return self.strength_variance()
         with np.errstate(invalid="ignore", divide="ignore"):
             if width == 1 and reduce == "mean":
-                return (self.wr * self.r).sum(axis=1) / self.good.sum(axis=1)
+                return row_dot(self.wr, self.r) / self.good.sum(axis=1)
             sums = [window_sums(a, width) for a in (self.w, self.wr)]
             seen = sums[0] > 0
             if reduce == "max":
@@ -272,18 +278,18 @@ class Residuals:
         gram, gwr = g.residual_products(self.w, self.wr)
         coef = np.linalg.solve(gram + 1e-12 * np.eye(gwt.shape[1]), gwt[:, :, None])[..., 0]
         with np.errstate(invalid="ignore", divide="ignore"):
-            norm = (wt * template).sum(axis=1) - (coef * gwt).sum(axis=1)
+            norm = row_dot(wt, template) - (coef * gwt).sum(axis=1)
             seen = norm > 0
-            amplitude = ((wt * self.r).sum(axis=1) - (coef * gwr).sum(axis=1)) / norm
+            amplitude = (row_dot(wt, self.r) - (coef * gwr).sum(axis=1)) / norm
             return np.where(seen, amplitude, np.nan), np.where(seen, 1.0 / norm, np.nan)
 
     def _amplitude(self, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Amplitude a = sum w r t / sum w t^2 of r = a t and its variance 1 / sum w t^2."""
         wt = self.w * template
         with np.errstate(invalid="ignore", divide="ignore"):
-            norm = (wt * template).sum(axis=1)
+            norm = row_dot(wt, template)
             seen = norm > 0
-            return (np.where(seen, (wt * self.r).sum(axis=1) / norm, np.nan),
+            return (np.where(seen, row_dot(wt, self.r) / norm, np.nan),
                     np.where(seen, 1.0 / norm, np.nan))
 
     def _projection(self, template: np.ndarray) -> np.ndarray:
@@ -703,8 +709,9 @@ class LabelEmulator:
         with np.errstate(divide="ignore"):
             w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
         w /= np.maximum(n_good, 1)[:, None]
-        return (self.coef_gram(w, region), self.coef_dot(w * f, region),
-                np.where(n_good > 0, (w * f**2).sum(axis=1), np.nan))
+        wf = w * f
+        return (self.coef_gram(w, region), self.coef_dot(wf, region),
+                np.where(n_good > 0, row_dot(wf, f), np.nan))
 
     def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
         """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`), its region

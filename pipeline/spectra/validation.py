@@ -21,6 +21,7 @@ SNR trends and the noise response of the error budget use it).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -287,19 +288,25 @@ def match_grid(spectra, wave_model, path="spectra", bad_pixel_err=None, rtol=1e-
 
 
 def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
-                 batch_size: int = 1024) -> np.ndarray:
+                 batch_size: int = 256, threads: int = 1) -> np.ndarray:
     """(N,) median over good pixels of flux / flux_err (NaN for a star with none).
 
     Measured from the spectrum itself, so that stars without an SNR column (real inputs) are
-    compared with validation stars on the same footing. Streams ``batch_size`` stars.
+    compared with validation stars on the same footing. Streams ``batch_size`` stars, up to
+    ``threads`` batches at once (the sort that finds the medians releases the GIL; every
+    thread count gives the same values).
     """
     out = np.full(len(flux), np.nan)
-    for s in range(0, len(flux), batch_size):
-        sl = slice(s, s + batch_size)
+
+    def batch(sl):
         g = np.asarray(good[sl], bool)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(g, np.asarray(flux[sl], np.float64) / flux_err[sl], np.nan)
         out[sl] = row_nanmedian(ratio, g.sum(axis=1))
+
+    with ThreadPoolExecutor(max(1, int(threads))) as pool:
+        list(pool.map(batch, [slice(s, s + batch_size)
+                              for s in range(0, len(flux), batch_size)]))
     return out
 
 

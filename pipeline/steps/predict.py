@@ -90,7 +90,7 @@ def mixture_budget(members: list, spectra: Spectra, config: dict,
                           "(--emulator, the emulator step's emulator.npz beside the model)")
     bad = bad_pixel_mask(spectra, config["data"]["bad_pixel_err"])
     noise_err = np.where(bad, 0.0, spectra.flux_err).astype(np.float32)
-    snr = spectrum_snr(spectra.flux, noise_err, ~bad)
+    snr = spectrum_snr(spectra.flux, noise_err, ~bad, threads=runtime.cpu_threads())
     batch = config["predict"]["batch_size"]
     layers = [] if reference is None else [last_dense_layer(model)]
     budgets = [error_budget(m, p, s, spectra.flux, noise_err, batch, snr=snr, scatter=False,
