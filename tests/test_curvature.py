@@ -55,6 +55,8 @@ def test_ggn_matches_per_sample_loop(rng, last_layers, batchnorm):
     jac, f = head.jacobian(phi)
     np.testing.assert_allclose(f.numpy(), model(x, training=False).numpy(), rtol=1e-12)
     np.testing.assert_allclose(jac.numpy(), ref_j, rtol=1e-10, atol=1e-13)
+    # the first layer's block from the outer-product structure of its Jacobian
+    assert head.outer_product_layer == (dense[0].kernel.shape[0] + 1, dense[0].kernel.shape[1])
     ggn = ggn_blocks(head, phi, batch_size=7)  # 4 streamed batches, last one short
     ref = np.einsum("nkp,nkq->kpq", ref_j, ref_j)
     assert ggn.shape == (3, head.n_params, head.n_params) and ggn.dtype == np.float64
@@ -68,6 +70,7 @@ def test_ggn_for_a_subset_of_weight_tensors(rng):
     subset = [d3.kernel, d1.bias]  # any order, any layers of the head
     head = Head(model, 3, weights=[v.path for v in subset])
     assert head.names == [d1.bias.path, d3.kernel.path]  # model order
+    assert head.outer_product_layer is None  # J^T J by dsyrk
     ref_j = per_sample_jacobians(model, x, [d1.bias, d3.kernel])
     ggn = ggn_blocks(head, head.features(x))
     ref = np.einsum("nkp,nkq->kpq", ref_j, ref_j)

@@ -31,6 +31,7 @@ import tensorflow as tf
 from scipy.linalg import blas
 
 from pipeline.exceptions import ConfigError, DataError, ModelFileError, NumericalError
+from pipeline.laplace.kronecker import pair_products, unpack_pair_gram
 from pipeline.streaming import batches
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,20 @@ class Head:
         return sorted(unique.values(), key=lambda v: order[v.path])
 
     # ------------------------------------------------------------------------- parameters
+    @property
+    def outer_product_layer(self) -> tuple[int, int] | None:
+        """(m, d_out) when the subset weights start with the kernel (d_in, d_out) and the bias
+        of the head's first Dense layer, whose Jacobian is the outer product a~ (x) g of
+        a~ = (phi, 1) (m = d_in + 1 entries) and g = d f / d z (``pipeline.laplace.kronecker``);
+        else None."""
+        first = [(id(v), owner, kind) for v, owner, kind in self.slots[:2]]
+        chosen = [(id(v), 0, kind) for v, kind in zip(self.variables[:2], ("kernel", "bias"),
+                                                      strict=False)]
+        if first != chosen:
+            return None
+        n_in, n_out = self.shapes[0]
+        return n_in + 1, n_out
+
     @property
     def layer_index(self) -> np.ndarray:
         """(P_L,) index of the Dense layer each subset weight belongs to (for a layer prior)."""
@@ -298,10 +313,12 @@ def _jacobian_fn(head: Head):
 def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
     """Per-label GGN blocks G_k = sum_n J_nk^T J_nk, (n_out, P_L, P_L) float64.
 
-    Streams batches of stars. On a GPU each batch is one batched matrix product; on the CPU
-    each label's block is accumulated in place by BLAS ``dsyrk`` (G += J^T J on one triangle:
-    half the products of a general matrix product, no (P_L, P_L) temporary per batch), and
-    the other triangle is filled at the end.
+    Streams batches of stars. On a GPU each batch is one batched matrix product. On the CPU,
+    when the weights start with the head's first Dense layer (``Head.outer_product_layer``),
+    its block comes from the outer-product structure of its Jacobian (:func:`_outer_ggn`),
+    about half the products; otherwise each label's block is accumulated in place by BLAS
+    ``dsyrk`` (G += J^T J on one triangle: half the products of a general matrix product, no
+    (P_L, P_L) temporary per batch), and the other triangle is filled at the end.
     """
     if tf.config.list_physical_devices("GPU"):
         total = 0.0
@@ -309,6 +326,8 @@ def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
             jac, _ = head.jacobian(phi[s])
             total = total + tf.einsum("bkp,bkq->kpq", jac, jac)
         return np.asarray(total)
+    if head.outer_product_layer is not None:
+        return _outer_ggn(head, phi, batch_size)
     total = None
     for s in batches(len(phi), batch_size):
         jac = np.asarray(head.jacobian(phi[s])[0], np.float64)  # (B, K, P_L)
@@ -319,6 +338,38 @@ def ggn_blocks(head: Head, phi, batch_size: int = 256) -> np.ndarray:
     if total is None:
         raise DataError("ggn_blocks: no stars")
     return np.stack([np.triu(g) + np.triu(g, 1).T for g in total])
+
+
+def _outer_ggn(head: Head, phi, batch_size: int) -> np.ndarray:
+    """:func:`ggn_blocks` of a head whose first m d_out weights are its first Dense layer's.
+
+    There J_k = a~ (x) g_k (``pipeline.laplace.kronecker``), so that layer's block is
+    sum_n (a~_n a~_n^T) (x) (g_nk g_nk^T): entry ((i, j), (i', j')) is
+    sum_n (a~_ni a~_ni') (g_nkj g_nkj'): for every label at once, one matrix product of the
+    pair products i <= i' and j <= j' (``kronecker.pair_products``), about (m d_out)^2 / 4
+    multiply-adds a star and label against the (m d_out)^2 / 2 of J^T J. The rows of the
+    later weights, r_k^T J_k, are one product each.
+    """
+    m, d = head.outer_product_layer
+    first = m * d
+    pairs = tails = None
+    for s in batches(len(phi), batch_size):
+        jac = np.asarray(head.jacobian(phi[s])[0], np.float64)  # (B, K, P_L)
+        a = np.concatenate([np.asarray(phi[s], np.float64), np.ones((len(jac), 1))], axis=1)
+        g = [pair_products(jac[:, k, first - d:first]) for k in range(jac.shape[1])]  # g_k:
+        batch_pairs = pair_products(a).T @ np.concatenate(g, axis=1)  # J_k's bias block
+        batch_tails = np.stack([jac[:, k, first:].T @ jac[:, k, :] for k in range(len(g))])
+        pairs = batch_pairs if pairs is None else pairs + batch_pairs
+        tails = batch_tails if tails is None else tails + batch_tails
+    if pairs is None:
+        raise DataError("ggn_blocks: no stars")
+    blocks = np.empty((len(tails), head.n_params, head.n_params))
+    for block, packed, tail in zip(blocks, np.split(pairs, len(tails), axis=1), tails,
+                                   strict=True):
+        block[:first, :first] = unpack_pair_gram(packed, m, d)
+        block[first:] = tail
+        block[:first, first:] = tail[:, :first].T
+    return blocks
 
 
 def residual_blocks(head: Head, phi, y, batch_size: int = 256,

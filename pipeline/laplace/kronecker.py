@@ -49,7 +49,7 @@ class KroneckerCovariance:
         # lower triangle: weight (i', .) comes after (i, .) for i < i', and (i, j') after
         # (i, j) for j <= j'
         self.packed = low[i2, j2, i, j] + np.where(i < i2, low[i2, j, i, j2], 0.0)
-        self.pairs, self.columns = (i[:, 0], i2[:, 0]), (j, j2)
+        self.columns = j, j2
         self.cross = np.ascontiguousarray(inv[first:, :first].T).reshape(n_in, -1)  # (m, d R)
         rest = np.tril(inv[first:, first:])
         self.rest = rest + np.tril(rest, -1).T  # (R, R)
@@ -62,7 +62,7 @@ class KroneckerCovariance:
         a = np.concatenate([phi, np.ones((n, 1))], axis=1)  # a~ (N, m)
         g = jacobian[:, :, first - self.d:first]  # (N, K, d): the bias block d f_k / d b
         r = jacobian[:, :, first:]  # (N, K, R)
-        upper = (a[:, self.pairs[0]] * a[:, self.pairs[1]]) @ self.packed
+        upper = pair_products(a) @ self.packed
         b = np.empty((n, self.d, self.d))
         b[:, self.columns[0], self.columns[1]] = upper
         b[:, self.columns[1], self.columns[0]] = upper
@@ -72,6 +72,29 @@ class KroneckerCovariance:
             mixed = (g @ x) @ np.swapaxes(r, 1, 2)  # g_k^T X r_l
             cov += mixed + np.swapaxes(mixed, 1, 2) + r @ self.rest @ np.swapaxes(r, 1, 2)
         return cov
+
+
+def pair_index(n: int) -> np.ndarray:
+    """(n, n) position of the pair (min(i, i'), max(i, i')) among ``numpy.triu_indices(n)``."""
+    index = np.empty((n, n), int)
+    i, i2 = np.triu_indices(n)
+    index[i, i2] = index[i2, i] = np.arange(len(i))
+    return index
+
+
+def pair_products(x: np.ndarray) -> np.ndarray:
+    """(N, n(n+1)/2) the products x_i x_i' of each row of ``x`` (N, n) over the pairs i <= i'
+    in the order of ``numpy.triu_indices(n)``."""
+    i, i2 = np.triu_indices(x.shape[1])
+    return x[:, i] * x[:, i2]
+
+
+def unpack_pair_gram(packed: np.ndarray, m: int, d: int) -> np.ndarray:
+    """The (m d, m d) matrix sum_n (a_n (x) g_n)(a_n (x) g_n)^T, row-major index i d + j (the
+    head's weight order), from ``packed`` = pair_products(a)^T pair_products(g)
+    (m(m+1)/2, d(d+1)/2), whose entries it repeats by symmetry."""
+    return packed[pair_index(m)[:, None, :, None], pair_index(d)[None, :, None, :]].reshape(
+        m * d, m * d)
 
 
 def multiply_adds(n_in: int, n_out: int, n_rest: int, n_labels: int) -> float:

@@ -210,18 +210,16 @@ class Posterior:
         starts with a Dense layer's kernel and bias, Sigma fits ``KRONECKER_MAX_WEIGHTS``,
         the solves would run on the CPU and would cost more multiply-adds a star; else None
         (triangular solves)."""
-        first = [(id(v), owner, kind) for v, owner, kind in self.head.slots[:2]]
-        chosen = [(id(v), 0, kind) for v, kind in zip(self.head.variables[:2],
-                                                      ("kernel", "bias"), strict=False)]
-        if self.device == "gpu" or self.n_params > KRONECKER_MAX_WEIGHTS or first != chosen:
+        shape = self.head.outer_product_layer
+        if self.device == "gpu" or self.n_params > KRONECKER_MAX_WEIGHTS or shape is None:
             return None
-        n_in, n_out = self.head.shapes[0]
-        rest = self.n_params - (n_in + 1) * n_out
+        m, n_out = shape
+        rest = self.n_params - m * n_out
         n_coupled = self.n_params - self.n_decoupled
         solves = self.noise_std.size * n_coupled**2 / 2
-        if multiply_adds(n_in + 1, n_out, rest, self.noise_std.size) >= solves:
+        if multiply_adds(m, n_out, rest, self.noise_std.size) >= solves:
             return None
-        return KroneckerCovariance(self.cholesky, n_in + 1, n_out)
+        return KroneckerCovariance(self.cholesky, m, n_out)
 
     @property
     def n_decoupled(self) -> int:
