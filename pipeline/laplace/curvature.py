@@ -356,8 +356,9 @@ def _outer_ggn(head: Head, phi, batch_size: int) -> np.ndarray:
     for s in batches(len(phi), batch_size):
         jac = np.asarray(head.jacobian(phi[s])[0], np.float64)  # (B, K, P_L)
         a = np.concatenate([np.asarray(phi[s], np.float64), np.ones((len(jac), 1))], axis=1)
-        g = [pair_products(jac[:, k, first - d:first]) for k in range(jac.shape[1])]  # g_k:
-        batch_pairs = pair_products(a).T @ np.concatenate(g, axis=1)  # J_k's bias block
+        # g_k is J_k's bias block (a~ = 1 there)
+        g = [pair_products(jac[:, k, first - d:first]) for k in range(jac.shape[1])]
+        batch_pairs = pair_products(a).T @ np.concatenate(g, axis=1)
         batch_tails = np.stack([jac[:, k, first:].T @ jac[:, k, :] for k in range(len(g))])
         pairs = batch_pairs if pairs is None else pairs + batch_pairs
         tails = batch_tails if tails is None else tails + batch_tails
