@@ -34,6 +34,31 @@ def quick_config() -> dict:
     return load_config(REPO / "config" / "quick.yaml")
 
 
+@pytest.fixture
+def one_chunk_alive(monkeypatch) -> list[int]:
+    """Patches the chunk reader of ``pipeline.spectra.inputs.input_chunks`` to check, at each
+    read, that no earlier chunk's flux or flux_err is still referenced (so a streaming step
+    holds one chunk at its peak, not two); yields the list of chunk sizes read."""
+    import gc
+    import weakref
+
+    from pipeline.spectra import inputs
+
+    alive, sizes, read = [], [], inputs.load_input
+
+    def load_input(*args, **kwargs):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], (
+            f"chunk {len(sizes)} is read while an earlier chunk is still referenced")
+        spectra, resampled = read(*args, **kwargs)
+        alive.extend((weakref.ref(spectra.flux), weakref.ref(spectra.flux_err)))
+        sizes.append(len(spectra.flux))
+        return spectra, resampled
+
+    monkeypatch.setattr(inputs, "load_input", load_input)
+    return sizes
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A trained-model directory as the train step writes it (model.keras, scaler.json,

@@ -240,6 +240,14 @@ def test_predict_streams_chunks_with_the_one_chunk_result(tiny_model_dir, stars,
         assert chunked[name].description == whole[name].description
 
 
+def test_predict_holds_one_chunk_at_a_time(tiny_model_dir, stars, posterior, tmp_path,
+                                           one_chunk_alive):
+    assert run_predict(["--model", tiny_model_dir, "--posterior", tmp_path / "p.npz",
+                        "--set", "predict.chunk_size=4", "--set", "predict.batch_size=4",
+                        "--format", "fits", "--out", tmp_path, stars[0]]) == 0
+    assert one_chunk_alive == [4, 4, 4]
+
+
 def test_predict_resamples_other_grid_and_flags_it(tiny_model_dir, stars, posterior,
                                                    tmp_path):
     _, spectra = stars

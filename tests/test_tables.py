@@ -87,6 +87,14 @@ def test_shards_stream_the_in_memory_jacobian(tiny_model_dir, stars_file, tmp_pa
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
+def test_jacobian_step_holds_one_chunk_at_a_time(tiny_model_dir, stars_file, tmp_path,
+                                                 one_chunk_alive):
+    argv = ["--model", tiny_model_dir, "--set", "jacobian.batch_size=2",
+            "--set", "jacobian.chunk_size=3", "--out", tmp_path / "s.fits", stars_file]
+    assert main(jacobian.build_parser, jacobian.run, [str(a) for a in argv]) == 0
+    assert one_chunk_alive == [3, 3, 3, 2]
+
+
 def test_shard_writer_memory_does_not_grow_with_stars(tmp_path):
     batch = np.ones((25, 3, 2000), np.float32)  # 600 kB per batch, 24 MB in all
     n_batches = 40

@@ -48,7 +48,12 @@ def shard_flux(path, fmt: str, wave: np.ndarray, config: dict, rows: np.ndarray,
     """Flux of the shard's ``rows`` on the model grid, ``chunk_size`` stars at a time
     (:func:`pipeline.spectra.inputs.input_chunks`: memory does not grow with the stars)."""
     for spectra, _ in input_chunks(path, fmt, wave, config, chunk_size, rows, "jacobian"):
-        yield spectra.flux
+        flux = spectra.flux
+        # drop the chunk (its flux_err too) before the next one is read: a name still bound
+        # here while input_chunks loads the next chunk keeps two chunks alive at the peak
+        del spectra
+        yield flux
+        del flux
 
 
 def build_parser():

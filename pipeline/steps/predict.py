@@ -244,6 +244,8 @@ def run(args, config: dict) -> None:
                                         reference, members=tuple(members), scatter=scatter)
                 out.write(table)  # each chunk's rows go to disk: memory does not grow
                 n_flagged += int(np.count_nonzero(table["FLAG"]))
+                # unbound before input_chunks reads the next chunk, or two are alive at once
+                del spectra, table
             header = provenance(config, device=device, model=" ".join(map(str, args.model)),
                                 posterior=" ".join(map(str, args.posterior)), input=str(path),
                                 emulator=reference_path,
