@@ -38,7 +38,7 @@ def quick_config() -> dict:
 def one_chunk_alive(monkeypatch) -> list[int]:
     """Patches the chunk reader of ``pipeline.spectra.inputs.input_chunks`` to check, at each
     read, that no earlier chunk's flux or flux_err is still referenced (so a streaming step
-    holds one chunk at its peak, not two); yields the list of chunk sizes read."""
+    holds one chunk at its peak, not two); returns the list of chunk sizes read."""
     import gc
     import weakref
 
