@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of ratios measured in this run.
 
-    python -m benchmarks            # the full set (30-48 minutes on 2 idle cores)
+    python -m benchmarks            # the full set (26-48 minutes on 2 idle cores)
     python -m benchmarks --quick    # smaller sizes, a smoke test
     python -m benchmarks --only jacobian --markdown benchmarks/RESULTS.md
     python -m benchmarks --only shift --model-dir results/model \
