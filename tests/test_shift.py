@@ -18,6 +18,7 @@ from pipeline.artifacts import catalog as export
 from pipeline.artifacts.model_dir import load_trained
 from pipeline.config import validate
 from pipeline.evaluation.emulator import (
+    STATISTICS_BLOCK,
     LabelEmulator,
     SnrTrend,
     design,
@@ -231,7 +232,7 @@ def test_fit_statistics_are_the_statistics_at_the_best_fit(single_region, rng):
 def test_fit_statistics_per_star_whatever_the_threads_and_batches(rng):
     """Stars of several regions, fitted in batches grouped by region on several threads: each
     star's labels and statistics are those of fitting it alone (to float64 rounding), in the
-    input order, and any number of threads gives the same bits."""
+    input order, in batches of any size, and any number of threads gives the same bits."""
     labels, flux, err, good = _toy(rng, n=300, p=40)
     em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=3)
     start = labels + rng.normal(size=labels.shape) * NOISY
@@ -248,6 +249,10 @@ def test_fit_statistics_per_star_whatever_the_threads_and_batches(rng):
                                  threads=threads)
         np.testing.assert_array_equal(b, best)
         np.testing.assert_array_equal(np.array(v), np.array(values))
+    # batches of several cache blocks of the statistics (STATISTICS_BLOCK stars)
+    b, v = em.fit_statistics(flux, err, good, start, reductions, batch_size=3 * STATISTICS_BLOCK)
+    np.testing.assert_allclose(b, best, rtol=1e-9)
+    np.testing.assert_allclose(np.array(v), np.array(values), rtol=1e-9)
     for n in range(0, 300, 29):
         b, v = em.fit_statistics(flux[n:n + 1], err[n:n + 1], good[n:n + 1], start[n:n + 1],
                                  reductions)
