@@ -66,7 +66,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from itertools import combinations_with_replacement
 
 import numpy as np
@@ -86,24 +86,45 @@ def monomials(n_labels: int, order: int) -> list[tuple[int, ...]]:
             for c in combinations_with_replacement(range(n_labels), k)]
 
 
-def design(z: np.ndarray, order: int) -> np.ndarray:
-    """phi(z) (N, T) float64: every monomial of the columns of ``z`` (N, K) up to ``order``."""
+@lru_cache
+def _monomial_index(n_labels: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gathers of :func:`design` and :func:`design_gradient` from the columns (1, z_0, ...,
+    z_{K-1}): the (T, order) column of each factor of each monomial (the 1 where it has fewer
+    factors), the (T, K, order - 1) factors left of it by d / dz_l and the multiplicity
+    (T, K) of z_l in it (0: not there)."""
+    terms = monomials(n_labels, order)
+    factors = np.zeros((len(terms), order), int)
+    rest = np.zeros((len(terms), n_labels, max(order - 1, 0)), int)
+    multiplicity = np.zeros((len(terms), n_labels))
+    for t, c in enumerate(terms):
+        factors[t, :len(c)] = np.add(c, 1)
+        for label in set(c):
+            left = list(c)
+            left.remove(label)
+            rest[t, label, :len(left)] = np.add(left, 1)
+            multiplicity[t, label] = c.count(label)
+    return factors, rest, multiplicity
+
+
+def _with_ones(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, np.float64)
-    return np.column_stack([np.prod(z[:, list(c)], axis=1) if c else np.ones(len(z))
-                            for c in monomials(z.shape[1], order)])
+    return np.concatenate([np.ones((len(z), 1)), z], axis=1)
+
+
+def design(z: np.ndarray, order: int) -> np.ndarray:
+    """phi(z) (N, T) float64: every monomial of the columns of ``z`` (N, K) up to ``order``,
+    each the product of its factors in the order of :func:`monomials` (ones past the last)."""
+    factors, _, _ = _monomial_index(z.shape[1], order)
+    return np.prod(_with_ones(z)[:, factors], axis=2)
 
 
 def design_gradient(z: np.ndarray, order: int) -> np.ndarray:
     """d phi_t / d z_l (N, T, L) float64 of :func:`design`: for the monomial prod_{i in c} z_i,
-    ``m_l prod_{i in c minus one l} z_i`` with ``m_l`` the multiplicity of ``l`` in ``c``."""
-    z = np.asarray(z, np.float64)
-    out = np.zeros((len(z), len(monomials(z.shape[1], order)), z.shape[1]))
-    for t, c in enumerate(monomials(z.shape[1], order)):
-        for label in set(c):
-            rest = list(c)
-            rest.remove(label)
-            out[:, t, label] = c.count(label) * np.prod(z[:, rest], axis=1)
-    return out
+    ``m_l prod_{i in c minus one l} z_i`` with ``m_l`` the multiplicity of ``l`` in ``c``.
+    Both by gathers of the columns (1, z): a few array operations for all terms, not a
+    Python loop over them (these run at every step of the emulator fit)."""
+    _, rest, multiplicity = _monomial_index(z.shape[1], order)
+    return multiplicity * np.prod(_with_ones(z)[:, rest], axis=3)
 
 
 def ridge_solve(phi: np.ndarray, w: np.ndarray, target: np.ndarray,
@@ -187,12 +208,9 @@ def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def window_sums(a: np.ndarray, width: int) -> np.ndarray:
     """(N, ceil(P / width)) sums of ``a`` (N, P) over windows of ``width`` adjacent pixels,
-    the last window holding what is left (no padded copy of ``a``)."""
-    whole = a.shape[1] - a.shape[1] % width
-    sums = a[:, :whole].reshape(len(a), -1, width).sum(axis=2)
-    if whole == a.shape[1]:
-        return sums
-    return np.concatenate([sums, a[:, whole:].sum(axis=1, keepdims=True)], axis=1)
+    the last window holding what is left (``numpy.add.reduceat``: no padded copy of ``a``,
+    and twice as fast as summing a reshaped view over narrow windows)."""
+    return np.add.reduceat(a, np.arange(0, a.shape[1], width), axis=1)
 
 
 class Residuals:
@@ -651,7 +669,6 @@ class LabelEmulator:
                             n * (b - (a @ design(z, self.order)[:, :, None])[:, :, 0]))
             values = [np.empty(len(z)) for _ in reductions]
             for s in range(0, len(z), STATISTICS_BLOCK):  # cache-sized blocks
-
                 sl = slice(s, s + STATISTICS_BLOCK)
                 residuals = self.residuals(
                     f[sl], err2[sl], g0[sl], z[sl], region[sl], reductions,
