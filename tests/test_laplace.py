@@ -210,6 +210,23 @@ def test_kronecker_route_equals_the_triangular_solves_and_the_explicit_inverse(r
     np.testing.assert_allclose(kron, solves, rtol=1e-10, atol=1e-13 * np.abs(reference).max())
 
 
+def test_jacobian_without_the_outer_kernel_block_is_the_full_one_less_those_columns(rng):
+    """Head.jacobian(outer_kernel=False), which the Kronecker route reads, is the full
+    per-star Jacobian without the first layer's kernel columns (bias block first), and
+    a head whose weights do not start with that kernel refuses it."""
+    model, post, _, x = kronecker_case(rng, 2)
+    head = post.head
+    phi = head.features(x)
+    full, f = head.jacobian(phi)
+    reduced, f2 = head.jacobian(phi, outer_kernel=False)
+    m, d = head.outer_product_layer
+    np.testing.assert_array_equal(reduced.numpy(), full.numpy()[:, :, (m - 1) * d:])
+    np.testing.assert_array_equal(f2.numpy(), f.numpy())
+    subset = kronecker_case(rng, 2, subset=True)[1].head
+    with pytest.raises(ValueError, match="outer_product_layer"):
+        subset.jacobian(phi, outer_kernel=False)
+
+
 def test_kronecker_route_only_where_it_applies(rng):
     """A head whose weights start past the first layer's kernel (a subset), or a posterior
     fitted on the GPU (its solves run there), keeps the triangular solves."""

@@ -74,6 +74,7 @@ class Head:
         self.n_params = int(sum(self.sizes))
         self._selected = {id(v) for v in self.variables}
         self._body = None
+        self._jac_fns = {}  # outer_kernel -> compiled Jacobian (_jacobian_fn)
 
     def _select(self, weights):
         if weights is None:
@@ -254,10 +255,17 @@ class Head:
                 f"{mag[worst]:.3g}) allows); choose a smaller laplace.last_layers")
 
     # -------------------------------------------------------------------------- Jacobians
-    def jacobian(self, phi, theta=None) -> tuple[tf.Tensor, tf.Tensor]:
-        """Per-sample J (B, n_out, P_L) = d f / d theta_L and f (B, n_out), float64."""
+    def jacobian(self, phi, theta=None, outer_kernel: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-sample J (B, n_out, P_L) = d f / d theta_L and f (B, n_out), float64.
+
+        ``outer_kernel=False`` (only with :attr:`outer_product_layer`) leaves out the block of
+        the first layer's kernel, a~ (x) g_k, which its bias block g_k and phi determine:
+        J is then (B, n_out, P_L - m d_out + d_out), the bias block first."""
+        if not outer_kernel and self.outer_product_layer is None:
+            raise ValueError("outer_kernel=False needs the head's weights to start with its "
+                             "first Dense layer's kernel and bias (outer_product_layer)")
         params = self.params(theta)
-        fn = _jacobian_fn(self)
+        fn = _jacobian_fn(self, outer_kernel)
         return fn(tf.convert_to_tensor(phi, DTYPE), params)
 
 
@@ -280,11 +288,14 @@ def _batchnorm_inference(layer, h):
     return out
 
 
-def _jacobian_fn(head: Head):
-    """Compiled (phi, params) -> (J, f) for this head (cached on the Head)."""
-    if getattr(head, "_jac_fn", None) is not None:
-        return head._jac_fn
+def _jacobian_fn(head: Head, outer_kernel: bool = True):
+    """Compiled (phi, params) -> (J, f) for this head (cached on the Head), without the first
+    layer's kernel block unless ``outer_kernel`` (:meth:`Head.jacobian`)."""
+    if outer_kernel in head._jac_fns:
+        return head._jac_fns[outer_kernel]
     slots = [(owner, kind) for v, owner, kind in head.slots if id(v) in head._selected]
+    if not outer_kernel:
+        slots = slots[1:]  # the first layer's kernel: a~ (x) g_k, built by whoever needs it
 
     @tf.function(reduce_retracing=True)
     def fn(phi, params):
@@ -305,7 +316,7 @@ def _jacobian_fn(head: Head):
             rows.append(tf.concat(blocks, axis=1))
         return tf.stack(rows, axis=1), f
 
-    head._jac_fn = fn
+    head._jac_fns[outer_kernel] = fn
     return fn
 
 

@@ -56,12 +56,12 @@ class KroneckerCovariance:
 
     def covariance(self, phi: np.ndarray, jacobian: np.ndarray) -> np.ndarray:
         """(N, K, K) J Sigma J^T of stars with head features ``phi`` (N, d_in) and head
-        Jacobians ``jacobian`` (N, K, P_L), whose bias block of the first layer is g_k."""
-        n, k, _ = jacobian.shape
-        first = self.m * self.d
+        Jacobians ``jacobian`` (N, K, d + R) without the first layer's kernel block
+        (``Head.jacobian(..., outer_kernel=False)``): g_k = d f_k / d b, then r_k."""
+        n = len(jacobian)
         a = np.concatenate([phi, np.ones((n, 1))], axis=1)  # a~ (N, m)
-        g = jacobian[:, :, first - self.d:first]  # (N, K, d): the bias block d f_k / d b
-        r = jacobian[:, :, first:]  # (N, K, R)
+        g = jacobian[:, :, :self.d]  # (N, K, d): the bias block d f_k / d b
+        r = jacobian[:, :, self.d:]  # (N, K, R)
         upper = pair_products(a) @ self.packed
         b = np.empty((n, self.d, self.d))
         b[:, self.columns[0], self.columns[1]] = upper
@@ -70,7 +70,8 @@ class KroneckerCovariance:
         if r.shape[2]:
             x = (a @ self.cross).reshape(n, self.d, -1)  # (N, d, R)
             mixed = (g @ x) @ np.swapaxes(r, 1, 2)  # g_k^T X r_l
-            cov += mixed + np.swapaxes(mixed, 1, 2) + r @ self.rest @ np.swapaxes(r, 1, 2)
+            rest = (r.reshape(-1, r.shape[2]) @ self.rest).reshape(r.shape)  # one product
+            cov += mixed + np.swapaxes(mixed, 1, 2) + rest @ np.swapaxes(r, 1, 2)
         return cov
 
 

@@ -89,6 +89,18 @@ def cholesky_with_jitter(a, device="cpu", jitter_initial=1e-10, jitter_max=1e-2,
         "diagonal (laplace.jitter_max); raise laplace.jitter_max or use laplace.curvature: ggn")
 
 
+def weighted_gram(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(N, K, K) x_n diag(w) x_n^T of ``x`` (N, K, P) (w = 1 without ``weights`` (P,)): one
+    fused row product per pair k <= l, where NumPy's batched matrix product of (K, P) by
+    (P, K) blocks runs several times slower for a few outputs K."""
+    xw = x if weights is None else x * weights
+    out = np.empty((len(x), x.shape[1], x.shape[1]))
+    for k in range(x.shape[1]):
+        for l in range(k + 1):
+            out[:, k, l] = out[:, l, k] = np.einsum("np,np->n", x[:, k], xw[:, l])
+    return out
+
+
 def _solve_lower(chol, rhs, device):
     if device == "gpu":
         with tf.device("/GPU:0"):
@@ -190,17 +202,17 @@ class Posterior:
         phi = np.asarray(phi, np.float64)
         out = []
         for s in batches(len(phi), batch_size):
-            jac = self.head.jacobian(phi[s])[0].numpy()  # (B, K, P)
-            if self._kronecker is not None:
+            if self._kronecker is not None:  # the bias block g_k and phi give the kernel's
+                jac = self.head.jacobian(phi[s], outer_kernel=False)[0].numpy()
                 out.append(self._kronecker.covariance(phi[s], jac))
                 continue
+            jac = self.head.jacobian(phi[s])[0].numpy()  # (B, K, P)
             coupled, chol, decoupled_var = self._split
             jac_c = jac[:, :, coupled]
             b, k, p = jac_c.shape
             v = _solve_lower(chol, jac_c.reshape(b * k, p).T, self.device).T.reshape(b, k, p)
-            jac_d = jac[:, :, ~coupled]
-            out.append(v @ np.swapaxes(v, 1, 2)
-                       + (jac_d * decoupled_var) @ np.swapaxes(jac_d, 1, 2))
+            # the decoupled weights' variances, zero on the coupled ones: no column gather
+            out.append(weighted_gram(v) + weighted_gram(jac, self._decoupled_variance))
         cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
         return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
 
@@ -236,6 +248,14 @@ class Posterior:
         coupled = off.any(axis=0) | off.any(axis=1)
         chol = np.ascontiguousarray(self.cholesky[np.ix_(coupled, coupled)])
         return coupled, chol, 1.0 / np.diag(self.cholesky)[~coupled] ** 2
+
+    @cached_property
+    def _decoupled_variance(self) -> np.ndarray:
+        """(P_L,) the prior variance of each decoupled weight, 0 for the coupled ones."""
+        coupled, _, decoupled_var = self._split
+        out = np.zeros(len(coupled))
+        out[~coupled] = decoupled_var
+        return out
 
     def covariance(self) -> np.ndarray:
         """Sigma = A^-1 (P_L, P_L): the explicit inverse, formed only when asked for."""
