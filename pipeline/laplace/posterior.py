@@ -211,8 +211,7 @@ class Posterior:
             jac_c = jac[:, :, coupled]
             b, k, p = jac_c.shape
             v = _solve_lower(chol, jac_c.reshape(b * k, p).T, self.device).T.reshape(b, k, p)
-            # the decoupled weights' variances, zero on the coupled ones: no column gather
-            out.append(weighted_gram(v) + weighted_gram(jac, self._decoupled_variance))
+            out.append(weighted_gram(v) + weighted_gram(jac, decoupled_var))
         cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
         return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
 
@@ -240,22 +239,15 @@ class Posterior:
 
     @cached_property
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(coupled (P_L,) bool, L_c, the prior variances 1 / L_ii^2 of the decoupled weights):
-        a weight is decoupled when its row and column of L are zero off the diagonal (module
-        docstring)."""
+        """(coupled (P_L,) bool, L_c, the prior variance 1 / L_ii^2 of each decoupled weight
+        and 0 for the coupled ones (P_L,): the decoupled term sums over all weights without a
+        column gather): a weight is decoupled when its row and column of L are zero off the
+        diagonal (module docstring)."""
         off = self.cholesky != 0
         np.fill_diagonal(off, False)
         coupled = off.any(axis=0) | off.any(axis=1)
         chol = np.ascontiguousarray(self.cholesky[np.ix_(coupled, coupled)])
-        return coupled, chol, 1.0 / np.diag(self.cholesky)[~coupled] ** 2
-
-    @cached_property
-    def _decoupled_variance(self) -> np.ndarray:
-        """(P_L,) the prior variance of each decoupled weight, 0 for the coupled ones."""
-        coupled, _, decoupled_var = self._split
-        out = np.zeros(len(coupled))
-        out[~coupled] = decoupled_var
-        return out
+        return coupled, chol, np.where(coupled, 0.0, 1.0 / np.diag(self.cholesky) ** 2)
 
     def covariance(self) -> np.ndarray:
         """Sigma = A^-1 (P_L, P_L): the explicit inverse, formed only when asked for."""
