@@ -171,9 +171,10 @@ def test_weights_of_units_dead_on_the_training_set_keep_their_prior_variance(rng
 
 
 def kronecker_case(rng, last_layers, subset=False, n_in=40, hidden=(24, 16)):
-    """A ReLU network with a random SPD posterior precision over its last layers (weight 5
-    decoupled) and 20 inputs: Posterior built without a fit; ``subset``: the head's weights
-    without the first layer's kernel."""
+    """A ReLU network with a random SPD posterior precision over its last layers (weight 5 of
+    the first layer's kernel, one of its bias and the last weight decoupled) and 20 inputs:
+    Posterior built without a fit; ``subset``: the head's weights without the first layer's
+    kernel."""
     set_seed(4)
     model = keras.Sequential([keras.Input((n_in,), dtype=D)]
                              + [keras.layers.Dense(h, "relu", dtype=D) for h in hidden]
@@ -183,8 +184,10 @@ def kronecker_case(rng, last_layers, subset=False, n_in=40, hidden=(24, 16)):
         head = Head(model, last_layers, head.names[1:])
     m = rng.normal(size=(head.n_params, head.n_params)) / np.sqrt(head.n_params)
     precision = m @ m.T + 0.1 * np.eye(head.n_params)
-    precision[:, 5] = precision[5, :] = 0.0  # weight 5 decoupled: prior only
-    precision[5, 5] = 3.0
+    n_kernel = int(np.prod(head.shapes[0]))
+    for w in (5, n_kernel + 1, head.n_params - 1):  # decoupled: prior only
+        precision[:, w] = precision[w, :] = 0.0
+        precision[w, w] = 3.0
     post = Posterior(head, np.linalg.cholesky(precision), prior_precision=[1.0],
                      groups=np.zeros(head.n_params, int), noise_std=np.ones(3), log_evidence=0.0,
                      curvature="ggn", eigenvalues=np.ones(head.n_params),
@@ -199,7 +202,7 @@ def test_kronecker_route_equals_the_triangular_solves_and_the_explicit_inverse(r
     triangular solves and J Sigma J^T with numpy's inverse of the precision agree for heads
     of one, two and three layers, decoupled weights included."""
     model, post, sigma, x = kronecker_case(rng, last_layers)
-    assert post.n_decoupled == 1
+    assert post.n_decoupled == 3
     assert post._kronecker is not None  # the route is chosen: its first layer dominates
     kron = post.predictive_covariance(x)
     post.__dict__["_kronecker"] = None  # force the triangular solves
@@ -225,6 +228,17 @@ def test_jacobian_without_the_outer_kernel_block_is_the_full_one_less_those_colu
     subset = kronecker_case(rng, 2, subset=True)[1].head
     with pytest.raises(ValueError, match="outer_product_layer"):
         subset.jacobian(phi, outer_kernel=False)
+
+
+def test_solves_of_a_head_without_the_outer_product_structure(rng):
+    """A head whose weights start past the first layer's kernel takes the triangular solves
+    over its whole Jacobian: J Sigma J^T with numpy's inverse, decoupled weights included."""
+    model, post, sigma, x = kronecker_case(rng, 2, subset=True)
+    assert post.head.outer_product_layer is None and post.n_decoupled == 3
+    jac = independent_jacobians(model, x, post.head.variables)
+    reference = np.einsum("nkp,pq,nlq->nkl", jac, sigma, jac)
+    np.testing.assert_allclose(post.predictive_covariance(x), reference, rtol=1e-10,
+                               atol=1e-13 * np.abs(reference).max())
 
 
 def test_kronecker_route_only_where_it_applies(rng):

@@ -90,7 +90,8 @@ def cholesky_with_jitter(a, device="cpu", jitter_initial=1e-10, jitter_max=1e-2,
 
 
 def weighted_gram(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """(N, K, K) x_n diag(w) x_n^T of ``x`` (N, K, P) (w = 1 without ``weights`` (P,)): one
+    """(N, K, K) x_n diag(w_n) x_n^T of ``x`` (N, K, P), ``weights`` (P,) for every star or
+    (N, 1, P) per star (w = 1 without): one
     fused row product per pair k <= l, where NumPy's batched matrix product of (K, P) by
     (P, K) blocks runs several times slower for a few outputs K."""
     xw = x if weights is None else x * weights
@@ -206,14 +207,41 @@ class Posterior:
                 jac = self.head.jacobian(phi[s], outer_kernel=False)[0].numpy()
                 out.append(self._kronecker.covariance(phi[s], jac))
                 continue
-            jac = self.head.jacobian(phi[s])[0].numpy()  # (B, K, P)
-            coupled, chol, decoupled_var = self._split
-            jac_c = jac[:, :, coupled]
-            b, k, p = jac_c.shape
-            v = _solve_lower(chol, jac_c.reshape(b * k, p).T, self.device).T.reshape(b, k, p)
-            out.append(weighted_gram(v) + weighted_gram(jac, decoupled_var))
+            out.append(self._solves_covariance(phi[s]))
         cov = np.concatenate(out) if out else np.zeros((0, 3, 3))
         return cov if scaler is None else np.asarray(scaler.covariance_to_physical(cov))
+
+    def _solves_covariance(self, phi: np.ndarray) -> np.ndarray:
+        """(B, K, K) J Sigma J^T by triangular solves with the coupled weights' Cholesky
+        factor, plus sum_p v_p J_kp J_lp over the decoupled weights (prior variances v_p)."""
+        coupled, chol, decoupled_var = self._split
+        if self.head.outer_product_layer is None:
+            jac = self.head.jacobian(phi)[0].numpy()  # (B, K, P)
+            jac_c, decoupled = jac[:, :, coupled], weighted_gram(jac, decoupled_var)
+        else:
+            jac_c, decoupled = self._outer_columns(phi)
+        b, k, p = jac_c.shape
+        v = _solve_lower(chol, jac_c.reshape(b * k, p).T, self.device).T.reshape(b, k, p)
+        return weighted_gram(v) + decoupled
+
+    def _outer_columns(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The coupled columns of J (B, K, P_c) and the decoupled term (B, K, K) of
+        :meth:`_solves_covariance` from the head Jacobian without its first layer's kernel
+        block (``Head.jacobian(..., outer_kernel=False)``): that layer's columns are
+        a~_i g_kj (``pipeline.laplace.kronecker``), formed here only where coupled, and their
+        decoupled sum is sum_j u_j g_kj g_lj with u = (a~ * a~) V, V (m, d) the variances of
+        the layer's decoupled weights (0 where coupled)."""
+        m, d = self.head.outer_product_layer
+        coupled, _, decoupled_var = self._split
+        jac = self.head.jacobian(phi, outer_kernel=False)[0].numpy()  # (B, K, d + R)
+        a = np.concatenate([phi, np.ones((len(phi), 1))], axis=1)  # a~ (B, m)
+        g, r = jac[:, :, :d], jac[:, :, d:]
+        first = m * d
+        rows, cols = np.nonzero(coupled[:first].reshape(m, d))  # row-major: the weight order
+        jac_c = np.concatenate([a[:, None, rows] * g[:, :, cols], r[:, :, coupled[first:]]],
+                               axis=2)
+        u = (a * a) @ decoupled_var[:first].reshape(m, d)  # (B, d)
+        return jac_c, weighted_gram(g, u[:, None, :]) + weighted_gram(r, decoupled_var[first:])
 
     @cached_property
     def _kronecker(self) -> KroneckerCovariance | None:
