@@ -5,6 +5,16 @@ package itself is cheap and never imports TensorFlow, so the Snakefile and comma
 helpers stay fast; modules that need TensorFlow import it themselves.
 """
 
+import os
+
+# OpenBLAS (NumPy's and SciPy's BLAS) keeps its idle threads spinning for 2**28 cycles, about
+# a tenth of a second, after every BLAS call, on the cores that TensorFlow's next Jacobian
+# batch and the NumPy work after it need (predict alternates the two every batch; measured in
+# docs/performance.md). Threads that sleep at once, the shortest timeout, give the cores back.
+# OpenBLAS reads it when NumPy loads it, so it is set here, before (``python -m
+# pipeline.<step>`` imports this package first), and only where the user has not set it.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 __version__ = "0.1.0"
 
 LABELS = ("TEFF", "LOGG", "FE_H")

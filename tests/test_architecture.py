@@ -4,6 +4,7 @@ module importable on its own, and the steps size TensorFlow's thread pools from 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,21 @@ def test_importing_the_package_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("preset", [None, "20"])
+def test_the_package_sets_openblas_idle_threads_to_sleep_before_numpy_loads(preset):
+    """A step's interpreter imports the package before NumPy: OpenBLAS's thread timeout is
+    then the shortest (its idle threads would otherwise spin on the cores TensorFlow needs),
+    unless the user set one."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = ("import os, sys, pipeline; "
+            "print('numpy' in sys.modules, os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, env=env)
+    assert out.stdout.split() == ["False", preset or "4"], out.stderr
 
 
 @pytest.mark.parametrize("order", ["sorted", "reversed", "shuffled"])
