@@ -91,9 +91,9 @@ def cholesky_with_jitter(a, device="cpu", jitter_initial=1e-10, jitter_max=1e-2,
 
 def weighted_gram(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """(N, K, K) x_n diag(w_n) x_n^T of ``x`` (N, K, P), ``weights`` (P,) for every star or
-    (N, 1, P) per star (w = 1 without): one
-    fused row product per pair k <= l, where NumPy's batched matrix product of (K, P) by
-    (P, K) blocks runs several times slower for a few outputs K."""
+    (N, 1, P) per star (w = 1 without): one fused row product per pair k <= l, where NumPy's
+    batched matrix product of (K, P) by (P, K) blocks runs several times slower for a few
+    outputs K."""
     xw = x if weights is None else x * weights
     out = np.empty((len(x), x.shape[1], x.shape[1]))
     for k in range(x.shape[1]):
