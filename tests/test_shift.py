@@ -260,6 +260,26 @@ def test_fit_statistics_per_star_whatever_the_threads_and_batches(rng):
         np.testing.assert_allclose(np.array(v)[:, 0], np.array(values)[:, n], rtol=1e-6)
 
 
+def test_fit_sums_each_stars_pixels_once_per_region(rng, monkeypatch):
+    """A star whose trial steps cross into another region and are rejected keeps the normal
+    equations it had there: the pixel pass (the quadratic terms) runs once per star and
+    region it visits, however often it comes back."""
+    labels, flux, err, good = _toy(rng, n=300, p=40)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=3)
+    start = labels + rng.normal(size=labels.shape) * 3 * NOISY
+    visits = []
+    original = LabelEmulator._quadratic_terms
+
+    def counted(self, f, err2, g0, region):
+        visits.extend(zip(map(bytes, np.asarray(f)), region.tolist(), strict=True))
+        return original(self, f, err2, g0, region)
+
+    monkeypatch.setattr(LabelEmulator, "_quadratic_terms", counted)
+    em.best_fit(flux, err, good, start, batch_size=len(start))
+    assert len(visits) > len(start)  # some stars tried another region
+    assert len(visits) == len(set(visits))
+
+
 def test_best_fit_recovers_labels_within_their_fisher_errors(single_region, rng):
     """On emulated spectra the fitted labels scatter about the true ones by their Fisher
     errors, (J^T W J)^{-1} with J from central differences of the emulated flux, and the

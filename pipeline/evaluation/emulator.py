@@ -640,7 +640,7 @@ class LabelEmulator:
         bounded to one training standard deviation per label and projected onto the training
         box widened by ``margin`` training standard deviations (an extrapolated emulator could
         otherwise reproduce a star outside the grid). The region is re-chosen at every trial
-        point, as :meth:`chi2` chooses it (A, b, S recomputed for a star that changes region):
+        point, as :meth:`chi2` chooses it (A, b, S summed once for each region a star visits):
         a step is kept only if the chi2 at its own region is lower (then lambda / 10, else
         lambda x 10), so the result is never above ``chi2(labels0)`` (for labels0 in the box);
         the statistics returned are evaluated pixel by pixel at the result, as :meth:`chi2`
@@ -750,8 +750,9 @@ class LabelEmulator:
             phi = design(z, self.order)
             return np.einsum("nt,nts,ns->n", phi, a, phi) - 2 * np.einsum("nt,nt->n", phi, b) + s
 
+        terms = _RegionTerms(self, f, err2, g0)
         region = nearest(z, self.centres)
-        a, b, s = self._quadratic_terms(f, err2, g0, region)
+        a, b, s = terms.at(region)
         chi2 = quadratic(z, a, b, s)
         lam = np.full(len(z), 1e-3)
         eye = np.eye(z.shape[1])
@@ -765,21 +766,40 @@ class LabelEmulator:
             step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
             trial = np.clip(z + step, lo, hi)
             region_t = nearest(trial, self.centres)
-            moved = region_t != region
-            a_t, b_t, s_t = a, b, s
-            if moved.any():  # rare: only these stars' pixels are summed again
-                a_t, b_t, s_t = a.copy(), b.copy(), s.copy()
-                a_t[moved], b_t[moved], s_t[moved] = self._quadratic_terms(
-                    f[moved], err2[moved], g0[moved], region_t[moved])
-            chi2_t = quadratic(trial, a_t, b_t, s_t)
+            chi2_t = quadratic(trial, *terms.at(region_t))
             better = chi2_t < chi2  # NaN (no good pixel) never moves
             z = np.where(better[:, None], trial, z)
             chi2 = np.where(better, chi2_t, chi2)
-            switch = better & moved
-            a[switch], b[switch], s[switch] = a_t[switch], b_t[switch], s_t[switch]
             region = np.where(better, region_t, region)
             lam = np.where(better, lam / 10, lam * 10)
+            a, b, s = terms.at(region)
         return z, region, (a, b, s)
+
+
+class _RegionTerms:
+    """The :meth:`LabelEmulator._quadratic_terms` (A, b, S) of a batch of stars, each computed
+    once per star and region: a star near a region boundary whose trial steps cross it and are
+    rejected would otherwise have its pixels summed again at every such step."""
+
+    def __init__(self, emulator: LabelEmulator, f, err2, g0):
+        self.emulator, self.f, self.err2, self.g0 = emulator, f, err2, g0
+        self.known = {}  # region -> (which stars have their terms there, A, b, S)
+
+    def at(self, region: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A (n, T, T), b (n, T), S (n,)) of each star at its ``region`` (n,)."""
+        n, n_terms = len(region), self.emulator.coef.shape[1]
+        a, b, s = np.empty((n, n_terms, n_terms)), np.empty((n, n_terms)), np.empty(n)
+        for k in np.unique(region):
+            rows = region == k
+            have, a_k, b_k, s_k = self.known.setdefault(
+                k, (np.zeros(n, bool), np.empty_like(a), np.empty_like(b), np.empty_like(s)))
+            new = rows & ~have
+            if new.any():
+                a_k[new], b_k[new], s_k[new] = self.emulator._quadratic_terms(
+                    self.f[new], self.err2[new], self.g0[new], region[new])
+                have |= new
+            a[rows], b[rows], s[rows] = a_k[rows], b_k[rows], s_k[rows]
+        return a, b, s
 
 
 @dataclass
