@@ -766,13 +766,15 @@ class LabelEmulator:
             step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
             trial = np.clip(z + step, lo, hi)
             region_t = nearest(trial, self.centres)
-            chi2_t = quadratic(trial, *terms.at(region_t))
+            a_t, b_t, s_t = terms.at(region_t)
+            chi2_t = quadratic(trial, a_t, b_t, s_t)
             better = chi2_t < chi2  # NaN (no good pixel) never moves
             z = np.where(better[:, None], trial, z)
             chi2 = np.where(better, chi2_t, chi2)
             region = np.where(better, region_t, region)
+            a, b, s = (np.where(better[:, None, None], a_t, a),
+                       np.where(better[:, None], b_t, b), np.where(better, s_t, s))
             lam = np.where(better, lam / 10, lam * 10)
-            a, b, s = terms.at(region)
         return z, region, (a, b, s)
 
 
