@@ -21,6 +21,7 @@ from pipeline.evaluation.emulator import (
     STATISTICS_BLOCK,
     LabelEmulator,
     SnrTrend,
+    StrengthMisfit,
     design,
     design_gradient,
     pixel_chi2,
@@ -566,7 +567,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     from dataclasses import replace
 
     _, em, trend, threshold, _ = synthetic_reference
-    em = replace(em, strength_misfit=rng.uniform(0.0, 0.1, len(em.centres)))
+    em = replace(em, strength_misfit=StrengthMisfit(rng.normal(size=(40, 3)),
+                                                    rng.uniform(-1e-3, 1e-2, 40), 7))
     residuals = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
                                                                  scale * trend.median), limit)
                  for name, width, reduce, scale, limit in (
@@ -579,8 +581,11 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     ref.save(tmp_path / "emulator.npz")
     back = ShiftReference.load(tmp_path / "emulator.npz")
     assert not list(tmp_path.glob(".*tmp*"))
-    for k in ("coef", "scatter", "usable", "centres", "strength_misfit"):
+    for k in ("coef", "scatter", "usable", "centres"):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
+    for k in ("z", "excess", "neighbours"):
+        np.testing.assert_array_equal(getattr(back.emulator.strength_misfit, k),
+                                      getattr(em.strength_misfit, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
     assert (back.fit_iterations, back.fit_margin) == (5, 0.2)
     for name, w in residuals.items():
@@ -610,9 +615,11 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     np.savez(tmp_path / "old.npz", **old)
     with pytest.raises(Exception, match="old.npz.*line-spread.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
-    for old_key in ("lines", "strength_misfit"):  # versions before bit 11, before its misfit
+    region_misfit = {"strength_misfit": np.full(len(em.centres), 0.05)}
+    for old_key in ("lines", "strength_misfit"):  # before bit 11; with a misfit per region
         with np.load(tmp_path / "emulator.npz") as npz:
             old = {k: npz[k] for k in npz.files if not k.startswith(old_key)}
+        old.update(region_misfit if old_key == "strength_misfit" else {})
         np.savez(tmp_path / "old.npz", **old)
         with pytest.raises(Exception, match="old.npz.*line-strength.*rerun the emulator step"):
             ShiftReference.load(tmp_path / "old.npz")
@@ -655,7 +662,9 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert ref.range_margin.shape == (3,) and np.all(ref.range_margin >= 0)
     assert info["valid_flagged_range"] <= 3 * np.ceil(0.002 * 150) / 150 + 1e-9
     misfit = ref.emulator.strength_misfit
-    assert misfit.shape == (info["regions"],) and np.all(np.isfinite(misfit) & (misfit >= 0))
+    assert misfit.z.shape == (240, 3) and misfit.excess.shape == (240,)  # every training star
+    tau2 = misfit.variance(misfit.z)
+    assert np.all(np.isfinite(tau2) & (tau2 >= 0)) and np.ptp(tau2) > 0
     assert info["valid_flagged_lines"] <= np.ceil(0.01 * 150) / 150 + 1e-9
 
 
@@ -712,7 +721,9 @@ def test_lines_limit_is_the_change_that_reaches_the_threshold(tiny_model_dir, em
     assert np.max(plain["CHI2_LINES_REL"]) < 1e-3 * threshold * (change / limit.max()) ** 2
     changed = statistics(m + change * clipped * np.log(clipped))
     ratio = changed["CHI2_LINES_REL"] / threshold / (change / limit) ** 2
-    np.testing.assert_allclose(ratio, 1.0, rtol=0.05)  # 3% second order at c = 0.03
+    # relative errors O(c): the second order, and the misfit tau^2 read at labels the change
+    # moved by O(c) (up to 7% at c = 0.03 on this 240-star emulator)
+    np.testing.assert_allclose(ratio, 1.0, rtol=3 * change)
 
 
 def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulator_file):
@@ -728,12 +739,13 @@ def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulat
     cfg = {**CONFIG["emulator"], "regions": 3}
     train, valid = (read_spectra(emulator_file.parent / f"{s}.fits", require_labels=True)
                     for s in ("train", "valid"))
-    stored = ref.emulator.strength_misfit.copy()
+    stored = ref.emulator.strength_misfit
     good = [~bad_pixel_mask(x, CONFIG["data"]["bad_pixel_err"]) for x in (train, valid)]
     got = training_strength_misfit(ref.emulator, train, good[0], cfg, seed=CONFIG["seed"])
-    np.testing.assert_allclose(got, stored, rtol=1e-10)
+    np.testing.assert_allclose(got.excess, stored.excess, rtol=1e-10)
+    np.testing.assert_allclose(got.z, stored.z, rtol=1e-10)
     other = training_strength_misfit(ref.emulator, valid, good[1], cfg, seed=CONFIG["seed"])
-    assert not np.allclose(other, stored, rtol=1e-3)
+    assert not np.allclose(other.variance(stored.z), stored.variance(stored.z), rtol=1e-3)
 
 
 def test_every_thresholded_statistic_has_a_column_and_a_documented_bit(emulator_file):
@@ -1105,27 +1117,42 @@ def test_coefficient_gradient_is_the_explicit_label_gradient(rng):
                                rtol=1e-8)
 
 
-def test_strength_misfit_is_the_moment_estimate_per_region_shrunk_to_the_pool(rng):
-    """Amplitudes a ~ N(0, v + tau_k^2) with known tau_k per region and v varying: the fit
-    recovers tau_k where a region has many stars (within a few sampling errors), gives the
-    pooled value to a region without stars, and sits between its own and the pooled value
-    for a region of a few stars."""
-    from pipeline.evaluation.emulator import PRIOR_STARS, fit_strength_misfit
+def test_strength_misfit_is_the_local_moment_estimate(rng):
+    """tau^2(z) is the biweight mean of a^2 - v over the K training stars nearest z: checked
+    against a brute-force sort of all distances per star; the statistic it normalizes is about
+    chi^2_1 star by star where the misfit varies within what one region of the emulator
+    covers (here tenfold along z_0). A single moment estimate over those stars, as a per-region
+    value gives, is far below chi^2_1 for the small-misfit half and far above it for the
+    large-misfit half, whose tail then sets a threshold that hides a line-strength change in
+    the other half: the audit's median of 0.13 instead of 0.45 on the validation stars."""
+    def draw(n):
+        z = rng.uniform(-1, 1, (n, 3))
+        tau = np.where(z[:, 0] < 0, 0.01, 0.1)
+        variance = rng.uniform(0.5, 2.0, n) * 0.005**2
+        return z, rng.normal(size=n) * np.sqrt(variance + tau**2), variance, tau
 
-    tau = np.array([0.01, 0.05, 0.2, 0.1])
-    region = np.repeat([0, 1, 2, 3], [4000, 4000, 4000, 10])
-    variance = rng.uniform(0.5, 2.0, len(region)) * 0.02**2
-    amplitude = rng.normal(size=len(region)) * np.sqrt(variance + tau[region] ** 2)
-    got = fit_strength_misfit(amplitude, variance, region, 5)
-    pooled = np.mean(amplitude**2 - variance)
-    # sd of a mean of 4000 squares of N(0, s^2): s^2 sqrt(2 / 4000); the pool weighs 20 stars
-    for k in range(3):
-        se = (tau[k] ** 2 + 0.02**2 * 1.25) * np.sqrt(2 / 4000)
-        expected = (4000 * tau[k] ** 2 + PRIOR_STARS * pooled) / (4000 + PRIOR_STARS)
-        assert abs(got[k] ** 2 - expected) < 4 * se, (k, got[k], tau[k])
-    np.testing.assert_allclose(got[4] ** 2, pooled, rtol=1e-10)
-    own = max(np.mean((amplitude**2 - variance)[region == 3]), 0)
-    np.testing.assert_allclose(got[3] ** 2, (10 * own + PRIOR_STARS * pooled)
-                               / (10 + PRIOR_STARS), rtol=1e-10)
-    # a line-strength change of amplitude 0.19 stands far out in region 0, not in region 2
-    assert 0.19**2 / (0.02**2 + got[0] ** 2) > 50 > 0.19**2 / (0.02**2 + got[2] ** 2)
+    z, amplitude, variance, _ = draw(20000)
+    misfit = StrengthMisfit.fit(z, amplitude, variance, neighbours=50)
+    probe = rng.uniform(-1, 1, (30, 3))
+    brute = []
+    for p in probe:
+        distance = np.sqrt(((z - p) ** 2).sum(axis=1))
+        nearest = np.argsort(distance)[:51]
+        u = (1 - (distance[nearest[:50]] / distance[nearest[50]]) ** 2) ** 2
+        brute.append(np.sum(u * (amplitude**2 - variance)[nearest[:50]]) / np.sum(u))
+    np.testing.assert_allclose(misfit.variance(probe), np.maximum(brute, 0.0), rtol=1e-10)
+
+    z, amplitude, variance, tau = draw(4000)
+    local = amplitude**2 / (variance + misfit.variance(z))
+    pooled = amplitude**2 / (variance + np.mean(misfit.excess))
+    inner = np.abs(z[:, 0]) > 0.3  # away from the step, where K neighbours straddle it
+    for half in (z[:, 0] < 0, z[:, 0] > 0):
+        assert 0.85 < np.mean(local[half & inner]) < 1.15
+        assert not 0.5 < np.mean(pooled[half]) < 1.5
+    # a line-strength change of 0.05 stands out where the misfit is small, not where large
+    assert np.median(0.05**2 / (variance + misfit.variance(z))[tau < 0.05]) > 10
+    assert np.median(0.05**2 / (variance + misfit.variance(z))[tau > 0.05]) < 0.3
+    # stars without a finite amplitude are left out; no training stars: no misfit
+    amplitude[:10] = np.nan
+    assert len(StrengthMisfit.fit(z, amplitude, variance).z) == 3990
+    np.testing.assert_array_equal(StrengthMisfit.none(3).variance(probe), 0.0)

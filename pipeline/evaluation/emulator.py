@@ -58,8 +58,8 @@ emulated spectrum (:func:`template_chi2`): lines shifted or broadened by a fract
 misfit each line a little, with a sign pattern that these templates sum over all lines. The
 line-strength statistic projects them onto m ln m (every optical depth scaled alike) less what
 a change of the labels explains (:func:`strength_chi2`), in units of the noise plus the
-emulator's own misfit along that template in the star's region, measured on training stars
-(:func:`fit_strength_misfit`, :func:`pipeline.evaluation.shift.training_strength_misfit`).
+emulator's own misfit along that template at the star's labels, averaged over the training stars
+nearest them (:class:`StrengthMisfit`, :func:`pipeline.evaluation.shift.training_strength_misfit`).
 """
 
 from __future__ import annotations
@@ -185,8 +185,9 @@ GRADIENT_REDUCTIONS = (STRENGTH, STRENGTH_VARIANCE)
 """The reductions that need the emulator's label gradient."""
 FLUX_MIN = 1e-3
 """Emulated flux is clipped to [FLUX_MIN, 1] in the line-strength template m ln m."""
-PRIOR_STARS = 20
-"""Weight, in stars, of the pooled estimate in each region's line-strength misfit."""
+STRENGTH_NEIGHBOURS = 50
+"""Training stars nearest in labels over which the line-strength misfit is averaged
+(:class:`StrengthMisfit`)."""
 FIT_BATCH = 256
 """Stars per batch of :meth:`LabelEmulator.fit_statistics`. Each batch reads every present
 region's (P, T(T+1)/2) coefficient products (12 MB for the cubic emulator on 7213 pixels), so
@@ -408,34 +409,77 @@ def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
 
     The emulator's own misfit has a part along t too, coherent over all lines where the
     per-pixel scatter s_p treats it as independent: with its variance ``strength_misfit2``
-    (tau^2, per star; :func:`fit_strength_misfit`) the statistic is ``a^2 / (v + tau^2)``,
+    (tau^2, per star; :class:`StrengthMisfit`) the statistic is ``a^2 / (v + tau^2)``,
     a = sum w r t / sum w t^2 the amplitude and v = 1 / sum w t^2 its noise variance.
     """
     return Residuals(flux, err2, good, model, scatter2, label_gradient,
                      strength_misfit2).strength()
 
 
-def fit_strength_misfit(amplitude: np.ndarray, variance: np.ndarray, region: np.ndarray,
-                        n_regions: int, prior_stars: float = PRIOR_STARS) -> np.ndarray:
-    """(K,) tau_k, the emulator's misfit along the line-strength template in each region, from
-    the amplitudes a and noise variances v (:meth:`Residuals.strength_amplitude`) of stars the
-    emulator describes (training stars at their best-fit labels) in ``region``.
+@dataclass
+class StrengthMisfit:
+    """The emulator's misfit along the line-strength template, tau^2(z), as a function of the
+    standardized labels: a local moment estimate over training stars the emulator describes.
 
-    Moment estimate, a = misfit + noise with E a^2 = tau_k^2 + v: per region
-    tau_k^2 = max(0, (sum_k (a^2 - v) + n0 tau0^2) / (n_k + n0)), shrunk towards the pooled
-    estimate tau0^2 = max(0, mean (a^2 - v)) with the weight of n0 = ``prior_stars`` stars, so
-    a region of a few stars borrows from the others (none: tau0). The misfit
-    differs by an order of magnitude between regions (weak lines of metal-poor or hot stars
-    leave little of the template once the label gradients are removed, so a small misfit
-    there is a large amplitude); one SNR trend over all stars would set the threshold by
-    those regions and hide a line-strength change everywhere else.
+    Each training star j (at its best-fit labels z_j) has an amplitude a_j along the template
+    and its noise variance v_j (:meth:`Residuals.strength_amplitude`); a = misfit + noise
+    gives E a^2 = tau^2(z) + v, so at labels z, over the K = ``neighbours`` training stars
+    nearest z (Euclidean in z, distances d_j),
+
+        tau^2(z) = max(0, sum_j u_j (a_j^2 - v_j) / sum_j u_j),  u_j = (1 - d_j^2 / h^2)^2
+
+    a biweight average whose bandwidth h is the distance to the (K+1)-th nearest star, so
+    that tau^2 changes continuously with z (``LINES_LIMIT`` reads the statistic to first order
+    in a change that moves a star's best-fit labels a little). The misfit differs by an order
+    of magnitude across the label space, and within a region of the emulator too: where the
+    lines are weak (metal-poor or hot stars) little of the template survives the label
+    gradients, so a small misfit is a large amplitude. One value per region sets a statistic
+    a^2 / (v + tau^2) far below chi^2_1 for most of its stars and far above it for the
+    weakest-lined ones, whose tail then sets the flag threshold for all; the local average
+    follows the misfit star by star, so the statistic is about chi^2_1 everywhere.
     """
-    ok = np.isfinite(amplitude) & np.isfinite(variance)
-    excess = amplitude[ok] ** 2 - variance[ok]
-    pooled = max(float(excess.mean()), 0.0) if ok.any() else 0.0
-    n = np.bincount(region[ok], minlength=n_regions)
-    total = np.bincount(region[ok], excess, minlength=n_regions)
-    return np.sqrt(np.maximum((total + prior_stars * pooled) / (n + prior_stars), 0.0))
+
+    z: np.ndarray
+    excess: np.ndarray
+    neighbours: int = STRENGTH_NEIGHBOURS
+
+    @classmethod
+    def fit(cls, z: np.ndarray, amplitude: np.ndarray, variance: np.ndarray,
+            neighbours: int = STRENGTH_NEIGHBOURS) -> StrengthMisfit:
+        """From training stars' standardized best-fit labels z (M, L) and their amplitudes
+        and noise variances (M,); stars without a finite amplitude are left out."""
+        ok = np.isfinite(amplitude) & np.isfinite(variance) & np.all(np.isfinite(z), axis=1)
+        return cls(np.asarray(z, np.float64)[ok], amplitude[ok] ** 2 - variance[ok],
+                   int(neighbours))
+
+    @classmethod
+    def none(cls, n_labels: int) -> StrengthMisfit:
+        """No misfit (tau = 0 everywhere): the emulator before training stars set it."""
+        return cls(np.empty((0, n_labels)), np.empty(0))
+
+    @cached_property
+    def _tree(self):
+        from scipy.spatial import cKDTree
+
+        return cKDTree(self.z)
+
+    def variance(self, z: np.ndarray) -> np.ndarray:
+        """(N,) tau^2 at standardized labels z (N, L) (non-finite labels count as the
+        training mean, as :meth:`LabelEmulator.region` places them)."""
+        k = min(self.neighbours, len(self.z))
+        if k == 0:
+            return np.zeros(len(z))
+        z = np.nan_to_num(np.asarray(z, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if k == len(self.z):  # every training star is a neighbour: their plain mean
+            return np.full(len(z), max(float(self.excess.mean()), 0.0))
+        distance, nearest_k = self._tree.query(z, k + 1)  # the (k+1)-th sets the bandwidth
+        distance, nearest_k = distance.reshape(len(z), -1), nearest_k.reshape(len(z), -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight = (1.0 - (distance[:, :k] / distance[:, k:]) ** 2) ** 2
+        weight = np.where(np.isfinite(weight) & (weight.sum(axis=1, keepdims=True) > 0),
+                          weight, 1.0)  # k+1 stars at one point: plain mean
+        tau2 = (weight * self.excess[nearest_k[:, :k]]).sum(axis=1) / weight.sum(axis=1)
+        return np.maximum(tau2, 0.0)
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -461,8 +505,9 @@ class LabelEmulator:
     """Fitted emulator: label standardization, region centres (K, L) in standardized labels,
     coefficients (K, T, P), scatter s_kp (K, P), usable pixels (K, P), and the training label
     box ``label_min``/``label_max`` (L,) in physical units (bounds of :meth:`best_fit`), and
-    the misfit along the line-strength template per region ``strength_misfit`` (K,): zero
-    from :meth:`fit`, set from training stars by :func:`fit_strength_misfit`."""
+    the misfit along the line-strength template ``strength_misfit`` (:class:`StrengthMisfit`):
+    none from :meth:`fit`, set from training stars by
+    :func:`pipeline.evaluation.shift.training_strength_misfit`."""
 
     label_mean: np.ndarray
     label_scale: np.ndarray
@@ -473,7 +518,7 @@ class LabelEmulator:
     usable: np.ndarray
     label_min: np.ndarray
     label_max: np.ndarray
-    strength_misfit: np.ndarray
+    strength_misfit: StrengthMisfit
 
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
@@ -516,7 +561,7 @@ class LabelEmulator:
             usable.append(g.sum(axis=0) >= 2 * n_terms)
         return cls(mean, scale, int(order), centres, np.stack(coef), np.stack(scatter),
                    np.stack(usable), labels.min(axis=0), labels.max(axis=0),
-                   np.zeros(len(centres)))
+                   StrengthMisfit.none(z.shape[1]))
 
     def standardize(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, np.float64) - self.label_mean) / self.label_scale
@@ -591,8 +636,8 @@ class LabelEmulator:
         gradient = (CoefficientGradient(self, z, region, weighted)
                     if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions) else None)
         return Residuals(flux, err2, good & self.usable[region],
-                         self.emulate(design(z, self.order), region),
-                         self.scatter[region] ** 2, gradient, self.strength_misfit[region] ** 2)
+                         self.emulate(design(z, self.order), region), self.scatter[region] ** 2,
+                         gradient, 0.0 if gradient is None else self.strength_misfit.variance(z))
 
     def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with

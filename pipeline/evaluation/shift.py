@@ -23,8 +23,8 @@ needed):
   ``CHI2_LINES``, the residuals projected onto ``m ln m`` with the part the emulator's label
   gradients explain removed: every line stronger or weaker together (an opacity scale, an
   abundance pattern) beyond what a change of the labels reproduces, in units of the noise
-  plus the emulator's own misfit along that template in the star's label region (measured
-  on training stars, ``strength_misfit``). Each divided by
+  plus the emulator's own misfit along that template at the star's labels (averaged over the
+  training stars nearest them, ``strength_misfit``). Each divided by
   its own validation median at the star's SNR (``_REL``); flag when that exceeds its
   validation ``chi2_quantile``. ``LINES_LIMIT``: the smallest common fractional change of
   the optical depths at which that flag fires in expectation (:func:`lines_limit`), large
@@ -35,7 +35,9 @@ needed):
 
 The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
-``label_max``, ``strength_misfit``), the fit settings the threshold was set with
+``label_max``; the line-strength misfit as ``strength_misfit_labels``, the training stars'
+standardized best-fit labels, ``strength_misfit_excess``, their a^2 - v, and
+``strength_misfit_neighbours``), the fit settings the threshold was set with
 (``fit_iterations``, ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``),
 ``chi2_threshold``, for each residual statistic (prefix ``broadband``, ``peak``, ``doppler``,
 ``lsf``, ``lines``) its ``<prefix>_width``, trend (``<prefix>_snr_log``,
@@ -67,7 +69,7 @@ from pipeline.evaluation.emulator import (
     STRENGTH_VARIANCE,
     LabelEmulator,
     SnrTrend,
-    fit_strength_misfit,
+    StrengthMisfit,
 )
 from pipeline.evaluation.feature_distance import FeatureReference, last_hidden_features
 from pipeline.exceptions import ModelFileError
@@ -76,7 +78,10 @@ from pipeline.spectra.validation import spectrum_snr
 
 EMULATOR_FILE = "emulator.npz"
 _EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable",
-                  "label_min", "label_max", "strength_misfit")
+                  "label_min", "label_max")
+_MISFIT_KEYS = {"strength_misfit_labels": "z", "strength_misfit_excess": "excess",
+                "strength_misfit_neighbours": "neighbours"}
+"""File key -> :class:`StrengthMisfit` field."""
 EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
 """Catalog columns of the emulator's best-fit labels (physical units)."""
 RESIDUAL_STATISTICS = {"CHI2_BROADBAND": ("broadband", "mean"), "CHI2_PEAK": ("peak", "max"),
@@ -127,6 +132,8 @@ class ShiftReference:
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file, then rename)."""
         arrays = {k: getattr(self.emulator, k) for k in _EMULATOR_KEYS}
+        arrays.update({k: getattr(self.emulator.strength_misfit, f)
+                       for k, f in _MISFIT_KEYS.items()})
         arrays.update(snr_log=self.snr_trend.log_snr, snr_median=self.snr_trend.median,
                       chi2_threshold=self.chi2_threshold,
                       feature_mean=self.features.mean, feature_scale=self.features.scale,
@@ -161,7 +168,7 @@ class ShiftReference:
                                      "the predicted labels (an older version); rerun the "
                                      "emulator step to set it at the best-fit labels")
             if (any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values())
-                    or "strength_misfit" not in a):
+                    or any(k not in a for k in _MISFIT_KEYS)):
                 raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
                                      "Doppler, line-spread and line-strength statistics (an "
                                      "older version); rerun the emulator step")
@@ -170,7 +177,10 @@ class ShiftReference:
                                                           a[f"{prefix}_snr_median"]),
                                                  float(a[f"{prefix}_threshold"]))
                          for name, (prefix, reduce) in RESIDUAL_STATISTICS.items()}
-            emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS})
+            misfit = StrengthMisfit(**{f: a[k] for k, f in _MISFIT_KEYS.items()})
+            misfit.neighbours = int(misfit.neighbours)
+            emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS},
+                                     strength_misfit=misfit)
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
                        float(a["chi2_threshold"]),
@@ -238,23 +248,23 @@ MISFIT_STARS = 4000
 
 
 def training_strength_misfit(emulator: LabelEmulator, train, train_good: np.ndarray, cfg: dict,
-                             seed: int = 0, threads: int = 1) -> np.ndarray:
-    """(K,) the emulator's misfit along the line-strength template per region
-    (:func:`~pipeline.evaluation.emulator.fit_strength_misfit`), from up to ``MISFIT_STARS``
+                             seed: int = 0, threads: int = 1) -> StrengthMisfit:
+    """The emulator's misfit along the line-strength template
+    (:class:`~pipeline.evaluation.emulator.StrengthMisfit`), from up to ``MISFIT_STARS``
     training stars at their best-fit labels started from their true labels. Training stars,
     not validation ones: the validation stars set the thresholds, and a threshold set on the
     stars a statistic's normalization was fitted to is exceeded less often by them than by new
-    stars (on the default run the line-strength bit flagged 0.33% of the validation stars
-    and 0.87% of the test stars that way, 0.53% with the misfit from training stars). The
-    emulator was fitted to these stars too, so the misfit comes out somewhat smaller than on
-    new stars; the validation stars' threshold absorbs that alike for every new star."""
+    stars (on an earlier default run the line-strength bit flagged 0.33% of the validation
+    stars and 0.87% of the test stars that way, 0.53% with the misfit from training stars).
+    The emulator was fitted to these stars too, so the misfit comes out somewhat smaller than
+    on new stars; the validation stars' threshold absorbs that alike for every new star."""
     n = len(train_good)
     rows = subset(seed, "strength_misfit", n, MISFIT_STARS)
     flux, flux_err = (np.asarray(a[rows], np.float64) for a in (train.flux, train.flux_err))
     best, _ = emulator.best_fit(flux, flux_err, train_good[rows], train.label_array()[rows],
                                 cfg["fit_iterations"], cfg["fit_margin"], threads=threads)
     amplitude, variance = emulator.strength_amplitudes(flux, flux_err, train_good[rows], best)
-    return fit_strength_misfit(amplitude, variance, emulator.region(best), len(emulator.centres))
+    return StrengthMisfit.fit(emulator.standardize(best), amplitude, variance)
 
 
 def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
