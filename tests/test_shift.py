@@ -1124,7 +1124,7 @@ def test_strength_misfit_is_the_local_moment_estimate(rng):
     covers (here tenfold along z_0). A single moment estimate over those stars, as a per-region
     value gives, is far below chi^2_1 for the small-misfit half and far above it for the
     large-misfit half, whose tail then sets a threshold that hides a line-strength change in
-    the other half: the audit's median of 0.13 instead of 0.45 on the validation stars."""
+    the other half."""
     def draw(n):
         z = rng.uniform(-1, 1, (n, 3))
         tau = np.where(z[:, 0] < 0, 0.01, 0.1)
