@@ -47,6 +47,19 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("model", "scatter", "noise", "total")
 
 
+def weighted_gram(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(N, K, K) x_n diag(w_n) x_n^T of ``x`` (N, K, P), ``weights`` (P,) for every star or
+    (N, 1, P) per star (w = 1 without): one fused row product per pair k <= l, where NumPy's
+    batched matrix product of (K, P) by (P, K) blocks runs several times slower for a few
+    outputs K."""
+    xw = x if weights is None else x * weights
+    out = np.empty((len(x), x.shape[1], x.shape[1]))
+    for k in range(x.shape[1]):
+        for l in range(k + 1):
+            out[:, k, l] = out[:, l, k] = np.einsum("np,np->n", x[:, k], xw[:, l])
+    return out
+
+
 def noise_covariance(jacobian: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
     """Flux noise propagated through the input Jacobian: D diag(e^2) D^T.
 
@@ -57,11 +70,11 @@ def noise_covariance(jacobian: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    (N, 3, 3) float64 covariance, computed as (D * e)(D * e)^T in float64.
+    (N, 3, 3) float64 covariance, computed as (D * e)(D * e)^T (:func:`weighted_gram`).
     """
     scaled = np.array(jacobian, np.float64)  # a float64 copy, scaled in place (no second one)
     scaled *= np.asarray(flux_err, np.float64)[:, None, :]
-    return np.einsum("nip,njp->nij", scaled, scaled)
+    return weighted_gram(scaled)
 
 
 def noise_covariances(model, flux: np.ndarray, flux_err: np.ndarray, batch_size: int = 256,

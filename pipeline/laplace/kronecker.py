@@ -29,6 +29,12 @@ import numpy as np
 import scipy.linalg as sl
 
 
+def with_bias_input(phi: np.ndarray) -> np.ndarray:
+    """a~ = (phi, 1) (N, d_in + 1): the first layer's input with the 1 its bias multiplies,
+    in the head's weight order (kernel rows, then the bias)."""
+    return np.concatenate([phi, np.ones((len(phi), 1))], axis=1)
+
+
 class KroneckerCovariance:
     """J Sigma J^T of the head's Jacobians, from Sigma's blocks (module docstring).
 
@@ -59,7 +65,7 @@ class KroneckerCovariance:
         Jacobians ``jacobian`` (N, K, d + R) without the first layer's kernel block
         (``Head.jacobian(..., outer_kernel=False)``): g_k = d f_k / d b, then r_k."""
         n = len(jacobian)
-        a = np.concatenate([phi, np.ones((n, 1))], axis=1)  # a~ (N, m)
+        a = with_bias_input(phi)  # a~ (N, m)
         g = jacobian[:, :, :self.d]  # (N, K, d): the bias block d f_k / d b
         r = jacobian[:, :, self.d:]  # (N, K, R)
         upper = pair_products(a) @ self.packed

@@ -38,8 +38,8 @@ from pipeline.artifacts.posterior_file import read_posterior_arrays, write_poste
 from pipeline.exceptions import ConfigError, ModelFileError, NumericalError
 from pipeline.laplace import evidence
 from pipeline.laplace.curvature import Head, curvature_blocks
-from pipeline.laplace.error_budget import predict_standardized
-from pipeline.laplace.kronecker import KroneckerCovariance, multiply_adds
+from pipeline.laplace.error_budget import predict_standardized, weighted_gram
+from pipeline.laplace.kronecker import KroneckerCovariance, multiply_adds, with_bias_input
 from pipeline.laplace.noise_response import NoiseResponse
 from pipeline.laplace.scatter import ScatterModel, fit_configured
 from pipeline.runtime import choose_device
@@ -87,19 +87,6 @@ def cholesky_with_jitter(a, device="cpu", jitter_initial=1e-10, jitter_max=1e-2,
     raise NumericalError(
         f"posterior precision is not positive definite even with jitter {jitter_max:g} x mean "
         "diagonal (laplace.jitter_max); raise laplace.jitter_max or use laplace.curvature: ggn")
-
-
-def weighted_gram(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """(N, K, K) x_n diag(w_n) x_n^T of ``x`` (N, K, P), ``weights`` (P,) for every star or
-    (N, 1, P) per star (w = 1 without): one fused row product per pair k <= l, where NumPy's
-    batched matrix product of (K, P) by (P, K) blocks runs several times slower for a few
-    outputs K."""
-    xw = x if weights is None else x * weights
-    out = np.empty((len(x), x.shape[1], x.shape[1]))
-    for k in range(x.shape[1]):
-        for l in range(k + 1):
-            out[:, k, l] = out[:, l, k] = np.einsum("np,np->n", x[:, k], xw[:, l])
-    return out
 
 
 def _solve_lower(chol, rhs, device):
@@ -234,7 +221,7 @@ class Posterior:
         m, d = self.head.outer_product_layer
         coupled, _, decoupled_var = self._split
         jac = self.head.jacobian(phi, outer_kernel=False)[0].numpy()  # (B, K, d + R)
-        a = np.concatenate([phi, np.ones((len(phi), 1))], axis=1)  # a~ (B, m)
+        a = with_bias_input(phi)  # a~ (B, m)
         g, r = jac[:, :, :d], jac[:, :, d:]
         first = m * d
         rows, cols = np.nonzero(coupled[:first].reshape(m, d))  # row-major: the weight order
