@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 import pipeline
 from pipeline.config import config_hash
@@ -24,10 +27,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def machine() -> str:
+    """The processor model and the CPUs this process may use, e.g. 'AMD EPYC, 2 CPUs': with the
+    package versions, what decides a trained network's bits (the processor's instruction set
+    picks TensorFlow's kernels, and another summation order ends in another network)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{' '.join(model.split())[:48]}, {cpus} CPUs"
+
+
 def provenance(config: dict | None = None, *, device: str | None = None,
                timestamp: bool = True, **extra) -> dict[str, str]:
     """Provenance cards for every output: package version, config hash, git commit, seed,
-    TensorFlow version (only if already imported: reading it must not import TF), device.
+    NumPy version, TensorFlow version (only if already imported: reading it must not import
+    TF), the machine (:func:`machine`), device.
 
     Keys are at most 8 characters so they are valid FITS keywords. Set ``timestamp=False``
     for byte-identical reruns of outputs that are compared in tests.
@@ -36,6 +55,8 @@ def provenance(config: dict | None = None, *, device: str | None = None,
         "PKGVERS": pipeline.__version__,
         "GITCOMM": git_commit(),
         "PYVERS": platform.python_version(),
+        "NPVERS": np.__version__,
+        "MACHINE": machine(),
     }
     if config is not None:
         cards["CFGHASH"] = config_hash(config)

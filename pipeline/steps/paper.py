@@ -63,7 +63,8 @@ BASELINES = {"RIDGE": ("Ridge", "ridge RMSE"), "KRR": ("KRR", "kernel ridge RMSE
 # the heavy rules, in DAG order, whose benchmark files the Snakefile passes
 RULES = ("data", "train", "laplace", "predict", "jacobian", "tables")
 PROVENANCE_VERSIONS = {"PKGVERS": "PipelineVersion", "PYVERS": "PythonVersion",
-                       "TFVERS": "TensorFlowVersion", "GITCOMM": "GitCommit"}
+                       "NPVERS": "NumPyVersion", "TFVERS": "TensorFlowVersion",
+                       "GITCOMM": "GitCommit", "MACHINE": "Machine"}
 BEGIN = re.compile(r"<!-- numbers:begin(?P<attrs>[^>]*)-->")
 END = "<!-- numbers:end -->"
 
@@ -332,10 +333,11 @@ def render_block(numbers: dict[str, str], catalog: str = "test") -> str:
                   + ", ".join(f"{rule} {_cell(numbers, m)}" for rule, m in runtimes)
                   + f"; total {_cell(numbers, 'RuntimeHeavyRules')}."]
     versions = [("stellar-laplace", "PipelineVersion"), ("Python", "PythonVersion"),
-                ("TensorFlow", "TensorFlowVersion")]
+                ("NumPy", "NumPyVersion"), ("TensorFlow", "TensorFlowVersion")]
     shown = [f"{text} {_cell(numbers, m)}" for text, m in versions if m in numbers]
     if shown:
-        lines += ["", "Versions: " + ", ".join(shown) + "."]
+        machine = f"; machine {_cell(numbers, 'Machine')}" if "Machine" in numbers else ""
+        lines += ["", "Versions: " + ", ".join(shown) + machine + "."]
     lines += ["", END]
     # prose wrapped at 96 characters like the rest of the README; tables and markers as they are
     return "\n".join(line if line.startswith(("|", "<!--")) or not line
