@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ def git_commit() -> str:
         return "unknown"
 
 
+@cache  # read once per process: every output of a step writes its provenance
 def machine() -> str:
     """The processor model and the CPUs this process may use, e.g. 'AMD EPYC, 2 CPUs': with the
     package versions, what decides a trained network's bits (the processor's instruction set
