@@ -1156,3 +1156,63 @@ def test_strength_misfit_is_the_local_moment_estimate(rng):
     amplitude[:10] = np.nan
     assert len(StrengthMisfit.fit(z, amplitude, variance).z) == 3990
     np.testing.assert_array_equal(StrengthMisfit.none(3).variance(probe), 0.0)
+
+
+def test_emulator_precision_is_the_joint_least_squares_amplitude(single_region, rng):
+    """benchmarks.emulator_precision's tau is the coefficient of m ln m in a weighted least
+    squares of the residual (noiseless generator spectrum - emulated) on m ln m and the label
+    gradients (finite differences of the emulated spectra): by the Frisch-Waugh theorem the
+    amplitude along m ln m with the gradients projected out; its noise is that coefficient's
+    standard error, 1 / sqrt(sum w t'^2), smaller at a higher SNR."""
+    from benchmarks.emulator_precision import groups, template_misfit
+    from pipeline.spectra.synthetic import apogee_grid, error_pattern, synthesize
+
+    em, wave = single_region, apogee_grid()[::12]
+    labels = em.label_min + rng.uniform(0.2, 0.8, (5, 3)) * (em.label_max - em.label_min)
+    tau, noise = template_misfit(em, labels, wave, 100.0)
+    truth = synthesize(labels, wave, np.float64)
+    err = error_pattern(wave) * np.sqrt(truth) / 100.0
+    weight = 1.0 / (err**2 + em.scatter[0] ** 2)
+    h = 1e-4 * (em.label_max - em.label_min)
+    for n, lab in enumerate(labels):
+        model = em.flux(lab[None])[0]
+        step = np.diag(h)
+        grad = (em.flux(lab + step) - em.flux(lab - step)) / (2 * h[:, None])  # (3, P)
+        m = np.clip(model, 1e-3, 1.0)
+        design_matrix = np.column_stack([m * np.log(m), grad.T]) * np.sqrt(weight[n])[:, None]
+        coef, *_ = np.linalg.lstsq(design_matrix, (truth[n] - model) * np.sqrt(weight[n]),
+                                   rcond=None)
+        covariance = np.linalg.inv(design_matrix.T @ design_matrix)
+        np.testing.assert_allclose(tau[n], coef[0], rtol=1e-5)
+        np.testing.assert_allclose(noise[n], np.sqrt(covariance[0, 0]), rtol=1e-5)
+    assert np.all(template_misfit(em, labels, wave, 400.0)[1] < noise)
+    masks = groups(np.array([[5000.0, 2.5, -1.5], [6500.0, 4.2, 0.0], [4800.0, 2.5, 0.0]]))
+    assert [list(np.flatnonzero(m)) for m in masks.values()] == [[0], [1], [2]]
+
+
+def test_neural_emulator_of_the_precision_benchmark(rng):
+    """The benchmark's neural emulator: its label gradient (forward mode) is the central
+    difference of its spectra, and a network trained on spectra with noise e has an intrinsic
+    scatter s^2 = max(0, mean(r^2 - e^2)) + floor^2 of the size of what it did not learn
+    (here the whole signal after 5 steps: far above the floor)."""
+    from benchmarks.emulator_precision import NeuralEmulator
+    from pipeline.evaluation.emulator import FLOOR
+    from pipeline.spectra.synthetic import apogee_grid, generate
+
+    train = generate(200, 5, wave=apogee_grid()[::200])
+    good = train.flux_err > 0
+    em = NeuralEmulator(train, good, steps=5, width=16, seed=3)
+    labels = train.label_array()[:4].astype(np.float64)
+    flux, gradient = em.flux_and_gradient(labels)
+    assert flux.shape == (4, train.flux.shape[1]) and gradient.shape == (4, 3, flux.shape[1])
+    for label in range(3):
+        h = np.zeros(3)
+        h[label] = 0.05 * em.label_scale[label]  # 0.05 standard deviations
+        difference = (em.flux_and_gradient(labels + h)[0]
+                      - em.flux_and_gradient(labels - h)[0]) / 0.1
+        np.testing.assert_allclose(gradient[:, label], difference, atol=2e-3 * np.abs(
+            gradient[:, label]).max() + 1e-5)
+    assert np.all(em.scatter > 5 * FLOOR)
+    amplitude, variance = em.strength_amplitudes(train.flux[:4].astype(np.float64),
+                                                 train.flux_err[:4], good[:4], labels)
+    assert np.all(np.isfinite(amplitude)) and np.all(variance > 0)
