@@ -12,15 +12,15 @@ generator, the emulator at their true labels against their noiseless spectra, we
 star of SNR ``--snr`` would be, gives a = tau exactly (the residual is the emulator's error
 alone); v is the noise variance along the same template at that SNR. Per group of stars
 (metal-poor, [Fe/H] < -1; hot, Teff > 6000 K and [Fe/H] >= -1; the rest): the RMS of tau, the
-median noise sqrt(v), and the share of stars whose ``LINES_LIMIT`` at that SNR,
-sqrt(threshold (v + tau^2)) with the run's line-strength threshold, is below 0.25 (the change
-of the shift suite's line strengths x1.25). With ``--train``,
-the same emulator fitted to the noiseless spectra of the training labels too: its
-approximation error alone, without the training spectra's noise; with ``--neural-steps``, a
-Payne-style network (labels -> flux, three hidden layers of ``--neural-width`` SiLU units,
-Adam on the inverse-variance weighted squared error of the training spectra, cosine-decayed
-learning rate; :class:`NeuralEmulator`) trained for that many steps, an emulator of another
-kind on the same stars. Synthetic data only (the generator gives the noiseless spectra).
+median noise sqrt(v), and the share of stars whose ``LINES_LIMIT`` at that SNR, sqrt(threshold
+(v + tau^2)) with the run's line-strength threshold, is below 0.25 (the change of the shift
+suite's line strengths x1.25). With ``--train``, the same emulator fitted to the noiseless
+spectra of the training labels too: its approximation error alone, without the training
+spectra's noise; with ``--neural-steps``, a Payne-style network (labels -> flux, three hidden
+layers of ``--neural-width`` SiLU units, Adam on the inverse-variance weighted squared error of
+the training spectra, cosine-decayed learning rate; :class:`NeuralEmulator`) trained for that
+many steps, an emulator of another kind on the same stars. Synthetic data only (the generator
+gives the noiseless spectra).
 
     PYTHONPATH=. python -m benchmarks.emulator_precision --model-dir results/model \
         [--train results/data/train.fits [--neural-steps 20000 --neural-width 384]] \
