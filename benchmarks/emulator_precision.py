@@ -88,7 +88,7 @@ class NeuralEmulator:
         import keras
         import tensorflow as tf
 
-        from pipeline.evaluation.emulator import FLOOR
+        from pipeline.evaluation.emulator import FLOOR, intrinsic_scatter2
 
         labels = train.label_array().astype(np.float64)
         self.label_mean, self.label_scale = labels.mean(axis=0), labels.std(axis=0)
@@ -114,9 +114,8 @@ class NeuralEmulator:
         batches = (tf.data.Dataset.from_tensor_slices((z, np.concatenate([flux, weight], 1)))
                    .shuffle(len(z), seed=seed).repeat().batch(256))
         self.net.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-        resid = np.where(good, flux - self.net.predict(z, batch_size=1024, verbose=0), 0.0)
-        dof = np.maximum(good.sum(axis=0) - 1.0, 1.0)
-        self.scatter = np.sqrt(np.maximum((resid**2 - err2).sum(axis=0) / dof, 0.0) + FLOOR**2)
+        resid = flux - self.net.predict(z, batch_size=1024, verbose=0)
+        self.scatter = np.sqrt(intrinsic_scatter2(resid, err2, good, 1))
 
     def standardize(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, np.float64) - self.label_mean) / self.label_scale

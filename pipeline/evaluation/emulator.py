@@ -149,9 +149,17 @@ def _region_fit(phi: np.ndarray, good: np.ndarray, w: np.ndarray, flux: np.ndarr
     ``good`` pixels) by :func:`ridge_solve`, and the intrinsic scatter s^2 (P,) of their
     residuals: the moment estimate over the good pixels with the floor (module docstring)."""
     coef = ridge_solve(phi, w, flux, ridge)
-    resid = np.where(good, flux - phi @ coef, 0.0)
-    dof = np.maximum(good.sum(axis=0) - phi.shape[1], 1.0)
-    return coef, np.maximum((resid**2 - err2).sum(axis=0) / dof, 0.0) + FLOOR**2
+    return coef, intrinsic_scatter2(flux - phi @ coef, err2, good, phi.shape[1])
+
+
+def intrinsic_scatter2(resid: np.ndarray, err2: np.ndarray, good: np.ndarray,
+                       n_terms: int) -> np.ndarray:
+    """s_p^2 (P,): the moment estimate of the module docstring from residuals and error
+    variances (N, P) of the ``good`` pixels of a fit with ``n_terms`` parameters per pixel,
+    with the floor."""
+    resid2 = np.where(good, resid**2 - err2, 0.0)
+    dof = np.maximum(good.sum(axis=0) - n_terms, 1.0)
+    return np.maximum(resid2.sum(axis=0) / dof, 0.0) + FLOOR**2
 
 
 def _regions(z: np.ndarray, n_regions: int, min_stars: int, seed: int) -> np.ndarray:
