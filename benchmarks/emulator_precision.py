@@ -64,13 +64,11 @@ def template_misfit(emulator, labels: np.ndarray, wave: np.ndarray,
 
 def noiseless_refit(emulator_cfg: dict, train, good: np.ndarray, seed: int):
     """The emulator of ``emulator_cfg`` fitted to the noiseless spectra of ``train``'s labels."""
-    from pipeline.evaluation.emulator import LabelEmulator
+    from pipeline.evaluation.shift import configured_emulator
 
     labels = train.label_array().astype(np.float64)
-    return LabelEmulator.fit(labels, synthetic.synthesize(labels, train.wave), train.flux_err,
-                             good, order=emulator_cfg["order"], ridge=emulator_cfg["ridge"],
-                             regions=emulator_cfg["regions"], seed=seed,
-                             weighting=emulator_cfg["weighting"])
+    return configured_emulator(labels, synthetic.synthesize(labels, train.wave), train.flux_err,
+                               good, emulator_cfg, seed)
 
 
 class NeuralEmulator:

@@ -267,6 +267,13 @@ def training_strength_misfit(emulator: LabelEmulator, train, train_good: np.ndar
     return StrengthMisfit.fit(emulator.standardize(best), amplitude, variance)
 
 
+def configured_emulator(labels, flux, flux_err, good, cfg: dict, seed: int = 0) -> LabelEmulator:
+    """:meth:`LabelEmulator.fit` with the settings of ``cfg``, the ``emulator`` config section
+    (order, ridge, regions, weighting)."""
+    return LabelEmulator.fit(labels, flux, flux_err, good, order=cfg["order"], ridge=cfg["ridge"],
+                             regions=cfg["regions"], seed=seed, weighting=cfg["weighting"])
+
+
 def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
                   cfg: dict, seed: int = 0, threads: int = 1) -> ShiftReference:
     """The reference: emulator and feature cloud from ``train`` (Spectra with labels),
@@ -278,10 +285,8 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     range_quantile, batch_size); the template statistics have no width (stored as 1).
     ``threads`` for the emulator fits.
     """
-    emulator = LabelEmulator.fit(train.label_array(), train.flux, train.flux_err, train_good,
-                                 order=cfg["order"], ridge=cfg["ridge"],
-                                 regions=cfg["regions"], seed=seed,
-                                 weighting=cfg["weighting"])
+    emulator = configured_emulator(train.label_array(), train.flux, train.flux_err, train_good,
+                                   cfg, seed)
     reductions = [(int(cfg.get(f"{prefix}_width", 1)), reduce)
                   for prefix, reduce in RESIDUAL_STATISTICS.values()]
     emulator.strength_misfit = training_strength_misfit(emulator, train, train_good, cfg, seed,
