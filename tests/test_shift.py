@@ -161,6 +161,108 @@ def test_design_gradient_is_the_finite_difference(rng):
             np.testing.assert_allclose(grad[:, :, label], fd, rtol=1e-7, atol=1e-9)
 
 
+def _log_depth_toy(rng, n=400, p=5, noise=0.01):
+    """Spectra of an exact log-depth model: ln(-ln m) a quadratic in the standardized labels,
+    optical depths from weak (about 0.01, where noise pushes some fluxes above 1) to
+    saturated (a few); labels, flux, err, good, and the true coefficients (10, p)."""
+    labels = rng.normal([5000, 3, -0.3], [600, 1, 0.4], (n, 3))
+    z = (labels - labels.mean(axis=0)) / labels.std(axis=0)
+    coef = np.zeros((10, p))
+    coef[0] = np.log(np.geomspace(0.01, 1.5, p))
+    coef[1:4] = rng.normal(0, 0.4, (3, p))
+    coef[4:] = rng.normal(0, 0.1, (6, p))
+    model = np.exp(-np.exp(design(z, 2) @ coef))
+    err = np.full_like(model, noise)
+    flux = model + noise * rng.normal(size=model.shape)
+    return labels, flux, err, np.ones_like(model, bool), coef
+
+
+def test_depth_emulator_is_the_least_squares_fit_in_flux(rng):
+    """The log-depth emulator's coefficients per pixel against scipy's least squares of the
+    same objective, sum_n w_n (f_n - exp(-exp(phi_n . c)))^2 / N + ridge |c_slopes|^2 (uniform
+    and inverse-variance weights; a weak-line pixel whose noisy fluxes exceed 1, which the
+    starting fit of ln(-ln f) clips); near the true coefficients (noise 0.01); its emulated
+    flux and scatter as defined; a flux emulator on the same stars misfits by more."""
+    from scipy.optimize import least_squares
+
+    from pipeline.evaluation.emulator import FLOOR
+
+    labels, flux, err, good, truth = _log_depth_toy(rng)
+    assert (flux[:, 0] > 1).mean() > 0.1
+    ridge = 1e-7
+    z = (labels - labels.mean(axis=0)) / labels.std(axis=0)
+    phi = design(z, 2)
+    for weighting in ("uniform", "inverse_variance"):
+        em = LabelEmulator.fit(labels, flux, err, good, order=2, ridge=ridge,
+                               weighting=weighting, space="depth")
+        assert em.space == "depth"
+        np.testing.assert_allclose(em.flux(labels), np.exp(-np.exp(phi @ em.coef[0])),
+                                   rtol=1e-12)
+        resid = flux - em.flux(labels)
+        s2 = np.maximum((resid**2 - err**2).sum(axis=0) / (len(flux) - 10), 0) + FLOOR**2
+        np.testing.assert_allclose(em.scatter[0] ** 2, s2, rtol=1e-9)
+        for p in range(flux.shape[1]):
+            w = np.ones(len(flux)) if weighting == "uniform" else 1 / (err[:, p] ** 2 + s2[p])
+            w = w / w.mean()  # the fit's weights: mean 1 per pixel
+
+            def objective(c, p=p, w=w):
+                misfit = np.sqrt(w / len(w)) * (flux[:, p] - np.exp(-np.exp(phi @ c)))
+                return np.concatenate([misfit, np.sqrt(ridge) * c[1:]])
+            ref = least_squares(objective, truth[:, p], xtol=1e-14, ftol=1e-14, gtol=1e-14)
+            if weighting == "uniform":
+                np.testing.assert_allclose(em.coef[0, :, p], ref.x, rtol=0, atol=2e-4)
+                assert np.all(np.abs(ref.x - truth[:, p]) < 0.5)
+            got = 0.5 * np.sum(objective(em.coef[0, :, p]) ** 2)
+            assert got == pytest.approx(ref.cost, rel=1e-6)
+    flat = LabelEmulator.fit(labels, flux, err, good, order=2, ridge=ridge)
+    truth_flux = np.exp(-np.exp(phi @ truth))
+    depth_rms, flux_rms = (np.sqrt(np.mean((e.flux(labels) - truth_flux) ** 2))
+                           for e in (em, flat))
+    assert depth_rms < 0.5 * flux_rms
+
+
+def test_depth_emulator_gradient_and_best_fit(rng):
+    """The log-depth emulator's label gradient against central differences of its flux, and
+    its best-fit labels against scipy's least squares of the same chi^2 and bounds (its own
+    Gauss-Newton steps from the label gradient)."""
+    labels, flux, err, good, _ = _log_depth_toy(rng, n=300, p=40, noise=0.005)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=2, space="depth")
+    z, region = em.standardize(labels[:20]), em.region(labels[:20])
+    g = em.label_gradient(z, region)
+    for l, step in enumerate(1e-6 * np.eye(3)):
+        fd = (em.emulate(design(z + step, 2), region)
+              - em.emulate(design(z - step, 2), region)) / 2e-6
+        np.testing.assert_allclose(g[:, l], fd, rtol=1e-6, atol=1e-9)
+    start = labels[:6] + rng.normal(size=(6, 3)) * [60.0, 0.25, 0.06]
+    best, chi2 = em.best_fit(flux[:6], err[:6], good[:6], start, iterations=30)
+    margin = 0.1
+    lo, hi = em.label_min - margin * em.label_scale, em.label_max + margin * em.label_scale
+    for n in range(6):
+        k = em.region(best[n:n + 1])[0]
+        sd = np.sqrt((err[n] ** 2 + em.scatter[k] ** 2) * flux.shape[1])
+
+        def resid(y, n=n, sd=sd):
+            return (flux[n] - em.flux(y[None])[0]) / sd
+        ref = least_squares(resid, best[n], bounds=(lo, hi), x_scale=em.label_scale,
+                            xtol=1e-12, ftol=1e-12, gtol=1e-12)
+        np.testing.assert_allclose(best[n] / em.label_scale, ref.x / em.label_scale, atol=1e-4)
+        assert chi2[n] == pytest.approx(2 * ref.cost, rel=1e-6)
+        assert chi2[n] <= em.chi2(flux[n:n + 1], err[n:n + 1], good[n:n + 1],
+                                  start[n:n + 1])[0]
+    reductions = [(1, "mean"), (1, "strength")]
+    best, values = em.fit_statistics(flux[:6], err[:6], good[:6], start, reductions,
+                                     iterations=30)
+    np.testing.assert_allclose(np.array(values),
+                               np.array(em.statistics(flux[:6], err[:6], good[:6], best,
+                                                      reductions)), rtol=1e-9)
+
+
+def test_emulator_rejects_an_unknown_space(rng):
+    labels, flux, err, good = _toy(rng)
+    with pytest.raises(ValueError, match="emulator space 'log'"):
+        LabelEmulator.fit(labels, flux, err, good, space="log")
+
+
 # ------------------------------------------------------------------ best-fit labels
 @pytest.fixture(scope="module")
 def single_region():
@@ -568,7 +670,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
 
     _, em, trend, threshold, _ = synthetic_reference
     em = replace(em, strength_misfit=StrengthMisfit(rng.normal(size=(40, 3)),
-                                                    rng.uniform(-1e-3, 1e-2, 40), 7))
+                                                    rng.uniform(-1e-3, 1e-2, 40), 7),
+                 space="depth")
     residuals = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
                                                                  scale * trend.median), limit)
                  for name, width, reduce, scale, limit in (
@@ -587,6 +690,10 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
         np.testing.assert_array_equal(getattr(back.emulator.strength_misfit, k),
                                       getattr(em.strength_misfit, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
+    assert back.emulator.space == "depth"
+    with np.load(tmp_path / "emulator.npz") as f:  # a file from before the log-depth option
+        np.savez(tmp_path / "older.npz", **{k: f[k] for k in f.files if k != "emulator_space"})
+    assert ShiftReference.load(tmp_path / "older.npz").emulator.space == "flux"
     assert (back.fit_iterations, back.fit_margin) == (5, 0.2)
     for name, w in residuals.items():
         got = back.residuals[name]

@@ -29,12 +29,26 @@ The Cannon's, ``w_np = g_np / (sigma_np^2 + s_kp^2)`` with s_kp from a first, un
 noise, E[sigma^2] E[1 / sigma^2] times the variance of the inverse-variance fit (4.6 for SNR
 drawn log-uniformly in 30-300), and it counts against every high-SNR spectrum the emulator is
 compared with; the gain in the shift flags and why it is not the default: docs/outputs.md,
-*Shift flags*. The chi^2 per good pixel of a spectrum at labels y (region k that of y)::
+*Shift flags*. The chi^2 per good pixel of a spectrum at labels y (region k
+that of y)::
 
     chi2(y) = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
 
 is about 1 for a spectrum the emulator describes at the right labels. Pixels of a region with
 fewer than ``2 T`` good training stars are left out (``usable``).
+
+With ``space`` 'depth' the polynomials emulate the log optical depth::
+
+    s_np = phi(z_n) . c_kp,   m_np = exp(-exp(s_np))
+
+the same least squares in flux (weights, scatter, ridge on every coefficient but the
+constant), solved by Gauss-Newton from a weighted fit of ln(-ln f) (:func:`_depth_fit`), and
+the best-fit labels by Levenberg-Marquardt steps on explicit label gradients. Where lines are
+weak (metal-poor and hot stars) an optical depth is a product of the abundance and
+Boltzmann-Saha factors, so its logarithm is nearly a low-order polynomial of the labels while
+the flux, and a change of every optical depth by a common factor, are not; the emulator is then
+precise enough along m ln m for the line-strength statistic to see smaller changes. No depth
+gives a flux above 1: an absorption-only model.
 
 The shift statistic is chi2 at the emulator's *best-fit* labels (:meth:`LabelEmulator.best_fit`):
 a few batched Levenberg-Marquardt steps on the three labels from the network's prediction,
@@ -78,6 +92,12 @@ FLOOR = 1e-3
 """Floor of the intrinsic scatter s_kp (normalized flux)."""
 WEIGHTINGS = ("uniform", "inverse_variance")
 """Weights w_np of the emulator fit (module docstring)."""
+SPACES = ("flux", "depth")
+"""What the polynomials emulate (module docstring): the flux, or the log optical depth."""
+DEPTH_MIN = 1e-4
+"""Optical-depth floor of the log-depth emulator's starting fit of ln(-ln f)."""
+DEPTH_STEPS = 6
+"""Gauss-Newton steps in flux of the log-depth emulator fit."""
 
 
 def monomials(n_labels: int, order: int) -> list[tuple[int, ...]]:
@@ -134,13 +154,19 @@ def ridge_solve(phi: np.ndarray, w: np.ndarray, target: np.ndarray,
     Pixel p: argmin_c sum_n w_np (target_np - phi_n . c)^2 / n_p + ridge |c|^2; the P normal
     matrices come from one product ``w^T (phi_i phi_j)`` and one batched solve.
     """
-    n_terms = phi.shape[1]
+    a, b = _normal_equations(phi, w, target)
     norm = np.maximum(w.sum(axis=0), 1.0)
+    a = a / norm[:, None, None] + ridge * np.eye(phi.shape[1])
+    return np.linalg.solve(a, (b / norm[:, None])[:, :, None])[:, :, 0].T
+
+
+def _normal_equations(phi: np.ndarray, w: np.ndarray,
+                      target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel weighted normal equations of ``target`` (N, P) on ``phi`` (N, T):
+    Phi^T W_p Phi (P, T, T) from one product ``w^T (phi_i phi_j)``, and Phi^T W_p t_p (P, T)."""
+    n_terms = phi.shape[1]
     gram = (phi[:, :, None] * phi[:, None, :]).reshape(len(phi), -1)  # (N, T*T)
-    a = (w.T @ gram).reshape(-1, n_terms, n_terms) / norm[:, None, None]
-    a += ridge * np.eye(n_terms)
-    b = ((w * target).T @ phi) / norm[:, None]  # (P, T)
-    return np.linalg.solve(a, b[:, :, None])[:, :, 0].T
+    return (w.T @ gram).reshape(-1, n_terms, n_terms), (w * target).T @ phi
 
 
 def _region_fit(phi: np.ndarray, good: np.ndarray, w: np.ndarray, flux: np.ndarray,
@@ -150,6 +176,70 @@ def _region_fit(phi: np.ndarray, good: np.ndarray, w: np.ndarray, flux: np.ndarr
     residuals: the moment estimate over the good pixels with the floor (module docstring)."""
     coef = ridge_solve(phi, w, flux, ridge)
     return coef, intrinsic_scatter2(flux - phi @ coef, err2, good, phi.shape[1])
+
+
+def depth_flux(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flux m = exp(-exp(s)) of log optical depths s and its derivative dm/ds = -m exp(s)
+    (s clipped to [-50, 5]: optical depths of 2e-22 to 148, flux 1 to 0 in float64)."""
+    tau = np.exp(np.clip(s, -50.0, 5.0))
+    m = np.exp(-tau)
+    return m, -m * tau
+
+
+def _slope_ridge_solve(phi: np.ndarray, w: np.ndarray, target: np.ndarray, ridge: float,
+                       coef: np.ndarray) -> np.ndarray:
+    """(T, P) per-pixel steps d minimizing sum_n w_np (target_np - phi_n . d)^2 / N
+    + ridge |(c_p + d)_slopes|^2: a penalty on the coefficients ``coef`` + d of every term but
+    the constant (the first), so that a pixel the stars hardly constrain (an optical depth
+    near 0 everywhere, where any low enough ln depth fits) keeps a flat ln depth instead of a
+    polynomial free to swing to large depths between or beyond the stars."""
+    n_terms = phi.shape[1]
+    a, b = _normal_equations(phi, w, target)
+    penalty = ridge * np.diag(np.r_[0.0, np.ones(n_terms - 1)])
+    a = a / len(phi) + penalty + 1e-12 * np.eye(n_terms)  # 1e-12: a pixel without weight
+    b = b / len(phi) - (penalty @ coef).T  # (P, T)
+    return np.linalg.solve(a, b[:, :, None])[:, :, 0].T
+
+
+def _depth_fit(phi: np.ndarray, good: np.ndarray, w: np.ndarray, flux: np.ndarray,
+               err2: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients (T, P) of the log-depth emulator s_p = phi . c_p, m_p = exp(-exp(s_p)),
+    minimizing sum_n w_np (f_np - m_p(phi_n))^2 + ridge, and the intrinsic scatter s^2 (P,)
+    of the residuals (as :func:`_region_fit`).
+
+    Start: the weighted fit of ln(-ln f) (f clipped to [FLUX_MIN, exp(-DEPTH_MIN)]) with the
+    linearized weights w (f ln f)^2 (d ln(-ln f) = df / (f ln f)). Then ``DEPTH_STEPS``
+    Gauss-Newton steps in flux: c += argmin_d sum_n w (r_n - m'_n phi_n . d)^2 with
+    m' = dm/ds; a pixel whose weighted squared residual a step does not lower tries half of
+    it, up to three times, else stays (noise can push f above 1, which no depth reaches)."""
+    w = w / np.maximum(w.sum(axis=0) / len(w), 1e-300)  # mean 1 per pixel: flux units
+    f = np.clip(flux, FLUX_MIN, np.exp(-DEPTH_MIN))
+    depth = -np.log(f)
+    coef = _slope_ridge_solve(phi, w * (f * depth) ** 2, np.log(depth), ridge,
+                              np.zeros((phi.shape[1], flux.shape[1])))
+
+    def loss(c: np.ndarray, pixels) -> np.ndarray:
+        misfit = (w[:, pixels] * (flux[:, pixels] - depth_flux(phi @ c)[0]) ** 2).mean(axis=0)
+        return misfit + ridge * (c[1:] ** 2).sum(axis=0)
+
+    current = loss(coef, slice(None))
+    for _ in range(DEPTH_STEPS):
+        m, dm = depth_flux(phi @ coef)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            target = np.where(dm < 0, (flux - m) / dm, 0.0)
+        step = _slope_ridge_solve(phi, w * dm**2, target, ridge, coef)
+        pending = np.arange(coef.shape[1])
+        for _ in range(4):  # full step, then halves
+            trial = coef[:, pending] + step[:, pending]
+            trial_loss = loss(trial, pending)
+            better = trial_loss < current[pending]
+            coef[:, pending[better]] = trial[:, better]
+            current[pending[better]] = trial_loss[better]
+            pending = pending[~better]
+            step[:, pending] *= 0.5
+            if not pending.size:
+                break
+    return coef, intrinsic_scatter2(flux - depth_flux(phi @ coef)[0], err2, good, phi.shape[1])
 
 
 def intrinsic_scatter2(resid: np.ndarray, err2: np.ndarray, good: np.ndarray,
@@ -527,15 +617,18 @@ class LabelEmulator:
     label_min: np.ndarray
     label_max: np.ndarray
     strength_misfit: StrengthMisfit
+    space: str = "flux"
 
     @classmethod
     def fit(cls, labels: np.ndarray, flux: np.ndarray, flux_err: np.ndarray,
             good: np.ndarray, order: int = 2, ridge: float = 1e-6, regions: int = 1,
-            seed: int = 0, weighting: str = "uniform") -> LabelEmulator:
+            seed: int = 0, weighting: str = "uniform", space: str = "flux") -> LabelEmulator:
         """Fit to training stars: labels (N, L), flux/flux_err/good (N, P); ``weighting``
-        one of ``WEIGHTINGS`` (module docstring)."""
+        one of ``WEIGHTINGS``, ``space`` one of ``SPACES`` (module docstring)."""
         if weighting not in WEIGHTINGS:
             raise ValueError(f"emulator weighting {weighting!r}: use one of {WEIGHTINGS}")
+        if space not in SPACES:
+            raise ValueError(f"emulator space {space!r}: use one of {SPACES}")
         labels = np.asarray(labels, np.float64)
         if not np.all(np.isfinite(labels)):
             raise DataError("emulator: the training labels must be finite (rows "
@@ -555,21 +648,22 @@ class LabelEmulator:
         phi = design(z, order)
         good = np.asarray(good, bool)
         coef, scatter, usable = [], [], []
+        region_fit = _region_fit if space == "flux" else _depth_fit
         for k in range(len(centres)):  # a few regions; every pixel of one is one solve
             rows = region == k
             g = good[rows]
             f = np.where(g, np.asarray(flux[rows], np.float64), 0.0)
             err2 = np.where(g, np.asarray(flux_err[rows], np.float64) ** 2, 0.0)
-            c, s2 = _region_fit(phi[rows], g, g.astype(np.float64), f, err2, ridge)
+            c, s2 = region_fit(phi[rows], g, g.astype(np.float64), f, err2, ridge)
             if weighting == "inverse_variance":  # The Cannon's weights, s_kp from the above
-                c, s2 = _region_fit(phi[rows], g, np.where(g, 1.0 / (err2 + s2), 0.0), f,
-                                    err2, ridge)
+                c, s2 = region_fit(phi[rows], g, np.where(g, 1.0 / (err2 + s2), 0.0), f,
+                                   err2, ridge)
             coef.append(c)
             scatter.append(np.sqrt(s2))
             usable.append(g.sum(axis=0) >= 2 * n_terms)
         return cls(mean, scale, int(order), centres, np.stack(coef), np.stack(scatter),
                    np.stack(usable), labels.min(axis=0), labels.max(axis=0),
-                   StrengthMisfit.none(z.shape[1]))
+                   StrengthMisfit.none(z.shape[1]), space)
 
     def standardize(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, np.float64) - self.label_mean) / self.label_scale
@@ -584,6 +678,12 @@ class LabelEmulator:
         return self.emulate(design(self.standardize(labels), self.order), self.region(labels))
 
     def emulate(self, phi: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(N, P) emulated flux: phi_n . c_{k_n p}, or exp(-exp(phi_n . c_{k_n p})) for the
+        log-depth emulator."""
+        out = self._polynomial(phi, region)
+        return out if self.space == "flux" else depth_flux(out)[0]
+
+    def _polynomial(self, phi: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, P) phi_n . c_{k_n p}: one matrix product per region present (no per-star
         gather of a (T, P) coefficient block)."""
         out = np.empty((len(phi), self.coef.shape[-1]))
@@ -641,21 +741,26 @@ class LabelEmulator:
         ``z`` (N, L) in ``region`` (N,), with the label gradient where ``reductions`` hold the
         line-strength statistic (``weighted``: its :class:`CoefficientGradient` products
         when known)."""
-        gradient = (CoefficientGradient(self, z, region, weighted)
-                    if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions) else None)
+        gradient = None
+        if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions):
+            gradient = (CoefficientGradient(self, z, region, weighted) if self.space == "flux"
+                        else self.label_gradient(z, region))
         return Residuals(flux, err2, good & self.usable[region],
                          self.emulate(design(z, self.order), region), self.scatter[region] ** 2,
                          gradient, 0.0 if gradient is None else self.strength_misfit.variance(z))
 
     def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with
-        D = d phi / d z (:func:`design_gradient`), one matrix product per region present."""
+        D = d phi / d z (:func:`design_gradient`), one matrix product per region present;
+        times dm/ds at s = phi . c_kp for the log-depth emulator."""
         d = np.swapaxes(design_gradient(z, self.order), 1, 2)  # (N, L, T)
         out = np.empty((len(z), z.shape[1], self.coef.shape[-1]))
         for k in np.unique(region):
             rows = region == k
             out[rows] = (d[rows].reshape(-1, d.shape[2]) @ self.coef[k]).reshape(
                 rows.sum(), d.shape[1], -1)
+        if self.space == "depth":
+            out *= depth_flux(self._polynomial(design(z, self.order), region))[1][:, None, :]
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
@@ -697,7 +802,9 @@ class LabelEmulator:
         a step is kept only if the chi2 at its own region is lower (then lambda / 10, else
         lambda x 10), so the result is never above ``chi2(labels0)`` (for labels0 in the box);
         the statistics returned are evaluated pixel by pixel at the result, as :meth:`chi2`
-        does. Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
+        does. The log-depth emulator's flux is not linear in its coefficients: its steps are
+        the same with J W J^T and J W r summed from the explicit label gradients J.
+        Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
         them at ``labels0`` clipped to the box. ``threads`` batches run at once (the same
         results for any number).
         """
@@ -711,10 +818,15 @@ class LabelEmulator:
             err2 = np.asarray(flux_err[rows], np.float64) ** 2
             z = np.clip(np.nan_to_num(self.standardize(labels0[rows]), nan=0.0, posinf=0.0,
                                       neginf=0.0), lo, hi)
-            z, region, (a, b, _) = self._levenberg_marquardt(f, err2, g0, z, lo, hi,
-                                                              iterations)
+            if self.space == "depth":
+                z, region = self._levenberg_marquardt_explicit(f, err2, g0, z, lo, hi,
+                                                               iterations)
+            else:
+                z, region, (a, b, _) = self._levenberg_marquardt(f, err2, g0, z, lo, hi,
+                                                                  iterations)
             weighted = None
-            if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions):
+            if self.space == "flux" and any(reduce in GRADIENT_REDUCTIONS
+                                            for _, reduce in reductions):
                 # the line-strength statistic's C_k W C_k^T and C_k W r are the last normal
                 # equations times the good pixels: n A and n (b - A phi), no second pixel sum
                 n = (g0 & self.usable[region]).sum(axis=1)[:, None]
@@ -736,7 +848,8 @@ class LabelEmulator:
         batches = [np.sort(by_region[s:s + batch_size])
                    for s in range(0, len(labels0), batch_size)]
         best, out = np.empty_like(labels0), [np.empty(len(labels0)) for _ in reductions]
-        self._outer_products  # noqa: B018 (built once, before the threads need it)
+        if self.space == "flux":
+            self._outer_products  # noqa: B018 (built once, before the threads need it)
         # Stars are independent and BLAS runs on one thread (its threads would split sums
         # differently on another number of cores), so every thread count gives the same bits.
         # Most of the work is element-wise NumPy (one core each, GIL released): a batch per
@@ -808,16 +921,12 @@ class LabelEmulator:
         a, b, s = terms.at(region)
         chi2 = quadratic(z, a, b, s)
         lam = np.full(len(z), 1e-3)
-        eye = np.eye(z.shape[1])
         for _ in range(iterations):
             d = design_gradient(z, self.order)  # (n, T, L)
             d_t = np.swapaxes(d, 1, 2)  # batched matrix products: einsum does not use BLAS here
             normal = d_t @ a @ d
             rhs = (d_t @ (b - (a @ design(z, self.order)[:, :, None])[:, :, 0])[:, :, None])[..., 0]
-            damped = normal + lam[:, None, None] * normal * eye + 1e-12 * eye  # 1e-12: no pixels
-            step = np.linalg.solve(damped, rhs[:, :, None])[..., 0]
-            step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
-            trial = np.clip(z + step, lo, hi)
+            trial = _damped_step(z, normal, rhs, lam, lo, hi)
             region_t = nearest(trial, self.centres)
             a_t, b_t, s_t = terms.at(region_t)
             chi2_t = quadratic(trial, a_t, b_t, s_t)
@@ -829,6 +938,48 @@ class LabelEmulator:
                        np.where(better[:, None], b_t, b), np.where(better, s_t, s))
             lam = np.where(better, lam / 10, lam * 10)
         return z, region, (a, b, s)
+
+    def _levenberg_marquardt_explicit(self, f, err2, g0, z, lo, hi, iterations):
+        """z and its region after ``iterations`` damped Gauss-Newton steps of the log-depth
+        emulator: the steps, bounds and acceptance of :meth:`best_fit`, with the normal
+        matrix J W J^T and J W r summed over the pixels from the label gradient J (n, L, P)
+        (its flux is not linear in the coefficients: no quadratic form in phi)."""
+        def at(z):
+            region = nearest(z, self.centres)
+            g = g0 & self.usable[region]
+            with np.errstate(divide="ignore"):
+                w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
+            w /= np.maximum(g.sum(axis=1), 1)[:, None]
+            r = np.where(g, f - self.emulate(design(z, self.order), region), 0.0)
+            return region, w, r, np.where(g.any(axis=1), row_dot(w * r, r), np.nan)
+
+        region, w, r, chi2 = at(z)
+        lam = np.full(len(z), 1e-3)
+        for _ in range(iterations):
+            jw = self.label_gradient(z, region)
+            jw_t = np.swapaxes(jw, 1, 2).copy()
+            jw *= w[:, None, :]
+            trial = _damped_step(z, jw @ jw_t, (jw @ r[:, :, None])[..., 0], lam, lo, hi)
+            region_t, w_t, r_t, chi2_t = at(trial)
+            better = chi2_t < chi2  # NaN (no good pixel) never moves
+            z = np.where(better[:, None], trial, z)
+            region = np.where(better, region_t, region)
+            w, r = np.where(better[:, None], w_t, w), np.where(better[:, None], r_t, r)
+            chi2 = np.where(better, chi2_t, chi2)
+            lam = np.where(better, lam / 10, lam * 10)
+        return z, region
+
+
+def _damped_step(z: np.ndarray, normal: np.ndarray, rhs: np.ndarray, lam: np.ndarray,
+                 lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Trial labels of a Levenberg-Marquardt step from z (n, L): (N + lambda diag N)^-1 rhs
+    for normal matrices N (n, L, L), bounded to one training standard deviation per label and
+    clipped to the box [lo, hi] (:meth:`LabelEmulator.best_fit`)."""
+    eye = np.eye(z.shape[1])
+    damped = normal + lam[:, None, None] * normal * eye + 1e-12 * eye  # 1e-12: no pixels
+    step = np.linalg.solve(damped, rhs[:, :, None])[..., 0]
+    step /= np.maximum(1.0, np.abs(step).max(axis=1))[:, None]  # <= 1 std per label
+    return np.clip(z + step, lo, hi)
 
 
 class _RegionTerms:

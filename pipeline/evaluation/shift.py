@@ -133,7 +133,7 @@ class ShiftReference:
         """Write atomically (temp file, then rename)."""
         arrays = {k: getattr(self.emulator, k) for k in _EMULATOR_KEYS}
         arrays.update({k: getattr(self.emulator.strength_misfit, f)
-                       for k, f in _MISFIT_KEYS.items()})
+                       for k, f in _MISFIT_KEYS.items()}, emulator_space=self.emulator.space)
         arrays.update(snr_log=self.snr_trend.log_snr, snr_median=self.snr_trend.median,
                       chi2_threshold=self.chi2_threshold,
                       feature_mean=self.features.mean, feature_scale=self.features.scale,
@@ -180,7 +180,9 @@ class ShiftReference:
             misfit = StrengthMisfit(**{f: a[k] for k, f in _MISFIT_KEYS.items()})
             misfit.neighbours = int(misfit.neighbours)
             emulator = LabelEmulator(**{k: a[k] for k in _EMULATOR_KEYS},
-                                     strength_misfit=misfit)
+                                     strength_misfit=misfit,  # files before the log-depth one:
+                                     space=str(a["emulator_space"]) if "emulator_space" in a
+                                     else "flux")
             emulator.order = int(emulator.order)
             return cls(emulator, SnrTrend(a["snr_log"], a["snr_median"]),
                        float(a["chi2_threshold"]),
@@ -269,9 +271,10 @@ def training_strength_misfit(emulator: LabelEmulator, train, train_good: np.ndar
 
 def configured_emulator(labels, flux, flux_err, good, cfg: dict, seed: int = 0) -> LabelEmulator:
     """:meth:`LabelEmulator.fit` with the settings of ``cfg``, the ``emulator`` config section
-    (order, ridge, regions, weighting)."""
+    (order, ridge, regions, weighting, space)."""
     return LabelEmulator.fit(labels, flux, flux_err, good, order=cfg["order"], ridge=cfg["ridge"],
-                             regions=cfg["regions"], seed=seed, weighting=cfg["weighting"])
+                             regions=cfg["regions"], seed=seed, weighting=cfg["weighting"],
+                             space=cfg["space"])
 
 
 def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
@@ -316,6 +319,7 @@ def fit_reference(model, train, valid, train_good, valid_good, valid_prediction,
     range_margin = np.nanquantile(overshoot, cfg["range_quantile"], axis=0)
     info = {"n_train": len(train.flux), "n_valid": len(valid.flux),
             "regions": len(emulator.centres), "weighting": cfg["weighting"],
+            "space": emulator.space,
             "feature_dim": len(features.mean),
             "valid_chi2_median": float(np.nanmedian(chi2)),
             "valid_feature_distance_median": float(np.nanmedian(dist)),
