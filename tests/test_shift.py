@@ -829,8 +829,9 @@ def test_lines_limit_is_the_change_that_reaches_the_threshold(tiny_model_dir, em
     changed = statistics(m + change * clipped * np.log(clipped))
     ratio = changed["CHI2_LINES_REL"] / threshold / (change / limit) ** 2
     # relative errors O(c): the second order, and the misfit tau^2 read at labels the change
-    # moved by O(c) (up to 7% at c = 0.03 on this 240-star emulator)
-    np.testing.assert_allclose(ratio, 1.0, rtol=3 * change)
+    # moved by O(c) (on this 240-star log-depth emulator up to 3.5% at c = 0.01 and 6.9% at
+    # c = 0.03, the same star: a slope near 4 where the flux emulator's stayed below 3)
+    np.testing.assert_allclose(ratio, 1.0, rtol=4 * change)
 
 
 def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulator_file):

@@ -23,13 +23,13 @@ is the moment estimate over the m_kp good pixels g_np of the region's stars
 
 which absorbs astrophysical scatter and the emulator's misfit; the floor (``FLOOR`` = 1e-3 in
 normalized flux) keeps saturated line cores, whose flux and flux error are both near 0, from
-dominating. The weights (``weighting``) are ``w_np = g_np`` (``uniform``, the default) or
-The Cannon's, ``w_np = g_np / (sigma_np^2 + s_kp^2)`` with s_kp from a first, uniform fit
-(``inverse_variance``). Uniform weights let the noisiest training stars set the coefficients'
-noise, E[sigma^2] E[1 / sigma^2] times the variance of the inverse-variance fit (4.6 for SNR
-drawn log-uniformly in 30-300), and it counts against every high-SNR spectrum the emulator is
-compared with; the gain in the shift flags and why it is not the default: docs/outputs.md,
-*Shift flags*. The chi^2 per good pixel of a spectrum at labels y (region k
+dominating. The weights (``weighting``) are ``w_np = g_np`` (``uniform``) or The Cannon's,
+``w_np = g_np / (sigma_np^2 + s_kp^2)`` with s_kp from a first, uniform fit
+(``inverse_variance``, the pipeline's default). Uniform weights let the noisiest training stars
+set the coefficients' noise, E[sigma^2] E[1 / sigma^2] times the variance of the
+inverse-variance fit (4.6 for SNR drawn log-uniformly in 30-300), and it counts against every
+high-SNR spectrum the emulator is compared with (the gain in the shift flags:
+docs/outputs.md, *Shift flags*). The chi^2 per good pixel of a spectrum at labels y (region k
 that of y)::
 
     chi2(y) = sum_p g_p (f_p - phi(z) . c_kp)^2 / (sigma_p^2 + s_kp^2) / sum_p g_p
@@ -37,7 +37,7 @@ that of y)::
 is about 1 for a spectrum the emulator describes at the right labels. Pixels of a region with
 fewer than ``2 T`` good training stars are left out (``usable``).
 
-With ``space`` 'depth' the polynomials emulate the log optical depth::
+With ``space`` 'depth' (the pipeline's default) the polynomials emulate the log optical depth::
 
     s_np = phi(z_n) . c_kp,   m_np = exp(-exp(s_np))
 
