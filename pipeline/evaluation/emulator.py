@@ -741,26 +741,34 @@ class LabelEmulator:
         ``z`` (N, L) in ``region`` (N,), with the label gradient where ``reductions`` hold the
         line-strength statistic (``weighted``: its :class:`CoefficientGradient` products
         when known)."""
+        model = self._polynomial(design(z, self.order), region)
+        if self.space == "depth":
+            model, dm = depth_flux(model)
         gradient = None
         if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions):
             gradient = (CoefficientGradient(self, z, region, weighted) if self.space == "flux"
-                        else self.label_gradient(z, region))
-        return Residuals(flux, err2, good & self.usable[region],
-                         self.emulate(design(z, self.order), region), self.scatter[region] ** 2,
-                         gradient, 0.0 if gradient is None else self.strength_misfit.variance(z))
+                        else self._polynomial_gradient(z, region) * dm[:, None, :])
+        return Residuals(flux, err2, good & self.usable[region], model,
+                         self.scatter[region] ** 2, gradient,
+                         0.0 if gradient is None else self.strength_misfit.variance(z))
 
     def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with
         D = d phi / d z (:func:`design_gradient`), one matrix product per region present;
         times dm/ds at s = phi . c_kp for the log-depth emulator."""
+        out = self._polynomial_gradient(z, region)
+        if self.space == "depth":
+            out *= depth_flux(self._polynomial(design(z, self.order), region))[1][:, None, :]
+        return out
+
+    def _polynomial_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """(N, L, P) d(phi . c_kp) / d z: D^T c_kp, one matrix product per region present."""
         d = np.swapaxes(design_gradient(z, self.order), 1, 2)  # (N, L, T)
         out = np.empty((len(z), z.shape[1], self.coef.shape[-1]))
         for k in np.unique(region):
             rows = region == k
             out[rows] = (d[rows].reshape(-1, d.shape[2]) @ self.coef[k]).reshape(
                 rows.sum(), d.shape[1], -1)
-        if self.space == "depth":
-            out *= depth_flux(self._polynomial(design(z, self.order), region))[1][:, None, :]
         return out
 
     def best_fit(self, flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
@@ -944,30 +952,33 @@ class LabelEmulator:
         emulator: the steps, bounds and acceptance of :meth:`best_fit`, with the normal
         matrix J W J^T and J W r summed over the pixels from the label gradient J (n, L, P)
         (its flux is not linear in the coefficients: no quadratic form in phi)."""
-        def at(z):
+        def at(z):  # (region, weights, residuals, dm/ds) and the chi^2 at z
             region = nearest(z, self.centres)
             g = g0 & self.usable[region]
             with np.errstate(divide="ignore"):
                 w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
             w /= np.maximum(g.sum(axis=1), 1)[:, None]
-            r = np.where(g, f - self.emulate(design(z, self.order), region), 0.0)
-            return region, w, r, np.where(g.any(axis=1), row_dot(w * r, r), np.nan)
+            m, dm = depth_flux(self._polynomial(design(z, self.order), region))
+            r = np.where(g, f - m, 0.0)
+            return (region, w, r, dm), np.where(g.any(axis=1), row_dot(w * r, r), np.nan)
 
-        region, w, r, chi2 = at(z)
+        state, chi2 = at(z)
         lam = np.full(len(z), 1e-3)
         for _ in range(iterations):
-            jw = self.label_gradient(z, region)
-            jw_t = np.swapaxes(jw, 1, 2).copy()
-            jw *= w[:, None, :]
-            trial = _damped_step(z, jw @ jw_t, (jw @ r[:, :, None])[..., 0], lam, lo, hi)
-            region_t, w_t, r_t, chi2_t = at(trial)
+            region, w, r, dm = state
+            jac = self._polynomial_gradient(z, region)
+            jac *= dm[:, None, :]  # the label gradient, with the dm/ds of the last evaluation
+            jw = jac * w[:, None, :]
+            trial = _damped_step(z, jw @ np.swapaxes(jac, 1, 2), (jw @ r[:, :, None])[..., 0],
+                                 lam, lo, hi)
+            state_t, chi2_t = at(trial)
             better = chi2_t < chi2  # NaN (no good pixel) never moves
             z = np.where(better[:, None], trial, z)
-            region = np.where(better, region_t, region)
-            w, r = np.where(better[:, None], w_t, w), np.where(better[:, None], r_t, r)
+            state = tuple(np.where(better.reshape(-1, *[1] * (a.ndim - 1)), a_t, a)
+                          for a, a_t in zip(state, state_t, strict=True))
             chi2 = np.where(better, chi2_t, chi2)
             lam = np.where(better, lam / 10, lam * 10)
-        return z, region
+        return z, state[0]
 
 
 def _damped_step(z: np.ndarray, normal: np.ndarray, rhs: np.ndarray, lam: np.ndarray,
