@@ -683,6 +683,11 @@ class LabelEmulator:
         out = self._polynomial(phi, region)
         return out if self.space == "flux" else depth_flux(out)[0]
 
+    def _depth_flux(self, z: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The log-depth emulator's flux m (N, P) at standardized labels ``z`` and dm/ds there,
+        which turns the polynomial's label gradient into the flux's (:func:`depth_flux`)."""
+        return depth_flux(self._polynomial(design(z, self.order), region))
+
     def _polynomial(self, phi: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, P) phi_n . c_{k_n p}: one matrix product per region present (no per-star
         gather of a (T, P) coefficient block)."""
@@ -741,9 +746,10 @@ class LabelEmulator:
         ``z`` (N, L) in ``region`` (N,), with the label gradient where ``reductions`` hold the
         line-strength statistic (``weighted``: its :class:`CoefficientGradient` products
         when known)."""
-        model = self._polynomial(design(z, self.order), region)
         if self.space == "depth":
-            model, dm = depth_flux(model)
+            model, dm = self._depth_flux(z, region)
+        else:
+            model = self._polynomial(design(z, self.order), region)
         gradient = None
         if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions):
             gradient = (CoefficientGradient(self, z, region, weighted) if self.space == "flux"
@@ -758,7 +764,7 @@ class LabelEmulator:
         times dm/ds at s = phi . c_kp for the log-depth emulator."""
         out = self._polynomial_gradient(z, region)
         if self.space == "depth":
-            out *= depth_flux(self._polynomial(design(z, self.order), region))[1][:, None, :]
+            out *= self._depth_flux(z, region)[1][:, None, :]
         return out
 
     def _polynomial_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -958,7 +964,7 @@ class LabelEmulator:
             with np.errstate(divide="ignore"):
                 w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
             w /= np.maximum(g.sum(axis=1), 1)[:, None]
-            m, dm = depth_flux(self._polynomial(design(z, self.order), region))
+            m, dm = self._depth_flux(z, region)
             r = np.where(g, f - m, 0.0)
             return (region, w, r, dm), np.where(g.any(axis=1), row_dot(w * r, r), np.nan)
 
