@@ -19,6 +19,7 @@ from pipeline.artifacts.model_dir import load_trained
 from pipeline.config import validate
 from pipeline.evaluation.emulator import (
     STATISTICS_BLOCK,
+    STEP_TOLERANCE,
     LabelEmulator,
     SnrTrend,
     StrengthMisfit,
@@ -256,6 +257,28 @@ def test_depth_emulator_gradient_and_best_fit(rng):
     np.testing.assert_allclose(np.array(values),
                                np.array(em.statistics(flux[:6], err[:6], good[:6], best,
                                                       reductions)), rtol=1e-9)
+
+
+def test_depth_best_fit_stops_the_stars_that_converged(rng, monkeypatch):
+    """The log-depth fit sums label gradients over the pixels only for stars still moving:
+    restarted at its own result each star proposes a step below STEP_TOLERANCE and stops
+    (one gradient pass per star, the labels kept to the tolerance); from a noisy start the
+    stars stop well before the iteration limit."""
+    labels, flux, err, good, _ = _log_depth_toy(rng, n=300, p=40, noise=0.005)
+    em = LabelEmulator.fit(labels, flux, err, good, order=2, regions=2, space="depth")
+    passes = []
+    gradient = LabelEmulator._polynomial_gradient
+    monkeypatch.setattr(LabelEmulator, "_polynomial_gradient",
+                        lambda self, z, *args: passes.append(len(z)) or gradient(self, z, *args))
+    start = labels[:6] + rng.normal(size=(6, 3)) * [60.0, 0.25, 0.06]
+    best, chi2 = em.best_fit(flux[:6], err[:6], good[:6], start, iterations=30)
+    assert 0 < sum(passes) < 30 * 6 / 2
+    passes.clear()
+    again, chi2_again = em.best_fit(flux[:6], err[:6], good[:6], best, iterations=30)
+    assert sum(passes) == 6
+    np.testing.assert_allclose(again / em.label_scale, best / em.label_scale,
+                               atol=STEP_TOLERANCE)
+    assert np.all(chi2_again <= chi2 * (1 + 1e-6))  # accepted on float32 sums
 
 
 def test_emulator_rejects_an_unknown_space(rng):

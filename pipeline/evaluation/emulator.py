@@ -838,8 +838,9 @@ class LabelEmulator:
         the statistics returned are evaluated pixel by pixel at the result, as :meth:`chi2`
         does. The log-depth emulator's flux is not linear in its coefficients: its steps are
         the same with J W J^T and J W r summed in float32 from the explicit label gradients
-        J, recomputed only after an accepted step, and a star stops once its proposed step is
-        below ``STEP_TOLERANCE`` training standard deviations in every label.
+        J, recomputed only after an accepted step, each step accepted on the float32 chi^2
+        (so not above the start's beyond float32 rounding), and a star stops once its
+        proposed step is below ``STEP_TOLERANCE`` training standard deviations in every label.
         Non-finite starting labels start at the training mean. ``iterations`` = 0 gives
         them at ``labels0`` clipped to the box. ``threads`` batches run at once (the same
         results for any number).
