@@ -770,7 +770,7 @@ class LabelEmulator:
         gradient = None
         if any(reduce in GRADIENT_REDUCTIONS for _, reduce in reductions):
             gradient = (CoefficientGradient(self, z, region, weighted) if self.space == "flux"
-                        else self._polynomial_gradient(z, region) * dm[:, None, :])
+                        else self._depth_gradient(z, region, dm))
         return Residuals(flux, err2, good & self.usable[region], model,
                          self.scatter[region] ** 2, gradient,
                          0.0 if gradient is None else self.strength_misfit.variance(z))
@@ -779,9 +779,16 @@ class LabelEmulator:
         """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with
         D = d phi / d z (:func:`design_gradient`), one matrix product per region present;
         times dm/ds at s = phi . c_kp for the log-depth emulator."""
-        out = self._polynomial_gradient(z, region)
         if self.space == "depth":
-            out *= self._depth_flux(z, region)[1][:, None, :]
+            return self._depth_gradient(z, region, self._depth_flux(z, region)[1])
+        return self._polynomial_gradient(z, region)
+
+    def _depth_gradient(self, z: np.ndarray, region: np.ndarray,
+                        dm: np.ndarray) -> np.ndarray:
+        """(N, L, P) d(emulated flux) / d z of the log-depth emulator: the polynomial's label
+        gradient times ``dm`` = dm/ds (N, P) at z, in the dtype of dm."""
+        out = self._polynomial_gradient(z, region, dm.dtype)
+        out *= dm[:, None, :]
         return out
 
     def _polynomial_gradient(self, z: np.ndarray, region: np.ndarray,
@@ -937,14 +944,10 @@ class LabelEmulator:
         """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
         (S NaN for a star without good usable pixels): :meth:`coef_gram` and :meth:`coef_dot`
         of the normalized weights."""
-        g = g0 & self.usable[region]
-        n_good = g.sum(axis=1)
-        with np.errstate(divide="ignore"):
-            w = np.where(g, 1.0 / (err2 + self.scatter[region] ** 2), 0.0)
-        w /= np.maximum(n_good, 1)[:, None]
+        g, w = _fit_weights(g0 & self.usable[region], err2, self.scatter[region] ** 2)
         wf = w * f
         return (self.coef_gram(w, region), self.coef_dot(wf, region),
-                np.where(n_good > 0, row_dot(wf, f), np.nan))
+                np.where(g.any(axis=1), row_dot(wf, f), np.nan))
 
     def _levenberg_marquardt(self, f, err2, g0, z, lo, hi, iterations):
         """z after ``iterations`` damped Gauss-Newton steps (see :meth:`best_fit`), its region
@@ -992,10 +995,7 @@ class LabelEmulator:
 
         def at(z, rows):  # (region, weights, residuals, dm/ds) and the chi^2 of stars rows at z
             region = nearest(z, self.centres)
-            g = g0[rows] & self.usable[region]
-            with np.errstate(divide="ignore"):
-                w = np.where(g, 1.0 / (err2[rows] + scatter2[region]), np.float32(0.0))
-            w /= np.maximum(g.sum(axis=1), 1)[:, None].astype(np.float32)
+            g, w = _fit_weights(g0[rows] & self.usable[region], err2[rows], scatter2[region])
             m, dm = self._depth_flux(z, region, np.float32)
             r = np.where(g, f[rows] - m, np.float32(0.0))
             return [region, w, r, dm], np.where(g.any(axis=1),
@@ -1014,8 +1014,7 @@ class LabelEmulator:
             new = rows[stale[rows]]  # a rejected step leaves z, hence J W J^T and J W r
             if new.size:
                 region, w, r, dm = (a[new] for a in state)
-                jac = self._polynomial_gradient(z[new], region, np.float32)
-                jac *= dm[:, None, :]  # the label gradient, from the dm/ds of the evaluation
+                jac = self._depth_gradient(z[new], region, dm)  # dm/ds of the evaluation
                 jw = jac * w[:, None, :]
                 normal[new] = jw @ np.swapaxes(jac, 1, 2)
                 rhs[new] = (jw @ r[:, :, None])[..., 0]
@@ -1033,6 +1032,16 @@ class LabelEmulator:
             lam[rows] = np.where(better, lam[rows] / 10, lam[rows] * 10)
             active[rows[done]] = False
         return z, state[0]
+
+
+def _fit_weights(g: np.ndarray, err2: np.ndarray,
+                 scatter2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The good usable pixels g (n, P) and the best fit's weights on them,
+    w_p = g_p / (sigma_p^2 + s_kp^2) / sum g, in the dtype of ``err2`` (:meth:`best_fit`)."""
+    with np.errstate(divide="ignore"):
+        w = np.where(g, 1.0 / (err2 + scatter2), err2.dtype.type(0.0))
+    w /= np.maximum(g.sum(axis=1), 1)[:, None].astype(w.dtype)
+    return g, w
 
 
 def _damped_step(z: np.ndarray, normal: np.ndarray, rhs: np.ndarray, lam: np.ndarray,
