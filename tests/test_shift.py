@@ -694,7 +694,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
 
     _, em, trend, threshold, _ = synthetic_reference
     em = replace(em, strength_misfit=StrengthMisfit(rng.normal(size=(40, 3)),
-                                                    rng.uniform(-1e-3, 1e-2, 40), 7),
+                                                    rng.normal(0.0, 0.05, 40),
+                                                    rng.uniform(1e-4, 1e-2, 40), 7),
                  space="depth")
     residuals = {name: ResidualStatistic(width, reduce, SnrTrend(trend.log_snr,
                                                                  scale * trend.median), limit)
@@ -710,7 +711,7 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
     for k in ("coef", "scatter", "usable", "centres"):
         np.testing.assert_array_equal(getattr(back.emulator, k), getattr(em, k))
-    for k in ("z", "excess", "neighbours"):
+    for k in ("z", "amplitude", "variance", "neighbours"):
         np.testing.assert_array_equal(getattr(back.emulator.strength_misfit, k),
                                       getattr(em.strength_misfit, k))
     assert back.emulator.order == 2 and back.chi2_threshold == ref.chi2_threshold
@@ -747,7 +748,8 @@ def test_reference_file_round_trip(synthetic_reference, rng, tmp_path):
     with pytest.raises(Exception, match="old.npz.*line-spread.*rerun the emulator step"):
         ShiftReference.load(tmp_path / "old.npz")
     region_misfit = {"strength_misfit": np.full(len(em.centres), 0.05)}
-    for old_key in ("lines", "strength_misfit"):  # before bit 11; with a misfit per region
+    # before bit 11; with a misfit per region; with the misfit taken for noise about zero
+    for old_key in ("lines", "strength_misfit", "strength_misfit_amplitude"):
         with np.load(tmp_path / "emulator.npz") as npz:
             old = {k: npz[k] for k in npz.files if not k.startswith(old_key)}
         old.update(region_misfit if old_key == "strength_misfit" else {})
@@ -793,8 +795,8 @@ def test_emulator_step_writes_reference_with_validation_thresholds(emulator_file
     assert ref.range_margin.shape == (3,) and np.all(ref.range_margin >= 0)
     assert info["valid_flagged_range"] <= 3 * np.ceil(0.002 * 150) / 150 + 1e-9
     misfit = ref.emulator.strength_misfit
-    assert misfit.z.shape == (240, 3) and misfit.excess.shape == (240,)  # every training star
-    tau2 = misfit.variance(misfit.z)
+    assert misfit.z.shape == (240, 3) and misfit.amplitude.shape == (240,)  # every training star
+    tau2 = misfit.moments(misfit.z)[1]
     assert np.all(np.isfinite(tau2) & (tau2 >= 0)) and np.ptp(tau2) > 0
     assert info["valid_flagged_lines"] <= np.ceil(0.01 * 150) / 150 + 1e-9
 
@@ -874,10 +876,10 @@ def test_strength_misfit_comes_from_training_stars_not_the_threshold_ones(emulat
     stored = ref.emulator.strength_misfit
     good = [~bad_pixel_mask(x, CONFIG["data"]["bad_pixel_err"]) for x in (train, valid)]
     got = training_strength_misfit(ref.emulator, train, good[0], cfg, seed=CONFIG["seed"])
-    np.testing.assert_allclose(got.excess, stored.excess, rtol=1e-10)
+    np.testing.assert_allclose(got.amplitude, stored.amplitude, rtol=1e-10)
     np.testing.assert_allclose(got.z, stored.z, rtol=1e-10)
     other = training_strength_misfit(ref.emulator, valid, good[1], cfg, seed=CONFIG["seed"])
-    assert not np.allclose(other.variance(stored.z), stored.variance(stored.z), rtol=1e-3)
+    assert not np.allclose(other.moments(stored.z)[1], stored.moments(stored.z)[1], rtol=1e-3)
 
 
 def test_every_thresholded_statistic_has_a_column_and_a_documented_bit(emulator_file):
@@ -1250,20 +1252,24 @@ def test_coefficient_gradient_is_the_explicit_label_gradient(rng):
 
 
 def test_strength_misfit_is_the_local_moment_estimate(rng):
-    """tau^2(z) is the biweight mean of a^2 - v over the K training stars nearest z: checked
-    against a brute-force sort of all distances per star; the statistic it normalizes is about
-    chi^2_1 star by star where the misfit varies within what one region of the emulator
-    covers (here tenfold along z_0). A single moment estimate over those stars, as a per-region
-    value gives, is far below chi^2_1 for the small-misfit half and far above it for the
-    large-misfit half, whose tail then sets a threshold that hides a line-strength change in
-    the other half."""
+    """mu(z) and tau^2(z) are the biweight mean of a and the variance about it less the noise,
+    plus the mean's own variance, over the K training stars nearest z: checked against a
+    brute-force sort of all distances per star.
+    The statistic they normalize is about chi^2_1 star by star where the misfit varies within
+    what one region of the emulator covers (here tenfold along z_0). A single moment estimate
+    over those stars, as a per-region value gives, is far below chi^2_1 for the small-misfit
+    half and far above it for the large-misfit half, whose tail then sets a threshold that
+    hides a line-strength change in the other half. A misfit shared by neighbouring stars (a
+    mean of either sign along z_1) is subtracted, not counted as noise: a change of 0.05
+    stands out beside a mean misfit of 0.1, where as noise about zero it would not."""
     def draw(n):
         z = rng.uniform(-1, 1, (n, 3))
         tau = np.where(z[:, 0] < 0, 0.01, 0.1)
+        mean = np.where(z[:, 0] < 0, 0.1 * np.sign(z[:, 1]), 0.0)
         variance = rng.uniform(0.5, 2.0, n) * 0.005**2
-        return z, rng.normal(size=n) * np.sqrt(variance + tau**2), variance, tau
+        return z, mean + rng.normal(size=n) * np.sqrt(variance + tau**2), variance, tau, mean
 
-    z, amplitude, variance, _ = draw(20000)
+    z, amplitude, variance, _, _ = draw(20000)
     misfit = StrengthMisfit.fit(z, amplitude, variance, neighbours=50)
     probe = rng.uniform(-1, 1, (30, 3))
     brute = []
@@ -1271,23 +1277,39 @@ def test_strength_misfit_is_the_local_moment_estimate(rng):
         distance = np.sqrt(((z - p) ** 2).sum(axis=1))
         nearest = np.argsort(distance)[:51]
         u = (1 - (distance[nearest[:50]] / distance[nearest[50]]) ** 2) ** 2
-        brute.append(np.sum(u * (amplitude**2 - variance)[nearest[:50]]) / np.sum(u))
-    np.testing.assert_allclose(misfit.variance(probe), np.maximum(brute, 0.0), rtol=1e-10)
+        u /= u.sum()
+        a = amplitude[nearest[:50]]
+        mean = np.sum(u * a)
+        spread = np.sum(u * (a - mean) ** 2) / (1 - np.sum(u**2))
+        noise = np.sum(u * variance[nearest[:50]])
+        brute.append((mean, max(spread - noise, 0.0) + spread * np.sum(u**2)))
+    np.testing.assert_allclose(np.column_stack(misfit.moments(probe)), brute, rtol=1e-10,
+                               atol=1e-15)
 
-    z, amplitude, variance, tau = draw(4000)
-    local = amplitude**2 / (variance + misfit.variance(z))
-    pooled = amplitude**2 / (variance + np.mean(misfit.excess))
-    inner = np.abs(z[:, 0]) > 0.3  # away from the step, where K neighbours straddle it
+    z, amplitude, variance, tau, true_mean = draw(4000)
+    mean, tau2 = misfit.moments(z)
+    local = (amplitude - mean) ** 2 / (variance + tau2)
+    pooled = (amplitude - mean) ** 2 / (variance + np.mean(tau2))  # one tau^2 for all stars
+    inner = np.all(np.abs(z[:, :2]) > 0.3, axis=1)  # where K neighbours straddle no step
+    median = 0.4549  # of chi^2_1; the mean is some 10% more (1 / tau^2 from 50 stars)
     for half in (z[:, 0] < 0, z[:, 0] > 0):
-        assert 0.85 < np.mean(local[half & inner]) < 1.15
-        assert not 0.5 < np.mean(pooled[half]) < 1.5
+        assert 0.85 < np.median(local[half & inner]) / median < 1.15
+        assert not 0.5 < np.median(pooled[half]) / median < 1.5
     # a line-strength change of 0.05 stands out where the misfit is small, not where large
-    assert np.median(0.05**2 / (variance + misfit.variance(z))[tau < 0.05]) > 10
-    assert np.median(0.05**2 / (variance + misfit.variance(z))[tau > 0.05]) < 0.3
+    small, large = tau < 0.05, tau > 0.05
+    assert np.median(0.05**2 / (variance + tau2)[small]) > 10
+    assert np.median(0.05**2 / (variance + tau2)[large]) < 0.3
+    # ... and beside a mean misfit of about 0.1 once it is subtracted, not as noise about zero
+    systematic = small & inner
+    changed = amplitude + 0.05 * np.sign(true_mean)
+    assert np.median(((changed - mean) ** 2 / (variance + tau2))[systematic]) > 10
+    as_noise = changed**2 / (variance + np.maximum(tau2 + mean**2, 0.0))
+    assert np.median(as_noise[systematic]) < 3
     # stars without a finite amplitude are left out; no training stars: no misfit
     amplitude[:10] = np.nan
     assert len(StrengthMisfit.fit(z, amplitude, variance).z) == 3990
-    np.testing.assert_array_equal(StrengthMisfit.none(3).variance(probe), 0.0)
+    for moment in StrengthMisfit.none(3).moments(probe):
+        np.testing.assert_array_equal(moment, 0.0)
 
 
 def test_emulator_precision_is_the_joint_least_squares_amplitude(single_region, rng):

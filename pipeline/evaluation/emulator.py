@@ -71,9 +71,10 @@ line-spread statistics project the residuals onto the first and second derivativ
 emulated spectrum (:func:`template_chi2`): lines shifted or broadened by a fraction of a pixel
 misfit each line a little, with a sign pattern that these templates sum over all lines. The
 line-strength statistic projects them onto m ln m (every optical depth scaled alike) less what
-a change of the labels explains (:func:`strength_chi2`), in units of the noise plus the
-emulator's own misfit along that template at the star's labels, averaged over the training stars
-nearest them (:class:`StrengthMisfit`, :func:`pipeline.evaluation.shift.training_strength_misfit`).
+a change of the labels explains (:func:`strength_chi2`), less the emulator's own mean misfit
+along that template at the star's labels and in units of the noise plus the misfit's scatter
+about that mean, both averaged over the training stars nearest them (:class:`StrengthMisfit`,
+:func:`pipeline.evaluation.shift.training_strength_misfit`).
 """
 
 from __future__ import annotations
@@ -320,17 +321,19 @@ class Residuals:
     """Residuals of spectra (N, P) against emulated ones, weighted once for every statistic:
     w_p = g_p / (e_p^2 + s_p^2) and r_p = g_p (f_p - m_p), g the good usable pixels; the label
     gradient G = dm/dz (an (N, L, P) array, or a :class:`CoefficientGradient` that never forms
-    it) and the misfit tau^2 (scalar or (N,)) serve the line-strength statistic."""
+    it) and the emulator's misfit along the line-strength template, its mean mu and variance
+    tau^2 (scalars or (N,) each, :meth:`StrengthMisfit.moments`), serve the line-strength
+    statistic."""
 
     def __init__(self, flux: np.ndarray, err2: np.ndarray, good: np.ndarray,
                  model: np.ndarray, scatter2: np.ndarray, label_gradient=None,
-                 strength_misfit2=0.0):
+                 strength_misfit=(0.0, 0.0)):
         with np.errstate(invalid="ignore", divide="ignore"):
             self.w = np.where(good, 1.0 / (err2 + scatter2), 0.0)
         self.r = np.where(good, flux - model, 0.0)
         self.wr = self.w * self.r
         self.good, self.model, self.label_gradient = good, model, label_gradient
-        self.strength_misfit2 = strength_misfit2
+        self.strength_misfit = strength_misfit
         self._derivatives, self._strength = {}, None
 
     def statistic(self, width: int = 1, reduce: str = "mean") -> np.ndarray:
@@ -366,16 +369,17 @@ class Residuals:
         return self._derivatives[order]
 
     def strength(self) -> np.ndarray:
-        """(N,) :func:`strength_chi2` of these residuals, a^2 / (v + tau^2) with a and v of
-        :meth:`strength_amplitude` and tau^2 = ``strength_misfit2``."""
-        return self.strength_amplitude()[0] ** 2 / self.strength_variance()
+        """(N,) :func:`strength_chi2` of these residuals, (a - mu)^2 / (v + tau^2) with a and
+        v of :meth:`strength_amplitude` and the misfit's mu and tau^2."""
+        return ((self.strength_amplitude()[0] - self.strength_misfit[0]) ** 2
+                / self.strength_variance())
 
     def strength_variance(self) -> np.ndarray:
         """(N,) v + tau^2, the variance of the line-strength amplitude a of a star the emulator
         describes: its noise and the emulator's misfit along the template. A common change of
         every optical depth by a fraction c (flux m -> m**(1 + c)) adds about c to a, so the
         statistic's expectation grows by c^2 / (v + tau^2)."""
-        return self.strength_amplitude()[1] + self.strength_misfit2
+        return self.strength_amplitude()[1] + self.strength_misfit[1]
 
     def strength_amplitude(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) each: the weighted least-squares amplitude a of the residuals along the
@@ -497,7 +501,7 @@ def template_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
 
 def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
                   scatter2: np.ndarray, label_gradient: np.ndarray,
-                  strength_misfit2=0.0) -> np.ndarray:
+                  strength_misfit=(0.0, 0.0)) -> np.ndarray:
     """(N,) squared significance of a residual along a common change of every line's strength.
 
     With ``flux = exp(-tau)``, scaling every optical depth by ``1 + a`` gives
@@ -510,39 +514,49 @@ def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
     ``(sum w r t)^2 / sum w t^2`` as in :func:`template_chi2`, about chi^2_1 for noise.
 
     The emulator's own misfit has a part along t too, coherent over all lines where the
-    per-pixel scatter s_p treats it as independent: with its variance ``strength_misfit2``
-    (tau^2, per star; :class:`StrengthMisfit`) the statistic is ``a^2 / (v + tau^2)``,
-    a = sum w r t / sum w t^2 the amplitude and v = 1 / sum w t^2 its noise variance.
+    per-pixel scatter s_p treats it as independent: with its local mean mu and variance tau^2
+    (``strength_misfit``, per star; :class:`StrengthMisfit`) the statistic is
+    ``(a - mu)^2 / (v + tau^2)``, a = sum w r t / sum w t^2 the amplitude and v = 1 / sum w t^2
+    its noise variance.
     """
     return Residuals(flux, err2, good, model, scatter2, label_gradient,
-                     strength_misfit2).strength()
+                     strength_misfit).strength()
 
 
 @dataclass
 class StrengthMisfit:
-    """The emulator's misfit along the line-strength template, tau^2(z), as a function of the
-    standardized labels: a local moment estimate over training stars the emulator describes.
+    """The emulator's misfit along the line-strength template as a function of the
+    standardized labels: its local mean mu(z) and the variance tau^2(z) of a new star's
+    misfit about it, moment estimates over training stars the emulator describes.
 
     Each training star j (at its best-fit labels z_j) has an amplitude a_j along the template
-    and its noise variance v_j (:meth:`Residuals.strength_amplitude`); a = misfit + noise
-    gives E a^2 = tau^2(z) + v, so at labels z, over the K = ``neighbours`` training stars
-    nearest z (Euclidean in z, distances d_j),
+    and its noise variance v_j (:meth:`Residuals.strength_amplitude`): a = misfit + noise. Over
+    the K = ``neighbours`` training stars nearest z (Euclidean in z, distances d_j), with the
+    biweight weights w_j prop. to (1 - d_j^2 / h^2)^2 summing to 1,
 
-        tau^2(z) = max(0, sum_j u_j (a_j^2 - v_j) / sum_j u_j),  u_j = (1 - d_j^2 / h^2)^2
+        mu(z)  = sum_j w_j a_j
+        s^2(z) = sum_j w_j (a_j - mu)^2 / (1 - sum_j w_j^2)       variance of a near z
+        tau^2(z) = max(0, s^2 - sum_j w_j v_j) + s^2 sum_j w_j^2
 
-    a biweight average whose bandwidth h is the distance to the (K+1)-th nearest star, so
-    that tau^2 changes continuously with z (``LINES_LIMIT`` reads the statistic to first order
-    in a change that moves a star's best-fit labels a little). The misfit differs by an order
-    of magnitude across the label space, and within a region of the emulator too: where the
-    lines are weak (metal-poor or hot stars) little of the template survives the label
-    gradients, so a small misfit is a large amplitude. One value per region sets a statistic
-    a^2 / (v + tau^2) far below chi^2_1 for most of its stars and far above it for the
-    weakest-lined ones, whose tail then sets the flag threshold for all; the local average
-    follows the misfit star by star, so the statistic is about chi^2_1 everywhere.
+    the misfit's scatter about its local mean (the spread of the amplitudes less their noise,
+    s^2 unbiased for weighted samples) plus the variance of the estimate mu itself, so that
+    (a - mu)^2 / (v + tau^2) of a new star is about chi^2_1. The bandwidth h is the distance to
+    the (K+1)-th nearest star, so that both change continuously with z (``LINES_LIMIT`` reads
+    the statistic to first order in a change that moves a star's best-fit labels a little).
+
+    The misfit differs by an order of magnitude across the label space, and within a region of
+    the emulator too: where the lines are weak (metal-poor or hot stars) little of the template
+    survives the label gradients, so a small misfit is a large amplitude. One value per region
+    sets a statistic far below chi^2_1 for most of its stars and far above it for the
+    weakest-lined ones, whose tail then sets the flag threshold for all; the local estimate
+    follows the misfit star by star. Much of the misfit is shared by neighbouring stars (the
+    polynomial's smooth shape error along the template), so its mean is subtracted rather than
+    counted as noise: only the scatter about it hides a real change of the line strengths.
     """
 
     z: np.ndarray
-    excess: np.ndarray
+    amplitude: np.ndarray
+    variance: np.ndarray
     neighbours: int = STRENGTH_NEIGHBOURS
 
     @classmethod
@@ -551,13 +565,13 @@ class StrengthMisfit:
         """From training stars' standardized best-fit labels z (M, L) and their amplitudes
         and noise variances (M,); stars without a finite amplitude are left out."""
         ok = np.isfinite(amplitude) & np.isfinite(variance) & np.all(np.isfinite(z), axis=1)
-        return cls(np.asarray(z, np.float64)[ok], amplitude[ok] ** 2 - variance[ok],
+        return cls(*(np.asarray(a, np.float64)[ok] for a in (z, amplitude, variance)),
                    int(neighbours))
 
     @classmethod
     def none(cls, n_labels: int) -> StrengthMisfit:
-        """No misfit (tau = 0 everywhere): the emulator before training stars set it."""
-        return cls(np.empty((0, n_labels)), np.empty(0))
+        """No misfit (mu = tau = 0 everywhere): the emulator before training stars set it."""
+        return cls(np.empty((0, n_labels)), np.empty(0), np.empty(0))
 
     @cached_property
     def _tree(self):
@@ -565,23 +579,30 @@ class StrengthMisfit:
 
         return cKDTree(self.z)
 
-    def variance(self, z: np.ndarray) -> np.ndarray:
-        """(N,) tau^2 at standardized labels z (N, L) (non-finite labels count as the
-        training mean, as :meth:`LabelEmulator.region` places them)."""
+    def moments(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) each: mu and tau^2 at standardized labels z (N, L) (non-finite labels count as
+        the training mean, as :meth:`LabelEmulator.region` places them)."""
         k = min(self.neighbours, len(self.z))
-        if k == 0:
-            return np.zeros(len(z))
+        if k < 2:
+            return np.zeros(len(z)), np.zeros(len(z))
         z = np.nan_to_num(np.asarray(z, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if k == len(self.z):  # every training star is a neighbour: their plain mean
-            return np.full(len(z), max(float(self.excess.mean()), 0.0))
-        distance, nearest_k = self._tree.query(z, k + 1)  # the (k+1)-th sets the bandwidth
-        distance, nearest_k = distance.reshape(len(z), -1), nearest_k.reshape(len(z), -1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            weight = (1.0 - (distance[:, :k] / distance[:, k:]) ** 2) ** 2
-        weight = np.where(np.isfinite(weight) & (weight.sum(axis=1, keepdims=True) > 0),
-                          weight, 1.0)  # k+1 stars at one point: plain mean
-        tau2 = (weight * self.excess[nearest_k[:, :k]]).sum(axis=1) / weight.sum(axis=1)
-        return np.maximum(tau2, 0.0)
+        if k == len(self.z):  # every training star is a neighbour: plain weights
+            nearest_k = np.broadcast_to(np.arange(k), (len(z), k))
+            weight = np.ones((len(z), k))
+        else:
+            distance, nearest = self._tree.query(z, k + 1)  # the (k+1)-th sets the bandwidth
+            nearest_k = nearest[:, :k]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                weight = (1.0 - (distance[:, :k] / distance[:, k:]) ** 2) ** 2
+            weight = np.where(np.isfinite(weight) & (weight.sum(axis=1, keepdims=True) > 0),
+                              weight, 1.0)  # k+1 stars at one point: plain weights
+        weight = weight / weight.sum(axis=1, keepdims=True)
+        amplitude = self.amplitude[nearest_k]
+        mean = (weight * amplitude).sum(axis=1)
+        concentration = (weight**2).sum(axis=1)
+        spread = (weight * (amplitude - mean[:, None]) ** 2).sum(axis=1) / (1.0 - concentration)
+        noise = (weight * self.variance[nearest_k]).sum(axis=1)
+        return mean, np.maximum(spread - noise, 0.0) + spread * concentration
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
@@ -773,7 +794,7 @@ class LabelEmulator:
                         else self._depth_gradient(z, region, dm))
         return Residuals(flux, err2, good & self.usable[region], model,
                          self.scatter[region] ** 2, gradient,
-                         0.0 if gradient is None else self.strength_misfit.variance(z))
+                         (0.0, 0.0) if gradient is None else self.strength_misfit.moments(z))
 
     def label_gradient(self, z: np.ndarray, region: np.ndarray) -> np.ndarray:
         """(N, L, P) d(emulated flux) / d z at standardized labels ``z``: D^T c_kp, with

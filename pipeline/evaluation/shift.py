@@ -22,9 +22,10 @@ needed):
   (an unremoved radial velocity) or broadened (another line-spread function).
   ``CHI2_LINES``, the residuals projected onto ``m ln m`` with the part the emulator's label
   gradients explain removed: every line stronger or weaker together (an opacity scale, an
-  abundance pattern) beyond what a change of the labels reproduces, in units of the noise
-  plus the emulator's own misfit along that template at the star's labels (averaged over the
-  training stars nearest them, ``strength_misfit``). Each divided by
+  abundance pattern) beyond what a change of the labels reproduces, less the emulator's own
+  mean misfit along that template at the star's labels and in units of the noise plus the
+  misfit's scatter about it (both over the training stars nearest them, ``strength_misfit``).
+  Each divided by
   its own validation median at the star's SNR (``_REL``); flag when that exceeds its
   validation ``chi2_quantile``. ``LINES_LIMIT``: the smallest common fractional change of
   the optical depths at which that flag fires in expectation (:func:`lines_limit`), large
@@ -36,16 +37,18 @@ needed):
 The file (NumPy ``.npz``, no pickles) holds the emulator arrays (``label_mean``,
 ``label_scale``, ``order``, ``centres``, ``coef``, ``scatter``, ``usable``, ``label_min``,
 ``label_max``; the line-strength misfit as ``strength_misfit_labels``, the training stars'
-standardized best-fit labels, ``strength_misfit_excess``, their a^2 - v, and
-``strength_misfit_neighbours``), the fit settings the threshold was set with
-(``fit_iterations``, ``fit_margin``), the SNR trend (``snr_log``, ``snr_median``),
-``chi2_threshold``, for each residual statistic (prefix ``broadband``, ``peak``, ``doppler``,
-``lsf``, ``lines``) its ``<prefix>_width``, trend (``<prefix>_snr_log``,
-``<prefix>_snr_median``) and ``<prefix>_threshold``, the feature reference
-(``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
+standardized best-fit labels, ``strength_misfit_amplitude`` and ``strength_misfit_variance``,
+their amplitudes a and noise variances v, and ``strength_misfit_neighbours``), the fit
+settings the threshold was set with (``fit_iterations``, ``fit_margin``), the SNR trend
+(``snr_log``, ``snr_median``), ``chi2_threshold``, for each residual statistic (prefix
+``broadband``, ``peak``, ``doppler``, ``lsf``, ``lines``) its ``<prefix>_width``, trend
+(``<prefix>_snr_log``, ``<prefix>_snr_median``) and ``<prefix>_threshold``, the feature
+reference (``feature_mean``, ``feature_scale``, ``feature_cholesky``, ``feature_shrinkage``),
 ``feature_threshold``, ``range_margin`` (3,) and ``info`` (JSON: validation medians and
 flagged fractions, provenance). A file without the fit settings (from a version that set the
-threshold at the predicted labels) or without the residual statistics is refused.
+threshold at the predicted labels), without the residual statistics or without the misfit's
+amplitudes and noise variances (from a version that took the misfit for noise about zero)
+is refused.
 
 The label-range flag (bit 0) also takes its margin from here when the file is present: per
 label, the ``range_quantile`` quantile of how far the validation predictions overshoot the
@@ -79,7 +82,8 @@ from pipeline.spectra.validation import spectrum_snr
 EMULATOR_FILE = "emulator.npz"
 _EMULATOR_KEYS = ("label_mean", "label_scale", "order", "centres", "coef", "scatter", "usable",
                   "label_min", "label_max")
-_MISFIT_KEYS = {"strength_misfit_labels": "z", "strength_misfit_excess": "excess",
+_MISFIT_KEYS = {"strength_misfit_labels": "z", "strength_misfit_amplitude": "amplitude",
+                "strength_misfit_variance": "variance",
                 "strength_misfit_neighbours": "neighbours"}
 """File key -> :class:`StrengthMisfit` field."""
 EMULATOR_LABEL_COLUMNS = tuple(f"{label}_EMULATOR" for label in LABELS)
@@ -170,8 +174,9 @@ class ShiftReference:
             if (any(f"{prefix}_threshold" not in a for prefix, _ in RESIDUAL_STATISTICS.values())
                     or any(k not in a for k in _MISFIT_KEYS)):
                 raise ModelFileError(f"emulator file '{path}' lacks some of the broadband, peak, "
-                                     "Doppler, line-spread and line-strength statistics (an "
-                                     "older version); rerun the emulator step")
+                                     "Doppler, line-spread and line-strength statistics or "
+                                     "the line-strength misfit's amplitudes (an older "
+                                     "version); rerun the emulator step")
             residuals = {name: ResidualStatistic(int(a[f"{prefix}_width"]), reduce,
                                                  SnrTrend(a[f"{prefix}_snr_log"],
                                                           a[f"{prefix}_snr_median"]),
