@@ -8,6 +8,7 @@ the emulator file and the predict catalog written with it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -831,7 +832,11 @@ def test_lines_limit_is_the_change_that_reaches_the_threshold(tiny_model_dir, em
     come out of the whole fit (labels refitted, the part of the change the label gradients
     explain absorbed) with CHI2_LINES_REL = (c / L)^2 times the flag threshold, so the flag
     fires in expectation at c = L; without the change the statistic is about 0. (The tiny
-    emulator's L of 0.4-1.3 is outside the first-order regime; the small c tests the scale.)"""
+    emulator's L of 0.4-1.3 is outside the first-order regime; the small c tests the scale.
+    Its 240 training stars leave a mean misfit that changes fast with the labels, which the
+    change moves by O(c): the training amplitudes are mirrored (+a and -a at each star, twice
+    the neighbours), so that the mean is 0 and this tests the scale alone; its subtraction is
+    tested in test_strength_misfit_is_the_local_moment_estimate.)"""
     from pipeline.evaluation.emulator import FLUX_MIN
     from pipeline.evaluation.shift import shift_statistics
     from pipeline.spectra.synthetic import generate
@@ -841,8 +846,15 @@ def test_lines_limit_is_the_change_that_reaches_the_threshold(tiny_model_dir, em
     stars = generate(30, 34, wave=wave)
     labels = np.clip(stars.label_array(), ref.emulator.label_min, ref.emulator.label_max)
     good = stars.flux_err > 0
+    misfit = ref.emulator.strength_misfit
+    mirrored = StrengthMisfit(np.repeat(misfit.z, 2, axis=0),
+                              np.repeat(misfit.amplitude, 2) * np.tile([1.0, -1.0], len(misfit.z)),
+                              np.repeat(misfit.variance, 2), 2 * misfit.neighbours)
+    ref = replace(ref, emulator=replace(ref.emulator, strength_misfit=mirrored))
+    np.testing.assert_allclose(mirrored.moments(misfit.z)[0], 0.0, atol=1e-12)
     m = ref.emulator.flux(labels)
     clipped = np.clip(m, FLUX_MIN, 1.0)  # as the statistic's template clips it
+    template = clipped * np.log(clipped)
 
     def statistics(flux):
         return shift_statistics(ref, model, flux, stars.flux_err, good, labels)
@@ -852,7 +864,7 @@ def test_lines_limit_is_the_change_that_reaches_the_threshold(tiny_model_dir, em
     limit = plain["LINES_LIMIT"]
     assert np.all(np.isfinite(limit) & (limit > 0))
     assert np.max(plain["CHI2_LINES_REL"]) < 1e-3 * threshold * (change / limit.max()) ** 2
-    changed = statistics(m + change * clipped * np.log(clipped))
+    changed = statistics(m + change * template)
     ratio = changed["CHI2_LINES_REL"] / threshold / (change / limit) ** 2
     # relative errors O(c): the second order, and the misfit tau^2 read at labels the change
     # moved by O(c) (on this 240-star log-depth emulator up to 3.5% at c = 0.01 and 6.9% at
@@ -1195,8 +1207,8 @@ def test_strength_statistic_is_a_nested_least_squares_test_blind_to_label_change
 
 def test_strength_amplitude_and_misfit_are_the_weighted_least_squares_ones(rng):
     """strength_amplitude is the coefficient of m ln m in the nested fit (lstsq loop) and
-    1 / its noise variance the sum w t^2 of the orthogonalized template; with a misfit tau^2
-    the statistic is a^2 / (v + tau^2), and the emulator passes its region's tau to it."""
+    1 / its noise variance the sum w t^2 of the orthogonalized template; with a misfit of
+    mean mu and variance tau^2 the statistic is (a - mu)^2 / (v + tau^2)."""
     from pipeline.evaluation.emulator import Residuals
 
     n, p = 4, 500
@@ -1205,8 +1217,8 @@ def test_strength_amplitude_and_misfit_are_the_weighted_least_squares_ones(rng):
     err2, scatter2 = np.full((n, p), 0.01**2), np.full(p, 0.002**2)
     good = rng.random((n, p)) > 0.05
     flux = model + 0.01 * rng.normal(size=(n, p))
-    tau2 = np.array([0.0, 1e-4, 1e-3, 1e-2])
-    res = Residuals(flux, err2, good, model, scatter2, gradient, tau2)
+    mean, tau2 = np.array([0.0, 0.01, -0.02, 0.05]), np.array([0.0, 1e-4, 1e-3, 1e-2])
+    res = Residuals(flux, err2, good, model, scatter2, gradient, (mean, tau2))
     amplitude, variance = res.strength_amplitude()
     t = model * np.log(model)
     for i in range(n):
@@ -1216,7 +1228,9 @@ def test_strength_amplitude_and_misfit_are_the_weighted_least_squares_ones(rng):
         cov = np.linalg.inv((sw[:, None] * x).T @ (sw[:, None] * x))
         np.testing.assert_allclose([amplitude[i], variance[i]], [coef[-1], cov[-1, -1]],
                                    rtol=1e-8)
-    np.testing.assert_allclose(res.strength(), amplitude**2 / (variance + tau2), rtol=1e-12)
+    np.testing.assert_allclose(res.strength(), (amplitude - mean) ** 2 / (variance + tau2),
+                               rtol=1e-12)
+    np.testing.assert_allclose(res.strength_variance(), variance + tau2, rtol=1e-12)
 
 
 def test_coefficient_gradient_is_the_explicit_label_gradient(rng):
