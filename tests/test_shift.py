@@ -1266,9 +1266,10 @@ def test_coefficient_gradient_is_the_explicit_label_gradient(rng):
 
 
 def test_strength_misfit_is_the_local_moment_estimate(rng):
-    """mu(z) and tau^2(z) are the biweight mean of a and the variance about it less the noise,
-    plus the mean's own variance, over the K training stars nearest z: checked against a
-    brute-force sort of all distances per star.
+    """mu(z) and tau^2(z) come from the weighted least-squares line through the amplitudes of
+    the K training stars nearest z (biweight weights): its value at z, and the variance about
+    it (unbiased for the line's degrees of freedom) less the noise plus the variance of that
+    value, checked against a brute-force sort of all distances and numpy's lstsq per star.
     The statistic they normalize is about chi^2_1 star by star where the misfit varies within
     what one region of the emulator covers (here tenfold along z_0). A single moment estimate
     over those stars, as a per-region value gives, is far below chi^2_1 for the small-misfit
@@ -1293,12 +1294,17 @@ def test_strength_misfit_is_the_local_moment_estimate(rng):
         u = (1 - (distance[nearest[:50]] / distance[nearest[50]]) ** 2) ** 2
         u /= u.sum()
         a = amplitude[nearest[:50]]
-        mean = np.sum(u * a)
-        spread = np.sum(u * (a - mean) ** 2) / (1 - np.sum(u**2))
+        x = np.column_stack([np.ones(50), z[nearest[:50]] - p])
+        beta, *_ = np.linalg.lstsq(np.sqrt(u)[:, None] * x, np.sqrt(u) * a, rcond=None)
+        solve = np.linalg.inv(x.T @ (u[:, None] * x)) @ (x.T * u)  # beta = solve @ a
+        residual_maker = np.eye(50) - x @ solve  # r = M a
+        # E sum u r^2 = s^2 tr(U M M^T) for independent scatter s^2; var(beta_0) = s^2 |solve_0|^2
+        spread = (np.sum(u * (residual_maker @ a) ** 2)
+                  / np.trace(np.diag(u) @ residual_maker @ residual_maker.T))
         noise = np.sum(u * variance[nearest[:50]])
-        brute.append((mean, max(spread - noise, 0.0) + spread * np.sum(u**2)))
-    np.testing.assert_allclose(np.column_stack(misfit.moments(probe)), brute, rtol=1e-10,
-                               atol=1e-15)
+        brute.append((beta[0], max(spread - noise, 0.0) + spread * np.sum(solve[0] ** 2)))
+    np.testing.assert_allclose(np.column_stack(misfit.moments(probe)), brute, rtol=1e-6,
+                               atol=1e-8)  # the slopes' ridge (1e-9) moves mu by ~4e-9
 
     z, amplitude, variance, tau, true_mean = draw(4000)
     mean, tau2 = misfit.moments(z)
@@ -1324,6 +1330,34 @@ def test_strength_misfit_is_the_local_moment_estimate(rng):
     assert len(StrengthMisfit.fit(z, amplitude, variance).z) == 3990
     for moment in StrengthMisfit.none(3).moments(probe):
         np.testing.assert_array_equal(moment, 0.0)
+
+
+def test_strength_misfit_follows_a_trend_to_the_edge_of_the_box(rng):
+    """A misfit whose mean changes across the label box (here 0.3 z_0, scatter 0.01 about it)
+    is followed to the box's edge, where every neighbour lies on one side: a weighted mean of
+    the neighbours (a local constant, as an earlier version had) is off there by the slope
+    times their mean distance and counts the trend across them as scatter, so its statistic
+    is far from chi^2_1 at the edge; the local line's is about chi^2_1 inside and at the edge."""
+    def draw(n):
+        z = rng.uniform(-1, 1, (n, 3))
+        variance = np.full(n, 0.002**2)
+        return z, 0.3 * z[:, 0] + rng.normal(size=n) * np.sqrt(variance + 0.01**2), variance
+
+    misfit = StrengthMisfit.fit(*draw(4000), neighbours=50)
+    z, amplitude, variance = draw(20000)  # 2000 at each edge: medians to about 5%
+    mean, tau2 = misfit.moments(z)
+    local = (amplitude - mean) ** 2 / (variance + tau2)
+    index, weight = misfit._neighbours(z)  # the weighted mean of the same neighbours
+    constant = (weight * misfit.amplitude[index]).sum(axis=1)
+    spread = (weight * (misfit.amplitude[index] - constant[:, None]) ** 2).sum(axis=1)
+    flat = (amplitude - constant) ** 2 / (variance + spread)
+    median = 0.4549  # of chi^2_1
+    edge, inner = np.abs(z[:, 0]) > 0.9, np.abs(z[:, 0]) < 0.5
+    for where in (edge, inner):
+        assert 0.8 < np.median(local[where]) / median < 1.25
+    assert np.median(np.abs(amplitude - constant)[edge]) > 2 * np.median(
+        np.abs(amplitude - mean)[edge])
+    assert np.median(flat[inner]) / median < 0.5  # the trend taken for scatter
 
 
 def test_emulator_precision_is_the_joint_least_squares_amplitude(single_region, rng):

@@ -289,8 +289,10 @@ GRADIENT_REDUCTIONS = (STRENGTH, STRENGTH_VARIANCE)
 FLUX_MIN = 1e-3
 """Emulated flux is clipped to [FLUX_MIN, 1] in the line-strength template m ln m."""
 STRENGTH_NEIGHBOURS = 50
-"""Training stars nearest in labels over which the line-strength misfit is averaged
+"""Training stars nearest in labels over which the line-strength misfit is regressed
 (:class:`StrengthMisfit`)."""
+MISFIT_CHUNK = 4096
+"""Stars per chunk of :meth:`StrengthMisfit.moments` (its arrays stay below 7 MB each)."""
 FIT_BATCH = 256
 """Stars per batch of :meth:`LabelEmulator.fit_statistics`. Each batch reads every present
 region's (P, T(T+1)/2) coefficient products (12 MB for the cubic emulator on 7213 pixels), so
@@ -527,22 +529,30 @@ def strength_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: n
 class StrengthMisfit:
     """The emulator's misfit along the line-strength template as a function of the
     standardized labels: its local mean mu(z) and the variance tau^2(z) of a new star's
-    misfit about it, moment estimates over training stars the emulator describes.
+    misfit about it, from a local linear regression over training stars the emulator
+    describes.
 
     Each training star j (at its best-fit labels z_j) has an amplitude a_j along the template
     and its noise variance v_j (:meth:`Residuals.strength_amplitude`): a = misfit + noise. Over
     the K = ``neighbours`` training stars nearest z (Euclidean in z, distances d_j), with the
-    biweight weights w_j prop. to (1 - d_j^2 / h^2)^2 summing to 1,
+    biweight weights w_j prop. to (1 - d_j^2 / h^2)^2 summing to 1 (W their diagonal matrix)
+    and the rows x_j = (1, z_j - z) of X, the weighted least-squares line
+    a_j ~ beta . x_j gives
 
-        mu(z)  = sum_j w_j a_j
-        s^2(z) = sum_j w_j (a_j - mu)^2 / (1 - sum_j w_j^2)       variance of a near z
-        tau^2(z) = max(0, s^2 - sum_j w_j v_j) + s^2 sum_j w_j^2
+        mu(z)    = beta_0,  beta = A^-1 X^T W a,  A = X^T W X
+        s^2(z)   = sum_j w_j r_j^2 / (1 - tr(A^-1 B)),  B = X^T W^2 X
+        tau^2(z) = max(0, s^2 - sum_j w_j v_j) + s^2 (A^-1 B A^-1)_00
 
-    the misfit's scatter about its local mean (the spread of the amplitudes less their noise,
-    s^2 unbiased for weighted samples) plus the variance of the estimate mu itself, so that
-    (a - mu)^2 / (v + tau^2) of a new star is about chi^2_1. The bandwidth h is the distance to
-    the (K+1)-th nearest star, so that both change continuously with z (``LINES_LIMIT`` reads
-    the statistic to first order in a change that moves a star's best-fit labels a little).
+    with r_j = a_j - beta . x_j: s^2 estimates the variance of a about the line without bias
+    (E sum_j w_j r_j^2 = s^2 (1 - tr(A^-1 B)) for independent scatter), less the noise it is the
+    misfit's own scatter, and the last term is the variance of mu itself, so that
+    (a - mu)^2 / (v + tau^2) of a new star is about chi^2_1. A line, not a weighted mean: the
+    misfit changes across the K stars, most at the edges of the label box (the most
+    metal-poor stars), where a mean of neighbours all on one side is biased and its spread
+    about itself too large. The bandwidth h is the distance to the (K+1)-th nearest star, so
+    that both change continuously with z (``LINES_LIMIT`` reads the statistic to first order
+    in a change that moves a star's best-fit labels a little). With K no more than L + 1
+    (L labels) the line is a constant, mu the weighted mean.
 
     The misfit differs by an order of magnitude across the label space, and within a region of
     the emulator too: where the lines are weak (metal-poor or hot stars) little of the template
@@ -550,8 +560,9 @@ class StrengthMisfit:
     sets a statistic far below chi^2_1 for most of its stars and far above it for the
     weakest-lined ones, whose tail then sets the flag threshold for all; the local estimate
     follows the misfit star by star. Much of the misfit is shared by neighbouring stars (the
-    polynomial's smooth shape error along the template), so its mean is subtracted rather than
-    counted as noise: only the scatter about it hides a real change of the line strengths.
+    polynomial's smooth shape error along the template), so its local mean is subtracted
+    rather than counted as noise: only the scatter about it hides a real change of the line
+    strengths.
     """
 
     z: np.ndarray
@@ -581,28 +592,47 @@ class StrengthMisfit:
 
     def moments(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N,) each: mu and tau^2 at standardized labels z (N, L) (non-finite labels count as
-        the training mean, as :meth:`LabelEmulator.region` places them)."""
-        k = min(self.neighbours, len(self.z))
-        if k < 2:
-            return np.zeros(len(z)), np.zeros(len(z))
+        the training mean, as :meth:`LabelEmulator.region` places them), in chunks of
+        ``MISFIT_CHUNK`` stars (the regressions hold (n, K, L + 1) arrays)."""
         z = np.nan_to_num(np.asarray(z, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        out = np.zeros((2, len(z)))
+        if min(self.neighbours, len(self.z)) >= 2:
+            for s in range(0, len(z), MISFIT_CHUNK):
+                out[:, s:s + MISFIT_CHUNK] = self._local_line(z[s:s + MISFIT_CHUNK])
+        return out[0], out[1]
+
+    def _neighbours(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, K) indices of the K nearest training stars and their biweight weights, each
+        row summing to 1."""
+        k = min(self.neighbours, len(self.z))
         if k == len(self.z):  # every training star is a neighbour: plain weights
-            nearest_k = np.broadcast_to(np.arange(k), (len(z), k))
-            weight = np.ones((len(z), k))
-        else:
-            distance, nearest = self._tree.query(z, k + 1)  # the (k+1)-th sets the bandwidth
-            nearest_k = nearest[:, :k]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                weight = (1.0 - (distance[:, :k] / distance[:, k:]) ** 2) ** 2
-            weight = np.where(np.isfinite(weight) & (weight.sum(axis=1, keepdims=True) > 0),
-                              weight, 1.0)  # k+1 stars at one point: plain weights
-        weight = weight / weight.sum(axis=1, keepdims=True)
-        amplitude = self.amplitude[nearest_k]
-        mean = (weight * amplitude).sum(axis=1)
-        concentration = (weight**2).sum(axis=1)
-        spread = (weight * (amplitude - mean[:, None]) ** 2).sum(axis=1) / (1.0 - concentration)
-        noise = (weight * self.variance[nearest_k]).sum(axis=1)
-        return mean, np.maximum(spread - noise, 0.0) + spread * concentration
+            return np.broadcast_to(np.arange(k), (len(z), k)), np.full((len(z), k), 1.0 / k)
+        distance, nearest = self._tree.query(z, k + 1)  # the (k+1)-th sets the bandwidth
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight = (1.0 - (distance[:, :k] / distance[:, k:]) ** 2) ** 2
+        weight = np.where(np.isfinite(weight) & (weight.sum(axis=1, keepdims=True) > 0),
+                          weight, 1.0)  # k+1 stars at one point: plain weights
+        return nearest[:, :k], weight / weight.sum(axis=1, keepdims=True)
+
+    def _local_line(self, z: np.ndarray) -> np.ndarray:
+        """(2, n): mu and tau^2 at z (n, L) from the weighted local line (class docstring)."""
+        index, w = self._neighbours(z)
+        x = np.ones(index.shape + (1,))
+        if index.shape[1] > z.shape[1] + 1:
+            x = np.concatenate([x, self.z[index] - z[:, None, :]], axis=2)
+        # a tiny ridge on the slopes keeps A invertible where the neighbours coincide
+        ridge = np.diag([0.0] + [1e-9] * (x.shape[2] - 1))
+        inverse = np.linalg.inv(np.einsum("nki,nk,nkj->nij", x, w, x) + ridge)
+        second = np.einsum("nki,nk,nkj->nij", x, w**2, x)
+        amplitude = self.amplitude[index]
+        beta = np.einsum("nij,nkj,nk->ni", inverse, x, w * amplitude)
+        residual = amplitude - np.einsum("nki,ni->nk", x, beta)
+        dof = np.maximum(1.0 - np.einsum("nij,nji->n", inverse, second), 1.0 / index.shape[1])
+        spread = (w * residual**2).sum(axis=1) / dof
+        mean_variance = spread * np.einsum("ni,nij,nj->n", inverse[:, 0], second,
+                                           inverse[:, :, 0])
+        noise = (w * self.variance[index]).sum(axis=1)
+        return np.stack([beta[:, 0], np.maximum(spread - noise, 0.0) + mean_variance])
 
 
 def pixel_chi2(flux: np.ndarray, err2: np.ndarray, good: np.ndarray, model: np.ndarray,
