@@ -14,16 +14,16 @@ alone); v is the noise variance along the same template at that SNR. Per group o
 (metal-poor, [Fe/H] < -1; hot, Teff > 6000 K and [Fe/H] >= -1; the rest): the RMS of tau, the
 median noise sqrt(v), and the share of stars whose ``LINES_LIMIT`` at that SNR, sqrt(threshold
 (v + tau^2)) with the run's line-strength threshold, is below 0.25 (the change of the shift
-suite's line strengths x1.25). The statistic subtracts the misfit's local mean over the
-training stars nearest a star's labels (:class:`~pipeline.evaluation.emulator.StrengthMisfit`),
-so the line after the run's emulator measures tau less that mean, the part that hides a
-change. With ``--train``, the same emulator fitted to the noiseless
-spectra of the training labels too: its approximation error alone, without the training
-spectra's noise; with ``--neural-steps``, a Payne-style network (labels -> flux, three hidden
-layers of ``--neural-width`` SiLU units, Adam on the inverse-variance weighted squared error of
-the training spectra, cosine-decayed learning rate; :class:`NeuralEmulator`) trained for that
-many steps, an emulator of another kind on the same stars. Synthetic data only (the generator
-gives the noiseless spectra).
+suite's line strengths x1.25). The statistic subtracts the misfit's local mean (a local
+line through the training stars nearest a star's labels,
+:class:`~pipeline.evaluation.emulator.StrengthMisfit`), so a second row for the run's
+emulator measures tau less that mean, the part that hides a change. With ``--train``, the
+same emulator fitted to the noiseless spectra of the training labels too: its approximation
+error alone, without the training spectra's noise; with ``--neural-steps``, a Payne-style
+network (labels -> flux, three hidden layers of ``--neural-width`` SiLU units, Adam on the
+inverse-variance weighted squared error of the training spectra, cosine-decayed learning
+rate; :class:`NeuralEmulator`) trained for that many steps, an emulator of another kind on
+the same stars. Synthetic data only (the generator gives the noiseless spectra).
 
     PYTHONPATH=. python -m benchmarks.emulator_precision --model-dir results/model \
         [--train results/data/train.fits [--neural-steps 20000 --neural-width 384]] \
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     tau, noise = template_misfit(emulator, labels, wave, args.snr)
     mean = emulator.strength_misfit.moments(emulator.standardize(labels))[0]
     print(report("run's emulator", tau, noise, threshold, masks))
-    print(report("less its mean misfit", tau - mean, noise, threshold, masks), flush=True)
+    print(report("less its local mean", tau - mean, noise, threshold, masks), flush=True)
     emulators = {}
     if args.train:
         from pipeline.spectra.inputs import read_labelled_on_grid

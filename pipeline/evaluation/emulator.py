@@ -71,10 +71,10 @@ line-spread statistics project the residuals onto the first and second derivativ
 emulated spectrum (:func:`template_chi2`): lines shifted or broadened by a fraction of a pixel
 misfit each line a little, with a sign pattern that these templates sum over all lines. The
 line-strength statistic projects them onto m ln m (every optical depth scaled alike) less what
-a change of the labels explains (:func:`strength_chi2`), less the emulator's own mean misfit
-along that template at the star's labels and in units of the noise plus the misfit's scatter
-about that mean, both averaged over the training stars nearest them (:class:`StrengthMisfit`,
-:func:`pipeline.evaluation.shift.training_strength_misfit`).
+a change of the labels explains (:func:`strength_chi2`), less the emulator's own misfit along
+that template at the star's labels (a local line through the amplitudes of the training stars
+nearest them) and in units of the noise plus the misfit's scatter about that line
+(:class:`StrengthMisfit`, :func:`pipeline.evaluation.shift.training_strength_misfit`).
 """
 
 from __future__ import annotations

@@ -23,13 +23,13 @@ needed):
   ``CHI2_LINES``, the residuals projected onto ``m ln m`` with the part the emulator's label
   gradients explain removed: every line stronger or weaker together (an opacity scale, an
   abundance pattern) beyond what a change of the labels reproduces, less the emulator's own
-  mean misfit along that template at the star's labels and in units of the noise plus the
-  misfit's scatter about it (both over the training stars nearest them, ``strength_misfit``).
-  Each divided by
-  its own validation median at the star's SNR (``_REL``); flag when that exceeds its
-  validation ``chi2_quantile``. ``LINES_LIMIT``: the smallest common fractional change of
-  the optical depths at which that flag fires in expectation (:func:`lines_limit`), large
-  where weak lines leave little of the template or the emulator's misfit is large.
+  misfit along that template at the star's labels and in units of the noise plus the misfit's
+  scatter about it (a local line through the training stars nearest them,
+  ``strength_misfit``). Each divided by its own validation median at the star's SNR
+  (``_REL``); flag when that exceeds its validation ``chi2_quantile``. ``LINES_LIMIT``: the
+  smallest common fractional change of the optical depths at which that flag fires in
+  expectation (:func:`lines_limit`), large where weak lines leave little of the template or
+  the emulator's misfit is large.
 * ``FEATURE_DISTANCE``: Mahalanobis distance of the last-hidden-layer features from the
   training features (:mod:`pipeline.evaluation.feature_distance`). Flag when it exceeds its
   validation ``feature_quantile``.
