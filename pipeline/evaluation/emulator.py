@@ -544,8 +544,8 @@ class StrengthMisfit:
         tau^2(z) = max(0, s^2 - sum_j w_j v_j) + s^2 (A^-1 B A^-1)_00
 
     with r_j = a_j - beta . x_j: s^2 estimates the variance of a about the line without bias
-    (E sum_j w_j r_j^2 = s^2 (1 - tr(A^-1 B)) for independent scatter), less the noise it is the
-    misfit's own scatter, and the last term is the variance of mu itself, so that
+    (E sum_j w_j r_j^2 = s^2 (1 - tr(A^-1 B)) for independent scatter), s^2 less the noise is
+    the misfit's own scatter, and the last term is the variance of mu itself, so that
     (a - mu)^2 / (v + tau^2) of a new star is about chi^2_1. A line, not a weighted mean: the
     misfit changes across the K stars, most at the edges of the label box (the most
     metal-poor stars), where a mean of neighbours all on one side is biased and its spread
