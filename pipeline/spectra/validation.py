@@ -313,11 +313,13 @@ def spectrum_snr(flux: np.ndarray, flux_err: np.ndarray, good: np.ndarray,
 def row_nanmedian(values: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Median of the non-NaN entries of each row of ``values`` (B, P), ``count`` (B,) of them
     per row (NaN where 0): ``numpy.nanmedian(values, axis=1)`` without its per-row Python loop
-    (it falls back to one for rows longer than 600). One sort puts the NaNs last; the median
-    is the mean of the elements (c - 1) // 2 and c // 2 of the c sorted values."""
-    ordered = np.sort(values, axis=1)
-    rows = np.arange(len(values))
+    (it falls back to one for rows longer than 600). The median is the mean of the elements
+    (c - 1) // 2 and c // 2 of the c values in order, NaNs last; one partition at the positions
+    any row needs puts them in place (about half the time of a full sort of 7213 pixels, even
+    with a third of them bad: a few dozen positions per batch)."""
     lo, hi = np.maximum(count - 1, 0) // 2, np.maximum(count, 1) // 2
+    ordered = np.partition(values, np.unique(np.concatenate([lo, hi])), axis=1)
+    rows = np.arange(len(values))
     with np.errstate(invalid="ignore"):
         median = (ordered[rows, lo] + ordered[rows, hi]) / 2
     return np.where(count > 0, median, np.nan)
