@@ -995,7 +995,8 @@ class LabelEmulator:
         """A (n, T, T), b (n, T), S (n,) of :meth:`best_fit` for each star at ``region``
         (S NaN for a star without good usable pixels): :meth:`coef_gram` and :meth:`coef_dot`
         of the normalized weights."""
-        g, w = _fit_weights(g0 & self.usable[region], err2, self.scatter[region] ** 2)
+        g = g0 & self.usable[region]
+        w = _fit_weights(g, err2, self.scatter[region] ** 2)
         wf = w * f
         return (self.coef_gram(w, region), self.coef_dot(wf, region),
                 np.where(g.any(axis=1), row_dot(wf, f), np.nan))
@@ -1046,7 +1047,8 @@ class LabelEmulator:
 
         def at(z, rows):  # (region, weights, residuals, dm/ds) and the chi^2 of stars rows at z
             region = nearest(z, self.centres)
-            g, w = _fit_weights(g0[rows] & self.usable[region], err2[rows], scatter2[region])
+            g = g0[rows] & self.usable[region]
+            w = _fit_weights(g, err2[rows], scatter2[region])
             m, dm = self._depth_flux(z, region, np.float32)
             r = np.where(g, f[rows] - m, np.float32(0.0))
             return [region, w, r, dm], np.where(g.any(axis=1),
@@ -1085,14 +1087,13 @@ class LabelEmulator:
         return z, state[0]
 
 
-def _fit_weights(g: np.ndarray, err2: np.ndarray,
-                 scatter2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The good usable pixels g (n, P) and the best fit's weights on them,
+def _fit_weights(g: np.ndarray, err2: np.ndarray, scatter2: np.ndarray) -> np.ndarray:
+    """The best fit's weights on the good usable pixels g (n, P),
     w_p = g_p / (sigma_p^2 + s_kp^2) / sum g, in the dtype of ``err2`` (:meth:`best_fit`)."""
     with np.errstate(divide="ignore"):
         w = np.where(g, 1.0 / (err2 + scatter2), err2.dtype.type(0.0))
     w /= np.maximum(g.sum(axis=1), 1)[:, None].astype(w.dtype)
-    return g, w
+    return w
 
 
 def _damped_step(z: np.ndarray, normal: np.ndarray, rhs: np.ndarray, lam: np.ndarray,
